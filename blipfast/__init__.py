@@ -1,0 +1,11 @@
+"""blipfast: fast, faithful BLIP and BLIP-2 with fused Q-Former kernels.
+
+Public API: ``blipfast.ops`` (the fused ops with their references), ``QFormerConfig`` / ``QFormer`` (a
+drop-in for Hugging Face's ``Blip2QFormerModel``), ``blipfast.convert`` (HF <-> LAVIS weights).
+"""
+from ._ext import build_info, cuda_extension_available
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "build_info", "cuda_extension_available", "__version__"]

@@ -1,0 +1,163 @@
+"""Shared plumbing of the ops: backend resolution and argument validation.
+
+Backends: "cuda" (CUDA C++ in blipfast._C), "triton" (blipfast.kernels) and "torch" (the pure-PyTorch
+reference). ``backend=`` forces one and raises if the op or the device cannot run it; the environment
+variable ``BLIPFAST_BACKEND`` states a preference that falls back to automatic dispatch when the op or
+device cannot honour it; automatic dispatch takes the op's fastest backend for the device and the
+reference everywhere else, so it never fails on a CPU. With ``TRITON_INTERPRET=1`` the Triton backend
+also accepts CPU tensors (that is how CI tests the kernels).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# dtypes the fused (cuda/triton) kernels take; float64 runs on the reference only (tests use it as ground truth)
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    if backend == "torch":
+        return True
+    if dtype is not None and dtype not in FUSED_DTYPES:
+        return False
+    if backend == "triton":
+        return triton_available() and (device.type == "cuda" or triton_interpret())
+    if backend == "cuda":
+        from .._ext import cuda_extension_available
+
+        return device.type == "cuda" and cuda_extension_available()
+    return False
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device, supported: Sequence[str],
+                    dtype: torch.dtype | None = None) -> str:
+    """Pick the backend for ``op`` on ``device``; ``supported`` lists the op's backends, fastest first.
+    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64)."""
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend not in supported:
+            raise ValueError(f"{op}: backend {backend!r} is not implemented for this op (has {tuple(supported)})")
+        if dtype is not None and backend != "torch" and dtype not in FUSED_DTYPES:
+            raise ValueError(f"{op}: backend {backend!r} takes float32, float16 or bfloat16 inputs, got {dtype}; "
+                             f"use backend='torch' for {dtype}")
+        if not _runnable(backend, device):
+            raise ValueError(f"{op}: backend {backend!r} cannot run on a {device.type} tensor here "
+                             f"(needs {'a CUDA device and blipfast._C' if backend == 'cuda' else 'a CUDA device or TRITON_INTERPRET=1'})")
+        return backend
+    env = os.environ.get("BLIPFAST_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
+        if env in supported and _runnable(env, device, dtype):
+            return env
+    if device.type == "cuda":
+        for cand in supported:
+            if _runnable(cand, device, dtype):
+                return cand
+    return "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# validation: called once per op call in Python; kernels assume valid input
+
+
+def check_tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES,
+                 device: torch.device | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
+    return t
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, shape: Sequence[int | None]) -> None:
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
+    dts = {n: t.dtype for n, t in tensors.items()}
+    if len(set(dts.values())) > 1:
+        desc = ", ".join(f"{n}={str(d).replace('torch.', '')}" for n, d in dts.items())
+        raise TypeError(f"{op}: {', '.join(dts)} must share one dtype, got {desc}")
+
+
+def check_inner_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must be contiguous in its last dimension (stride {t.stride(-1)}); "
+                         f"call .contiguous() first")
+
+
+def check_probability(op: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(p).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
+    return p
+
+
+def check_positive_float(op: str, name: str, x, allow_none: bool = True):
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not x > 0.0 or x != x or x == float("inf"):
+        raise ValueError(f"{op}: {name} must be a finite positive float, got {x}")
+    return x
+
+
+def as_key_padding_mask(op: str, name: str, mask, shape: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """Validate a [.., Lk] bool or 0/1 integer/float mask (true = attend) and return it as bool."""
+    if mask is None:
+        return None
+    check_tensor(op, name, mask, dtypes=None, device=device)
+    check_shape(op, name, mask, shape)
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        return mask != 0
+    raise TypeError(f"{op}: {name} must be bool or a 0/1 integer or float tensor, got {mask.dtype}")
+
+
+def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
+    """A dropout seed is None or an int64 tensor with one element on the inputs' device."""
+    if seed is None:
+        return None
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return torch.tensor([seed], dtype=torch.int64, device=device)
+    check_tensor(op, "seed", seed, dtypes=(torch.int64,), device=device)
+    if seed.numel() != 1:
+        raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
+    return seed.reshape(1)

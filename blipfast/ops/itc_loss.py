@@ -1,0 +1,171 @@
+"""In-batch image-text contrastive loss of BLIP-2 stage 1 (SPEC.md section 3).
+
+image_feats [B, Q, E] and text_feats [B, E] are already normalised; temp is a 0-d tensor (learnable).
+Both are gathered over the process group without gradient (img_all [BW, Q, E], txt_all [BW, E]) and
+
+    s_i2t[b, j] = max_q <img[b, q], txt_all[j]> / temp      s_t2i[b, j] = max_q <txt[b], img_all[j, q]> / temp
+
+loss = (CE(s_i2t, targets) + CE(s_t2i, targets)) / 2 with soft targets
+(1 - label_smoothing) * pos / pos.sum(1) + label_smoothing / BW, where pos[b, j] is j == rank * B + b,
+or, with image_ids, "j shows the same image as b". Gradients reach only the local rows and temp; the
+max routes its gradient to the arg-max query. A single process needs no torch.distributed, and always
+treats the gathered copies as constants (LAVIS does not when it runs without torch.distributed), so one
+process holding the global batch gets the same loss and gradients as W processes under DDP.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _common as C
+from ._dist import gather_no_grad, group_info
+
+_OP = "itc_loss"
+_SUPPORTED = ("triton", "torch")
+
+
+def positive_mask(b: int, bw: int, offset: int, image_ids=None, image_ids_all=None, device=None) -> torch.Tensor:
+    """bool [B, BW]: the positive pairs (the own pair, or every pair showing the same image)."""
+    if image_ids is not None:
+        return image_ids.view(-1, 1) == image_ids_all.view(1, -1)
+    cols = torch.arange(bw, device=device).view(1, bw)
+    return cols == (torch.arange(b, device=device) + offset).view(b, 1)
+
+
+def _targets(pos: torch.Tensor, label_smoothing: float, dtype) -> torch.Tensor:
+    pos = pos.to(dtype)
+    return (1.0 - label_smoothing) * pos / pos.sum(dim=1, keepdim=True) + label_smoothing / pos.shape[1]
+
+
+def _similarities(img, txt, img_all, txt_all, temp):
+    acc = torch.float64 if img.dtype == torch.float64 else torch.float32
+    s_i2t, a_i2t = torch.einsum("bqe,je->bjq", img.to(acc), txt_all.to(acc)).max(dim=-1)
+    s_t2i, a_t2i = torch.einsum("be,jqe->bjq", txt.to(acc), img_all.to(acc)).max(dim=-1)
+    t = temp.to(acc)
+    return s_i2t / t, s_t2i / t, a_i2t, a_t2i
+
+
+def itc_loss_ref(image_feats, text_feats, temp, *, label_smoothing=0.1, image_ids=None, process_group=None,
+                 return_logits=False):
+    """Pure-PyTorch reference (materialises [B, BW, Q]); differentiable in the local features and temp."""
+    rank, _ = group_info(process_group)
+    img_all = gather_no_grad(image_feats, process_group)
+    txt_all = gather_no_grad(text_feats, process_group)
+    ids_all = gather_no_grad(image_ids, process_group) if image_ids is not None else None
+    b, bw = image_feats.shape[0], img_all.shape[0]
+    s_i2t, s_t2i, _, _ = _similarities(image_feats, text_feats, img_all, txt_all, temp)
+    tgt = _targets(positive_mask(b, bw, rank * b, image_ids, ids_all, image_feats.device), label_smoothing,
+                   s_i2t.dtype)
+    loss_i2t = -(torch.log_softmax(s_i2t, dim=1) * tgt).sum(dim=1).mean()
+    loss_t2i = -(torch.log_softmax(s_t2i, dim=1) * tgt).sum(dim=1).mean()
+    loss = (loss_i2t + loss_t2i) / 2
+    return (loss, s_i2t, s_t2i) if return_logits else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops over already-gathered features
+
+
+@torch.library.custom_op("blipfast::itc_loss_fwd", mutates_args=())
+def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: torch.Tensor, temp: torch.Tensor,
+         pos: torch.Tensor, label_smoothing: float,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, s_i2t, s_t2i, argmax_i2t, argmax_t2i); pos is the bool [B, BW] positive mask."""
+    if backend == "triton":
+        from ..kernels import itc as kern
+
+        return kern.itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing)
+    s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
+    tgt = _targets(pos, label_smoothing, s_i2t.dtype)
+    loss = -((torch.log_softmax(s_i2t, 1) * tgt).sum(1).mean() + (torch.log_softmax(s_t2i, 1) * tgt).sum(1).mean()) / 2
+    return loss, s_i2t, s_t2i, a_i2t.to(torch.int32), a_t2i.to(torch.int32)
+
+
+@_fwd.register_fake
+def _fwd_fake(img, txt, img_all, txt_all, temp, pos, label_smoothing, backend):
+    b, bw = img.shape[0], img_all.shape[0]
+    acc = torch.float64 if img.dtype == torch.float64 else torch.float32
+    return (img.new_empty((), dtype=acc), img.new_empty((b, bw), dtype=acc), img.new_empty((b, bw), dtype=acc),
+            img.new_empty((b, bw), dtype=torch.int32), img.new_empty((b, bw), dtype=torch.int32))
+
+
+@torch.library.custom_op("blipfast::itc_loss_bwd", mutates_args=())
+def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: torch.Tensor,
+         temp: torch.Tensor, pos: torch.Tensor, s_i2t: torch.Tensor, s_t2i: torch.Tensor, a_i2t: torch.Tensor,
+         a_t2i: torch.Tensor, label_smoothing: float,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (d image_feats, d text_feats, d temp)."""
+    if backend == "triton":
+        from ..kernels import itc as kern
+
+        return kern.itc_loss_bwd(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i,
+                                 label_smoothing)
+    acc = s_i2t.dtype
+    b, q, e = img.shape
+    tgt = _targets(pos, label_smoothing, acc)
+    g = grad_loss.to(acc) / (2 * b)
+    ds_i2t = (torch.softmax(s_i2t, 1) - tgt) * g  # d loss / d s
+    ds_t2i = (torch.softmax(s_t2i, 1) - tgt) * g
+    t = temp.to(acc)
+    dtemp = -((ds_i2t * s_i2t).sum() + (ds_t2i * s_t2i).sum()) / t
+    # s_i2t[b, j] = <img[b, a_i2t[b, j]], txt_all[j]> / t: scatter over the arg-max query
+    w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
+    w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
+    dimg = torch.einsum("bqj,je->bqe", w, txt_all.to(acc))
+    sel = img_all.to(acc)[torch.arange(img_all.shape[0], device=img.device).view(1, -1), a_t2i.long()]  # [B, BW, E]
+    dtxt = torch.einsum("bj,bje->be", ds_t2i / t, sel)
+    return dimg.to(img.dtype), dtxt.to(txt.dtype), dtemp.to(temp.dtype).reshape(temp.shape)
+
+
+@_bwd.register_fake
+def _bwd_fake(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i, label_smoothing, backend):
+    return img.new_empty(img.shape), txt.new_empty(txt.shape), temp.new_empty(temp.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    img, txt, img_all, txt_all, temp, pos, label_smoothing, backend = inputs
+    _, s_i2t, s_t2i, a_i2t, a_t2i = output
+    ctx.save_for_backward(img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i)
+    ctx.args = (label_smoothing, backend)
+
+
+def _backward(ctx, grad_loss, *unused):
+    dimg, dtxt, dtemp = _bwd(grad_loss, *ctx.saved_tensors, *ctx.args)
+    return dimg, dtxt, None, None, dtemp, None, None, None
+
+
+torch.library.register_autograd("blipfast::itc_loss_fwd", _backward, setup_context=_setup_context)
+
+
+def itc_loss(image_feats, text_feats, temp, *, label_smoothing=0.1, image_ids=None, process_group=None,
+             return_logits=False, backend=None):
+    """Scalar ITC loss (see module doc); with ``return_logits`` also (s_i2t, s_t2i), each [B, BW] fp32."""
+    C.check_tensor(_OP, "image_feats", image_feats, ndim=3)
+    dev = image_feats.device
+    C.check_tensor(_OP, "text_feats", text_feats, ndim=2, device=dev)
+    C.check_same_dtype(_OP, image_feats=image_feats, text_feats=text_feats)
+    b, q, e = image_feats.shape
+    C.check_shape(_OP, "text_feats", text_feats, (b, e))
+    if b == 0 or q == 0 or e == 0:
+        raise ValueError(f"{_OP}: image_feats must be non-empty, got shape {tuple(image_feats.shape)}")
+    C.check_tensor(_OP, "temp", temp, device=dev)
+    if temp.numel() != 1 or temp.dim() > 1:
+        raise ValueError(f"{_OP}: temp must be a 0-d tensor (or have one element), got shape {tuple(temp.shape)}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"{_OP}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if image_ids is not None:
+        C.check_tensor(_OP, "image_ids", image_ids, dtypes=(torch.int64, torch.int32), device=dev)
+        C.check_shape(_OP, "image_ids", image_ids, (b,))
+    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, image_feats.dtype)
+    rank, _ = group_info(process_group)
+    img_all = gather_no_grad(image_feats, process_group)
+    txt_all = gather_no_grad(text_feats, process_group)
+    ids_all = gather_no_grad(image_ids, process_group) if image_ids is not None else None
+    pos = positive_mask(b, img_all.shape[0], rank * b, image_ids, ids_all, dev)
+    loss, s_i2t, s_t2i, _, _ = _fwd(image_feats.contiguous(), text_feats.contiguous(), img_all.contiguous(),
+                                    txt_all.contiguous(), temp.reshape(()), pos, label_smoothing, backend)
+    return (loss, s_i2t, s_t2i) if return_logits else loss
