@@ -11,6 +11,8 @@ host synchronisation.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -57,7 +59,7 @@ def philox_u32(seed: torch.Tensor, offset: torch.Tensor, n_rounds: int = 10) -> 
 
 def dropout_threshold(p: float) -> int:
     """24-bit threshold: an element is dropped iff ``philox >> 8 < dropout_threshold(p)``."""
-    return int(round(float(p) * (1 << 24)))
+    return int(math.floor(float(p) * (1 << 24) + 0.5))  # round half up, as csrc/philox.cuh
 
 
 def dropout_keep_mask(seed: torch.Tensor, offset: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""Timing core shared by ``blipfast bench`` and the pytest-benchmark suites.
+
+GPU timing: CUDA events around each call after warm-up, the median of many runs, synchronising inside
+the timed region; CPU timing: perf_counter. Every case reports ms, the derived throughput from an
+explicit FLOP or byte formula, peak memory, and its ratio against the case's baseline in the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed function: ``fn()`` runs it once; ``group`` ties a candidate to its baselines."""
+
+    group: str
+    name: str
+    fn: Callable[[], object]
+    flops: Optional[float] = None  # floating-point operations per call
+    bytes: Optional[float] = None  # bytes that must move per call (the memory-bandwidth floor)
+    baseline: bool = False
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Result:
+    group: str
+    name: str
+    ms: Optional[float]
+    ms_all: list
+    tflops: Optional[float]
+    tbps: Optional[float]
+    peak_mem_mb: Optional[float]
+    baseline: bool
+    params: dict
+    error: Optional[str] = None
+    speedup_vs_best_baseline: Optional[float] = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 5, iters: int = 30) -> list[float]:
+    """Milliseconds of each of ``iters`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak allocated memory of one call above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run_cases(cases: list[Case], device: torch.device, warmup: int = 5, iters: int = 30,
+              progress: Optional[Callable[[str], None]] = None) -> list[Result]:
+    results = []
+    for case in cases:
+        if progress:
+            progress(f"{case.group} / {case.name}")
+        try:
+            times = time_fn(case.fn, device, warmup, iters)
+            mem = peak_memory_mb(case.fn, device)
+            ms = statistics.median(times)
+            err = None
+        except Exception as exc:  # a baseline that cannot run here (e.g. FlexAttention import) reports n/a
+            times, mem, ms, err = [], None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        results.append(Result(
+            group=case.group, name=case.name, ms=ms, ms_all=times,
+            tflops=(case.flops / (ms * 1e-3) / 1e12) if (case.flops and ms) else None,
+            tbps=(case.bytes / (ms * 1e-3) / 1e12) if (case.bytes and ms) else None,
+            peak_mem_mb=mem, baseline=case.baseline, params=case.params, error=err))
+    _ratios(results)
+    return results
+
+
+def _ratios(results: list[Result]) -> None:
+    """speedup of each non-baseline case = fastest baseline ms of its group / its ms."""
+    best = {}
+    for r in results:
+        if r.baseline and r.ms is not None:
+            best[r.group] = min(best.get(r.group, float("inf")), r.ms)
+    for r in results:
+        if not r.baseline and r.ms is not None and r.group in best:
+            r.speedup_vs_best_baseline = best[r.group] / r.ms
+
+
+def format_table(results: list[Result]) -> str:
+    head = f"{'group':<44} {'impl':<26} {'ms':>9} {'TFLOP/s':>8} {'TB/s':>6} {'peak MB':>9} {'vs best base':>12}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        def f(x, fmt):
+            return format(x, fmt) if x is not None else "n/a"
+        ratio = f"{r.speedup_vs_best_baseline:.2f}x" if r.speedup_vs_best_baseline else ("base" if r.baseline else "")
+        lines.append(f"{r.group[:44]:<44} {r.name[:26]:<26} {f(r.ms, '9.3f'):>9} {f(r.tflops, '8.1f'):>8} "
+                     f"{f(r.tbps, '6.2f'):>6} {f(r.peak_mem_mb, '9.1f'):>9} {ratio:>12}")
+        if r.error:
+            lines.append(f"{'':<44}   n/a: {r.error}")
+    return "\n".join(lines)
+
+
+def write_json(results: list[Result], device: torch.device, out_dir: str, extra: Optional[dict] = None) -> str:
+    from .._ext import build_info
+
+    os.makedirs(out_dir, exist_ok=True)
+    dev = device_name(device).replace(" ", "-").replace("/", "-")
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
+    path = os.path.join(out_dir, f"{stamp}-{dev}.json")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(out_dir, f"{stamp}-{dev}-{n}.json")
+    payload = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "build": build_info(),
+        "extra": extra or {},
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    return path

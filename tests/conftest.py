@@ -1,0 +1,77 @@
+"""Shared test plumbing: the tolerance rule of DESIGN.md, GPU skipping, per-run random seeds.
+
+Inputs are fresh random each run: the seed comes from BLIPFAST_TEST_SEED or is drawn at start-up and
+printed in pytest's header, so a failure can be replayed with BLIPFAST_TEST_SEED=<seed>.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. The variable must be
+# set before any kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_SEED = int(os.environ.get("BLIPFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+# the absolute floor of the tolerance rule, per dtype, relative to the reference's magnitude
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    return f"blipfast test seed: {_SEED} (replay with BLIPFAST_TEST_SEED={_SEED})"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Seed torch/random per test from the run seed and the test's name (fresh each run, replayable)."""
+    s = (_SEED * 1000003 + sum(map(ord, request.node.nodeid))) % 2**31
+    torch.manual_seed(s)
+    random.seed(s)
+    yield
+
+
+def floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    return FLOOR[dtype] * (1.0 + float(ref.abs().max()) if ref.numel() else 1.0)
+
+
+def assert_within_torch_error(fast: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, dtype=None,
+                              name: str = "output", factor: float = 2.0) -> None:
+    """DESIGN.md's rule: max|fast - ref64| <= factor * max|torch_lowp - ref64| + floor(dtype).
+
+    ``ref64`` is the float64 ground truth, ``torch_lowp`` PyTorch's own computation in the dtype under
+    test (its error is the yardstick), ``dtype`` defaults to fast's dtype.
+    """
+    dtype = dtype or fast.dtype
+    ref64 = ref64.double()
+    err_fast = (fast.double() - ref64).abs().max().item() if fast.numel() else 0.0
+    err_torch = (torch_lowp.double() - ref64).abs().max().item() if fast.numel() else 0.0
+    bound = factor * err_torch + floor(dtype, ref64)
+    assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
+    assert err_fast <= bound, (f"{name}: max error {err_fast:.3e} exceeds {factor} x torch's {err_torch:.3e} + floor "
+                               f"{floor(dtype, ref64):.1e} ({dtype}, seed {_SEED})")
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, dtype=None, name: str = "output", scale: float = 1.0) -> None:
+    """Plain closeness at the floor of ``dtype`` (for same-precision comparisons, e.g. fp64 vs fp64)."""
+    dtype = dtype or a.dtype
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    bound = scale * floor(dtype, b.double())
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.1e} ({dtype}, seed {_SEED})"
