@@ -156,6 +156,8 @@ def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
     if seed is None:
         return None
     if isinstance(seed, int) and not isinstance(seed, bool):
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"{op}: seed must fit in int64, got {seed}")
         return torch.tensor([seed], dtype=torch.int64, device=device)
     check_tensor(op, "seed", seed, dtypes=(torch.int64,), device=device)
     if seed.numel() != 1:

@@ -114,6 +114,8 @@ def cross_attention(q, k, v, *, kv_index=None, key_padding_mask=None, dropout_p=
     C.check_same_dtype(_OP, q=q, k=k, v=v)
     n, lq, h, d = q.shape
     m, lk = k.shape[0], k.shape[1]
+    if d == 0:
+        raise ValueError(f"{_OP}: q must have a non-empty head dimension, got shape {tuple(q.shape)}")
     C.check_shape(_OP, "k", k, (None, None, h, d))
     C.check_shape(_OP, "v", v, (m, lk, h, d))
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -131,6 +131,8 @@ def qformer_attention(q, k, v, *, num_query, mode, key_padding_mask=None, dropou
     C.check_same_dtype(_OP, q=q, k=k, v=v)
     b, lq, h, d = q.shape
     lk = k.shape[1]
+    if d == 0:
+        raise ValueError(f"{_OP}: q must have a non-empty head dimension, got shape {tuple(q.shape)}")
     C.check_shape(_OP, "k", k, (b, None, h, d))
     C.check_shape(_OP, "v", v, (b, lk, h, d))
     if lq > lk:
