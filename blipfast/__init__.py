@@ -5,7 +5,9 @@ drop-in for Hugging Face's ``Blip2QFormerModel``), ``blipfast.convert`` (HF <-> 
 """
 from ._ext import build_info, cuda_extension_available
 from . import ops
+from .models import QFormer, QFormerConfig, QFormerEmbeddings
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "build_info", "cuda_extension_available", "__version__"]
+__all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFormer", "QFormerConfig",
+           "QFormerEmbeddings"]

@@ -1,0 +1,294 @@
+"""Hugging Face <-> LAVIS weight mapping for BLIP-2 (SPEC.md section 6) and safe checkpoint loading.
+
+Key spaces:
+- HF: the state dict of ``Blip2ForImageTextRetrieval`` / ``Blip2ForConditionalGeneration`` (``qformer.*``,
+  ``embeddings.*``, ``query_tokens``, ``vision_model.*``, ``vision_projection``, ``text_projection``, ``itm_head``,
+  ``language_projection``), plus two blipfast names for LAVIS weights HF has no place for:
+  ``temp`` (ITC temperature) and ``qformer_lm_head.*`` (LAVIS ``Qformer.cls.predictions.*``: the Q-Former's LM
+  head ``transform.dense``, ``transform.LayerNorm``, ``decoder`` and ``bias``).
+- LAVIS: ``Qformer.bert.*`` (``attention.self`` where HF says ``attention.attention``; the embeddings LayerNorm
+  is HF's ``qformer.layernorm``; word/position embeddings are HF's ``embeddings.*``), ``Qformer.cls.*``,
+  ``query_tokens``, ``ln_vision`` (HF ``vision_model.post_layernorm``), ``visual_encoder.*`` (EVA ViT, mapped as
+  transformers' own conversion script does), ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``,
+  ``opt_proj`` / ``t5_proj`` (HF ``language_projection``).
+
+Buffers named ``position_ids`` (and a nonzero key third of the ViT's fused qkv bias, see ``hf_to_lavis``) are
+dropped on purpose and listed in ``Conversion.dropped``. Every other key that
+has no counterpart (the LLM's weights, unknown ViT variants, ...) is returned in ``Conversion.unmapped``, never
+silently dropped; ``strict=True`` turns them into a ValueError.
+Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+LM_HEAD_PREFIX = "qformer_lm_head."  # blipfast's name for LAVIS ``Qformer.cls.predictions.``
+
+# placeholders of the rename templates below
+_PH = {
+    "i": r"\d+", "wb": r"weight|bias", "att": r"attention|crossattention", "qkv": r"query|key|value",
+    "dl": r"dense|LayerNorm", "emb": r"word_embeddings|position_embeddings",
+    "inter": r"intermediate|intermediate_query",
+    "out": r"output|output_query", "n": r"1|2", "fc": r"fc1|fc2",
+    "head": r"transform\.dense\.(?:weight|bias)|transform\.LayerNorm\.(?:weight|bias)|decoder\.(?:weight|bias)|bias",
+}
+# (LAVIS template, HF template): one-to-one renames; a placeholder {x} matches _PH[x] and is carried over
+_RENAMES = [
+    ("Qformer.bert.embeddings.LayerNorm.{wb}", "qformer.layernorm.{wb}"),
+    ("Qformer.bert.embeddings.{emb}.weight", "embeddings.{emb}.weight"),
+    ("Qformer.bert.encoder.layer.{i}.{att}.self.{qkv}.{wb}", "qformer.encoder.layer.{i}.{att}.attention.{qkv}.{wb}"),
+    ("Qformer.bert.encoder.layer.{i}.{att}.output.{dl}.{wb}", "qformer.encoder.layer.{i}.{att}.output.{dl}.{wb}"),
+    ("Qformer.bert.encoder.layer.{i}.{inter}.dense.{wb}", "qformer.encoder.layer.{i}.{inter}.dense.{wb}"),
+    ("Qformer.bert.encoder.layer.{i}.{out}.{dl}.{wb}", "qformer.encoder.layer.{i}.{out}.{dl}.{wb}"),
+    ("Qformer.cls.predictions.{head}", LM_HEAD_PREFIX + "{head}"),
+    ("vision_proj.{wb}", "vision_projection.{wb}"),
+    ("text_proj.{wb}", "text_projection.{wb}"),
+    ("itm_head.{wb}", "itm_head.{wb}"),
+    ("temp", "temp"),
+    ("query_tokens", "query_tokens"),
+    ("ln_vision.{wb}", "vision_model.post_layernorm.{wb}"),
+    # EVA ViT, as transformers' convert_blip_2_original_to_pytorch.py maps it (q_bias/v_bias: see below)
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.{wb}", "vision_model.embeddings.patch_embedding.{wb}"),
+    ("visual_encoder.blocks.{i}.norm{n}.{wb}", "vision_model.encoder.layers.{i}.layer_norm{n}.{wb}"),
+    ("visual_encoder.blocks.{i}.attn.qkv.weight", "vision_model.encoder.layers.{i}.self_attn.qkv.weight"),
+    ("visual_encoder.blocks.{i}.attn.proj.{wb}", "vision_model.encoder.layers.{i}.self_attn.projection.{wb}"),
+    ("visual_encoder.blocks.{i}.mlp.{fc}.{wb}", "vision_model.encoder.layers.{i}.mlp.{fc}.{wb}"),
+]
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    rx = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>{_PH[p]})" for n, p in enumerate(parts))
+    return re.compile(rx + r"\Z")
+
+
+_L2H = [(_compile(src), dst) for src, dst in _RENAMES]
+_H2L = [(_compile(dst), src) for src, dst in _RENAMES]
+_LAVIS_QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.(q_bias|v_bias)\Z")
+_HF_QKV_BIAS = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias\Z")
+_HF_QV_BIAS = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_bias|v_bias)\Z")  # transformers 4.x
+_LAVIS_LM_PROJ = re.compile(r"(opt_proj|t5_proj|llm_proj)\.(weight|bias)\Z")
+_HF_LM_PROJ = re.compile(r"language_projection\.(weight|bias)\Z")
+_DROPPED = re.compile(r"(.*\.)?position_ids\Z")
+
+
+@dataclass
+class Conversion:
+    """Result of a conversion: the converted ``state_dict``, the source keys with no counterpart
+    (``unmapped``, with their tensors) and what was dropped on purpose (``dropped``: position_ids buffers, a
+    nonzero key third of the ViT qkv bias)."""
+
+    state_dict: dict = field(default_factory=dict)
+    unmapped: dict = field(default_factory=dict)
+    dropped: list = field(default_factory=list)
+
+    def check(self) -> "Conversion":
+        """Raise ValueError if any key could not be mapped; return self otherwise."""
+        if self.unmapped:
+            keys = sorted(self.unmapped)
+            more = f" ... ({len(keys)} in all)" if len(keys) > 20 else ""
+            raise ValueError(f"{len(keys)} key(s) could not be mapped: {keys[:20]}{more}")
+        return self
+
+
+def _rename(sd: Mapping, rules, special: Callable[[str, torch.Tensor, Conversion, dict], bool]) -> Conversion:
+    res = Conversion()
+    pending: dict = {}
+    for key, val in sd.items():
+        if _DROPPED.match(key):
+            res.dropped.append(key)
+            continue
+        if special(key, val, res, pending):
+            continue
+        for pat, tmpl in rules:
+            m = pat.match(key)
+            if m:
+                res.state_dict[tmpl.format(**m.groupdict())] = val
+                break
+        else:
+            res.unmapped[key] = val
+    for key, val in pending.items():  # halves of pairs whose other half never came
+        res.unmapped[key] = val
+    return res
+
+
+def lavis_to_hf(state_dict: Mapping[str, torch.Tensor], *, strict: bool = False) -> Conversion:
+    """Map a LAVIS BLIP-2 state dict to HF names (see module doc); EVA ViT ``q_bias`` + ``v_bias`` become
+    HF's fused ``qkv.bias`` (q | 0 | v), as transformers 5.x stores it."""
+
+    def special(key, val, res, pending):
+        m = _LAVIS_QV_BIAS.match(key)
+        if m:
+            i, which = m.groups()
+            other = f"visual_encoder.blocks.{i}.attn.{'v_bias' if which == 'q_bias' else 'q_bias'}"
+            if other not in pending:
+                pending[key] = val
+                return True
+            o = pending.pop(other)
+            q, v = (val, o) if which == "q_bias" else (o, val)
+            fused = torch.cat((q, torch.zeros_like(q), v))  # HF's q | k | v bias; EVA has no key bias
+            res.state_dict[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = fused
+            return True
+        m = _LAVIS_LM_PROJ.match(key)
+        if m:
+            res.state_dict[f"language_projection.{m.group(2)}"] = val
+            return True
+        return False
+
+    res = _rename(state_dict, _L2H, special)
+    return res.check() if strict else res
+
+
+def hf_to_lavis(state_dict: Mapping[str, torch.Tensor], *, language_projection: str = "opt_proj",
+                strict: bool = False) -> Conversion:
+    """Map an HF BLIP-2 state dict (plus ``temp`` / ``qformer_lm_head.*``) to LAVIS names. The ViT's fused
+    ``qkv.bias`` is split into ``q_bias`` / ``v_bias``; LAVIS has no key bias, and a nonzero key third (HF 5.x
+    trains it) is dropped and listed in ``dropped`` as ``"<key>[key third]"``: it adds q . b_k to every score of
+    a row, which softmax ignores. ``language_projection`` names LAVIS' projection ("opt_proj", "t5_proj")."""
+
+    def special(key, val, res, pending):
+        m = _HF_QKV_BIAS.match(key)
+        if m:
+            q, k, v = val.chunk(3)
+            if torch.count_nonzero(k) > 0:  # a per-row constant shift of the scores: softmax ignores it
+                res.dropped.append(f"{key}[key third]")
+            res.state_dict[f"visual_encoder.blocks.{m.group(1)}.attn.q_bias"] = q.clone()
+            res.state_dict[f"visual_encoder.blocks.{m.group(1)}.attn.v_bias"] = v.clone()
+            return True
+        m = _HF_QV_BIAS.match(key)
+        if m:
+            res.state_dict[f"visual_encoder.blocks.{m.group(1)}.attn.{m.group(2)}"] = val
+            return True
+        m = _HF_LM_PROJ.match(key)
+        if m:
+            res.state_dict[f"{language_projection}.{m.group(1)}"] = val
+            return True
+        return False
+
+    res = _rename(state_dict, _H2L, special)
+    return res.check() if strict else res
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """"lavis" or "hf" from the key names; ValueError if neither."""
+    keys = list(state_dict)
+    if any(k.startswith(("Qformer.", "visual_encoder.", "ln_vision.", "vision_proj.", "text_proj.")) for k in keys):
+        return "lavis"
+    if any(k.startswith(("qformer.", "vision_model.", "embeddings.", "vision_projection.", "language_projection."))
+           for k in keys):
+        return "hf"
+    raise ValueError(f"cannot tell whether this is an HF or a LAVIS BLIP-2 state dict (keys like {keys[:5]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and saving
+
+
+def _torch_load(path: Path) -> dict:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        for wrapper in ("model", "state_dict", "module"):
+            if isinstance(obj.get(wrapper), dict) and obj[wrapper] and all(
+                    isinstance(v, torch.Tensor) for v in obj[wrapper].values()):
+                return dict(obj[wrapper])
+    return obj
+
+
+def _load_index(index: Path) -> dict:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        out.update(load_state_dict(index.parent / shard))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise ValueError(f"{index}: the index lists keys that no shard holds: {missing[:10]}")
+    return out
+
+
+def load_state_dict(path) -> dict:
+    """Read a state dict (CPU tensors) from an HF directory (``model.safetensors``, sharded
+    ``model.safetensors.index.json``, or ``pytorch_model.bin`` [.index.json]), a ``.safetensors`` file, an
+    index ``.json`` or a torch file (LAVIS ``.pth``: a dict whose "model" entry is the state dict), read with
+    ``weights_only=True``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                     "pytorch_model.bin"):
+            if (path / name).is_file():
+                return load_state_dict(path / name)
+        raise FileNotFoundError(f"{path}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.name.endswith(".json"):
+        sd = _load_index(path)
+    elif path.suffix == ".safetensors":
+        sd = load_file(str(path), device="cpu")
+    else:
+        sd = _torch_load(path)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise TypeError(f"{path}: does not hold a state dict (a dict of name -> tensor, or one under 'model')")
+    return sd
+
+
+def load_checkpoint(path, *, to: str = "hf", strict: bool = False) -> Conversion:
+    """Load an HF or LAVIS BLIP-2 checkpoint and return it in the key space ``to`` ("hf" or "lavis")."""
+    if to not in ("hf", "lavis"):
+        raise ValueError(f"to must be 'hf' or 'lavis', got {to!r}")
+    sd = load_state_dict(path)
+    src = detect_format(sd)
+    if src == to:
+        res = Conversion(state_dict={k: v for k, v in sd.items() if not _DROPPED.match(k)},
+                         dropped=[k for k in sd if _DROPPED.match(k)])
+        return res
+    return lavis_to_hf(sd, strict=strict) if to == "hf" else hf_to_lavis(sd, strict=strict)
+
+
+def _sub(state_dict: Mapping, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def qformer_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The Q-Former part of a BLIP-2 state dict (HF, LAVIS or already bare) in ``QFormer`` /
+    ``Blip2QFormerModel`` key space, ready for ``QFormer.load_state_dict(..., strict=True)``."""
+    if any(k.startswith(("layernorm.", "encoder.layer.")) for k in state_dict):
+        return dict(state_dict)
+    if detect_format(state_dict) == "lavis":
+        state_dict = lavis_to_hf(state_dict).state_dict
+    return _sub(state_dict, "qformer.")
+
+
+def embeddings_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The word/position embeddings of a BLIP-2 state dict (HF or LAVIS) for ``QFormerEmbeddings``."""
+    if detect_format(state_dict) == "lavis":
+        state_dict = lavis_to_hf(state_dict).state_dict
+    return _sub(state_dict, "embeddings.")
+
+
+def save_lavis_checkpoint(state_dict: Mapping[str, torch.Tensor], path) -> None:
+    """Write ``{"model": state_dict}`` with torch.save (loadable with ``weights_only=True``)."""
+    torch.save({"model": dict(state_dict)}, Path(path))
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path) -> None:
+    """Write a state dict as one ``.safetensors`` file (tied tensors are written as separate copies)."""
+    from safetensors.torch import save_file
+
+    seen: set = set()
+    out = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen or not v.is_contiguous() else v  # safetensors refuses shared storage
+        if v.numel():
+            seen.add(ptr)
+    save_file(out, str(path), metadata={"format": "pt"})
