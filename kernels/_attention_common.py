@@ -1,0 +1,282 @@
+"""Pieces shared by the Q-Former attention kernels: row tiles, index-computed masks, Philox dropout,
+and the device-side row-set table of shared-K/V cross-attention.
+
+Vocabulary (used by _attention_fwd.py and _attention_bwd.py):
+  row-set  one [Lq, H, D] slice of q (a batch element of self-attention, a text of cross-attention);
+  group    the K/V that row-sets attend to (self-attention: the row-set's own; cross-attention: an image);
+  tile     BLOCK_M rows of one program: either rows [mb*BLOCK_M, ...) of one row-set (G == 1), or G
+           whole row-sets of the same image stacked (G = BLOCK_M // Lq > 1), so that one pass over an
+           image's K/V serves all of them;
+  chunk    (image, count <= G, row-set ids): the row-sets of one cross-attention tile.
+
+Cross-attention tables (built on the device, no host sync, by `build_rowset_tables`):
+  PERM   int32 [N]        row-set ids sorted by image (stable: ascending id within an image);
+  IMGTAB int32 [M, 2]     (start, end) of each image's row-sets in PERM, (0, 0) for an unused image;
+  CHUNKS int32 [P, 2 + G] the tiles, image-major: (image, count, row-set ids...); P = chunk_bound(N, M, G)
+                          >= the real number of chunks, spare entries have count 0 (their programs do
+                          nothing). The ids sit in the row so that a program's first loads are independent.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E_F = 1.4426950408889634
+# globals read inside @triton.jit code must be constexprs
+LOG2E = tl.constexpr(LOG2E_F)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# runtime ints that must not become constexprs when equal to 1 (one compiled kernel per shape family)
+NO_SPECIALIZE = ["H", "Lq", "Lk", "NQ", "SEQ_OFF", "threshold"]
+
+# the single-program table kernel sorts N keys in registers: above this, torch ops build the tables
+CSR_MAX_ROWSETS = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _tile_rows(IDS, first, cnt, mb, Lq, BLOCK_M: tl.constexpr, G: tl.constexpr, HAS_INDEX: tl.constexpr,
+               PADDED: tl.constexpr):
+    """(row-set id int64 [BLOCK_M], row index in the row-set [BLOCK_M], row valid [BLOCK_M]) of a tile.
+
+    Without an index ``first`` is the row-set itself (cnt == 1). With one, the tile's row-sets are
+    IDS[first + s] for s < cnt; with PADDED (a CHUNKS row: G readable slots) the id load does not wait
+    for ``cnt``. Ids of invalid rows are replaced by 0."""
+    r = tl.arange(0, BLOCK_M)
+    if G == 1:
+        s = r * 0
+        i = mb * BLOCK_M + r
+    else:
+        s = r // Lq
+        i = r - s * Lq
+    ok = (s < cnt) & (i < Lq)
+    if HAS_INDEX:
+        if PADDED:
+            n = tl.load(IDS + first + s, mask=s < G, other=0)
+        else:
+            n = tl.load(IDS + first + s, mask=ok, other=0)
+        n = tl.where(ok, n, 0)
+    else:
+        n = first + s
+    return n.to(tl.int64), i, ok
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_PREC "upcast" (bf16 under TRITON_INTERPRET only: the
+    interpreter multiplies the uint16 storage of bf16, triton-lang/triton#11584, unsupported upstream)
+    computes the same exact products in fp32."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _allowed(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Bool [BLOCK_M, BLOCK_N]: may row at sequence position ``pos`` attend to key ``j``.
+
+    MODE 0 bidirectional (cross-attention too), 1 multimodal causal, 2 unimodal (SPEC.md section 2)."""
+    a = row_ok[:, None] & (j < Lk)[None, :]
+    if MODE == 1:
+        a = a & ((j[None, :] < NQ) | ((pos[:, None] >= NQ) & (j[None, :] <= pos[:, None])))
+    if MODE == 2:
+        a = a & ((pos[:, None] < NQ) == (j[None, :] < NQ))
+    if HAS_KPM:
+        a = a & kpm_ok[None, :]
+    return a
+
+
+@triton.jit
+def _load_kpm(KPM, img64, skpb, skpj, j, Lk, HAS_KPM: tl.constexpr):
+    if HAS_KPM:
+        return tl.load(KPM + img64 * skpb + j * skpj, mask=j < Lk, other=0) != 0
+    else:
+        return j < Lk
+
+
+@triton.jit
+def _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64: tl.constexpr):
+    """Philox offset of element (row, key 0): ((n * H + h) * Lq + i) * Lk, as the reference."""
+    off = ((n64 * H + h) * Lq + i) * Lk
+    if OFFS64:
+        return off
+    else:
+        return off.to(tl.int32)
+
+
+@triton.jit
+def _dropout_keep(seed, rowoff, j, threshold):
+    """Keep-mask [rows, keys] of the shared Philox rule: keep iff (philox(seed, offset) >> 8) >= threshold."""
+    r = tl.randint(seed, rowoff[:, None] + j[None, :])
+    return (r >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dropout_keep_t(seed, rowoff, j, threshold):
+    """The same keep-mask transposed: [keys, rows]."""
+    r = tl.randint(seed, rowoff[None, :] + j[:, None])
+    return (r >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _allowed_t(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.constexpr):
+    """_allowed transposed: bool [BLOCK_N keys, BLOCK_M rows]."""
+    a = row_ok[None, :] & (j < Lk)[:, None]
+    if MODE == 1:
+        a = a & ((j[:, None] < NQ) | ((pos[None, :] >= NQ) & (j[:, None] <= pos[None, :])))
+    if MODE == 2:
+        a = a & ((pos[None, :] < NQ) == (j[:, None] < NQ))
+    if HAS_KPM:
+        a = a & kpm_ok[:, None]
+    return a
+
+
+@triton.jit
+def _load_tile(BASE, rowoff, ok, d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[R, BLOCK_D] tile at BASE + rowoff[r] + d (zeros outside the valid rows and the head dim)."""
+    ptr = BASE + rowoff[:, None] + d[None, :]
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptr, mask=ok[:, None], other=0.0)
+    else:
+        return tl.load(ptr, mask=ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tile(BASE, rowoff, ok, d, val, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptr = BASE + rowoff[:, None] + d[None, :]
+    val = val.to(BASE.dtype.element_ty)
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptr, val, mask=ok[:, None])
+    else:
+        tl.store(ptr, val, mask=ok[:, None] & (d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_range(i0, i1, Lk, NQ, SEQ_OFF, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+    """Keys [lo, hi) that rows [i0, i1) of a self-attention row-set can see (lo a multiple of BLOCK_N).
+    An empty range (lo >= hi) means no row of the tile has an allowed key."""
+    p0 = SEQ_OFF + i0
+    p1 = SEQ_OFF + i1 - 1  # last row's position
+    lo = i0 * 0
+    hi = lo + Lk
+    if MODE == 1:  # keys after the last row are text keys nobody in the tile sees
+        hi = tl.minimum(hi, tl.maximum(NQ, p1 + 1))
+    if MODE == 2:  # query rows see query keys, text rows text keys
+        hi = tl.where(p1 < NQ, tl.minimum(hi, NQ), hi)
+        lo = tl.where(p0 >= NQ, (NQ // BLOCK_N) * BLOCK_N, lo)
+    return lo, hi
+
+
+@triton.jit
+def _row_block_range(j0, j1, Lq, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
+    """Row blocks [lo, hi) of a self-attention row-set that can see some key of [j0, j1)."""
+    lo = j0 * 0
+    hi = lo + tl.cdiv(Lq, BLOCK_M)
+    if MODE == 1:  # text keys are seen only by text rows at or after them
+        lo = tl.where(j0 >= NQ, tl.maximum(j0 - SEQ_OFF, 0) // BLOCK_M, lo)
+    if MODE == 2:  # text keys: text rows only; query keys: query rows only
+        first_text_row = tl.minimum(tl.maximum(NQ - SEQ_OFF, 0), Lq)
+        lo = tl.where(j0 >= NQ, first_text_row // BLOCK_M, lo)
+        hi = tl.where(j1 <= NQ, tl.cdiv(first_text_row, BLOCK_M), hi)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-attention row-set tables
+
+
+@triton.jit
+def _rowset_table_kernel(IDX, N, M, P_BOUND, PERM, SIMG, IMGTAB, CHUNKS, G: tl.constexpr, NB: tl.constexpr):
+    """One program: sort (image, id) keys in registers, then derive the CSR and the chunk list."""
+    k = tl.arange(0, NB)
+    zero = k * 0
+    for m0 in range(0, M, NB):
+        mm = m0 + k
+        tl.store(IMGTAB + 2 * mm, zero, mask=mm < M)
+        tl.store(IMGTAB + 2 * mm + 1, zero, mask=mm < M)
+    valid = k < N
+    img = tl.load(IDX + k, mask=valid, other=0).to(tl.int32)
+    img = tl.where(valid, img, M)  # padding sorts last
+    key = tl.sort(img * NB + k)  # unique keys: a stable sort by image
+    s_img = key // NB
+    tl.store(PERM + k, key - s_img * NB, mask=valid)
+    tl.store(SIMG + k, s_img, mask=valid)
+    tl.debug_barrier()
+    prev = tl.load(SIMG + k - 1, mask=valid & (k > 0), other=-1)
+    nxt = tl.load(SIMG + k + 1, mask=(k + 1) < N, other=-1)
+    tl.store(IMGTAB + 2 * s_img, k, mask=valid & (s_img != prev))
+    tl.store(IMGTAB + 2 * s_img + 1, k + 1, mask=valid & (s_img != nxt))
+    tl.debug_barrier()
+    start = tl.load(IMGTAB + 2 * s_img, mask=valid, other=0)
+    end = tl.load(IMGTAB + 2 * s_img + 1, mask=valid, other=0)
+    slot = (k - start) % G
+    head = valid & (slot == 0)
+    cid = tl.cumsum(head.to(tl.int32), 0) - 1  # the chunk that holds sorted position k
+    total = tl.sum(head.to(tl.int32), 0)
+    W = G + 2  # chunk row width (a constexpr: G is one)
+    tl.store(CHUNKS + W * cid, s_img, mask=head)
+    tl.store(CHUNKS + W * cid + 2 + slot, key - s_img * NB, mask=valid)
+    cnt = tl.minimum(end - k, G)
+    for s in range(1, G):  # zero the unused id slots of partial chunks (kernels read all G slots)
+        tl.store(CHUNKS + W * cid + 2 + s, zero, mask=head & (s >= cnt))
+    tl.store(CHUNKS + W * cid + 1, cnt, mask=head)
+    for p0 in range(0, P_BOUND, NB):
+        pp = p0 + k
+        spare = (pp >= total) & (pp < P_BOUND)
+        tl.store(CHUNKS + W * pp, zero, mask=spare)
+        tl.store(CHUNKS + W * pp + 1, zero, mask=spare)
+
+
+def chunk_bound(n: int, m: int, g: int) -> int:
+    """Upper bound of sum over images of ceil(count / g) for n row-sets over m images (host-side)."""
+    return (n + (g - 1) * min(m, n)) // g
+
+
+def _tables_torch(kv_index: torch.Tensor, m: int, g: int, p_bound: int):
+    """The same tables with torch ops (large N): no host synchronisation either."""
+    dev = kv_index.device
+    n = kv_index.numel()
+    order = torch.argsort(kv_index, stable=True)
+    s_img = kv_index.index_select(0, order)
+    counts = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(
+        0, kv_index, torch.ones(n, dtype=torch.int64, device=dev))
+    end = torch.cumsum(counts, 0)
+    start = end - counts
+    imgtab = torch.stack([torch.where(counts > 0, start, 0), torch.where(counts > 0, end, 0)], 1)
+    k = torch.arange(n, device=dev)
+    st = start.index_select(0, s_img)
+    en = end.index_select(0, s_img)
+    slot = (k - st) % g
+    head = slot == 0
+    cid = torch.cumsum(head.to(torch.int64), 0) - 1
+    w = g + 2
+    flat = torch.zeros((p_bound + 1) * w, dtype=torch.int64, device=dev)
+    dump = p_bound * w  # last row: scratch for the non-head writes
+    flat.index_copy_(0, cid * w + 2 + slot, order)
+    flat.index_copy_(0, torch.where(head, cid * w, dump), s_img)
+    flat.index_copy_(0, torch.where(head, cid * w + 1, dump + 1), torch.clamp(en - k, max=g))
+    chunks = flat.view(p_bound + 1, w)[:p_bound]
+    return order.to(torch.int32), imgtab.to(torch.int32).contiguous(), chunks.to(torch.int32).contiguous()
+
+
+def build_rowset_tables(kv_index: torch.Tensor, m: int, g: int, force_torch: bool = False):
+    """(PERM [N], IMGTAB [M, 2], CHUNKS [P, 2 + G], P) for kv_index int64 [N] with values in [0, M)."""
+    n = kv_index.numel()
+    p_bound = chunk_bound(n, m, g)
+    nb = max(16, triton.next_power_of_2(n))
+    if force_torch or n > CSR_MAX_ROWSETS or (m + 1) * nb >= 2**31:
+        perm, imgtab, chunks = _tables_torch(kv_index, m, g, p_bound)
+        return perm, imgtab, chunks, p_bound
+    dev = kv_index.device
+    perm = torch.empty(n, dtype=torch.int32, device=dev)
+    simg = torch.empty(n, dtype=torch.int32, device=dev)
+    imgtab = torch.empty(m, 2, dtype=torch.int32, device=dev)
+    chunks = torch.empty(max(p_bound, 1), g + 2, dtype=torch.int32, device=dev)
+    _rowset_table_kernel[(1,)](kv_index, n, m, p_bound, perm, simg, imgtab, chunks, G=g, NB=nb,
+                               num_warps=4 if nb <= 1024 else 8)
+    return perm, imgtab, chunks[:p_bound], p_bound

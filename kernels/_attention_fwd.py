@@ -1,0 +1,139 @@
+"""Forward kernel of Q-Former self- and cross-attention (see _attention_common.py for the vocabulary).
+
+One program = one tile of rows (a row block of a self-attention row-set, or G row-sets of the same
+image stacked) x HPP heads (a loop: the key-padding mask, the row indices and the Philox row offsets
+are computed once and reused by every head). When the group's keys fit one BLOCK_N tile (Q-Former
+self-attention: 32 + 64 tokens) the softmax is a single pass with no running-max rescale; otherwise
+(cross-attention over 257 / 677 image tokens) an online-softmax loop streams K/V blocks.
+
+Scores live in the log2 domain (qk_scale = scale * log2 e). A row with no allowed key gets out = 0 and
+lse = -inf, as the reference. Dropout multiplies the normalised probabilities by keep / (1 - p) with the
+Philox rule of blipfast.ops._philox at offset ((n * H + h) * Lq + i) * Lk + j.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._attention_common import (
+    LN2,
+    NO_SPECIALIZE,
+    _allowed,
+    _dot,
+    _dropout_keep,
+    _dropout_rowoff,
+    _key_range,
+    _load_kpm,
+    _load_tile,
+    _store_tile,
+    _tile_rows,
+)
+
+
+@triton.jit
+def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
+                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, skpb, skpj,
+                  H, Lq, Lk, NQ, SEQ_OFF, threshold, keep_scale, qk_scale,
+                  MODE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFS64: tl.constexpr,
+                  G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, SINGLE_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    pos = SEQ_OFF + i
+    q = _load_tile(Q, n64 * sqb + i * sql + h * sqh, row_ok, d, HEAD_DIM, BLOCK_D)
+    if HAS_DROPOUT:
+        rowoff = _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64)
+    kbase = img64 * skb + h * skh
+    vbase = img64 * svb + h * svh
+    if SINGLE_N:
+        # every key of the group in one tile: exact softmax in one pass
+        j = tl.arange(0, BLOCK_N)
+        kv_ok = j < Lk
+        k = _load_tile(K, kbase + j * skl, kv_ok, d, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V, vbase + j * svl, kv_ok, d, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
+        allowed = _allowed(pos, row_ok, j, Lk, NQ, kpm_all, MODE, HAS_KPM)
+        s = tl.where(allowed, s, float("-inf"))
+        m_i = tl.max(s, 1)
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rowoff, j, threshold)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        acc = _dot(p.to(v.dtype), v, DOT_PREC)
+    else:
+        if G == 1:
+            i0 = tl.min(tl.where(row_ok, i, Lq), 0)
+            lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
+        else:
+            lo = 0
+            hi = Lk
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            j = start_n + tl.arange(0, BLOCK_N)
+            kv_ok = j < Lk
+            k = _load_tile(K, kbase + j * skl, kv_ok, d, HEAD_DIM, BLOCK_D)
+            s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
+            kpm_j = _load_kpm(KPM, img64, skpb, skpj, j, Lk, HAS_KPM)
+            allowed = _allowed(pos, row_ok, j, Lk, NQ, kpm_j, MODE, HAS_KPM)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, rowoff, j, threshold)
+                p = tl.where(keep, p * keep_scale, 0.0)
+            v = _load_tile(V, vbase + j * svl, kv_ok, d, HEAD_DIM, BLOCK_D)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
+            m_i = m_new
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    _store_tile(O, n64 * sob + i * sol + h * soh, row_ok, d, out, HEAD_DIM, BLOCK_D)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * LN2)
+    tl.store(LSE + (n64 * H + h) * Lq + i, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def attn_fwd_kernel(Q, K, V, O, LSE, KPM, SEED, CHUNKS,
+                    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, skpb, skpj,
+                    H, Lq, Lk, NQ, SEQ_OFF, threshold, keep_scale, qk_scale,
+                    MODE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFS64: tl.constexpr,
+                    HAS_INDEX: tl.constexpr, G: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, SINGLE_N: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """Grid (tiles * H // HPP, row blocks): axis 0 is tile-major and head-minor, so the programs that
+    read one image's K/V run side by side (its K/V stays in L2); axis 1 splits long row-sets (G == 1)."""
+    pid = tl.program_id(0)
+    mb = tl.program_id(1)
+    n_hg = H // HPP
+    t = pid // n_hg
+    hg = pid - t * n_hg
+    if HAS_INDEX:
+        img = tl.load(CHUNKS + (G + 2) * t)
+        cnt = tl.load(CHUNKS + (G + 2) * t + 1)
+        first = (G + 2) * t + 2  # the ids sit in the chunk's row
+    else:
+        img = t
+        first = t
+        cnt = 1
+    if cnt > 0:
+        img64 = img.to(tl.int64)
+        n64, i, row_ok = _tile_rows(CHUNKS, first, cnt, mb, Lq, BLOCK_M, G, HAS_INDEX, True)
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(SEED)
+        kpm_all = row_ok
+        if SINGLE_N:
+            kpm_all = _load_kpm(KPM, img64, skpb, skpj, tl.arange(0, BLOCK_N), Lk, HAS_KPM)
+        for hh in range(HPP):
+            _fwd_one_head(Q, K, V, O, LSE, KPM, seed, hg * HPP + hh, img64, n64, i, row_ok, kpm_all,
+                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, skpb, skpj,
+                          H, Lq, Lk, NQ, SEQ_OFF, threshold, keep_scale, qk_scale,
+                          MODE, HAS_KPM, HAS_DROPOUT, OFFS64, G, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, SINGLE_N,
+                          DOT_PREC)

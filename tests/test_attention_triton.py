@@ -1,0 +1,528 @@
+"""Triton kernels of qformer_attention / cross_attention (kernels/attention.py) against the reference.
+
+CPU (CI): the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it) on small, awkward shapes;
+every output and gradient is held to DESIGN.md's rule against the float64 reference, with the reference
+run in fp32 as PyTorch's yardstick. Several tests force block configurations so that the multi-block
+paths (online softmax, separate dQ kernel, stacked cross-attention row-sets, long row-sets split in row
+blocks) run on tiny shapes. On a machine with CUDA the same tests run on the GPU.
+
+GPU (`pytest -m gpu`): real Q-Former shapes in fp16/bf16 with PyTorch's own computation in that dtype as
+the yardstick, determinism, no host sync, torch.compile(fullgraph=True) and CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from blipfast import ops
+from blipfast.kernels import attention as kern
+from blipfast.kernels._attention_common import build_rowset_tables, chunk_bound
+from blipfast.ops._attention_ref import attention_fwd_ref, dropout_offsets
+from blipfast.ops._philox import dropout_keep_mask, new_seed
+from blipfast.ops.cross_attention import _expand
+from blipfast.ops.qformer_attention import allowed_mask
+
+from .conftest import HAS_CUDA, assert_within_torch_error
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+MODES = ("bidirectional", "causal", "unimodal")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV, dtype=torch.float32).to(dtype)
+
+
+def _padding(pattern: str, b: int, lk: int, nq: int):
+    """Key padding masks: none; ragged text lengths, at least half of the text kept (so that later key
+    blocks matter) except in the last sequence, which has no text at all; ragged with sequence 0 fully
+    padded (every row of it has no allowed key, queries included)."""
+    if pattern == "none":
+        return None
+    kpm = torch.ones(b, lk, dtype=torch.bool, device=DEV)
+    t = lk - nq
+    for i in range(b):
+        keep = int(torch.randint(t // 2, t + 1, ()).item()) if i != b - 1 else 0
+        kpm[i, nq + keep:] = False
+    if pattern == "allpad":
+        kpm[0] = False
+    return kpm
+
+
+def _lowp_attention(q, k, v, allowed, scale, dropout_p=0.0, seed=None):
+    """PyTorch's own attention in the inputs' dtype (no upcast): the yardstick for fp16/bf16."""
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    allowed = allowed.unsqueeze(1)
+    has = allowed.any(-1, keepdim=True)
+    s = torch.where(allowed & has, s, torch.full_like(s, float("-inf")))
+    p = torch.softmax(torch.where(has, s, torch.zeros_like(s)), dim=-1).masked_fill(~allowed, 0.0)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, dropout_offsets(*p.shape, q.device), dropout_p)
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    return torch.einsum("bhij,bjhd->bihd", p, v)
+
+
+def _run(fn, inputs, grad_out):
+    """(output, grads of inputs) of fn(*inputs) backpropagating grad_out."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _check_all(fast, ref64, lowp, names=("out", "dq", "dk", "dv")):
+    for f, r, l, n in zip(fast, ref64, lowp, names):
+        assert_within_torch_error(f, r, l, name=n)
+
+
+def _self_case(b, lq, lk, h, d, nq, mode, pattern, dtype=torch.float32, dropout_p=0.0, seed=None, lowp="ref"):
+    """Public op with backend="triton" vs the float64 reference (out and the three gradients)."""
+    q, k, v = _rand(b, lq, h, d, dtype=dtype), _rand(b, lk, h, d, dtype=dtype), _rand(b, lk, h, d, dtype=dtype)
+    kpm = _padding(pattern, b, lk, nq)
+    do = _rand(b, lq, h, d)
+    scale = 1.0 / math.sqrt(d)
+    kw = dict(num_query=nq, mode=mode, key_padding_mask=kpm, dropout_p=dropout_p, seed=seed)
+
+    fast = _run(lambda q, k, v: ops.qformer_attention(q, k, v, backend="triton", **kw), (q, k, v), do)
+    ref64 = _run(lambda q, k, v: ops.qformer_attention_ref(q, k, v, **kw), (q.double(), k.double(), v.double()), do)
+    if lowp == "ref":
+        low = _run(lambda q, k, v: ops.qformer_attention_ref(q, k, v, **kw), (q, k, v), do)
+    else:
+        allowed = allowed_mask(nq, mode, lq, lk, q.device, kpm)
+        low = _run(lambda q, k, v: _lowp_attention(q, k, v, allowed, scale, dropout_p, seed), (q, k, v), do)
+    _check_all([fast[0], *fast[1]], [ref64[0], *ref64[1]], [low[0], *low[1]])
+    return fast
+
+
+def _cross_case(n, m, lq, lk, h, d, kv_index, pattern, dtype=torch.float32, dropout_p=0.0, seed=None,
+                lowp="ref", config=None):
+    q, k, v = _rand(n, lq, h, d, dtype=dtype), _rand(m, lk, h, d, dtype=dtype), _rand(m, lk, h, d, dtype=dtype)
+    kpm = None
+    if pattern != "none":
+        kpm = torch.rand(m, lk, device=DEV) > 0.3
+        if pattern == "allpad":
+            kpm[0] = False
+    do = _rand(n, lq, h, d)
+    scale = 1.0 / math.sqrt(d)
+    kw = dict(kv_index=kv_index, key_padding_mask=kpm, dropout_p=dropout_p, seed=seed)
+    if config is None:
+        fast = _run(lambda q, k, v: ops.cross_attention(q, k, v, backend="triton", **kw), (q, k, v), do)
+    else:
+        out, lse = kern.cross_attention_fwd(q, k, v, kv_index, kpm, seed, dropout_p, scale, config=config)
+        grads = kern.cross_attention_bwd(do.to(dtype), q, k, v, out, lse, kv_index, kpm, seed, dropout_p, scale,
+                                         config=config)
+        fast = (out, list(grads))
+    ref64 = _run(lambda q, k, v: ops.cross_attention_ref(q, k, v, **kw), (q.double(), k.double(), v.double()), do)
+    if lowp == "ref":
+        low = _run(lambda q, k, v: ops.cross_attention_ref(q, k, v, **kw), (q, k, v), do)
+    else:
+        def f(q, k, v):
+            ke, ve, allowed = _expand(k, v, kv_index, kpm, lq)
+            return _lowp_attention(q, ke, ve, allowed.expand(n, -1, -1), scale, dropout_p, seed)
+        low = _run(f, (q, k, v), do)
+    _check_all([fast[0], *fast[1]], [ref64[0], *ref64[1]], [low[0], *low[1]])
+    return fast, (q, k, v, kpm, do)
+
+
+def _direct_self(b, lq, lk, h, d, nq, mode, pattern, config, dropout_p=0.0):
+    """Kernel entry points called directly with a forced configuration, vs the float64 reference."""
+    q, k, v = _rand(b, lq, h, d), _rand(b, lk, h, d), _rand(b, lk, h, d)
+    kpm = _padding(pattern, b, lk, nq)
+    do = _rand(b, lq, h, d)
+    scale = 1.0 / math.sqrt(d)
+    seed = torch.tensor([987654321987], dtype=torch.int64, device=DEV) if dropout_p > 0 else None
+    out, lse = kern.qformer_attention_fwd(q, k, v, kpm, seed, nq, mode, dropout_p, scale, config=config)
+    grads = kern.qformer_attention_bwd(do, q, k, v, out, lse, kpm, seed, nq, mode, dropout_p, scale, config=config)
+    allowed = allowed_mask(nq, mode, lq, lk, DEV, kpm)
+    kw = dict(num_query=nq, mode=mode, key_padding_mask=kpm, dropout_p=dropout_p, seed=seed)
+    ref64 = _run(lambda q, k, v: ops.qformer_attention_ref(q, k, v, **kw), (q.double(), k.double(), v.double()), do)
+    low = _run(lambda q, k, v: ops.qformer_attention_ref(q, k, v, **kw), (q, k, v), do)
+    _check_all([out, *grads], [ref64[0], *ref64[1]], [low[0], *low[1]])
+    _, lse64 = attention_fwd_ref(q.double(), k.double(), v.double(), allowed, scale=scale)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse64)), "lse: empty rows must be -inf, others finite"
+    fin = torch.isfinite(lse64)
+    assert_within_torch_error(lse[fin], lse64[fin], attention_fwd_ref(q, k, v, allowed, scale=scale)[1][fin],
+                              name="lse")
+    return out, lse, grads
+
+
+def _cfg(bm, bn, hpp=1, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, HPP=hpp, num_warps=4, num_stages=1, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# self-attention
+
+
+@pytest.mark.parametrize("pattern", ["none", "ragged", "allpad"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(3, 13, 13, 2, 16, 5), (1, 7, 12, 1, 16, 5)], ids=["full", "suffix"])
+def test_self_attention_op(shape, mode, pattern):
+    b, lq, lk, h, d, nq = shape
+    _self_case(b, lq, lk, h, d, nq, mode, pattern)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("nq", [0, 9], ids=["text_only", "queries_only"])
+def test_self_attention_all_text_or_all_queries(mode, nq):
+    _self_case(2, 9, 9, 1, 16, nq, mode, "ragged" if nq == 0 else "none")
+
+
+@pytest.mark.parametrize("d", [64, 88])
+def test_self_attention_head_dims(d):
+    _self_case(2, 10, 10, 1, d, 4, "causal", "ragged")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lq", [40, 21], ids=["full", "suffix"])
+def test_self_attention_multi_block(mode, lq):
+    """Keys over three BLOCK_N tiles: online softmax, the separate dQ kernel, skipped blocks per mode."""
+    _direct_self(2, lq, 40, 2, 16, 8, mode, "ragged", _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_self_attention_packed_heads_and_row_blocks(mode):
+    """Two heads per program and rows split over row blocks, with all keys in one tile (fused backward)."""
+    _direct_self(2, 24, 24, 4, 16, 6, mode, "allpad", _cfg(16, 32, hpp=2))
+
+
+def test_self_attention_strided_views():
+    """q/k/v as unbind() of a fused [B, L, 3, H, D] projection: strides are honoured, nothing is copied."""
+    b, l, h, d = 2, 11, 2, 16
+    qkv = _rand(b, l, 3, h, d)
+    kpm = _padding("ragged", b, l, 4)
+    do = _rand(b, l, h, d)
+    kw = dict(num_query=4, mode="causal", key_padding_mask=kpm, backend="triton")
+    strided = _run(lambda x: ops.qformer_attention(*x.unbind(2), **kw), (qkv,), do)
+    contig = _run(lambda q, k, v: ops.qformer_attention(q, k, v, **kw), [t.contiguous() for t in qkv.unbind(2)], do)
+    assert torch.equal(strided[0], contig[0])
+    assert torch.equal(strided[1][0], torch.stack(contig[1], 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_self_attention_half_precision(dtype):
+    _self_case(2, 12, 12, 2, 16, 5, "causal", "ragged", dtype=dtype, lowp="lowp")
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-attention
+
+IDX = [3, 0, 3, 1, 3, 3, 0]  # repeats; images 2 and 4 unused
+
+
+@pytest.mark.parametrize("pattern", ["none", "ragged", "allpad"])
+def test_cross_attention_shared_kv(pattern):
+    """kv_index with repeats and unused images: dK/dV sum over row-sets, unused images get zeros."""
+    kv_index = torch.tensor(IDX, device=DEV)
+    (out, (dq, dk, dv)), _ = _cross_case(7, 5, 6, 37, 2, 16, kv_index, pattern)
+    assert dk[[2, 4]].abs().max() == 0 and dv[[2, 4]].abs().max() == 0
+    if pattern == "allpad":  # image 0 has no key: its row-sets output 0 and get no gradient
+        rows = (kv_index == 0).nonzero().flatten()
+        assert out[rows].abs().max() == 0 and dq[rows].abs().max() == 0
+
+
+def test_cross_attention_without_index():
+    _cross_case(3, 3, 5, 20, 2, 16, None, "ragged")
+
+
+@pytest.mark.parametrize("config", [
+    _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16),  # 2 row-sets per tile, 3 key blocks, separate dQ kernel
+    _cfg(32, 16, DQ_BLOCK_M=32, DQ_BLOCK_N=32),  # 5 row-sets per tile
+    _cfg(16, 64, hpp=2),  # all keys in one tile: fused backward, 2 heads per program
+], ids=["g2_multiblock", "g5_multiblock", "fused_hpp2"])
+def test_cross_attention_tilings(config):
+    _cross_case(7, 5, 6, 37, 2, 16, torch.tensor(IDX, device=DEV), "ragged", config=config)
+
+
+def test_cross_attention_long_rowsets():
+    """Lq > BLOCK_M with kv_index: one row-set per tile, split over row blocks."""
+    _cross_case(5, 3, 20, 23, 1, 16, torch.tensor([2, 0, 2, 2, 0], device=DEV), "ragged",
+                config=_cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16))
+
+
+def test_cross_attention_default_multiblock_and_head_dim():
+    """Default configuration with keys over two 64-wide blocks and head dim 88."""
+    _cross_case(4, 2, 8, 70, 1, 88, torch.tensor([1, 1, 0, 1], device=DEV), "ragged")
+
+
+def test_cross_attention_strided_views():
+    n, m, lq, lk, h, d = 4, 2, 5, 19, 2, 16
+    qb = _rand(n, lq, h, 2 * d)  # q is a view of it with a padded head stride
+    kv = _rand(m, lk, 2, h, d)
+    idx = torch.tensor([1, 0, 1, 1], device=DEV)
+    do = _rand(n, lq, h, d)
+    kw = dict(kv_index=idx, backend="triton")
+    strided = _run(lambda qb, kv: ops.cross_attention(qb[..., :d], *kv.unbind(2), **kw), (qb, kv), do)
+    contig = _run(lambda q, k, v: ops.cross_attention(q, k, v, **kw),
+                  (qb[..., :d].contiguous(), *[t.contiguous() for t in kv.unbind(2)]), do)
+    assert torch.equal(strided[0], contig[0])
+    assert torch.equal(strided[1][0][..., :d], contig[1][0]) and strided[1][0][..., d:].abs().max() == 0
+    assert torch.equal(strided[1][1], torch.stack(contig[1][1:], 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cross_attention_half_precision(dtype):
+    _cross_case(5, 3, 8, 29, 2, 16, torch.tensor([2, 0, 2, 2, 0], device=DEV), "ragged", dtype=dtype, lowp="lowp")
+
+
+@pytest.mark.parametrize("force_torch", [False, True], ids=["triton", "torch"])
+def test_rowset_tables(force_torch):
+    """The device CSR: PERM is a stable sort by image, IMGTAB its ranges, CHUNKS cover every row-set once."""
+    m, g = 9, 3
+    kv_index = torch.randint(0, m, (40,), device=DEV)
+    kv_index[:5] = 4  # a popular image
+    perm, imgtab, chunks, p = build_rowset_tables(kv_index, m, g, force_torch=force_torch)
+    want = torch.argsort(kv_index.cpu(), stable=True)
+    assert torch.equal(perm.long().cpu(), want)
+    counts = torch.bincount(kv_index.cpu(), minlength=m)
+    ends = torch.cumsum(counts, 0)
+    assert torch.equal(imgtab[:, 1].long().cpu() - imgtab[:, 0].long().cpu(), counts)
+    assert torch.equal(imgtab[counts > 0, 1].long().cpu(), ends[counts > 0])
+    assert p == chunk_bound(40, m, g) and chunks.shape == (p, g + 2)
+    ch = chunks.long().cpu()
+    seen = []
+    for img, cnt, *ids in ch.tolist():
+        assert 0 <= cnt <= g
+        seen += ids[:cnt]
+        assert all(kv_index[i].item() == img for i in ids[:cnt])
+    assert sorted(seen) == list(range(40)) and seen == want.tolist()
+    if not force_torch:
+        assert all(ids[cnt:] == [0] * (g - cnt) for _, cnt, *ids in ch.tolist() if cnt > 0)
+    real = int((ch[:, 1] > 0).sum())
+    assert (ch[real:, 1] == 0).all() and real == int(((counts + g - 1) // g).sum())
+
+
+def test_kernels_compile_for_sm90():
+    """The default configurations of the headline shapes compile for sm_90 (Triton's bundled ptxas, no
+    GPU needed) within the shared-memory limit: what the interpreter cannot check."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(root, "tests", "gpu", "aot_compile_attention.py"),
+                        "--only", "self L=32+32 mode1 p=0.1 bf16,cross Lk=257 p=0.0 bf16"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "6 kernels compiled for sm_90, 0 failure(s)" in r.stdout, r.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout
+
+
+def _onehot_v(groups, lk, h, d):
+    """V whose key j is the unit vector e_j: the output row then IS the row of dropped probabilities."""
+    v = torch.zeros(groups, lk, h, d, device=DEV)
+    v[:, torch.arange(lk), :, torch.arange(lk)] = 1.0
+    return v
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_mask_is_the_reference_mask(mode):
+    """The kernel drops exactly the (b, h, i, j) that the Philox rule drops, offsets as the reference."""
+    b, lq, lk, h, nq, p = 2, 10, 16, 2, 4, 0.3
+    q, k, v = _rand(b, lq, h, 16), _rand(b, lk, h, 16), _onehot_v(b, lk, h, 16)
+    seed = torch.tensor([2**40 + 12345], dtype=torch.int64, device=DEV)
+    out = ops.qformer_attention(q, k, v, num_query=nq, mode=mode, dropout_p=p, seed=seed, backend="triton")
+    allowed = allowed_mask(nq, mode, lq, lk, DEV)[:, None]  # [1, 1, Lq, Lk]
+    keep = dropout_keep_mask(seed, dropout_offsets(b, h, lq, lk, DEV), p)
+    got = out.permute(0, 2, 1, 3)[..., :lk] != 0  # [B, H, Lq, Lk]
+    assert torch.equal(got, keep & allowed)
+
+
+def test_dropout_mask_cross_attention_and_statistics():
+    n, m, lq, lk, h, p = 6, 3, 8, 16, 2, 0.25
+    idx = torch.tensor([2, 0, 2, 1, 2, 0], device=DEV)
+    q, k, v = _rand(n, lq, h, 16), _rand(m, lk, h, 16), _onehot_v(m, lk, h, 16)
+    seed = torch.tensor([-(2**62) + 77], dtype=torch.int64, device=DEV)  # negative seeds follow the same rule
+    out = ops.cross_attention(q, k, v, kv_index=idx, dropout_p=p, seed=seed, backend="triton")
+    keep = dropout_keep_mask(seed, dropout_offsets(n, h, lq, lk, DEV), p)
+    got = out.permute(0, 2, 1, 3)[..., :lk] != 0
+    assert torch.equal(got, keep)
+    # kept probabilities are rescaled by 1 / (1 - p): each row of the output sums to (kept mass) / (1 - p)
+    ref = ops.cross_attention_ref(q, k, v, kv_index=idx)  # no dropout: the probabilities themselves
+    kept_mass = (ref.permute(0, 2, 1, 3)[..., :lk] * keep).sum(-1)
+    assert_within_torch_error(out.sum(-1).permute(0, 2, 1), kept_mass / (1 - p), kept_mass / (1 - p), name="rescale")
+    # statistics over all elements: the keep rate is 1 - p within 5 standard deviations
+    total = got.numel()
+    rate = got.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / total)
+
+
+@pytest.mark.parametrize("mode", ["causal", "unimodal"])
+def test_dropout_forward_backward_consistency(mode):
+    """Same seed: forward and all gradients equal the reference's (whose backward regenerates the mask)."""
+    seed = torch.tensor([31337], dtype=torch.int64, device=DEV)
+    _self_case(2, 9, 14, 2, 16, 4, mode, "ragged", dropout_p=0.2, seed=seed)
+    _cross_case(5, 3, 6, 21, 2, 16, torch.tensor([1, 1, 0, 2, 1], device=DEV), "ragged", dropout_p=0.2, seed=seed)
+
+
+def test_dropout_64bit_offsets_give_the_same_mask():
+    """Above 2**31 elements the kernels switch to int64 Philox offsets; forced here on a small problem."""
+    q, k, v = _rand(2, 12, 2, 16), _rand(2, 12, 2, 16), _rand(2, 12, 2, 16)
+    seed = torch.tensor([5], dtype=torch.int64, device=DEV)
+    outs = [kern.qformer_attention_fwd(q, k, v, None, seed, 4, "causal", 0.3, 0.25, config=_cfg(16, 16, OFFS64=o))[0]
+            for o in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_dropout_multi_block_and_seed_handling():
+    _direct_self(2, 20, 36, 2, 16, 6, "causal", "ragged", _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16),
+                 dropout_p=0.15)
+    q, k, v = _rand(2, 12, 2, 16), _rand(2, 12, 2, 16), _rand(2, 12, 2, 16)
+    kw = dict(num_query=4, mode="bidirectional", dropout_p=0.3, backend="triton")
+    torch.manual_seed(5)
+    a = ops.qformer_attention(q, k, v, **kw)
+    torch.manual_seed(5)
+    s = new_seed(DEV)  # the seed the op draws from torch's RNG
+    b = ops.qformer_attention(q, k, v, seed=s, **kw)
+    assert torch.equal(a, b), "a seed drawn from torch's RNG makes the op reproducible"
+    c = ops.qformer_attention(q, k, v, seed=s + 1, **kw)
+    assert not torch.equal(b, c), "another seed must give another mask"
+    with pytest.raises(ValueError, match="seed"):
+        kern.qformer_attention_fwd(q, k, v, None, None, 4, "causal", 0.3, 0.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: real shapes in fp16 / bf16, determinism, no host sync, torch.compile, CUDA graphs
+
+GPU_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def _itm_index(b):
+    """ITM pattern: 3B row-sets over B images: [positives, a negative image per text, positives]."""
+    neg = (torch.arange(b, device=DEV) + torch.randint(1, b, (b,), device=DEV)) % b
+    return torch.cat([torch.arange(b, device=DEV), neg, torch.arange(b, device=DEV)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("t", [32, 64])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_self_attention_real_shapes(dtype, mode, t, p):
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEV) if p > 0 else None
+    _self_case(24, 32 + t, 32 + t, 12, 64, 32, mode, "ragged", dtype=dtype, dropout_p=p, seed=seed, lowp="lowp")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_self_attention_itg_and_head_dim_88(dtype):
+    _self_case(24, 32, 64, 12, 64, 32, "causal", "ragged", dtype=dtype, lowp="lowp")  # ITG over cached query K/V
+    _self_case(8, 64, 64, 16, 88, 32, "unimodal", "allpad", dtype=dtype, lowp="lowp")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("lk", [257, 677])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_cross_attention_real_shapes(dtype, lk, p):
+    seed = torch.tensor([99], dtype=torch.int64, device=DEV) if p > 0 else None
+    idx = _itm_index(16)
+    _cross_case(48, 16, 32, lk, 12, 64, idx, "none", dtype=dtype, dropout_p=p, seed=seed, lowp="lowp")
+    _cross_case(16, 16, 32, lk, 12, 64, None, "ragged", dtype=dtype, lowp="lowp")
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_tilings():
+    _self_case(16, 64, 64, 12, 64, 32, "causal", "ragged")
+    _self_case(4, 96, 96, 8, 88, 32, "unimodal", "ragged")
+    _self_case(2, 300, 300, 4, 64, 32, "causal", "ragged", dtype=torch.bfloat16, lowp="lowp")  # multi-block
+    _cross_case(48, 16, 32, 257, 12, 64, _itm_index(16), "ragged")
+    for cfg in (None, _cfg(64, 32), _cfg(32, 64, DQ_BLOCK_M=32, DQ_BLOCK_N=64)):
+        _cross_case(30, 7, 32, 257, 4, 64, torch.randint(0, 7, (30,), device=DEV), "ragged",
+                    dtype=torch.bfloat16, lowp="lowp", config=cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic_and_sync_free():
+    bf = torch.bfloat16
+    idx = _itm_index(32)
+    q, k, v = _rand(96, 32, 12, 64, dtype=bf), _rand(32, 257, 12, 64, dtype=bf), _rand(32, 257, 12, 64, dtype=bf)
+    x = _rand(96, 64, 3, 12, 64, dtype=bf)
+    do = _rand(96, 32, 12, 64, dtype=bf)
+    kpm = _padding("ragged", 96, 64, 32)
+
+    def cross(seed=None):
+        return _run(lambda q, k, v: ops.cross_attention(q, k, v, kv_index=idx, dropout_p=0.1, seed=seed), (q, k, v), do)
+
+    def self_attn():
+        return _run(lambda x: ops.qformer_attention(*x.unbind(2), num_query=32, mode="causal", key_padding_mask=kpm,
+                                                    dropout_p=0.1), (x,), do.repeat(1, 2, 1, 1))
+
+    cross(), self_attn()  # first calls tune the block sizes (timing syncs); cached afterwards
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cross(), self_attn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    seed0 = torch.zeros(1, dtype=torch.int64, device=DEV)
+    a, b = cross(seed0), cross(seed0)
+    assert torch.equal(a[0], b[0])
+    for ga, gb in zip(a[1], b[1]):
+        assert torch.equal(ga, gb), "dK/dV of shared images must be bitwise reproducible"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    b, t = 8, 32
+    x = _rand(b, 32 + t, 3, 12, 64, dtype=torch.bfloat16)
+    img_kv = _rand(4, 257, 2, 12, 64, dtype=torch.bfloat16)
+    idx = torch.tensor([0, 1, 2, 3, 1, 1, 0, 2], device=DEV)
+    kpm = _padding("ragged", b, 32 + t, 32)
+
+    def f(x, img_kv):
+        q, k, v = x.unbind(2)
+        a = ops.qformer_attention(q, k, v, num_query=32, mode="causal", key_padding_mask=kpm)
+        c = ops.cross_attention(a[:, :32].contiguous(), *img_kv.unbind(2), kv_index=idx)
+        return a.float().square().mean() + c.float().square().mean()
+
+    eager = _run(f, (x, img_kv), torch.tensor(1.0, device=DEV))
+    compiled = _run(torch.compile(f, fullgraph=True), (x, img_kv), torch.tensor(1.0, device=DEV))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=1e-4)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    q, k, v = (_rand(16, 64, 12, 64, dtype=torch.bfloat16) for _ in range(3))
+    qc, kc, vc = _rand(24, 32, 12, 64, dtype=torch.bfloat16), *(_rand(8, 257, 12, 64, dtype=torch.bfloat16)
+                                                                 for _ in range(2))
+    idx = _itm_index(8)
+    kpm = _padding("ragged", 16, 64, 32)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEV)
+    scale = 0.125
+
+    def step():
+        o, lse = kern.qformer_attention_fwd(q, k, v, kpm, seed, 32, "causal", 0.1, scale)
+        g = kern.qformer_attention_bwd(o, q, k, v, o, lse, kpm, seed, 32, "causal", 0.1, scale)
+        oc, lc = kern.cross_attention_fwd(qc, kc, vc, idx, None, seed, 0.1, scale)
+        gc = kern.cross_attention_bwd(oc, qc, kc, vc, oc, lc, idx, None, seed, 0.1, scale)
+        return (o, *g, oc, *gc)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)
