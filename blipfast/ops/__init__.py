@@ -5,8 +5,8 @@ Every op validates its arguments once in Python, dispatches to the fastest backe
 custom op with a fake implementation, so torch.compile(fullgraph=True) and CUDA graphs see through it.
 """
 from .cross_attention import cross_attention, cross_attention_ref
-from .hard_negatives import sample_hard_negatives, sample_hard_negatives_ref
-from .itc_loss import itc_loss, itc_loss_ref
+from .hard_negatives import sample_hard_negatives, sample_hard_negatives_from_gathered, sample_hard_negatives_ref
+from .itc_loss import itc_loss, itc_loss_from_gathered, itc_loss_ref
 from .layernorm_epilogue import bias_dropout_add_layernorm, bias_dropout_add_layernorm_ref
 from .qformer_attention import MODES, qformer_attention, qformer_attention_ref
 
@@ -17,9 +17,11 @@ __all__ = [
     "cross_attention",
     "cross_attention_ref",
     "itc_loss",
+    "itc_loss_from_gathered",
     "itc_loss_ref",
     "qformer_attention",
     "qformer_attention_ref",
     "sample_hard_negatives",
+    "sample_hard_negatives_from_gathered",
     "sample_hard_negatives_ref",
 ]

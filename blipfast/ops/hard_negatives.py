@@ -12,9 +12,12 @@ this by exp(-10000)-sized terms. NaN and -inf logits never get drawn. A row with
 (B * W = 1, or every other column excluded) returns -1, and the ITM batch builder masks it out.
 
 Sampling is Gumbel-max over Philox uniforms: u = (philox(seed, off) + 0.5) / 2**32 with
-off = (direction * B + b) * BW + j (direction 0: neg_text from s_i2t, 1: neg_image from s_t2i), and
+off = (direction * BW + rank * B + b) * BW + j, i.e. indexed by the GLOBAL row, so rank r's rows draw
+exactly what rows [r * B, (r + 1) * B) of one process holding the whole batch draw under the same seed
+(direction 0: neg_text from s_i2t, 1: neg_image from s_t2i), and
 index = argmax_j(logit_j - log(-log u_j)) over the drawable columns, which is an exact draw from the
-softmax. ``generator`` seeds it (a fresh seed is drawn from it on the device, no host sync).
+softmax. ``generator`` seeds it (a fresh seed is drawn from it on the device, no host sync); pass the
+same ``seed`` on every rank to get the single-process draws.
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ def drawable_mask(b: int, bw: int, offset: int, image_ids=None, image_ids_all=No
     return cols != (torch.arange(b, device=device) + offset).view(b, 1)
 
 
-def gumbel_noise(seed: torch.Tensor, direction: int, b: int, bw: int, device) -> torch.Tensor:
-    """float64 [B, BW] Gumbel(0, 1) noise of the Philox stream of one direction."""
-    offs = torch.arange(b * bw, device=device, dtype=torch.int64).view(b, bw) + direction * b * bw
+def gumbel_noise(seed: torch.Tensor, direction: int, b: int, bw: int, device, row_offset: int = 0) -> torch.Tensor:
+    """float64 [B, BW] Gumbel(0, 1) noise of the Philox stream of one direction; local row b is global
+    row ``row_offset + b`` (``rank * B``)."""
+    rows = torch.arange(b, device=device, dtype=torch.int64).view(b, 1) + (direction * bw + row_offset)
+    offs = rows * bw + torch.arange(bw, device=device, dtype=torch.int64).view(1, bw)
     u = (philox_u32(seed, offs).to(torch.float64) + 0.5) * (1.0 / 2**32)
     return -torch.log(-torch.log(u))
 
@@ -53,50 +58,85 @@ def _draw(logits: torch.Tensor, drawable: torch.Tensor, noise: torch.Tensor) -> 
     return torch.where(ok.any(dim=1), idx, torch.full_like(idx, -1))
 
 
-def sample_hard_negatives_ref(s_i2t, s_t2i, drawable, seed):
-    """Reference draw for an explicit bool [B, BW] ``drawable`` mask: (neg_text_index, neg_image_index)."""
+def sample_hard_negatives_ref(s_i2t, s_t2i, drawable, seed, row_offset=0):
+    """Reference draw for an explicit bool [B, BW] ``drawable`` mask: (neg_text_index, neg_image_index).
+    ``row_offset`` (rank * B) is the global index of local row 0."""
     b, bw = s_i2t.shape
-    neg_text = _draw(s_i2t, drawable, gumbel_noise(seed, 0, b, bw, s_i2t.device))
-    neg_image = _draw(s_t2i, drawable, gumbel_noise(seed, 1, b, bw, s_i2t.device))
+    neg_text = _draw(s_i2t, drawable, gumbel_noise(seed, 0, b, bw, s_i2t.device, row_offset))
+    neg_image = _draw(s_t2i, drawable, gumbel_noise(seed, 1, b, bw, s_i2t.device, row_offset))
     return neg_text, neg_image
 
 
 @torch.library.custom_op("blipfast::sample_hard_negatives", mutates_args=())
 def _sample(s_i2t: torch.Tensor, s_t2i: torch.Tensor, drawable: torch.Tensor, seed: torch.Tensor,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            row_offset: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "cuda":
-        return tuple(torch.ops.blipfast_C.sample_hard_negatives(s_i2t, s_t2i, drawable, seed))
-    return sample_hard_negatives_ref(s_i2t, s_t2i, drawable, seed)
+        return tuple(torch.ops.blipfast_C.sample_hard_negatives(s_i2t, s_t2i, drawable, seed, row_offset))
+    return sample_hard_negatives_ref(s_i2t, s_t2i, drawable, seed, row_offset)
 
 
 @_sample.register_fake
-def _sample_fake(s_i2t, s_t2i, drawable, seed, backend):
+def _sample_fake(s_i2t, s_t2i, drawable, seed, row_offset, backend):
     b = s_i2t.shape[0]
     return s_i2t.new_empty(b, dtype=torch.int64), s_i2t.new_empty(b, dtype=torch.int64)
+
+
+def _check_logits(s_i2t, s_t2i):
+    C.check_tensor(_OP, "s_i2t", s_i2t, ndim=2)
+    if s_i2t.shape[0] == 0:
+        raise ValueError(f"{_OP}: s_i2t must have at least one row, got shape {tuple(s_i2t.shape)}")
+    C.check_tensor(_OP, "s_t2i", s_t2i, ndim=2, device=s_i2t.device)
+    C.check_shape(_OP, "s_t2i", s_t2i, tuple(s_i2t.shape))
+    C.check_same_dtype(_OP, s_i2t=s_i2t, s_t2i=s_t2i)
+
+
+def _resolve_seed(seed, generator, dev):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{_OP}: generator must be a torch.Generator, got {type(generator).__name__}")
+    seed = C.check_seed(_OP, seed, dev)
+    return new_seed(dev, generator) if seed is None else seed
 
 
 def sample_hard_negatives(s_i2t, s_t2i, *, image_ids=None, generator=None, process_group=None, seed=None,
                           backend=None):
     """(neg_text_index [B], neg_image_index [B]): global int64 indices into the gathered batch, -1 where a
     row has nothing to draw. ``s_i2t``/``s_t2i`` are the [B, BW] temperature-scaled logits of itc_loss;
-    ``image_ids`` [B] are this rank's image ids (gathered over ``process_group`` here)."""
-    C.check_tensor(_OP, "s_i2t", s_i2t, ndim=2)
+    ``image_ids`` [B] are this rank's image ids (gathered over ``process_group`` here). Pass the same
+    ``seed`` on every rank (or ranks' generators in the same state) to reproduce a single process."""
+    _check_logits(s_i2t, s_t2i)
     dev = s_i2t.device
-    C.check_tensor(_OP, "s_t2i", s_t2i, ndim=2, device=dev)
     b, bw = s_i2t.shape
-    C.check_shape(_OP, "s_t2i", s_t2i, (b, bw))
     rank, world = group_info(process_group)
     if bw != b * world:
         raise ValueError(f"{_OP}: s_i2t must be [B, B * world_size] = [{b}, {b * world}], got {[b, bw]}")
     if image_ids is not None:
         C.check_tensor(_OP, "image_ids", image_ids, dtypes=(torch.int64, torch.int32), device=dev)
         C.check_shape(_OP, "image_ids", image_ids, (b,))
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{_OP}: generator must be a torch.Generator, got {type(generator).__name__}")
-    seed = C.check_seed(_OP, seed, dev)
-    if seed is None:
-        seed = new_seed(dev, generator)
+    seed = _resolve_seed(seed, generator, dev)
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, s_i2t.dtype)
     ids_all = gather_no_grad(image_ids, process_group) if image_ids is not None else None
     drawable = drawable_mask(b, bw, rank * b, image_ids, ids_all, dev)
-    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, backend)
+    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, rank * b, backend)
+
+
+def sample_hard_negatives_from_gathered(s_i2t, s_t2i, *, rank=0, image_ids=None, image_ids_all=None, generator=None,
+                                        seed=None, backend=None):
+    """sample_hard_negatives without communication: the local rows are global rows rank * B .. rank * B + B - 1
+    of a [BW, BW] similarity matrix (``image_ids_all`` [BW] with ``image_ids``). Simulates any world size on
+    one device (benchmarks, tests)."""
+    _check_logits(s_i2t, s_t2i)
+    dev = s_i2t.device
+    b, bw = s_i2t.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank * b <= bw - b:
+        raise ValueError(f"{_OP}: rank must be an int with rank * B + B <= BW ({b}, {bw}), got {rank!r}")
+    if (image_ids is None) != (image_ids_all is None):
+        raise ValueError(f"{_OP}: pass image_ids and image_ids_all together")
+    if image_ids is not None:
+        C.check_tensor(_OP, "image_ids", image_ids, dtypes=(torch.int64, torch.int32), device=dev)
+        C.check_shape(_OP, "image_ids", image_ids, (b,))
+        C.check_tensor(_OP, "image_ids_all", image_ids_all, dtypes=(torch.int64, torch.int32), device=dev)
+        C.check_shape(_OP, "image_ids_all", image_ids_all, (bw,))
+    seed = _resolve_seed(seed, generator, dev)
+    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, s_i2t.dtype)
+    drawable = drawable_mask(b, bw, rank * b, image_ids, image_ids_all, dev)
+    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, rank * b, backend)

@@ -67,48 +67,64 @@ def itc_loss_ref(image_feats, text_feats, temp, *, label_smoothing=0.1, image_id
 # custom ops over already-gathered features
 
 
+def argmax_dtype(q: int) -> torch.dtype:
+    """dtype of the saved arg-max query index (uint8 while Q <= 256); kernels/itc.py uses the same rule."""
+    return torch.uint8 if q <= 256 else torch.int32
+
+
 @torch.library.custom_op("blipfast::itc_loss_fwd", mutates_args=())
 def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: torch.Tensor, temp: torch.Tensor,
-         pos: torch.Tensor, label_smoothing: float,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, s_i2t, s_t2i, argmax_i2t, argmax_t2i); pos is the bool [B, BW] positive mask."""
+         pos: torch.Tensor, label_smoothing: float, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, s_i2t, s_t2i, argmax_i2t, argmax_t2i, row_stats, dloss_dtemp); pos is the bool [B, BW]
+    positive mask; row_stats [3, B] = (lse of s_i2t rows, lse of s_t2i rows, positives per row) and
+    dloss_dtemp (0-d) are saved for the backward."""
     if backend == "triton":
         from ..kernels import itc as kern
 
         return kern.itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing)
     s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
     tgt = _targets(pos, label_smoothing, s_i2t.dtype)
-    loss = -((torch.log_softmax(s_i2t, 1) * tgt).sum(1).mean() + (torch.log_softmax(s_t2i, 1) * tgt).sum(1).mean()) / 2
-    return loss, s_i2t, s_t2i, a_i2t.to(torch.int32), a_t2i.to(torch.int32)
+    lse = torch.stack([torch.logsumexp(s_i2t, 1), torch.logsumexp(s_t2i, 1)])
+    e_tgt = torch.stack([(tgt * s_i2t).sum(1), (tgt * s_t2i).sum(1)])
+    e_p = torch.stack([(torch.softmax(s_i2t, 1) * s_i2t).sum(1), (torch.softmax(s_t2i, 1) * s_t2i).sum(1)])
+    b = img.shape[0]
+    loss = (lse - e_tgt).sum() / (2 * b)
+    dloss_dtemp = -(e_p - e_tgt).sum() / (2 * b) / temp.to(s_i2t.dtype)
+    stats = torch.cat([lse, pos.sum(1, dtype=s_i2t.dtype).unsqueeze(0)])
+    q = img.shape[1]
+    return (loss, s_i2t, s_t2i, a_i2t.to(argmax_dtype(q)), a_t2i.to(argmax_dtype(q)), stats,
+            dloss_dtemp.reshape(()))
 
 
 @_fwd.register_fake
 def _fwd_fake(img, txt, img_all, txt_all, temp, pos, label_smoothing, backend):
-    b, bw = img.shape[0], img_all.shape[0]
+    b, q, bw = img.shape[0], img.shape[1], img_all.shape[0]
     acc = torch.float64 if img.dtype == torch.float64 else torch.float32
     return (img.new_empty((), dtype=acc), img.new_empty((b, bw), dtype=acc), img.new_empty((b, bw), dtype=acc),
-            img.new_empty((b, bw), dtype=torch.int32), img.new_empty((b, bw), dtype=torch.int32))
+            img.new_empty((b, bw), dtype=argmax_dtype(q)), img.new_empty((b, bw), dtype=argmax_dtype(q)),
+            img.new_empty((3, b), dtype=acc), img.new_empty((), dtype=acc))
 
 
 @torch.library.custom_op("blipfast::itc_loss_bwd", mutates_args=())
 def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: torch.Tensor,
          temp: torch.Tensor, pos: torch.Tensor, s_i2t: torch.Tensor, s_t2i: torch.Tensor, a_i2t: torch.Tensor,
-         a_t2i: torch.Tensor, label_smoothing: float,
+         a_t2i: torch.Tensor, row_stats: torch.Tensor, dloss_dtemp: torch.Tensor, label_smoothing: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d image_feats, d text_feats, d temp)."""
     if backend == "triton":
         from ..kernels import itc as kern
 
         return kern.itc_loss_bwd(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i,
-                                 label_smoothing)
+                                 row_stats, dloss_dtemp, label_smoothing)
     acc = s_i2t.dtype
     b, q, e = img.shape
     tgt = _targets(pos, label_smoothing, acc)
     g = grad_loss.to(acc) / (2 * b)
-    ds_i2t = (torch.softmax(s_i2t, 1) - tgt) * g  # d loss / d s
-    ds_t2i = (torch.softmax(s_t2i, 1) - tgt) * g
+    ds_i2t = (torch.exp(s_i2t - row_stats[0].unsqueeze(1)) - tgt) * g  # d loss / d s
+    ds_t2i = (torch.exp(s_t2i - row_stats[1].unsqueeze(1)) - tgt) * g
     t = temp.to(acc)
-    dtemp = -((ds_i2t * s_i2t).sum() + (ds_t2i * s_t2i).sum()) / t
+    dtemp = grad_loss.to(acc) * dloss_dtemp
     # s_i2t[b, j] = <img[b, a_i2t[b, j]], txt_all[j]> / t: scatter over the arg-max query
     w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
     w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
@@ -119,14 +135,15 @@ def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all:
 
 
 @_bwd.register_fake
-def _bwd_fake(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i, label_smoothing, backend):
+def _bwd_fake(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i, row_stats, dloss_dtemp,
+              label_smoothing, backend):
     return img.new_empty(img.shape), txt.new_empty(txt.shape), temp.new_empty(temp.shape)
 
 
 def _setup_context(ctx, inputs, output):
     img, txt, img_all, txt_all, temp, pos, label_smoothing, backend = inputs
-    _, s_i2t, s_t2i, a_i2t, a_t2i = output
-    ctx.save_for_backward(img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i)
+    _, s_i2t, s_t2i, a_i2t, a_t2i, stats, dloss_dtemp = output
+    ctx.save_for_backward(img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i, stats, dloss_dtemp)
     ctx.args = (label_smoothing, backend)
 
 
@@ -138,9 +155,7 @@ def _backward(ctx, grad_loss, *unused):
 torch.library.register_autograd("blipfast::itc_loss_fwd", _backward, setup_context=_setup_context)
 
 
-def itc_loss(image_feats, text_feats, temp, *, label_smoothing=0.1, image_ids=None, process_group=None,
-             return_logits=False, backend=None):
-    """Scalar ITC loss (see module doc); with ``return_logits`` also (s_i2t, s_t2i), each [B, BW] fp32."""
+def _check_common(image_feats, text_feats, temp, label_smoothing, image_ids):
     C.check_tensor(_OP, "image_feats", image_feats, ndim=3)
     dev = image_feats.device
     C.check_tensor(_OP, "text_feats", text_feats, ndim=2, device=dev)
@@ -160,12 +175,53 @@ def itc_loss(image_feats, text_feats, temp, *, label_smoothing=0.1, image_ids=No
     if image_ids is not None:
         C.check_tensor(_OP, "image_ids", image_ids, dtypes=(torch.int64, torch.int32), device=dev)
         C.check_shape(_OP, "image_ids", image_ids, (b,))
+    return label_smoothing
+
+
+def itc_loss(image_feats, text_feats, temp, *, label_smoothing=0.1, image_ids=None, process_group=None,
+             return_logits=False, backend=None):
+    """Scalar ITC loss (see module doc); with ``return_logits`` also (s_i2t, s_t2i), each [B, BW] fp32."""
+    label_smoothing = _check_common(image_feats, text_feats, temp, label_smoothing, image_ids)
+    dev = image_feats.device
+    b = image_feats.shape[0]
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, image_feats.dtype)
     rank, _ = group_info(process_group)
     img_all = gather_no_grad(image_feats, process_group)
     txt_all = gather_no_grad(text_feats, process_group)
     ids_all = gather_no_grad(image_ids, process_group) if image_ids is not None else None
     pos = positive_mask(b, img_all.shape[0], rank * b, image_ids, ids_all, dev)
-    loss, s_i2t, s_t2i, _, _ = _fwd(image_feats.contiguous(), text_feats.contiguous(), img_all.contiguous(),
-                                    txt_all.contiguous(), temp.reshape(()), pos, label_smoothing, backend)
-    return (loss, s_i2t, s_t2i) if return_logits else loss
+    out = _fwd(image_feats.contiguous(), text_feats.contiguous(), img_all.contiguous(), txt_all.contiguous(),
+               temp.reshape(()), pos, label_smoothing, backend)
+    return (out[0], out[1], out[2]) if return_logits else out[0]
+
+
+def itc_loss_from_gathered(image_feats, text_feats, image_feats_all, text_feats_all, temp, *, rank=0,
+                           label_smoothing=0.1, image_ids=None, image_ids_all=None, return_logits=False,
+                           backend=None):
+    """itc_loss over features that the caller already gathered (no communication here).
+
+    ``image_feats_all`` [BW, Q, E] and ``text_feats_all`` [BW, E] are constants (no gradient flows into
+    them); the local rows are rows ``rank * B .. rank * B + B - 1`` of them, which only matters for the
+    default positives (with ``image_ids`` pass ``image_ids_all`` [BW] too). Used by the benchmarks to
+    simulate a large world on one GPU and by callers that gather once for several losses."""
+    label_smoothing = _check_common(image_feats, text_feats, temp, label_smoothing, image_ids)
+    dev = image_feats.device
+    b, q, e = image_feats.shape
+    C.check_tensor(_OP, "image_feats_all", image_feats_all, ndim=3, device=dev)
+    C.check_tensor(_OP, "text_feats_all", text_feats_all, ndim=2, device=dev)
+    C.check_same_dtype(_OP, image_feats=image_feats, image_feats_all=image_feats_all, text_feats_all=text_feats_all)
+    bw = image_feats_all.shape[0]
+    C.check_shape(_OP, "image_feats_all", image_feats_all, (bw, q, e))
+    C.check_shape(_OP, "text_feats_all", text_feats_all, (bw, e))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank * b <= bw - b:
+        raise ValueError(f"{_OP}: rank must be an int with rank * B + B <= BW ({b}, {bw}), got {rank!r}")
+    if (image_ids is None) != (image_ids_all is None):
+        raise ValueError(f"{_OP}: pass image_ids and image_ids_all together")
+    if image_ids_all is not None:
+        C.check_tensor(_OP, "image_ids_all", image_ids_all, dtypes=(torch.int64, torch.int32), device=dev)
+        C.check_shape(_OP, "image_ids_all", image_ids_all, (bw,))
+    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, image_feats.dtype)
+    pos = positive_mask(b, bw, rank * b, image_ids, image_ids_all, dev)
+    out = _fwd(image_feats.contiguous(), text_feats.contiguous(), image_feats_all.detach().contiguous(),
+               text_feats_all.detach().contiguous(), temp.reshape(()), pos, label_smoothing, backend)
+    return (out[0], out[1], out[2]) if return_logits else out[0]
