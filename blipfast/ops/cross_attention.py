@@ -104,7 +104,7 @@ def cross_attention(q, k, v, *, kv_index=None, key_padding_mask=None, dropout_p=
                     backend=None):
     """Cross-attention of N row-sets over M images' shared K/V; returns [N, Lq, H, D] (see module doc).
 
-    ``kv_index`` values are not range-checked on the device (that would need a host sync); an index
+    ``seed`` fixes the dropout mask as in ``qformer_attention``. ``kv_index`` values are not range-checked on the device (that would need a host sync); an index
     outside [0, M) is undefined behaviour on the fused backends and an IndexError on the reference.
     """
     C.check_tensor(_OP, "q", q, ndim=4)
@@ -133,7 +133,12 @@ def cross_attention(q, k, v, *, kv_index=None, key_padding_mask=None, dropout_p=
     scale = C.check_positive_float(_OP, "scale", scale)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     seed = C.check_seed(_OP, seed, dev)
+    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, q.dtype)
+    if backend == "torch" and dropout_p > 0.0 and seed is None:
+        # nothing to reproduce: plain autograd with torch's own dropout (the Philox rule in PyTorch
+        # costs ~120 integer passes per element, which would dominate CPU training)
+        return cross_attention_ref(q, k, v, kv_index=kv_index, key_padding_mask=kpm, dropout_p=dropout_p,
+                                   scale=scale)
     if dropout_p > 0.0 and seed is None:
         seed = new_seed(dev)
-    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, q.dtype)
     return _fwd(q, k, v, kv_index, kpm, seed if dropout_p > 0.0 else None, dropout_p, scale, backend)[0]

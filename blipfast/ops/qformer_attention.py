@@ -121,8 +121,9 @@ def qformer_attention(q, k, v, *, num_query, mode, key_padding_mask=None, dropou
                       backend=None):
     """Q-Former self-attention with an index-computed mask; returns [B, Lq, H, D] (see module doc).
 
-    ``seed`` (int or int64 tensor with one element) fixes the dropout mask; by default a fresh one is
-    drawn on the device from torch's RNG, so ``torch.manual_seed`` makes a run reproducible.
+    ``seed`` (int or int64 tensor with one element) fixes the dropout mask (the Philox rule, identical on
+    every backend); by default a fresh one is drawn on the device from torch's RNG, and the "torch"
+    backend uses torch's own dropout, so ``torch.manual_seed`` makes a run reproducible either way.
     """
     C.check_tensor(_OP, "q", q, ndim=4)
     dev = q.device
@@ -151,7 +152,12 @@ def qformer_attention(q, k, v, *, num_query, mode, key_padding_mask=None, dropou
     scale = C.check_positive_float(_OP, "scale", scale)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     seed = C.check_seed(_OP, seed, dev)
+    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, q.dtype)
+    if backend == "torch" and dropout_p > 0.0 and seed is None:
+        # nothing to reproduce: plain autograd with torch's own dropout (the Philox rule in PyTorch
+        # costs ~120 integer passes per element, which would dominate CPU training)
+        return qformer_attention_ref(q, k, v, num_query=num_query, mode=mode, key_padding_mask=kpm,
+                                     dropout_p=dropout_p, scale=scale)
     if dropout_p > 0.0 and seed is None:
         seed = new_seed(dev)
-    backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, q.dtype)
     return _fwd(q, k, v, kpm, seed if dropout_p > 0.0 else None, num_query, mode, dropout_p, scale, backend)[0]
