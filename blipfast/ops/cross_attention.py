@@ -104,8 +104,9 @@ def cross_attention(q, k, v, *, kv_index=None, key_padding_mask=None, dropout_p=
                     backend=None):
     """Cross-attention of N row-sets over M images' shared K/V; returns [N, Lq, H, D] (see module doc).
 
-    ``seed`` fixes the dropout mask as in ``qformer_attention``. ``kv_index`` values are not range-checked on the device (that would need a host sync); an index
-    outside [0, M) is undefined behaviour on the fused backends and an IndexError on the reference.
+    ``seed`` fixes the dropout mask as in ``qformer_attention``. ``kv_index`` values are not range-checked
+    on the device (that would need a host sync); an index outside [0, M) is undefined behaviour on the
+    fused backends and an IndexError on the reference.
     """
     C.check_tensor(_OP, "q", q, ndim=4)
     dev = q.device
