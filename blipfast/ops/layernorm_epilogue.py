@@ -54,7 +54,9 @@ def _fwd_torch(x, bias, residual, weight, ln_bias, seed, eps, dropout_p):
     h = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     if dropout_p > 0.0:
         h = h * _keep_scale(seed, x.shape, x.device, dropout_p, acc)
-    z = h + residual.to(acc)
+    # statistics and y come from z as stored (rounded to x's dtype): backward sees only that z, and stats of
+    # the unrounded sum would make its xhat inconsistent (N = 1: rstd = 1/sqrt(eps) times a rounding error)
+    z = (h + residual.to(acc)).to(x.dtype).to(acc)
     mean = z.mean(dim=1)
     rstd = torch.rsqrt(z.var(dim=1, unbiased=False) + eps)
     y = (z - mean[:, None]) * rstd[:, None] * weight.to(acc) + ln_bias.to(acc)
@@ -135,8 +137,9 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, *, eps=1e-12,
                                backend=None):
     """``LayerNorm(dropout(x + bias) + residual)`` over the last dimension, fused on CUDA.
 
-    ``seed`` (int or int64 tensor with one element) fixes the dropout mask; by default a fresh one is
-    drawn on the device from torch's RNG (no host sync).
+    ``seed`` (int or int64 tensor with one element) fixes the dropout mask (the Philox rule, identical on
+    every backend); by default a fresh one is drawn on the device from torch's RNG (no host sync), and the
+    "torch" backend uses torch's own dropout.
     """
     C.check_tensor(_OP, "x", x)
     dev = x.device
@@ -154,10 +157,14 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, *, eps=1e-12,
     eps = C.check_positive_float(_OP, "eps", eps, allow_none=False)
     dropout_p = C.check_probability(_OP, "dropout_p", dropout_p)
     seed = C.check_seed(_OP, seed, dev)
-    if dropout_p > 0.0 and seed is None:
-        seed = new_seed(dev)
     dtype = torch.promote_types(x.dtype, residual.dtype)
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, dtype)
+    if backend == "torch" and dropout_p > 0.0 and seed is None:
+        # nothing to reproduce: plain autograd with torch's own dropout (the Philox rule in PyTorch is slow)
+        return bias_dropout_add_layernorm_ref(x.to(dtype), bias, residual.to(dtype), weight, ln_bias, eps=eps,
+                                              dropout_p=dropout_p).to(dtype)
+    if dropout_p > 0.0 and seed is None:
+        seed = new_seed(dev)
     shape = x.shape
     x2 = x.to(dtype).reshape(-1, n).contiguous()
     r2 = residual.to(dtype).reshape(-1, n).contiguous()
