@@ -26,7 +26,7 @@ def _load_suite(name):
 
 
 def bench(args) -> int:
-    from .bench.common import device_name, format_table, run_cases, write_json
+    from .bench.common import device_name, format_table, run_cases, write_json, write_plot
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -58,7 +58,8 @@ def bench(args) -> int:
     print(format_table(results))
     if args.out:
         path = write_json(results, device, args.out, extra={"argv": sys.argv[1:], "quick": args.quick})
-        print(f"\nwrote {path}")
+        png = write_plot(results, path)
+        print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return 0
 
 

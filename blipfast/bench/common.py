@@ -155,3 +155,42 @@ def write_json(results: list[Result], device: torch.device, out_dir: str, extra:
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=1)
     return path
+
+
+def write_plot(results: list[Result], json_path: str) -> Optional[str]:
+    """A bar chart of ms per implementation, one panel row per group, next to the JSON (matplotlib, if
+    installed; returns the PNG path or None)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = []
+    for r in results:
+        if r.group not in groups:
+            groups.append(r.group)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.0 + 0.9 * len(groups) + 0.25 * len(results)),
+                             squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        rows = [r for r in results if r.group == g]
+        names = [r.name for r in rows]
+        ms = [r.ms if r.ms is not None else 0.0 for r in rows]
+        colors = ["#999999" if r.baseline else "#1f77b4" for r in rows]
+        ax.barh(names, ms, color=colors)
+        for i, r in enumerate(rows):
+            label = "n/a" if r.ms is None else f"{r.ms:.3g} ms" + (
+                f"  ({r.speedup_vs_best_baseline:.2f}x)" if r.speedup_vs_best_baseline else "")
+            ax.text(ms[i], i, " " + label, va="center", fontsize=7)
+        ax.set_title(g, fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel("ms (median; grey = baseline)", fontsize=8)
+    fig.tight_layout()
+    path = os.path.splitext(json_path)[0] + ".png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
