@@ -163,3 +163,15 @@ def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
     if seed.numel() != 1:
         raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
     return seed.reshape(1)
+
+
+def check_gathered(op: str, rank, b: int, bw: int, image_ids, image_ids_all, device) -> None:
+    """Arguments of the ``*_from_gathered`` variants: this rank's row block [rank * B, rank * B + B) must lie
+    in the BW gathered rows, and ``image_ids_all`` [BW] comes with ``image_ids``."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank * b <= bw - b:
+        raise ValueError(f"{op}: rank must be an int with rank * B + B <= BW ({b}, {bw}), got {rank!r}")
+    if (image_ids is None) != (image_ids_all is None):
+        raise ValueError(f"{op}: pass image_ids and image_ids_all together")
+    if image_ids_all is not None:
+        check_tensor(op, "image_ids_all", image_ids_all, dtypes=(torch.int64, torch.int32), device=device)
+        check_shape(op, "image_ids_all", image_ids_all, (bw,))

@@ -127,15 +127,10 @@ def sample_hard_negatives_from_gathered(s_i2t, s_t2i, *, rank=0, image_ids=None,
     _check_logits(s_i2t, s_t2i)
     dev = s_i2t.device
     b, bw = s_i2t.shape
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank * b <= bw - b:
-        raise ValueError(f"{_OP}: rank must be an int with rank * B + B <= BW ({b}, {bw}), got {rank!r}")
-    if (image_ids is None) != (image_ids_all is None):
-        raise ValueError(f"{_OP}: pass image_ids and image_ids_all together")
+    C.check_gathered(_OP, rank, b, bw, image_ids, image_ids_all, dev)
     if image_ids is not None:
         C.check_tensor(_OP, "image_ids", image_ids, dtypes=(torch.int64, torch.int32), device=dev)
         C.check_shape(_OP, "image_ids", image_ids, (b,))
-        C.check_tensor(_OP, "image_ids_all", image_ids_all, dtypes=(torch.int64, torch.int32), device=dev)
-        C.check_shape(_OP, "image_ids_all", image_ids_all, (bw,))
     seed = _resolve_seed(seed, generator, dev)
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, s_i2t.dtype)
     drawable = drawable_mask(b, bw, rank * b, image_ids, image_ids_all, dev)

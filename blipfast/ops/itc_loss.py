@@ -213,13 +213,7 @@ def itc_loss_from_gathered(image_feats, text_feats, image_feats_all, text_feats_
     bw = image_feats_all.shape[0]
     C.check_shape(_OP, "image_feats_all", image_feats_all, (bw, q, e))
     C.check_shape(_OP, "text_feats_all", text_feats_all, (bw, e))
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank * b <= bw - b:
-        raise ValueError(f"{_OP}: rank must be an int with rank * B + B <= BW ({b}, {bw}), got {rank!r}")
-    if (image_ids is None) != (image_ids_all is None):
-        raise ValueError(f"{_OP}: pass image_ids and image_ids_all together")
-    if image_ids_all is not None:
-        C.check_tensor(_OP, "image_ids_all", image_ids_all, dtypes=(torch.int64, torch.int32), device=dev)
-        C.check_shape(_OP, "image_ids_all", image_ids_all, (bw,))
+    C.check_gathered(_OP, rank, b, bw, image_ids, image_ids_all, dev)
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, image_feats.dtype)
     pos = positive_mask(b, bw, rank * b, image_ids, image_ids_all, dev)
     out = _fwd(image_feats.contiguous(), text_feats.contiguous(), image_feats_all.detach().contiguous(),
