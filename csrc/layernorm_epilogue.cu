@@ -6,7 +6,8 @@
 // the fp32 row statistics mean, rstd. The statistics and y are those of z as stored (the fp32 sum rounded
 // to x's dtype): backward sees only the stored z, and statistics of the unrounded sum would make its
 // xhat = (z - mean) * rstd inconsistent (for N = 1, rstd = 1/sqrt(eps) times a rounding error). Backward regenerates the dropout mask from the same
-// Philox stream (element (r, c) uses offset r * N + c, csrc/philox.cuh) and returns dx (empty when
+// Philox stream (the rule of csrc/philox.cuh on the [R, N] view: element (r, c) uses word c % 4 of
+// philox4_u32(seed, r * ceil(N / 4) + c / 4)) and returns dx (empty when
 // dropout_p == 0: then dx == dresidual), dresidual, and the fp32 column sums dweight, dln_bias, dbias,
 // reduced deterministically (per-block partials, then a fixed-order second pass; no atomics).
 //
@@ -18,9 +19,12 @@
 //             aligned, scalar otherwise. Columns a thread does not own are predicated off.
 //   general   any N: one 512-thread block per row that recomputes z in each of its passes (forward), a
 //             row pass plus a column pass (backward).
-// The dropout bits of a thread's elements are drawn in one rolled loop (the Philox code exists once per
-// kernel instead of once per element: much smaller kernels, much faster builds). The seed is read from
-// device memory: no host sync, CUDA-graph capturable.
+// Dropout: one Philox call per group of 4 columns, all four words used (philox.cuh). The vectorised
+// register path owns whole groups per thread (VEC = 4 or 8 consecutive columns); the scalar register path
+// (a thread's columns are TPR apart) has each lane draw one group for its warp and shares the bits with
+// warp ballots; the general path gives each thread whole groups. The bits are drawn in rolled loops (the
+// Philox code exists once per kernel instead of once per element: much smaller kernels, much faster
+// builds). The seed is read from device memory: no host sync, CUDA-graph capturable.
 // Only c10's CUDA headers (stream, guard, checks): ATen/cuda/CUDAContext.h would pull in the cuBLAS and
 // cuSPARSE headers, which a minimal CUDA toolkit (nvcc + cudart, as on the CI machines) does not have.
 #include <ATen/ATen.h>
@@ -96,16 +100,57 @@ __device__ __forceinline__ void row_sum(float (&v)[NV], float* red /*[RPB][TPR /
   }
 }
 
-// Dropout keep bits of a thread's ITERS * VEC elements (bit it * VEC + j), offsets base + (it * TPR + lane)
-// * VEC + j, for the columns < n. A rolled loop: the Philox rounds are emitted once.
+// Dropout keep bits of a thread's ITERS * VEC elements of row `row` (n columns): bit it * VEC + j <-> column
+// (it * TPR + lane) * VEC + j, 0 for the columns >= n. The rule of philox.cuh: column c uses word c % 4 of the
+// call with counter row * ceil(n / 4) + c / 4. Rolled loops: the Philox rounds are emitted once.
+//   VEC % 4 == 0  a thread's VEC columns of an iteration start at a multiple of VEC: VEC / 4 whole groups,
+//                 one call each (ITERS * VEC / 4 calls per thread).
+//   VEC == 1      a thread's columns are TPR apart. A warp's 32 lanes hold 32 consecutive columns (8 groups)
+//                 per iteration, so 4 iterations need 32 groups: lane s draws group s % 8 of iteration
+//                 4a + s / 8, and lane l reads its bit of iteration 4a + t from lane 8t + l / 4, word l % 4,
+//                 through 4 ballots (ITERS / 4 calls per thread). Warp-collective: all 32 lanes of the warp
+//                 must call it (callers branch on conditions uniform per row, and TPR % 32 == 0).
 template <int VEC, int ITERS, int TPR>
-__device__ __forceinline__ uint32_t keep_bits(uint64_t seed, int64_t base, int lane, int n, uint32_t threshold) {
+__device__ __forceinline__ uint32_t keep_bits(uint64_t seed, int64_t row, int lane, int n, uint32_t threshold) {
   static_assert(ITERS * VEC <= 32, "one 32-bit word of keep bits per thread");
+  static_assert(VEC == 1 || VEC % 4 == 0, "a thread owns whole dropout groups, or one column per iteration");
+  const int64_t grp0 = row * dropout_groups(n);  // counter of the row's first group
   uint32_t bits = 0u;
+  if constexpr (VEC % 4 == 0) {
+    constexpr int kGpi = VEC / 4;  // groups per iteration
 #pragma unroll 1
-  for (int e = 0; e < ITERS * VEC; ++e) {
-    const int col = ((e / VEC) * TPR + lane) * VEC + e % VEC;
-    if (col < n && dropout_keep(seed, static_cast<uint64_t>(base + col), threshold)) bits |= 1u << e;
+    for (int e = 0; e < ITERS * kGpi; ++e) {
+      const int col = ((e / kGpi) * TPR + lane) * VEC + (e % kGpi) * 4;  // the group's first column
+      if (col < n) {
+        const uint32_t left = static_cast<uint32_t>(n - col);  // >= 1
+        const uint32_t in_row = left >= 4u ? 0xFu : (1u << left) - 1u;
+        bits |= (dropout_keep4(seed, static_cast<uint64_t>(grp0 + col / 4), threshold) & in_row) << (4 * e);
+      }
+    }
+  } else {
+    static_assert(TPR % kWarp == 0 && ITERS % 4 == 0, "warp-cooperative draws: whole warps, 4 iterations a batch");
+    const int l = lane % kWarp;
+    const int wbase = lane - l;  // column offset of this warp's lanes within an iteration
+#pragma unroll 1
+    for (int a = 0; a < ITERS / 4; ++a) {
+      // this lane draws group l % 8 of the warp's columns in iteration 4a + l / 8
+      const int gcol = (4 * a + l / 8) * TPR + wbase + 4 * (l % 8);  // that group's first column
+      const uint32_t nib =
+          gcol < n ? dropout_keep4(seed, static_cast<uint64_t>(grp0 + gcol / 4), threshold) : 0u;
+      // bw: bit s = word l % 4 of the group drawn by lane s (this lane's column (4a + t) * TPR + lane is
+      // word l % 4 of its group, drawn by lane 8t + l / 4)
+      uint32_t bw = 0u;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t b = __ballot_sync(0xffffffffu, (nib >> w) & 1u);
+        if (w == l % 4) bw = b;
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int col = (4 * a + t) * TPR + lane;
+        if (col < n) bits |= ((bw >> (8 * t + l / 4)) & 1u) << (4 * a + t);
+      }
+    }
   }
   return bits;
 }
@@ -183,8 +228,9 @@ __global__ void __launch_bounds__(TPR * fwd_rpb<TPR>()) ln_fwd_reg_kernel(const 
       rs[it] = ld<T, VEC>(static_cast<const T*>(p.res) + base + col);
     }
   }
+  // (dropout and valid are uniform over the row's warps: keep_bits may be warp-collective)
   const uint32_t keep = p.dropout && valid
-      ? keep_bits<VEC, ITERS, TPR>(static_cast<uint64_t>(*p.seed), base, lane, n, p.threshold) : ~0u;
+      ? keep_bits<VEC, ITERS, TPR>(static_cast<uint64_t>(*p.seed), row, lane, n, p.threshold) : ~0u;
 
   float v[ITERS][VEC];
   float s[1] = {0.f};
@@ -252,13 +298,24 @@ __global__ void __launch_bounds__(TPR * fwd_rpb<TPR>()) ln_fwd_reg_kernel(const 
 }
 
 // ----------------------------------------------------------------------------------------------
-// forward, general path: one block per row, z recomputed in each pass (exact two-pass statistics)
+// forward, general path: one block per row, z recomputed in each pass (exact two-pass statistics); each
+// thread owns whole dropout groups (4 consecutive columns, one Philox call)
 
+// z of the columns 4g .. 4g + 3 of a row (grp0: the row's first Philox counter); 0 for columns >= n
 template <typename T>
-__device__ __forceinline__ float fwd_z(const FwdParams& p, int64_t base, int64_t c, uint64_t seed) {
-  float h = static_cast<float>(static_cast<const T*>(p.x)[base + c]) + (p.bias != nullptr ? p.bias[c] : 0.f);
-  if (p.dropout) h *= dropout_keep(seed, static_cast<uint64_t>(base + c), p.threshold) ? p.scale : 0.f;
-  return static_cast<float>(static_cast<T>(h + static_cast<float>(static_cast<const T*>(p.res)[base + c])));
+__device__ __forceinline__ void fwd_z4(const FwdParams& p, int64_t base, int64_t grp0, int64_t g, uint64_t seed,
+                                       float (&zz)[4]) {
+  const uint32_t keep = p.dropout ? dropout_keep4(seed, static_cast<uint64_t>(grp0 + g), p.threshold) : 0xFu;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int64_t c = 4 * g + w;
+    zz[w] = 0.f;
+    if (c < p.n) {
+      float h = static_cast<float>(static_cast<const T*>(p.x)[base + c]) + (p.bias != nullptr ? p.bias[c] : 0.f);
+      if (p.dropout) h *= (keep >> w) & 1u ? p.scale : 0.f;
+      zz[w] = static_cast<float>(static_cast<T>(h + static_cast<float>(static_cast<const T*>(p.res)[base + c])));
+    }
+  }
 }
 
 template <typename T>
@@ -266,15 +323,29 @@ __global__ void __launch_bounds__(kGeneralThreads) ln_fwd_general_kernel(const F
   __shared__ float red[kGeneralThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int64_t base = row * p.n;
+  const int64_t g4 = dropout_groups(p.n);
+  const int64_t grp0 = row * g4;
   const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0ull;
   float s[1] = {0.f};
-  for (int64_t c = threadIdx.x; c < p.n; c += kGeneralThreads) s[0] += fwd_z<T>(p, base, c, seed);
+  for (int64_t g = threadIdx.x; g < g4; g += kGeneralThreads) {
+    float zz[4];
+    fwd_z4<T>(p, base, grp0, g, seed, zz);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) s[0] += zz[w];  // 0 past the row's end
+  }
   row_sum<kGeneralThreads, 1, 1>(s, red, 0, threadIdx.x);
   const float mean = s[0] / static_cast<float>(p.n);
   float sq[1] = {0.f};
-  for (int64_t c = threadIdx.x; c < p.n; c += kGeneralThreads) {
-    const float d = fwd_z<T>(p, base, c, seed) - mean;
-    sq[0] += d * d;
+  for (int64_t g = threadIdx.x; g < g4; g += kGeneralThreads) {
+    float zz[4];
+    fwd_z4<T>(p, base, grp0, g, seed, zz);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if (4 * g + w < p.n) {
+        const float d = zz[w] - mean;
+        sq[0] += d * d;
+      }
+    }
   }
   row_sum<kGeneralThreads, 1, 1>(sq, red, 0, threadIdx.x);
   const float rstd = rsqrtf(sq[0] / static_cast<float>(p.n) + p.eps);
@@ -282,10 +353,17 @@ __global__ void __launch_bounds__(kGeneralThreads) ln_fwd_general_kernel(const F
     p.mean[row] = mean;
     p.rstd[row] = rstd;
   }
-  for (int64_t c = threadIdx.x; c < p.n; c += kGeneralThreads) {
-    const float zz = fwd_z<T>(p, base, c, seed);
-    static_cast<T*>(p.y)[base + c] = static_cast<T>((zz - mean) * rstd * p.w[c] + p.lb[c]);
-    static_cast<T*>(p.z)[base + c] = static_cast<T>(zz);
+  for (int64_t g = threadIdx.x; g < g4; g += kGeneralThreads) {
+    float zz[4];
+    fwd_z4<T>(p, base, grp0, g, seed, zz);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int64_t c = 4 * g + w;
+      if (c < p.n) {
+        static_cast<T*>(p.y)[base + c] = static_cast<T>((zz[w] - mean) * rstd * p.w[c] + p.lb[c]);
+        static_cast<T*>(p.z)[base + c] = static_cast<T>(zz[w]);
+      }
+    }
   }
 }
 
@@ -341,7 +419,8 @@ __global__ void __launch_bounds__(TPR * bwd_rpb<TPR>(), 2) ln_bwd_reg_kernel(con
         for (int j = 0; j < VEC; ++j) xh[it][j] = g[it][j] = 0.f;
       }
     }
-    const uint32_t keep = p.dropout && valid ? keep_bits<VEC, ITERS, TPR>(seed, base, lane, n, p.threshold) : ~0u;
+    // (dropout and valid are uniform over the row's warps: keep_bits may be warp-collective)
+    const uint32_t keep = p.dropout && valid ? keep_bits<VEC, ITERS, TPR>(seed, row, lane, n, p.threshold) : ~0u;
     row_sum<TPR, RPB, 2>(s, red, rib, lane);
     const float a = s[0] / static_cast<float>(n);
     const float b = s[1] / static_cast<float>(n);
@@ -437,58 +516,85 @@ __global__ void __launch_bounds__(kGeneralThreads) ln_bwd_general_row_kernel(con
   const float a = s[0] / static_cast<float>(p.n);
   const float b = s[1] / static_cast<float>(p.n);
   if (threadIdx.x == 0) p.ab[row] = make_float2(a, b);
-  for (int64_t c = threadIdx.x; c < p.n; c += kGeneralThreads) {
-    const float xh = (static_cast<float>(z[c]) - m) * rs;
-    const float g = static_cast<float>(dy[c]) * p.w[c];
-    const float dz = rs * ((g - a) - xh * b);
-    static_cast<T*>(p.dres)[base + c] = static_cast<T>(dz);
-    if (p.dropout) {
-      const bool k = dropout_keep(seed, static_cast<uint64_t>(base + c), p.threshold);
-      static_cast<T*>(p.dx)[base + c] = static_cast<T>(k ? dz * p.scale : dz * 0.f);
+  // dz and dx: each thread owns whole dropout groups (4 consecutive columns, one Philox call)
+  const int64_t g4 = dropout_groups(p.n);
+  for (int64_t gi = threadIdx.x; gi < g4; gi += kGeneralThreads) {
+    const uint32_t keep = p.dropout ? dropout_keep4(seed, static_cast<uint64_t>(row * g4 + gi), p.threshold) : 0xFu;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int64_t c = 4 * gi + w;
+      if (c < p.n) {
+        const float xh = (static_cast<float>(z[c]) - m) * rs;
+        const float g = static_cast<float>(dy[c]) * p.w[c];
+        const float dz = rs * ((g - a) - xh * b);
+        static_cast<T*>(p.dres)[base + c] = static_cast<T>(dz);
+        if (p.dropout) static_cast<T*>(p.dx)[base + c] = static_cast<T>((keep >> w) & 1u ? dz * p.scale : dz * 0.f);
+      }
     }
   }
 }
 
 constexpr int kColX = 32, kColY = 8;
+constexpr int kColCols = 4 * kColX;  // columns of a column-partials block: each thread owns one dropout group
 
-// column partial sums of 32 columns over the rows of split blockIdx.y (of P splits)
+// column partial sums of kColCols columns over the rows of split blockIdx.y (of P splits); thread x owns the
+// 4 columns of dropout group blockIdx.x * kColX + x (one Philox call per row for all four)
 template <typename T>
 __global__ void __launch_bounds__(kColX * kColY) ln_bwd_general_col_kernel(const BwdParams p) {
-  __shared__ float sm[3][kColY][kColX + 1];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColX + threadIdx.x;
+  __shared__ float sm[3][kColY][4][kColX + 1];  // [quantity][row slice][column in group][group]
+  const int64_t gi = static_cast<int64_t>(blockIdx.x) * kColX + threadIdx.x;  // the thread's dropout group
+  const int64_t c0 = 4 * gi;                                                   // its first column
+  const int64_t g4 = dropout_groups(p.n);
   const int64_t chunk = (p.rows + p.P - 1) / p.P;
   const int64_t r0 = blockIdx.y * chunk;
   const int64_t r1 = r0 + chunk < p.rows ? r0 + chunk : p.rows;
   const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0ull;
-  float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f;
-  if (c < p.n) {
-    const float w = p.w[c];
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f}, acc2[4] = {0.f, 0.f, 0.f, 0.f};
+  if (c0 < p.n) {
+    float w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = c0 + j < p.n ? p.w[c0 + j] : 0.f;
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kColY) {
-      const int64_t off = r * p.n + c;
-      const float d = static_cast<float>(static_cast<const T*>(p.dy)[off]);
+      const uint32_t keep = p.dropout ? dropout_keep4(seed, static_cast<uint64_t>(r * g4 + gi), p.threshold) : 0xFu;
       const float rs = p.rstd[r];
-      const float xh = (static_cast<float>(static_cast<const T*>(p.z)[off]) - p.mean[r]) * rs;
+      const float m = p.mean[r];
       const float2 ab = p.ab[r];
-      const float dz = rs * ((d * w - ab.x) - xh * ab.y);
-      acc0 += d * xh;
-      acc1 += d;
-      if (p.dropout) {
-        acc2 += dropout_keep(seed, static_cast<uint64_t>(off), p.threshold) ? dz * p.scale : dz * 0.f;
-      } else {
-        acc2 += dz;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (c0 + j < p.n) {
+          const int64_t off = r * p.n + c0 + j;
+          const float d = static_cast<float>(static_cast<const T*>(p.dy)[off]);
+          const float xh = (static_cast<float>(static_cast<const T*>(p.z)[off]) - m) * rs;
+          const float dz = rs * ((d * w[j] - ab.x) - xh * ab.y);
+          acc0[j] += d * xh;
+          acc1[j] += d;
+          if (p.dropout) {
+            acc2[j] += (keep >> j) & 1u ? dz * p.scale : dz * 0.f;
+          } else {
+            acc2[j] += dz;
+          }
+        }
       }
     }
   }
-  sm[0][threadIdx.y][threadIdx.x] = acc0;
-  sm[1][threadIdx.y][threadIdx.x] = acc1;
-  sm[2][threadIdx.y][threadIdx.x] = acc2;
-  __syncthreads();
-  if (threadIdx.y < 3 && c < p.n) {
-    const int q = threadIdx.y;
-    float t = sm[q][0][threadIdx.x];
 #pragma unroll
-    for (int i = 1; i < kColY; ++i) t += sm[q][i][threadIdx.x];
-    p.part[(q * p.P + blockIdx.y) * p.n + c] = t;
+  for (int j = 0; j < 4; ++j) {
+    sm[0][threadIdx.y][j][threadIdx.x] = acc0[j];
+    sm[1][threadIdx.y][j][threadIdx.x] = acc1[j];
+    sm[2][threadIdx.y][j][threadIdx.x] = acc2[j];
+  }
+  __syncthreads();
+  if (threadIdx.y < 3) {
+    const int q = threadIdx.y;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j < p.n) {
+        float t = sm[q][0][j][threadIdx.x];
+#pragma unroll
+        for (int i = 1; i < kColY; ++i) t += sm[q][i][j][threadIdx.x];
+        p.part[(q * p.P + blockIdx.y) * p.n + c0 + j] = t;
+      }
+    }
   }
 }
 
@@ -610,7 +716,7 @@ void bwd_launch(BwdParams p, const Launch& L, at::Tensor& part) {
   p.ab = reinterpret_cast<float2*>(ab.data_ptr<float>());
   ln_bwd_general_row_kernel<T><<<static_cast<unsigned>(p.rows), kGeneralThreads, 0, L.stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t col_blocks = (p.n + kColX - 1) / kColX;
+  const int64_t col_blocks = (p.n + kColCols - 1) / kColCols;
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({p.rows, (4LL * L.sms + col_blocks - 1) / col_blocks, 65535}));
   part = at::empty({3, splits, p.n}, part.options());
   p.part = part.data_ptr<float>();

@@ -14,7 +14,9 @@ over key blocks, writes dQ and D_i (read afterwards by the dkdv kernel).
 
 Recomputation: P = exp2(S * log2e - lse * log2e) with the forward's lse (-inf for an empty row: every
 key of it is masked, so P = 0 there and no gradient flows); dS = P * (dP' - D_i) with dP' = dO V^T
-times the dropout keep-scale.
+times the dropout keep-scale. The dropout mask is regenerated from the forward's Philox rule
+(_attention_common._dropout_keep: one tl.randint4x per 4 scores; the transposed S^T tiles of the dkdv
+kernel generate it in [rows, keys] orientation and transpose it).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from ._attention_common import (
     _dot,
     _dropout_keep,
     _dropout_keep_t,
-    _dropout_rowoff,
+    _dropout_rowgrp,
     _key_range,
     _load_kpm,
     _load_tile,
@@ -40,16 +42,17 @@ from ._attention_common import (
 
 
 @triton.jit
-def _probs_and_dp(q, k, v, do, lse, di, pos, row_ok, j, kpm_j, seed, rowoff, Lk, NQ, threshold, keep_scale,
+def _probs_and_dp(q, k, v, do, lse, di, pos, row_ok, j0, j, kpm_j, seed, rowgrp, Lk, NQ, threshold, keep_scale,
                   qk_scale, MODE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """(P with dropout applied, dS) of one [rows, keys] tile, both fp32 (dS without the softmax scale)."""
+                  BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(P with dropout applied, dS) of one [rows, keys] tile of keys j = j0 + [0, BLOCK_N), both fp32 (dS
+    without the softmax scale)."""
     s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
     allowed = _allowed(pos, row_ok, j, Lk, NQ, kpm_j, MODE, HAS_KPM)
     p = tl.where(allowed, tl.exp2(s - (lse * LOG2E)[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), DOT_PREC)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rowoff, j, threshold)
+        keep = _dropout_keep(seed, rowgrp, j0, threshold, BLOCK_N)
         pd = tl.where(keep, p * keep_scale, 0.0)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
@@ -108,7 +111,7 @@ def _dkdv_one_head(Q, K, V, O, DO, LSE, DI, DQ, DK, DV, KPM, PERM, IMGTAB, seed,
         pt = tl.where(allowed, tl.exp2(st - (lse * LOG2E)[None, :]), 0.0)
         dpt = _dot(v, tl.trans(do), DOT_PREC)
         if HAS_DROPOUT:
-            keep = _dropout_keep_t(seed, _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64), j, threshold)
+            keep = _dropout_keep_t(seed, _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64), j0, threshold, BLOCK_N)
             pdt = tl.where(keep, pt * keep_scale, 0.0)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
@@ -173,9 +176,9 @@ def _dq_one_head(Q, K, V, O, DO, LSE, DI, DQ, KPM, seed, h, img64, n64, i, row_o
     lrow = (n64 * H + h) * Lq + i
     tl.store(DI + lrow, di, mask=row_ok)
     lse = tl.load(LSE + lrow, mask=row_ok, other=0.0)
-    rowoff = lrow
+    rowgrp = lrow
     if HAS_DROPOUT:
-        rowoff = _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64)
+        rowgrp = _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64)
     if G == 1:
         i0 = tl.min(tl.where(row_ok, i, Lq), 0)
         lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
@@ -191,8 +194,8 @@ def _dq_one_head(Q, K, V, O, DO, LSE, DI, DQ, KPM, seed, h, img64, n64, i, row_o
         k = _load_tile(K, kbase + j * skl, kv_ok, d, HEAD_DIM, BLOCK_D)
         v = _load_tile(V, vbase + j * svl, kv_ok, d, HEAD_DIM, BLOCK_D)
         kpm_j = _load_kpm(KPM, img64, skpb, skpj, j, Lk, HAS_KPM)
-        pd, ds = _probs_and_dp(q, k, v, do, lse, di, pos, row_ok, j, kpm_j, seed, rowoff, Lk, NQ, threshold,
-                               keep_scale, qk_scale, MODE, HAS_KPM, HAS_DROPOUT, DOT_PREC)
+        pd, ds = _probs_and_dp(q, k, v, do, lse, di, pos, row_ok, start_n, j, kpm_j, seed, rowgrp, Lk, NQ, threshold,
+                               keep_scale, qk_scale, MODE, HAS_KPM, HAS_DROPOUT, BLOCK_N, DOT_PREC)
         dq += _dot(ds.to(k.dtype), k, DOT_PREC)
     _store_tile(DQ, n64 * sdqb + i * sdql + h * sdqh, row_ok, d, dq * sm_scale, HEAD_DIM, BLOCK_D)
 

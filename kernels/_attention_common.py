@@ -100,9 +100,10 @@ def _load_kpm(KPM, img64, skpb, skpj, j, Lk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64: tl.constexpr):
-    """Philox offset of element (row, key 0): ((n * H + h) * Lq + i) * Lk, as the reference."""
-    off = ((n64 * H + h) * Lq + i) * Lk
+def _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64: tl.constexpr):
+    """Philox counter of the first dropout group of each row: row * ceil(Lk / 4) with row = (n * H + h) * Lq + i
+    (the rule of blipfast.ops._philox on the [rows, Lk] view); int32 unless OFFS64."""
+    off = ((n64 * H + h) * Lq + i) * ((Lk + 3) // 4)
     if OFFS64:
         return off
     else:
@@ -110,17 +111,32 @@ def _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, rowoff, j, threshold):
-    """Keep-mask [rows, keys] of the shared Philox rule: keep iff (philox(seed, offset) >> 8) >= threshold."""
-    r = tl.randint(seed, rowoff[:, None] + j[None, :])
+def _dropout_keep(seed, rowgrp, j0, threshold, BLOCK_N: tl.constexpr):
+    """Keep-mask [rows, BLOCK_N] of keys j0 + [0, BLOCK_N) under the shared Philox rule: key j of a row uses
+    word j % 4 of randint4x(seed, rowgrp + j // 4); keep iff (word >> 8) >= threshold.
+
+    Callers pass a j0 that is a multiple of BLOCK_N (key tiles start at multiples of BLOCK_N), so with
+    BLOCK_N % 4 == 0 the tile holds BLOCK_N // 4 whole groups: one Philox call per 4 elements, the four
+    words interleaved along the keys. Otherwise one call per element, selecting its word (correct for any
+    j0). Keys >= Lk get words of groups past the row's end: callers mask them out."""
+    if BLOCK_N % 4 == 0:
+        g = j0 // 4 + tl.arange(0, BLOCK_N // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, rowgrp[:, None] + g[None, :])
+        # interleave(interleave(r0, r2), interleave(r1, r3)) = r0, r1, r2, r3, r0, ... along the keys
+        r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    else:
+        j = j0 + tl.arange(0, BLOCK_N)
+        r0, r1, r2, r3 = tl.randint4x(seed, rowgrp[:, None] + (j // 4)[None, :])
+        w = (j % 4)[None, :]
+        r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
     return (r >> 8).to(tl.int32) >= threshold
 
 
 @triton.jit
-def _dropout_keep_t(seed, rowoff, j, threshold):
-    """The same keep-mask transposed: [keys, rows]."""
-    r = tl.randint(seed, rowoff[None, :] + j[:, None])
-    return (r >> 8).to(tl.int32) >= threshold
+def _dropout_keep_t(seed, rowgrp, j0, threshold, BLOCK_N: tl.constexpr):
+    """The same keep-mask transposed: [BLOCK_N keys, rows] (generated in [rows, keys] orientation, where
+    the four words of a call are adjacent keys, and transposed)."""
+    return tl.trans(_dropout_keep(seed, rowgrp, j0, threshold, BLOCK_N))
 
 
 @triton.jit

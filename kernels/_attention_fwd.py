@@ -8,7 +8,9 @@ self-attention: 32 + 64 tokens) the softmax is a single pass with no running-max
 
 Scores live in the log2 domain (qk_scale = scale * log2 e). A row with no allowed key gets out = 0 and
 lse = -inf, as the reference. Dropout multiplies the normalised probabilities by keep / (1 - p) with the
-Philox rule of blipfast.ops._philox at offset ((n * H + h) * Lq + i) * Lk + j.
+Philox rule of blipfast.ops._philox on the [rows, Lk] view, row = (n * H + h) * Lq + i: key j uses word
+j % 4 of the call with counter row * ceil(Lk / 4) + j // 4, so a key tile (starting at a multiple of
+BLOCK_N) costs one tl.randint4x per 4 scores.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ._attention_common import (
     _allowed,
     _dot,
     _dropout_keep,
-    _dropout_rowoff,
+    _dropout_rowgrp,
     _key_range,
     _load_kpm,
     _load_tile,
@@ -41,7 +43,7 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
     pos = SEQ_OFF + i
     q = _load_tile(Q, n64 * sqb + i * sql + h * sqh, row_ok, d, HEAD_DIM, BLOCK_D)
     if HAS_DROPOUT:
-        rowoff = _dropout_rowoff(n64, h, i, H, Lq, Lk, OFFS64)
+        rowgrp = _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64)
     kbase = img64 * skb + h * skh
     vbase = img64 * svb + h * svh
     if SINGLE_N:
@@ -58,7 +60,7 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
         p = tl.exp2(s - m_safe[:, None])
         l_i = tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rowoff, j, threshold)
+            keep = _dropout_keep(seed, rowgrp, 0, threshold, BLOCK_N)
             p = tl.where(keep, p * keep_scale, 0.0)
         acc = _dot(p.to(v.dtype), v, DOT_PREC)
     else:
@@ -85,7 +87,7 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, rowoff, j, threshold)
+                keep = _dropout_keep(seed, rowgrp, start_n, threshold, BLOCK_N)
                 p = tl.where(keep, p * keep_scale, 0.0)
             v = _load_tile(V, vbase + j * svl, kv_ok, d, HEAD_DIM, BLOCK_D)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)

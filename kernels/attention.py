@@ -71,7 +71,8 @@ class _Geom:
 
     @property
     def offs64(self) -> bool:
-        return self.n * self.h * self.lq * self.lk >= 2**31
+        """Philox counters of the dropout rule (rows * ceil(Lk / 4), ops/_philox.py) need 64 bits."""
+        return self.n * self.h * self.lq * ((self.lk + 3) // 4) >= 2**31
 
     def key(self, kind: str) -> tuple:
         return (kind, self.n, self.m, self.h, self.lq, self.lk, self.d, self.mode, self.has_index,
@@ -123,7 +124,8 @@ def _default_fwd_config(g: _Geom) -> dict:
     fp32 = g.dtype == torch.float32
     bn = _single_key_tile(g, bwd=False)
     if bn:  # all keys in one tile: single pass
-        # Philox state is live per score element: with dropout a 128-key tile takes 32 rows
+        # with dropout a 128-key tile takes 32 rows: tuned when every score drew its own Philox call; with one
+        # tl.randint4x per 4 scores, 64 rows x 8 warps compiles to 166 registers on sm_90 (was 233): re-tune on a GPU
         bm = min(max(16, _np2(g.lq)), 32 if (fp32 or (g.dropout_p > 0 and bn >= 128)) else 64)
         warps = 8 if (fp32 or bm * bn > 64 * 64 or g.block_d > 64) else 4
         return dict(BLOCK_M=bm, BLOCK_N=bn, HPP=1, num_warps=warps, num_stages=1)
@@ -172,7 +174,9 @@ def _default_bwd_config(g: _Geom) -> dict:
     fwd = _default_fwd_config(g)
     # dK/dV tiles: S^T is [BLOCK_N keys, BLOCK_M rows]; at most 64 stacked rows (128 spills)
     bm = min(fwd["BLOCK_M"], 64 if not fp32 else 32)
-    drop = g.dropout_p > 0  # Philox state per score element: 32 keys x 8 warps (109 regs; 64 x 4 spills)
+    # dropout: 32 keys x 8 warps (tuned with one Philox call per score: 109 regs, 64 x 4 spilled; with one call
+    # per 4 scores sm_90 AOT gives 128 regs + 8 B stack here, 64 keys x 8 warps 251 regs and no spill: re-tune)
+    drop = g.dropout_p > 0
     bn = max(16, min(64 if not (fp32 or drop) else 32, _np2(g.lk)))
     warps = 8 if (fp32 or g.block_d > 64 or drop) else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, HPP=1, num_warps=warps, num_stages=2,
@@ -257,7 +261,7 @@ def _kpm_args(kpm: Optional[torch.Tensor], dummy: torch.Tensor):
 
 
 def _common_consts(g: _Geom, has_kpm: bool, cfg: dict) -> dict:
-    # cfg may force 64-bit Philox offsets (tests: identical masks either way below 2**31 elements)
+    # cfg may force 64-bit Philox counters (tests: identical masks either way below 2**31 counters)
     return dict(MODE=g.mode, HAS_KPM=has_kpm, HAS_DROPOUT=g.dropout_p > 0.0, OFFS64=cfg.get("OFFS64", g.offs64),
                 HAS_INDEX=g.has_index, BLOCK_D=g.block_d, HEAD_DIM=g.d,
                 DOT_PREC=_dot_precision(g.dtype))

@@ -1,7 +1,7 @@
 """The attention references (qformer_attention, cross_attention; backend "torch" and the *_ref functions)
 against formulations written here: masks from SPEC.md section 2's table by explicit loops, attention
 by F.scaled_dot_product_attention or an explicit float64 softmax, dropout masks from the pure-Python
-Philox of tests/test_philox.py."""
+Philox of tests/test_philox.py (the four words of a call serve four adjacent keys of a row)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from blipfast.ops import cross_attention, cross_attention_ref, qformer_attention, qformer_attention_ref
 from tests.conftest import assert_close as _assert_close
 from tests.conftest import assert_within_torch_error as _assert_within_torch_error
-from tests.test_philox import philox_word
+from tests.test_philox import philox_words
 
 F64 = torch.float64
 MODES = ("bidirectional", "causal", "unimodal")
@@ -69,12 +69,19 @@ def indep_attention(q, k, v, allowed, scale=None, keep=None, p=0.0):
     return (out * has[:, None, :, None].to(out.dtype)).transpose(1, 2)
 
 
+def attn_dropout_word(seed: int, b: int, h: int, i: int, j: int, heads: int, lq: int, lk: int) -> int:
+    """Element (b, h, i, j) is element (row, j) of the [B * H * Lq, Lk] view, row = (b*H + h)*Lq + i: word
+    j % 4 of the Philox draw with counter row * ceil(Lk / 4) + j // 4."""
+    row = (b * heads + h) * lq + i
+    return philox_words(seed, row * ((lk + 3) // 4) + j // 4)[j % 4]
+
+
 def indep_keep(seed: int, shape, p: float) -> torch.Tensor:
-    """Dropout keep-mask [B, H, Lq, Lk]: element (b, h, i, j) uses Philox offset ((b*H + h)*Lq + i)*Lk + j
-    and is kept iff (word >> 8) >= round_half_up(p * 2^24)."""
+    """Dropout keep-mask [B, H, Lq, Lk] of ``attn_dropout_word``: kept iff (word >> 8) >= round_half_up(p * 2^24)."""
     thr = int((Fraction(p) * 2**24 + Fraction(1, 2)).__floor__())
-    n = math.prod(shape)
-    return torch.tensor([(philox_word(seed, o) >> 8) >= thr for o in range(n)]).view(shape)
+    b, h, lq, lk = shape
+    return torch.tensor([(attn_dropout_word(seed, bb, hh, i, j, h, lq, lk) >> 8) >= thr
+                         for bb in range(b) for hh in range(h) for i in range(lq) for j in range(lk)]).view(shape)
 
 
 def make_kpm(kind: str, batch: int, lk: int, nq: int) -> torch.Tensor | None:
@@ -235,7 +242,7 @@ def test_qformer_attention_low_precision_within_torch_error(mode, dtype):
 # dropout on the attention probabilities
 
 
-@pytest.mark.parametrize("lq,lk", [(8, 8), (5, 8)])
+@pytest.mark.parametrize("lq,lk", [(8, 8), (5, 8), (4, 7), (6, 13)])
 def test_qformer_dropout_layout_matches_independent_philox(lq, lk):
     b, h, d, nq, p = 2, 2, 64, 3, 0.3
     seed = int(torch.randint(0, 2**62, ()))
@@ -290,7 +297,8 @@ def test_qformer_dropout_keep_rate(p):
     thr = int((Fraction(p) * 2**24 + Fraction(1, 2)).__floor__())
     flat = keep.flatten()
     for o in idx:
-        assert bool(flat[o]) == ((philox_word(seed, o) >> 8) >= thr)
+        bb, hh, i, j = o // (h * l * l), o // (l * l) % h, o // l % l, o % l
+        assert bool(flat[o]) == ((attn_dropout_word(seed, bb, hh, i, j, h, l, l) >> 8) >= thr)
 
 
 def test_qformer_dropout_seeds():
@@ -417,7 +425,7 @@ def test_cross_attention_dropout():
     seed = int(torch.randint(0, 2**62, ()))
     q, k, v = rand(n, lq, h, d), rand(m, lk, h, d), rand(m, lk, h, d)
     kpm = torch.rand(m, lk) > 0.3
-    keep = indep_keep(seed, (n, h, lq, lk), p)  # offsets ((n*H + h)*Lq + i)*Lk + j over the row-sets
+    keep = indep_keep(seed, (n, h, lq, lk), p)  # rows (n*H + h)*Lq + i over the row-sets, Lk = 6: partial groups
     want = indep_cross(q, k, v, kv_index, kpm, keep=keep, p=p)
     got = cross_attention(q, k, v, kv_index=kv_index, key_padding_mask=kpm, dropout_p=p, seed=seed, backend="torch")
     ref = cross_attention_ref(q, k, v, kv_index=kv_index, key_padding_mask=kpm, dropout_p=p, seed=torch.tensor([seed]))

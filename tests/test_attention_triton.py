@@ -18,9 +18,9 @@ import torch
 
 from blipfast import ops
 from blipfast.kernels import attention as kern
-from blipfast.kernels._attention_common import build_rowset_tables, chunk_bound
-from blipfast.ops._attention_ref import attention_fwd_ref, dropout_offsets
-from blipfast.ops._philox import dropout_keep_mask, new_seed
+from blipfast.kernels._attention_common import _dropout_keep, _dropout_keep_t, build_rowset_tables, chunk_bound
+from blipfast.ops._attention_ref import attention_fwd_ref, dropout_keep
+from blipfast.ops._philox import dropout_threshold, dropout_words_2d, new_seed
 from blipfast.ops.cross_attention import _expand
 from blipfast.ops.qformer_attention import allowed_mask
 
@@ -62,7 +62,7 @@ def _lowp_attention(q, k, v, allowed, scale, dropout_p=0.0, seed=None):
     s = torch.where(allowed & has, s, torch.full_like(s, float("-inf")))
     p = torch.softmax(torch.where(has, s, torch.zeros_like(s)), dim=-1).masked_fill(~allowed, 0.0)
     if dropout_p > 0:
-        keep = dropout_keep_mask(seed, dropout_offsets(*p.shape, q.device), dropout_p)
+        keep = dropout_keep(seed, *p.shape, dropout_p, q.device)
         p = p * keep.to(p.dtype) / (1.0 - dropout_p)
     return torch.einsum("bhij,bjhd->bihd", p, v)
 
@@ -328,15 +328,16 @@ def _onehot_v(groups, lk, h, d):
     return v
 
 
+@pytest.mark.parametrize("lk", [16, 13])
 @pytest.mark.parametrize("mode", MODES)
-def test_dropout_mask_is_the_reference_mask(mode):
-    """The kernel drops exactly the (b, h, i, j) that the Philox rule drops, offsets as the reference."""
-    b, lq, lk, h, nq, p = 2, 10, 16, 2, 4, 0.3
+def test_dropout_mask_is_the_reference_mask(mode, lk):
+    """The kernel drops exactly the (b, h, i, j) that the Philox rule drops, layout as the reference."""
+    b, lq, h, nq, p = 2, 10, 2, 4, 0.3
     q, k, v = _rand(b, lq, h, 16), _rand(b, lk, h, 16), _onehot_v(b, lk, h, 16)
     seed = torch.tensor([2**40 + 12345], dtype=torch.int64, device=DEV)
     out = ops.qformer_attention(q, k, v, num_query=nq, mode=mode, dropout_p=p, seed=seed, backend="triton")
     allowed = allowed_mask(nq, mode, lq, lk, DEV)[:, None]  # [1, 1, Lq, Lk]
-    keep = dropout_keep_mask(seed, dropout_offsets(b, h, lq, lk, DEV), p)
+    keep = dropout_keep(seed, b, h, lq, lk, p, DEV)
     got = out.permute(0, 2, 1, 3)[..., :lk] != 0  # [B, H, Lq, Lk]
     assert torch.equal(got, keep & allowed)
 
@@ -347,7 +348,7 @@ def test_dropout_mask_cross_attention_and_statistics():
     q, k, v = _rand(n, lq, h, 16), _rand(m, lk, h, 16), _onehot_v(m, lk, h, 16)
     seed = torch.tensor([-(2**62) + 77], dtype=torch.int64, device=DEV)  # negative seeds follow the same rule
     out = ops.cross_attention(q, k, v, kv_index=idx, dropout_p=p, seed=seed, backend="triton")
-    keep = dropout_keep_mask(seed, dropout_offsets(n, h, lq, lk, DEV), p)
+    keep = dropout_keep(seed, n, h, lq, lk, p, DEV)
     got = out.permute(0, 2, 1, 3)[..., :lk] != 0
     assert torch.equal(got, keep)
     # kept probabilities are rescaled by 1 / (1 - p): each row of the output sums to (kept mass) / (1 - p)
@@ -360,6 +361,111 @@ def test_dropout_mask_cross_attention_and_statistics():
     assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / total)
 
 
+@pytest.mark.parametrize("case", [
+    ("self", 2, 13, 13, _cfg(16, 16)),  # all keys in one tile: fused dQ/dK/dV kernel
+    ("self", 1, 37, 37, _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16)),  # 3 key blocks, 3 row blocks, dQ kernel
+    ("cross", 6, 5, 37, _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16)),  # 3 row-sets stacked per tile, 3 key blocks
+    ("cross", 6, 5, 13, _cfg(16, 16)),  # stacked row-sets, one key tile
+], ids=["self_fused", "self_multiblock", "cross_stacked_multiblock", "cross_stacked_fused"])
+def test_dropout_masks_forward_and_backward_bit_for_bit(case):
+    """Forward and backward masks of every kernel against the reference's, bit for bit. q = 0 makes the
+    probabilities uniform (1 / Lk, every key allowed), V[j] = e_j makes out[n, i, h, j] = P'[n, h, i, j] and
+    dO[n, i, h] = e_(n * Lq + i) makes dV[img(n), j, h, n * Lq + i] = P'[n, h, i, j] (P' the dropped, rescaled
+    probabilities): the dkdv kernel's transposed S^T masks, stacked row-sets included."""
+    kind, n, lq, lk, cfg = case
+    h, p = 2, 0.35
+    idx = torch.tensor([2, 0, 2, 1, 2, 0], device=DEV)[:n] if kind == "cross" else None
+    m = 3 if kind == "cross" else n
+    d = max(lk, n * lq)
+    q = torch.zeros(n, lq, h, d, device=DEV)
+    k = _rand(m, lk, h, d)
+    v = torch.zeros(m, lk, h, d, device=DEV)
+    v[:, torch.arange(lk), :, torch.arange(lk)] = 1.0
+    do = torch.zeros(n, lq, h, d, device=DEV)
+    for r in range(n):
+        do[r, torch.arange(lq), :, r * lq + torch.arange(lq)] = 1.0
+    seed = torch.tensor([2**45 + 2024], dtype=torch.int64, device=DEV)
+    scale = 0.125
+    if kind == "self":
+        out, lse = kern.qformer_attention_fwd(q, k, v, None, seed, 0, "bidirectional", p, scale, config=cfg)
+        _, _, dv = kern.qformer_attention_bwd(do, q, k, v, out, lse, None, seed, 0, "bidirectional", p, scale,
+                                              config=cfg)
+        img = list(range(n))
+    else:
+        out, lse = kern.cross_attention_fwd(q, k, v, idx, None, seed, p, scale, config=cfg)
+        _, _, dv = kern.cross_attention_bwd(do, q, k, v, out, lse, idx, None, seed, p, scale, config=cfg)
+        img = idx.tolist()
+    keep = dropout_keep(seed, n, h, lq, lk, p, DEV)  # [N, H, Lq, Lk]
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.equal(out.permute(0, 2, 1, 3)[..., :lk] != 0, keep), "forward mask"
+    assert (out[..., lk:] == 0).all()
+    want = torch.zeros(m, lk, h, d, dtype=torch.bool, device=DEV)
+    for r in range(n):
+        want[img[r], :, :, r * lq:(r + 1) * lq] = keep[r].permute(2, 0, 1)  # [Lk, H, Lq]
+    assert torch.equal(dv != 0, want), "backward (dV) mask"
+    # the kept values are exactly the rescaled uniform probability
+    pr = (1.0 / lk) / (1.0 - p)
+    assert torch.allclose(dv[want], torch.full_like(dv[want], pr), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("config", [
+    _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16),
+    _cfg(32, 16, DQ_BLOCK_M=32, DQ_BLOCK_N=32),
+    _cfg(16, 64, hpp=2),
+], ids=["g2_multiblock", "g5_multiblock", "fused_hpp2"])
+def test_dropout_cross_attention_tilings(config):
+    """Outputs and all gradients with dropout equal the reference's (same seed) on every cross tiling."""
+    seed = torch.tensor([-(2**50) + 9], dtype=torch.int64, device=DEV)
+    _cross_case(7, 5, 6, 37, 2, 16, torch.tensor(IDX, device=DEV), "ragged", dropout_p=0.25, seed=seed,
+                config=config)
+
+
+_KEEP_KERNEL = None
+
+
+def _keep_kernel():
+    """A kernel that writes _dropout_keep / _dropout_keep_t of a [rows, Lk] view tile by tile."""
+    global _KEEP_KERNEL
+    if _KEEP_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def keep_kernel(SEED, OUT, OUTT, rows, Lk, threshold, BM: tl.constexpr, BN: tl.constexpr,
+                        OFFS64: tl.constexpr):
+            seed = tl.load(SEED)
+            r = tl.arange(0, BM)
+            rowgrp = r.to(tl.int64) * ((Lk + 3) // 4)
+            if not OFFS64:
+                rowgrp = rowgrp.to(tl.int32)
+            for j0 in range(0, Lk, BN):
+                j = j0 + tl.arange(0, BN)
+                m = (r < rows)[:, None] & (j < Lk)[None, :]
+                keep = _dropout_keep(seed, rowgrp, j0, threshold, BN)
+                tl.store(OUT + r[:, None] * Lk + j[None, :], keep.to(tl.int8), mask=m)
+                keep_t = _dropout_keep_t(seed, rowgrp, j0, threshold, BN)
+                tl.store(OUTT + r[None, :] * Lk + j[:, None], keep_t.to(tl.int8), mask=tl.trans(m))
+
+        _KEEP_KERNEL = keep_kernel
+    return _KEEP_KERNEL
+
+
+@pytest.mark.parametrize("rows,lk,bn", [(5, 13, 4), (7, 16, 16), (3, 37, 16), (16, 257, 32), (4, 9, 2), (4, 9, 1)])
+def test_dropout_keep_helper_every_tile_width(rows, lk, bn):
+    """The kernels' mask helper (interleaved randint4x words for BLOCK_N % 4 == 0, a per-element fallback
+    otherwise; transposed variant too) equals the rule of ops/_philox.py, int32 and int64 counters."""
+    p = 0.4
+    seed = torch.tensor([-(2**62) + 12345], dtype=torch.int64, device=DEV)
+    want = (dropout_words_2d(seed, rows, lk, DEV) >> 8) >= dropout_threshold(p)
+    for offs64 in (False, True):
+        out = torch.zeros(rows, lk, dtype=torch.int8, device=DEV)
+        out_t = torch.zeros_like(out)
+        _keep_kernel()[(1,)](seed, out, out_t, rows, lk, dropout_threshold(p), BM=16 if rows <= 16 else 32, BN=bn,
+                             OFFS64=offs64)
+        assert torch.equal(out.bool(), want), offs64
+        assert torch.equal(out_t.bool(), want), offs64
+
+
 @pytest.mark.parametrize("mode", ["causal", "unimodal"])
 def test_dropout_forward_backward_consistency(mode):
     """Same seed: forward and all gradients equal the reference's (whose backward regenerates the mask)."""
@@ -368,13 +474,31 @@ def test_dropout_forward_backward_consistency(mode):
     _cross_case(5, 3, 6, 21, 2, 16, torch.tensor([1, 1, 0, 2, 1], device=DEV), "ragged", dropout_p=0.2, seed=seed)
 
 
-def test_dropout_64bit_offsets_give_the_same_mask():
-    """Above 2**31 elements the kernels switch to int64 Philox offsets; forced here on a small problem."""
-    q, k, v = _rand(2, 12, 2, 16), _rand(2, 12, 2, 16), _rand(2, 12, 2, 16)
+@pytest.mark.parametrize("l,cfg", [(12, _cfg(16, 16)), (37, _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16))],
+                         ids=["one_tile", "multiblock"])
+def test_dropout_64bit_offsets_give_the_same_mask(l, cfg):
+    """Above 2**31 counters the kernels switch to int64 Philox counters; forced here on a small problem
+    (forward and backward, with all keys in one tile and over several key blocks)."""
+    q, k, v, do = (_rand(2, l, 2, 16) for _ in range(4))
     seed = torch.tensor([5], dtype=torch.int64, device=DEV)
-    outs = [kern.qformer_attention_fwd(q, k, v, None, seed, 4, "causal", 0.3, 0.25, config=_cfg(16, 16, OFFS64=o))[0]
-            for o in (False, True)]
-    assert torch.equal(outs[0], outs[1])
+    res = []
+    for o in (False, True):
+        c = {**cfg, "OFFS64": o}
+        out, lse = kern.qformer_attention_fwd(q, k, v, None, seed, 4, "causal", 0.3, 0.25, config=c)
+        res.append((out, *kern.qformer_attention_bwd(do, q, k, v, out, lse, None, seed, 4, "causal", 0.3, 0.25,
+                                                     config=c)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_dropout_64bit_counter_threshold():
+    """The kernels' int32/int64 switch counts Philox counters: rows * ceil(Lk / 4) (not elements)."""
+    def geom(lq, lk):
+        return kern._Geom(1, 1, 1, lq, lk, 16, 0, 0, 0, False, 0.1, 1.0, torch.float16)
+
+    assert not geom(2**29, 4).offs64  # 2**29 counters (2**31 elements)
+    assert not geom(2**29 - 1, 13).offs64  # 4 * (2**29 - 1) counters
+    assert geom(2**29, 13).offs64 and geom(2**29, 16).offs64  # 2**31 counters
 
 
 def test_dropout_multi_block_and_seed_handling():

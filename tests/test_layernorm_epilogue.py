@@ -4,11 +4,13 @@ CPU (always): the torch backend of the custom op against the pure reference and 
 (DESIGN.md's tolerance rule), the Philox dropout mask bit for bit, keep-rate statistics, every gradient
 (and gradcheck in float64), awkward shapes, validation, opcheck and torch.compile.
 Extension (when blipfast._C is built, on CPU too): op schemas, build_info, and the C++ Philox header
-(the CPU implementation of blipfast_C::philox_u32) against blipfast/ops/_philox.py.
+(the CPU implementations of blipfast_C::philox_u32 / philox4_u32) against blipfast/ops/_philox.py.
 GPU (``-m gpu``): the CUDA kernels against the reference for fp32/fp16/bf16 on many shapes, identical
 masks, determinism, CUDA-graph capture and replay, large inputs, the C++ argument checks.
 """
 from __future__ import annotations
+
+from fractions import Fraction
 
 import pytest
 import torch
@@ -16,13 +18,23 @@ import torch
 from blipfast import _ext
 from blipfast.ops import bias_dropout_add_layernorm, bias_dropout_add_layernorm_ref
 from blipfast.ops import layernorm_epilogue as LE
-from blipfast.ops._philox import dropout_keep_mask, philox_u32
+from blipfast.ops._philox import philox4_u32, philox_u32
 from tests.conftest import HAS_CUDA, assert_close, assert_within_torch_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("x", "bias", "residual", "weight", "ln_bias")
 fwd_op = torch.ops.blipfast.bias_dropout_add_layernorm_fwd
 bwd_op = torch.ops.blipfast.bias_dropout_add_layernorm_bwd
+
+
+def rule_keep(seed, rows, n, p, device="cpu"):
+    """The dropout rule on the [rows, N] view, written out: element (r, c) uses word c % 4 of the Philox draw
+    with counter r * ceil(N / 4) + c // 4 and is kept iff (word >> 8) >= round_half_up(p * 2^24)."""
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(n, device=device)[None, :]
+    words = philox4_u32(seed, r * ((n + 3) // 4) + c // 4)  # [rows, N, 4]
+    word = words.gather(-1, (c % 4).expand(rows, n)[..., None])[..., 0]
+    return (word >> 8) >= int((Fraction(p) * 2**24 + Fraction(1, 2)).__floor__())
 
 
 def make_inputs(shape, dtype, device="cpu", bias=True, scale=1.0, offset=0.0):
@@ -95,18 +107,21 @@ def test_mixed_input_dtypes_promote():
     assert_close(y, ref, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("n", [100, 7, 3])  # N <= 2: every LayerNorm gradient vanishes
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_mask_is_the_philox_mask(p):
-    rows, n = 37, 100
+def test_dropout_mask_is_the_philox_mask(p, n):
+    rows = 37
     x = torch.rand(rows, n) + 0.5  # never 0: z == 0 exactly where dropped
     seed = torch.tensor([2**40 + 12345])
     y, z, mean, rstd = fwd_op(x, None, torch.zeros_like(x), torch.ones(n), torch.zeros(n), seed, 1e-5, p, "torch")
-    keep = dropout_keep_mask(seed, torch.arange(rows * n).view(rows, n), p)
+    keep = rule_keep(seed, rows, n, p)
     assert torch.equal(z != 0, keep)
     assert_close(z[keep], x[keep] / (1.0 - p), dtype=torch.float32)
-    # backward regenerates the very same mask: dx is exactly 0 where the forward dropped
+    # backward regenerates the very same mask: dx is exactly 0 where the forward dropped (and where dz itself is
+    # 0: a row whose only kept element stands among equal zeros has dz = 0 there, likely for small N)
     dx, dres, *_ = bwd_op(torch.randn(rows, n), z, mean, rstd, torch.ones(n), seed, p, "torch")
-    assert torch.equal(dx == 0, ~keep)
+    assert torch.equal(dx == 0, ~keep | (dres == 0))
+    assert (dres != 0).float().mean() > 0.5
     assert_close(dx[keep], dres[keep] / (1.0 - p), dtype=torch.float32)
     # the public op with that seed is the reference with that seed (same mask everywhere)
     inputs, _ = make_inputs((rows, n), torch.float32)
@@ -227,6 +242,7 @@ SCHEMAS = {
                        "Tensor? seed, float dropout_p) -> "
                        "(Tensor dx, Tensor dresidual, Tensor dweight, Tensor dln_bias, Tensor dbias)",
     "philox_u32": "blipfast_C::philox_u32(Tensor seed, Tensor offsets) -> Tensor",
+    "philox4_u32": "blipfast_C::philox4_u32(Tensor seed, Tensor counters) -> Tensor",
 }
 
 
@@ -274,6 +290,37 @@ def test_extension_philox_cpu_matches_torch():
     assert torch.ops.blipfast_C.philox_u32(torch.tensor([0]), torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
     off2 = offsets[: 64 * 32].view(64, 32).t()
     assert torch.equal(torch.ops.blipfast_C.philox_u32(torch.tensor([9]), off2), philox_u32(torch.tensor([9]), off2))
+
+
+@needs_ext
+def test_extension_philox4_cpu_matches_torch():
+    """csrc/philox.cuh's philox4_u32 (the four words dropout uses) on the host, bit for bit."""
+    counters = _random_offsets(2048)
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**62 - 1, -1] + torch.randint(-(2**62), 2**62, (6,)).tolist()
+    for s in seeds:
+        seed = torch.tensor([s], dtype=torch.int64)
+        got = torch.ops.blipfast_C.philox4_u32(seed, counters)
+        assert got.dtype == torch.int64 and got.shape == (*counters.shape, 4)
+        assert torch.equal(got, philox4_u32(seed, counters)), f"seed {s}"
+        assert torch.equal(got[:, 0], torch.ops.blipfast_C.philox_u32(seed, counters))
+    # Random123's known answers with c2 = c3 = 0: counter 0 / key 0, and counter (ffffffff, ffffffff) / key -1
+    kat = torch.ops.blipfast_C.philox4_u32(torch.tensor([0]), torch.zeros(1, dtype=torch.int64))
+    assert kat[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    from tests.test_philox import M32, philox4x32_10
+    got = torch.ops.blipfast_C.philox4_u32(torch.tensor([-1]), torch.tensor([-1]))[0].tolist()
+    assert tuple(got) == philox4x32_10((M32, M32, 0, 0), (M32, M32))
+    # a non-contiguous 2-D counters tensor
+    c2 = counters[: 64 * 32].view(64, 32).t()
+    assert torch.equal(torch.ops.blipfast_C.philox4_u32(torch.tensor([9]), c2), philox4_u32(torch.tensor([9]), c2))
+    assert torch.ops.blipfast_C.philox4_u32(torch.tensor([9]), counters[:0]).shape == (0, 4)
+
+
+@needs_ext
+def test_extension_philox4_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="philox4_u32: seed must have exactly one element"):
+        torch.ops.blipfast_C.philox4_u32(torch.tensor([1, 2]), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="counters must be int64"):
+        torch.ops.blipfast_C.philox4_u32(torch.tensor([1]), torch.zeros(3, dtype=torch.int32))
 
 
 @needs_ext
@@ -331,7 +378,7 @@ def test_cuda_misaligned_inputs_take_the_scalar_path(dtype, n):
 @gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [7, 768, 1408, 2049, 5000, 16385])
+@pytest.mark.parametrize("n", [1, 7, 130, 768, 1408, 2049, 5000, 16385])
 def test_cuda_raw_op_matches_torch_implementation(dtype, n):
     """z, mean, rstd and every backward output of blipfast_C against the torch implementation of the
     same contract, and the dropout mask bit for bit (x > 0, residual 0: z == 0 exactly where dropped)."""
@@ -341,7 +388,7 @@ def test_cuda_raw_op_matches_torch_implementation(dtype, n):
     w, lb = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
     zeros = torch.zeros_like(x)
     y, z, mean, rstd = torch.ops.blipfast_C.ln_epilogue_fwd(x, None, zeros, w, lb, seed, 1e-5, p)
-    keep = dropout_keep_mask(seed, torch.arange(rows * n, device="cuda").view(rows, n), p)
+    keep = rule_keep(seed, rows, n, p, "cuda")
     assert torch.equal(z != 0, keep)
     ty, tz, tmean, trstd = LE._fwd_torch(x, None, zeros, w, lb, seed, 1e-5, p)
     assert_close(z, tz, dtype=dtype, name="z")
@@ -382,6 +429,7 @@ def test_cuda_philox_matches_torch():
     for s in [0, 2**32 + 7, -(2**40)] + torch.randint(-(2**62), 2**62, (4,)).tolist():
         seed = torch.tensor([s], device="cuda")
         assert torch.equal(torch.ops.blipfast_C.philox_u32(seed, offsets), philox_u32(seed, offsets)), f"seed {s}"
+        assert torch.equal(torch.ops.blipfast_C.philox4_u32(seed, offsets), philox4_u32(seed, offsets)), f"seed {s}"
 
 
 @gpu
@@ -413,7 +461,7 @@ def test_cuda_graph_capture_and_replay(n):
     eager = step()
     for a, c in zip(static_out, eager):
         assert torch.equal(a, c)
-    keep = dropout_keep_mask(seed, torch.arange(rows * n, device="cuda").view(rows, n), p)
+    keep = rule_keep(seed, rows, n, p, "cuda")
     assert torch.equal(static_out[1] == 0, ~keep)  # dx of the replay uses the new seed's mask
 
 

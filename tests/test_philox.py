@@ -1,7 +1,10 @@
 """Philox4x32-10 of blipfast/ops/_philox.py: known answers from Random123, an independent pure-Python
-Philox, Triton's ``tl.randint`` (interpreter on CPU, CUDA on a GPU) and the dropout threshold rule."""
+Philox, Triton's ``tl.randint4x`` / ``tl.randint`` (interpreter on CPU, CUDA on a GPU), the dropout rule
+(all four words of a call: element (row, col) of a [rows, cols] view uses word col % 4 of counter
+row * ceil(cols / 4) + col // 4), its threshold and its keep-rate statistics."""
 from __future__ import annotations
 
+import math
 import os
 import random
 from fractions import Fraction
@@ -9,7 +12,15 @@ from fractions import Fraction
 import pytest
 import torch
 
-from blipfast.ops._philox import dropout_keep_mask, dropout_threshold, new_seed, philox_u32
+from blipfast.ops import _philox
+from blipfast.ops._philox import (
+    dropout_keep_mask_2d,
+    dropout_threshold,
+    dropout_words_2d,
+    new_seed,
+    philox4_u32,
+    philox_u32,
+)
 from tests.conftest import HAS_CUDA
 
 M32 = 0xFFFFFFFF
@@ -30,12 +41,30 @@ def philox4x32_10(ctr, key, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def philox_word(seed: int, offset: int) -> int:
-    """blipfast's draw: counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi) of the 64-bit
-    two's-complement patterns, first output word."""
+def philox_words(seed: int, counter: int) -> tuple[int, int, int, int]:
+    """blipfast's draw: counter (counter_lo, counter_hi, 0, 0), key (seed_lo, seed_hi) of the 64-bit
+    two's-complement patterns, all four output words."""
     seed &= 2**64 - 1
-    offset &= 2**64 - 1
-    return philox4x32_10((offset & M32, offset >> 32, 0, 0), (seed & M32, seed >> 32))[0]
+    counter &= 2**64 - 1
+    return philox4x32_10((counter & M32, counter >> 32, 0, 0), (seed & M32, seed >> 32))
+
+
+def philox_word(seed: int, offset: int) -> int:
+    """The first output word of ``philox_words`` (the hard-negative sampler's per-element draw)."""
+    return philox_words(seed, offset)[0]
+
+
+def dropout_word(seed: int, row: int, col: int, cols: int) -> int:
+    """The dropout rule's word of element (row, col) of a [rows, cols] view: word col % 4 of the draw with
+    counter row * ceil(cols / 4) + col // 4."""
+    groups = -(-cols // 4)
+    return philox_words(seed, row * groups + col // 4)[col % 4]
+
+
+def dropout_keep(seed: int, row: int, col: int, cols: int, p: float) -> bool:
+    """Keep iff (word >> 8) >= round_half_up(p * 2^24) (exact rational arithmetic)."""
+    thr = int((Fraction(p) * 2**24 + Fraction(1, 2)).__floor__())
+    return (dropout_word(seed, row, col, cols) >> 8) >= thr
 
 
 # Random123 tests/kat_vectors, the three "philox4x32 10" lines: counter[4], key[2] -> output[4]
@@ -52,6 +81,28 @@ KAT = [
 @pytest.mark.parametrize("ctr,key,expected", KAT)
 def test_independent_philox_known_answers(ctr, key, expected):
     assert philox4x32_10(ctr, key) == expected
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_torch_philox_rounds_known_answers(ctr, key, expected):
+    """The torch round function on general counters (c2, c3 != 0): all three Random123 answers."""
+    c = [torch.tensor([x], dtype=torch.int64) for x in ctr]
+    k = [torch.tensor(x, dtype=torch.int64) for x in key]
+    got = _philox._rounds(*c, *k, 10)
+    assert tuple(int(t[0]) for t in got) == expected
+
+
+def test_philox4_u32_known_answers():
+    # counter 0, key 0: Random123's first answer (our counters have c2 = c3 = 0, so only it applies as is)
+    out = philox4_u32(torch.tensor(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    assert out.dtype == torch.int64 and out.shape == (1, 4)
+    assert out[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    # counter (ffffffff, ffffffff, 0, 0), key (ffffffff, ffffffff): the seed -1 and counter -1 bit patterns
+    assert tuple(philox4_u32(torch.tensor(-1), torch.tensor([-1]))[0].tolist()) == philox4x32_10((M32, M32, 0, 0),
+                                                                                                (M32, M32))
+    # the rounds argument is honoured
+    assert tuple(philox4_u32(0, torch.zeros(1, dtype=torch.int64), n_rounds=7)[0].tolist()) == \
+        philox4x32_10((0, 0, 0, 0), (0, 0), 7)
 
 
 def test_philox_u32_known_answer():
@@ -84,6 +135,23 @@ def test_philox_u32_matches_independent_implementation():
         assert all(0 <= g < 2**32 for g in got)
 
 
+def test_philox4_u32_matches_independent_implementation():
+    seeds, counters = _cases(12)
+    ctr = torch.tensor(counters, dtype=torch.int64)
+    for seed in seeds:
+        got = philox4_u32(torch.tensor([seed], dtype=torch.int64), ctr)
+        assert got.shape == (len(counters), 4) and got.dtype == torch.int64
+        assert [tuple(r) for r in got.tolist()] == [philox_words(seed, c) for c in counters], f"seed {seed}"
+        assert torch.equal(got[:, 0], philox_u32(torch.tensor([seed]), ctr))  # philox_u32 is the first word
+
+
+def test_philox4_u32_keeps_counter_shape():
+    ctr = torch.arange(12, dtype=torch.int64).view(3, 4) + 2**35
+    a = philox4_u32(777, ctr)
+    assert a.shape == (3, 4, 4)
+    assert torch.equal(a, philox4_u32(torch.tensor([777]), ctr.flatten()).view(3, 4, 4))
+
+
 def test_philox_u32_accepts_int_seed_and_keeps_offset_shape():
     off = torch.arange(12, dtype=torch.int64).view(3, 4) + 2**33
     a = philox_u32(12345, off)
@@ -92,13 +160,65 @@ def test_philox_u32_accepts_int_seed_and_keeps_offset_shape():
     assert a.flatten().tolist() == [philox_word(12345, int(o)) for o in off.flatten()]
 
 
-def test_dropout_keep_mask_rule():
-    seed, offsets = 987654321, torch.arange(2**32 - 100, 2**32 + 100, dtype=torch.int64)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 2), (5, 4), (4, 7), (6, 13), (2, 64), (3, 257)])
+def test_dropout_keep_mask_2d_rule(rows, cols):
+    """Every element of the view against the rule written out with the pure-Python Philox."""
+    seed = 987654321
+    words = dropout_words_2d(torch.tensor([seed]), rows, cols, "cpu")
+    assert words.shape == (rows, cols)
+    assert words.tolist() == [[dropout_word(seed, r, c, cols) for c in range(cols)] for r in range(rows)]
     for p in (0.0, 0.1, 0.5, 0.9):
-        thr = dropout_threshold(p)
-        want = torch.tensor([(philox_word(seed, int(o)) >> 8) >= thr for o in offsets])
-        assert torch.equal(dropout_keep_mask(torch.tensor([seed]), offsets, p), want)
-    assert bool(dropout_keep_mask(torch.tensor([seed]), offsets, 0.0).all())  # p = 0 keeps everything
+        want = torch.tensor([[dropout_keep(seed, r, c, cols, p) for c in range(cols)] for r in range(rows)])
+        got = dropout_keep_mask_2d(torch.tensor([seed]), rows, cols, p, "cpu")
+        assert got.dtype == torch.bool and torch.equal(got, want), p
+    assert bool(dropout_keep_mask_2d(seed, rows, cols, 0.0, "cpu").all())  # p = 0 keeps everything
+
+
+def test_dropout_rule_uses_all_four_words_and_rows_do_not_share_groups():
+    seed, cols = -(2**61) + 3, 7  # two groups per row, the second one partial
+    w = dropout_words_2d(seed, 3, cols, "cpu")
+    for r in range(3):
+        assert w[r, :4].tolist() == list(philox_words(seed, 2 * r))
+        assert w[r, 4:].tolist() == list(philox_words(seed, 2 * r + 1)[:3])  # word 3 of the group is unused
+    # the groups per row, not the row length, place the rows: 8 columns (2 groups) extend the 7-column view,
+    # 9 columns (3 groups) move every row but the first
+    assert torch.equal(dropout_words_2d(seed, 3, 8, "cpu")[:, :7], w)
+    w9 = dropout_words_2d(seed, 3, 9, "cpu")
+    assert torch.equal(w9[0, :7], w[0]) and w9[1, :4].tolist() == list(philox_words(seed, 3))
+
+
+def test_dropout_rule_high_counters():
+    """Counters beyond 2**32 (a huge view) use the high word: checked on the rule's element formula."""
+    seed, cols = 12345, 10
+    for row in (2**30 + 1, 2**31 + 7, 2**40 + 3):
+        ctr = torch.tensor([row * 3 + c // 4 for c in range(cols)], dtype=torch.int64)
+        got = philox4_u32(seed, ctr).gather(1, (torch.arange(cols) % 4)[:, None])[:, 0]
+        assert got.tolist() == [dropout_word(seed, row, c, cols) for c in range(cols)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate_statistics(p):
+    """Keep rate 1 - p overall, per word of the call (col % 4), per row and per column; adjacent words of
+    one call and the same column of two seeds are independent (6 sigma bounds: failure odds < 1e-8)."""
+    rows, cols = 512, 1001  # 251 groups per row, the last one partial
+    k = dropout_keep_mask_2d(torch.tensor([2**33 + 99]), rows, cols, p, "cpu").double()
+    q = 1 - p
+
+    def near(x, mean, n, var=None):
+        var = mean * (1 - mean) if var is None else var
+        return abs(x - mean) <= 6 * math.sqrt(var / n) + 1e-12
+
+    assert near(k.mean().item(), q, k.numel())
+    for w in range(4):
+        kw = k[:, w::4]
+        assert near(kw.mean().item(), q, kw.numel()), f"word {w}"
+    assert (k.mean(0) - q).abs().max() <= 6 * math.sqrt(p * q / rows)
+    assert (k.mean(1) - q).abs().max() <= 6 * math.sqrt(p * q / cols)
+    pair = (k[:, 0:1000:4] * k[:, 1:1000:4]).mean().item()  # words 0 and 1 of every full group
+    assert near(pair, q * q, rows * 250)
+    k2 = dropout_keep_mask_2d(torch.tensor([2**33 + 100]), rows, cols, p, "cpu").double()
+    assert near((k * k2).mean().item(), q * q, k.numel())
+    assert not torch.equal(k, k2)
 
 
 def _round_half_up(x: Fraction) -> int:
@@ -132,7 +252,7 @@ def test_new_seed_is_on_device_and_generator_driven():
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton's tl.randint (what the Triton kernels use) must be bit-identical
+# Triton's tl.randint4x / tl.randint (what the Triton kernels use) must be bit-identical
 
 
 def _triton_device():
@@ -185,3 +305,46 @@ def test_philox_u32_equals_triton_randint():
         ours = philox_u32(seed_t, off)
         assert torch.equal(tri.cpu(), ours.cpu()), f"seed {seed}"
         assert tri.cpu().tolist() == [philox_word(seed, o) for o in offsets], f"seed {seed}"
+
+
+_KERNEL4 = None
+
+
+def _randint4x_kernel():
+    """Writes the four words of tl.randint4x per counter, interleaved the way the attention kernels
+    interleave them (interleave(interleave(r0, r2), interleave(r1, r3)) = r0, r1, r2, r3 per counter)."""
+    global _KERNEL4
+    if _KERNEL4 is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def randint4x_kernel(seed_ptr, off_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            m = idx < n
+            seed = tl.load(seed_ptr)
+            off = tl.load(off_ptr + idx, mask=m, other=0)
+            r0, r1, r2, r3 = tl.randint4x(seed, off)
+            r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+            o = tl.program_id(0) * 4 * BLOCK + tl.arange(0, 4 * BLOCK)
+            tl.store(out_ptr + o, r.to(tl.int32, bitcast=True), mask=o < 4 * n)
+
+        _KERNEL4 = randint4x_kernel
+    return _KERNEL4
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs triton with a CUDA device or TRITON_INTERPRET=1")
+def test_philox4_u32_equals_triton_randint4x():
+    dev = _triton_device()
+    kern = _randint4x_kernel()
+    seeds, counters = _cases(6)
+    counters = counters + list(range(2**32 - 8, 2**32 + 8))
+    ctr = torch.tensor(counters, dtype=torch.int64, device=dev)
+    n, block = ctr.numel(), 16
+    for seed in seeds:
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=dev)
+        out = torch.empty(4 * n, dtype=torch.int32, device=dev)
+        kern[((n + block - 1) // block,)](seed_t, ctr, out, n, BLOCK=block)
+        tri = (out.to(torch.int64) & M32).view(n, 4)
+        assert torch.equal(tri.cpu(), philox4_u32(seed_t, ctr).cpu()), f"seed {seed}"
+        assert [tuple(r) for r in tri.cpu().tolist()] == [philox_words(seed, c) for c in counters], f"seed {seed}"

@@ -1,9 +1,9 @@
 """Shared pure-PyTorch attention math of the two attention ops (reference forward and backward).
 
 Conventions shared with the Triton kernels: computation in fp32 (fp64 for fp64 inputs); a row with no allowed key outputs 0
-and gets no gradient; with a ``seed``, dropout keeps (b, h, i, j) iff the Philox rule of _philox.py
-keeps offset ((b * H + h) * Lq + i) * Lk + j; without one (direct reference calls only) torch's own
-dropout is used.
+and gets no gradient; with a ``seed``, dropout keeps (b, h, i, j) iff the Philox rule of _philox.py keeps
+element (row, col) = ((b * H + h) * Lq + i, j) of the logical [B * H * Lq, Lk] view (word j % 4 of counter
+row * ceil(Lk / 4) + j // 4); without a seed (direct reference calls only) torch's own dropout is used.
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._philox import dropout_keep_mask
+from ._philox import dropout_keep_mask_2d
 
 
-def dropout_offsets(b: int, h: int, lq: int, lk: int, device) -> torch.Tensor:
-    """int64 [B, H, Lq, Lk] Philox offsets of the attention-probability dropout."""
-    return torch.arange(b * h * lq * lk, device=device, dtype=torch.int64).view(b, h, lq, lk)
+def dropout_keep(seed, b: int, h: int, lq: int, lk: int, p: float, device) -> torch.Tensor:
+    """bool [B, H, Lq, Lk] keep-mask of the attention-probability dropout: the [B * H * Lq, Lk] view of the
+    Philox rule of _philox.py (rows (b * H + h) * Lq + i, columns j)."""
+    return dropout_keep_mask_2d(seed, b * h * lq, lk, p, device).view(b, h, lq, lk)
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -37,7 +38,7 @@ def _probs(q, k, allowed, scale):
 
 def _keep_scale(seed, p, shape, device, dropout_p):
     b, h, lq, lk = shape
-    keep = dropout_keep_mask(seed, dropout_offsets(b, h, lq, lk, device), dropout_p)
+    keep = dropout_keep(seed, b, h, lq, lk, dropout_p, device)
     return keep.to(p.dtype) / (1.0 - dropout_p)
 
 

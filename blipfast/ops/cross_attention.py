@@ -5,7 +5,8 @@ Contract (DESIGN.md): q [N, Lq, H, D]; k, v [M, Lk, H, D] for M distinct images;
 image (true = attend). Gradients of k and v sum over every row-set that used them, so an image's K/V
 projection is computed once and shared by ITC, ITM (positive and negative pairs) and retrieval
 re-ranking. A row whose image has no unpadded key outputs 0. Dropout keeps (n, h, i, j) iff the Philox
-rule (ops/_philox.py) keeps offset ((n * H + h) * Lq + i) * Lk + j.
+rule (ops/_philox.py) keeps element ((n * H + h) * Lq + i, j) of the logical [N * H * Lq, Lk] view (word
+j % 4 of the call with counter row * ceil(Lk / 4) + j // 4).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Every BERT/Q-Former sub-block ends with it (attention output and FFN output), an
 is four kernels and three round trips of the activation through memory. The fused CUDA kernel
 (csrc/layernorm_epilogue.cu) reads x and residual once and writes y, plus the pre-norm sum z and the
 row statistics that backward needs; the dropout mask is never stored: backward regenerates it from the
-call's Philox seed (element (r, c) of the [R, N] view uses offset r * N + c; see ops/_philox.py).
+call's Philox seed (the rule of ops/_philox.py on the [R, N] view: element (r, c) uses word c % 4 of the
+Philox call with counter r * ceil(N / 4) + c // 4).
 
 x and residual [..., N] (same shape, fp32/fp16/bf16; promoted to a common dtype, which is the output
 dtype), bias None or [N], weight and ln_bias [N] (any float dtype; the math is fp32).
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common as C
-from ._philox import dropout_keep_mask, new_seed
+from ._philox import dropout_keep_mask_2d, new_seed
 
 _OP = "bias_dropout_add_layernorm"
 _SUPPORTED = ("cuda", "torch")
@@ -29,8 +30,7 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 def _keep_scale(seed, shape, device, p, dtype):
     rows, n = shape
-    offs = torch.arange(rows * n, device=device, dtype=torch.int64).view(rows, n)
-    return dropout_keep_mask(seed, offs, p).to(dtype) / (1.0 - p)
+    return dropout_keep_mask_2d(seed, rows, n, p, device).to(dtype) / (1.0 - p)
 
 
 def bias_dropout_add_layernorm_ref(x, bias, residual, weight, ln_bias, *, eps=1e-12, dropout_p=0.0, seed=None):

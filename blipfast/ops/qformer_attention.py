@@ -10,7 +10,9 @@ allowed(i, j), with i the row's position in the Lk-long sequence:
 
 intersected with key_padding_mask[b, j] (true = attend). A row with no allowed key outputs 0 and
 gets no gradient. Dropout on the attention probabilities keeps element (b, h, i, j) iff the blipfast
-Philox rule (ops/_philox.py) keeps offset ((b * H + h) * Lq + i) * Lk + j under the call's seed.
+Philox rule (ops/_philox.py) keeps element (row, col) = ((b * H + h) * Lq + i, j) of the logical
+[B * H * Lq, Lk] view under the call's seed: word j % 4 of the Philox call with counter
+row * ceil(Lk / 4) + j // 4.
 """
 from __future__ import annotations
 
