@@ -28,6 +28,8 @@ from ._attention_common import (
     NO_SPECIALIZE,
     _allowed,
     _allowed_t,
+    _chunk_of_program,
+    _chunk_rows,
     _dot,
     _dropout_keep,
     _dropout_keep_t,
@@ -210,25 +212,10 @@ def attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DI, DQ, KPM, SEED, CHUNKS,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                        DOT_PREC: tl.constexpr):
     """Grid as the forward kernel's."""
-    pid = tl.program_id(0)
-    mb = tl.program_id(1)
-    n_hg = H // HPP
-    t = pid // n_hg
-    hg = pid - t * n_hg
-    if HAS_INDEX:
-        img = tl.load(CHUNKS + (G + 2) * t)
-        cnt = tl.load(CHUNKS + (G + 2) * t + 1)
-        first = (G + 2) * t + 2  # the ids sit in the chunk's row
-    else:
-        img = t
-        first = t
-        cnt = 1
+    hg, img, first, cnt = _chunk_of_program(CHUNKS, H, HPP, G, HAS_INDEX)
     if cnt > 0:
-        img64 = img.to(tl.int64)
-        n64, i, row_ok = _tile_rows(CHUNKS, first, cnt, mb, Lq, BLOCK_M, G, HAS_INDEX, True)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(SEED)
+        img64, n64, i, row_ok, seed = _chunk_rows(CHUNKS, SEED, img, first, cnt, Lq, BLOCK_M, G, HAS_INDEX,
+                                                  HAS_DROPOUT)
         for hh in range(HPP):
             _dq_one_head(Q, K, V, O, DO, LSE, DI, DQ, KPM, seed, hg * HPP + hh, img64, n64, i, row_ok,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, sdob, sdol, sdoh,

@@ -39,6 +39,37 @@ CSR_MAX_ROWSETS = 4096
 
 
 @triton.jit
+def _chunk_of_program(CHUNKS, H, HPP: tl.constexpr, G: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """(head group, image, first id slot, row-set count) of a program of the row-tile grids (forward and
+    dQ): axis 0 is tile-major and head-minor. With an index, tile t is CHUNKS row t = (image, count, G
+    row-set ids); without one, tile t is row-set (and image) t."""
+    pid = tl.program_id(0)
+    n_hg = H // HPP
+    t = pid // n_hg
+    hg = pid - t * n_hg
+    if HAS_INDEX:
+        img = tl.load(CHUNKS + (G + 2) * t)
+        cnt = tl.load(CHUNKS + (G + 2) * t + 1)
+        first = (G + 2) * t + 2  # the ids sit in the chunk's row
+    else:
+        img = t
+        first = t
+        cnt = t * 0 + 1
+    return hg, img, first, cnt
+
+
+@triton.jit
+def _chunk_rows(CHUNKS, SEED, img, first, cnt, Lq, BLOCK_M: tl.constexpr, G: tl.constexpr,
+                HAS_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """(image int64, row-set ids, row indices, row valid, dropout seed) of a program's row tile."""
+    n64, i, row_ok = _tile_rows(CHUNKS, first, cnt, tl.program_id(1), Lq, BLOCK_M, G, HAS_INDEX, True)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    return img.to(tl.int64), n64, i, row_ok, seed
+
+
+@triton.jit
 def _tile_rows(IDS, first, cnt, mb, Lq, BLOCK_M: tl.constexpr, G: tl.constexpr, HAS_INDEX: tl.constexpr,
                PADDED: tl.constexpr):
     """(row-set id int64 [BLOCK_M], row index in the row-set [BLOCK_M], row valid [BLOCK_M]) of a tile.

@@ -21,6 +21,8 @@ from ._attention_common import (
     LN2,
     NO_SPECIALIZE,
     _allowed,
+    _chunk_of_program,
+    _chunk_rows,
     _dot,
     _dropout_keep,
     _dropout_rowgrp,
@@ -28,7 +30,6 @@ from ._attention_common import (
     _load_kpm,
     _load_tile,
     _store_tile,
-    _tile_rows,
 )
 
 
@@ -111,25 +112,10 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, SEED, CHUNKS,
                     DOT_PREC: tl.constexpr):
     """Grid (tiles * H // HPP, row blocks): axis 0 is tile-major and head-minor, so the programs that
     read one image's K/V run side by side (its K/V stays in L2); axis 1 splits long row-sets (G == 1)."""
-    pid = tl.program_id(0)
-    mb = tl.program_id(1)
-    n_hg = H // HPP
-    t = pid // n_hg
-    hg = pid - t * n_hg
-    if HAS_INDEX:
-        img = tl.load(CHUNKS + (G + 2) * t)
-        cnt = tl.load(CHUNKS + (G + 2) * t + 1)
-        first = (G + 2) * t + 2  # the ids sit in the chunk's row
-    else:
-        img = t
-        first = t
-        cnt = 1
+    hg, img, first, cnt = _chunk_of_program(CHUNKS, H, HPP, G, HAS_INDEX)
     if cnt > 0:
-        img64 = img.to(tl.int64)
-        n64, i, row_ok = _tile_rows(CHUNKS, first, cnt, mb, Lq, BLOCK_M, G, HAS_INDEX, True)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(SEED)
+        img64, n64, i, row_ok, seed = _chunk_rows(CHUNKS, SEED, img, first, cnt, Lq, BLOCK_M, G, HAS_INDEX,
+                                                  HAS_DROPOUT)
         kpm_all = row_ok
         if SINGLE_N:
             kpm_all = _load_kpm(KPM, img64, skpb, skpj, tl.arange(0, BLOCK_N), Lk, HAS_KPM)
