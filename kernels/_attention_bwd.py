@@ -34,7 +34,7 @@ from ._attention_common import (
     _dropout_keep,
     _dropout_keep_t,
     _dropout_rowgrp,
-    _key_range,
+    _tile_key_range,
     _load_kpm,
     _load_tile,
     _row_block_range,
@@ -181,12 +181,7 @@ def _dq_one_head(Q, K, V, O, DO, LSE, DI, DQ, KPM, seed, h, img64, n64, i, row_o
     rowgrp = lrow
     if HAS_DROPOUT:
         rowgrp = _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64)
-    if G == 1:
-        i0 = tl.min(tl.where(row_ok, i, Lq), 0)
-        lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
-    else:
-        lo = 0
-        hi = Lk
+    lo, hi = _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M, BLOCK_N, G, MODE)
     kbase = img64 * skb + h * skh
     vbase = img64 * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

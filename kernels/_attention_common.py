@@ -220,6 +220,19 @@ def _key_range(i0, i1, Lk, NQ, SEQ_OFF, BLOCK_N: tl.constexpr, MODE: tl.constexp
 
 
 @triton.jit
+def _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    G: tl.constexpr, MODE: tl.constexpr):
+    """Keys [lo, hi) of a row tile: the mode's range for one row-set (G == 1), every key for stacked ones."""
+    if G == 1:
+        i0 = tl.min(tl.where(row_ok, i, Lq), 0)
+        lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
+    else:
+        lo = Lk * 0
+        hi = Lk + 0
+    return lo, hi
+
+
+@triton.jit
 def _row_block_range(j0, j1, Lq, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
     """Row blocks [lo, hi) of a self-attention row-set that can see some key of [j0, j1)."""
     lo = j0 * 0

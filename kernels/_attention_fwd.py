@@ -26,7 +26,7 @@ from ._attention_common import (
     _dot,
     _dropout_keep,
     _dropout_rowgrp,
-    _key_range,
+    _tile_key_range,
     _load_kpm,
     _load_tile,
     _store_tile,
@@ -65,12 +65,7 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
             p = tl.where(keep, p * keep_scale, 0.0)
         acc = _dot(p.to(v.dtype), v, DOT_PREC)
     else:
-        if G == 1:
-            i0 = tl.min(tl.where(row_ok, i, Lq), 0)
-            lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
-        else:
-            lo = 0
-            hi = Lk
+        lo, hi = _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M, BLOCK_N, G, MODE)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

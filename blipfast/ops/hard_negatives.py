@@ -21,8 +21,6 @@ same ``seed`` on every rank to get the single-process draws.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _common as C

@@ -14,8 +14,6 @@ process holding the global batch gets the same loss and gradients as W processes
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _common as C
