@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._common import acc_dtype
 from ._philox import dropout_keep_mask_2d
 
 
@@ -21,12 +22,8 @@ def dropout_keep(seed, b: int, h: int, lq: int, lk: int, p: float, device) -> to
     return dropout_keep_mask_2d(seed, b * h * lq, lk, p, device).view(b, h, lq, lk)
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _probs(q, k, allowed, scale):
-    acc = _acc(q)
+    acc = acc_dtype(q)
     s = torch.einsum("bihd,bjhd->bhij", q.to(acc), k.to(acc)) * scale
     allowed = allowed.unsqueeze(1)  # [B, 1, Lq, Lk]
     s = s.masked_fill(~allowed, float("-inf"))
@@ -60,7 +57,7 @@ def attention_bwd_ref(grad_out, q, k, v, allowed, *, dropout_p=0.0, scale=None, 
     """Analytic backward of attention_fwd_ref (with a seed when dropout_p > 0): (dq, dk, dv)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     p, _ = _probs(q, k, allowed, scale)
-    acc = _acc(q)
+    acc = acc_dtype(q)
     do = grad_out.to(acc)
     vf = v.to(acc)
     pd = p

@@ -21,6 +21,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the ops accumulate in: fp64 for fp64 inputs (the references' ground truth), else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

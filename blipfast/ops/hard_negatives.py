@@ -25,6 +25,7 @@ import torch
 
 from . import _common as C
 from ._dist import gather_no_grad, group_info
+from .itc_loss import positive_mask
 from ._philox import new_seed, philox_u32
 
 _OP = "sample_hard_negatives"
@@ -32,11 +33,9 @@ _SUPPORTED = ("cuda", "torch")
 
 
 def drawable_mask(b: int, bw: int, offset: int, image_ids=None, image_ids_all=None, device=None) -> torch.Tensor:
-    """bool [B, BW]: columns that may be drawn as negatives (not the own pair / same image)."""
-    if image_ids is not None:
-        return image_ids.view(-1, 1) != image_ids_all.view(1, -1)
-    cols = torch.arange(bw, device=device).view(1, bw)
-    return cols != (torch.arange(b, device=device) + offset).view(b, 1)
+    """bool [B, BW]: columns that may be drawn as negatives, the complement of itc_loss's positive pairs
+    (the own pair, or every column showing the same image)."""
+    return ~positive_mask(b, bw, offset, image_ids, image_ids_all, device)
 
 
 def gumbel_noise(seed: torch.Tensor, direction: int, b: int, bw: int, device, row_offset: int = 0) -> torch.Tensor:

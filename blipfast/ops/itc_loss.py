@@ -37,7 +37,7 @@ def _targets(pos: torch.Tensor, label_smoothing: float, dtype) -> torch.Tensor:
 
 
 def _similarities(img, txt, img_all, txt_all, temp):
-    acc = torch.float64 if img.dtype == torch.float64 else torch.float32
+    acc = C.acc_dtype(img)
     s_i2t, a_i2t = torch.einsum("bqe,je->bjq", img.to(acc), txt_all.to(acc)).max(dim=-1)
     s_t2i, a_t2i = torch.einsum("be,jqe->bjq", txt.to(acc), img_all.to(acc)).max(dim=-1)
     t = temp.to(acc)
@@ -98,7 +98,7 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
 @_fwd.register_fake
 def _fwd_fake(img, txt, img_all, txt_all, temp, pos, label_smoothing, backend):
     b, q, bw = img.shape[0], img.shape[1], img_all.shape[0]
-    acc = torch.float64 if img.dtype == torch.float64 else torch.float32
+    acc = C.acc_dtype(img)
     return (img.new_empty((), dtype=acc), img.new_empty((b, bw), dtype=acc), img.new_empty((b, bw), dtype=acc),
             img.new_empty((b, bw), dtype=argmax_dtype(q)), img.new_empty((b, bw), dtype=argmax_dtype(q)),
             img.new_empty((3, b), dtype=acc), img.new_empty((), dtype=acc))

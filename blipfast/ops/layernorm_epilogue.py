@@ -24,10 +24,6 @@ _OP = "bias_dropout_add_layernorm"
 _SUPPORTED = ("cuda", "torch")
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _keep_scale(seed, shape, device, p, dtype):
     rows, n = shape
     return dropout_keep_mask_2d(seed, rows, n, p, device).to(dtype) / (1.0 - p)
@@ -50,7 +46,7 @@ def bias_dropout_add_layernorm_ref(x, bias, residual, weight, ln_bias, *, eps=1e
 
 
 def _fwd_torch(x, bias, residual, weight, ln_bias, seed, eps, dropout_p):
-    acc = _acc(x)
+    acc = C.acc_dtype(x)
     h = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     if dropout_p > 0.0:
         h = h * _keep_scale(seed, x.shape, x.device, dropout_p, acc)
@@ -91,7 +87,7 @@ def _fwd(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, 
 @_fwd.register_fake
 def _fwd_fake(x, bias, residual, weight, ln_bias, seed, eps, dropout_p, backend):
     rows = x.shape[0]
-    acc = _acc(x)
+    acc = C.acc_dtype(x)
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
 
 
@@ -168,7 +164,7 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, *, eps=1e-12,
     shape = x.shape
     x2 = x.to(dtype).reshape(-1, n).contiguous()
     r2 = residual.to(dtype).reshape(-1, n).contiguous()
-    pdt = _acc(x2)
+    pdt = C.acc_dtype(x2)
     y = _fwd(x2, None if bias is None else bias.to(pdt), r2, weight.to(pdt), ln_bias.to(pdt),
              seed if dropout_p > 0.0 else None, eps, dropout_p, backend)[0]
     return y.view(shape)
