@@ -73,3 +73,15 @@ def warn_once(msg: str) -> None:
 @functools.lru_cache(maxsize=None)
 def _warn_once(msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
+
+
+# ``blipfast info``
+def add_arguments(parser) -> None:
+    pass
+
+
+def run(args) -> int:
+    import json
+
+    print(json.dumps(build_info(), indent=1))
+    return 0
