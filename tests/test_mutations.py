@@ -12,7 +12,8 @@ their test files run (the torch implementation of the fused contract, the C++ sa
 the reference it must equal), and with the real CUDA kernels under ``-m gpu``.
 
 Every check is called with the arguments of a test in its own file, which passes on the real kernel (the
-one exception, bf16 ITC on the interpreter, runs the real kernel first), so a rejection is the mutant's.
+exceptions, fp16 ITC on the interpreter and bf16 ITC on a GPU, run the real kernel first), so a rejection
+is the mutant's.
 Small shapes throughout: the Triton kernels run under the interpreter on CPU.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 import blipfast
 from blipfast.ops import layernorm_epilogue as LE
-from blipfast.ops._attention_ref import attention_bwd_ref, attention_fwd_ref
+from blipfast.ops._attention_ref import attention_fwd_ref
 from blipfast.ops.hard_negatives import sample_hard_negatives_ref
 from blipfast.ops.qformer_attention import allowed_mask
 from tests import test_hard_negatives_cuda as HN
@@ -53,6 +54,11 @@ class Mutant:
             return wrong(original, *args, **kwargs)
 
         monkeypatch.setattr(module, name, patched)
+
+
+def outputs(transform):
+    """A wrong kernel that runs the real one and transforms its outputs."""
+    return lambda f, *a, **k: transform(*f(*a, **k))
 
 
 def assert_rejected(check, *mutants):
@@ -114,12 +120,12 @@ def _cross(pattern="ragged", **kw):
 
 
 def test_attention_half_dq_is_rejected(monkeypatch):
-    m = Mutant(monkeypatch, AK, "qformer_attention_bwd", lambda f, *a, **k: (lambda g: (g[0] / 2, *g[1:]))(f(*a, **k)))
+    m = Mutant(monkeypatch, AK, "qformer_attention_bwd", outputs(lambda dq, dk, dv: (dq / 2, dk, dv)))
     assert_rejected(_self(), m)
 
 
 def test_attention_half_dv_in_bf16_is_rejected(monkeypatch):
-    m = Mutant(monkeypatch, AK, "qformer_attention_bwd", lambda f, *a, **k: (lambda g: (*g[:2], g[2] / 2))(f(*a, **k)))
+    m = Mutant(monkeypatch, AK, "qformer_attention_bwd", outputs(lambda dq, dk, dv: (dq, dk, dv / 2)))
     assert_rejected(lambda: AT._self_case(2, 12, 12, 2, 16, 5, "causal", "ragged", dtype=torch.bfloat16,
                                           lowp="lowp"), m)
 
@@ -161,8 +167,7 @@ def test_attention_softmax_scale_one_percent_off_is_rejected(monkeypatch):
 
 def test_attention_lse_in_base_two_is_rejected(monkeypatch):
     """The saved log-sum-exp in base 2 (a classic exp2 kernel slip): the lse check and every gradient."""
-    m = Mutant(monkeypatch, AK, "qformer_attention_fwd",
-               lambda f, *a, **kw: (lambda o: (o[0], o[1] / math.log(2)))(f(*a, **kw)))
+    m = Mutant(monkeypatch, AK, "qformer_attention_fwd", outputs(lambda out, lse: (out, lse / math.log(2))))
     assert_rejected(lambda: AT._direct_self(2, 21, 40, 2, 16, 8, "causal", "ragged",
                                             AT._cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16)), m)
 
@@ -218,7 +223,7 @@ def test_cross_attention_dkdv_not_summed_over_rowsets_is_rejected(monkeypatch):
 
 
 def test_cross_attention_half_dk_with_forced_tiling_is_rejected(monkeypatch):
-    m = Mutant(monkeypatch, AK, "cross_attention_bwd", lambda f, *a, **k: (lambda g: (g[0], g[1] / 2, g[2]))(f(*a, **k)))
+    m = Mutant(monkeypatch, AK, "cross_attention_bwd", outputs(lambda dq, dk, dv: (dq, dk / 2, dv)))
     cfg = AT._cfg(32, 16, DQ_BLOCK_M=32, DQ_BLOCK_N=32)
     assert_rejected(lambda: AT._cross_case(7, 5, 6, 37, 2, 16, torch.tensor(AT.IDX, device=DEV), "ragged",
                                            config=cfg), m)
@@ -234,15 +239,11 @@ def _itc(ls=0.0, dtype=torch.float32):
     return lambda: IT._check_against_reference(3, 4, 7, 40, ls, True, dtype, DEV)
 
 
-def _bwd_out(transform):
-    return lambda f, *a, **k: transform(*f(*a, **k))
-
-
 @pytest.mark.parametrize("which", ["image_feats", "text_feats"])
 def test_itc_half_feature_gradient_is_rejected(monkeypatch, which):
     half = (lambda di, dt, dtemp: (di / 2, dt, dtemp)) if which == "image_feats" else (
         lambda di, dt, dtemp: (di, dt / 2, dtemp))
-    m = Mutant(monkeypatch, IK, "itc_loss_bwd", _bwd_out(half))
+    m = Mutant(monkeypatch, IK, "itc_loss_bwd", outputs(half))
     assert_rejected(_itc(), m)
 
 
@@ -251,20 +252,21 @@ def test_itc_half_gradient_in_fp16_is_rejected(monkeypatch):
     bf16 case is test_gpu_itc_half_gradient_in_bf16_is_rejected): the real kernel passes, half of d
     image_feats fails."""
     _itc(dtype=torch.float16)()
-    m = Mutant(monkeypatch, IK, "itc_loss_bwd", _bwd_out(lambda di, dt, dtemp: (di / 2, dt, dtemp)))
+    m = Mutant(monkeypatch, IK, "itc_loss_bwd", outputs(lambda di, dt, dtemp: (di / 2, dt, dtemp)))
     assert_rejected(_itc(dtype=torch.float16), m)
 
 
 @pytest.mark.parametrize("factor", [2.0, -1.0, 1.05], ids=["double", "sign", "5pct"])
 def test_itc_wrong_temperature_gradient_is_rejected(monkeypatch, factor):
-    m = Mutant(monkeypatch, IK, "itc_loss_bwd", _bwd_out(lambda di, dt, dtemp: (di, dt, dtemp * factor)))
+    m = Mutant(monkeypatch, IK, "itc_loss_bwd", outputs(lambda di, dt, dtemp: (di, dt, dtemp * factor)))
     assert_rejected(_itc(), m)
 
 
 def test_itc_positive_column_off_by_one_is_rejected(monkeypatch):
     """The own pair (rank * B + b) taken one column off, forward and backward."""
     roll = (lambda pos: pos.roll(1, dims=1))
-    mf = Mutant(monkeypatch, IK, "itc_loss_fwd", lambda f, i, t, ia, ta, tp, pos, *a: f(i, t, ia, ta, tp, roll(pos), *a))
+    mf = Mutant(monkeypatch, IK, "itc_loss_fwd",
+                lambda f, i, t, ia, ta, tp, pos, *a: f(i, t, ia, ta, tp, roll(pos), *a))
     mb = Mutant(monkeypatch, IK, "itc_loss_bwd",
                 lambda f, g, i, t, ia, ta, tp, pos, *a: f(g, i, t, ia, ta, tp, roll(pos), *a))
     assert_rejected(_itc(), mf, mb)
@@ -287,7 +289,7 @@ def test_itc_gradient_routed_to_the_wrong_query_is_rejected(monkeypatch):
 
 
 def test_itc_public_op_check_rejects_half_gradient(monkeypatch):
-    m = Mutant(monkeypatch, IK, "itc_loss_bwd", _bwd_out(lambda di, dt, dtemp: (di, dt / 2, dtemp)))
+    m = Mutant(monkeypatch, IK, "itc_loss_bwd", outputs(lambda di, dt, dtemp: (di, dt / 2, dtemp)))
     assert_rejected(lambda: IT.check_public_op(6, 4, 16, DEV), m)
 
 
@@ -464,8 +466,7 @@ def test_qformer_on_triton_mutants_are_rejected(monkeypatch, mode_case, kernel):
         m = Mutant(monkeypatch, AK, "qformer_attention_fwd",
                    lambda f, q, k, v, kpm, *a, **kw: f(q, k, v, None, *a, **kw))
     else:
-        m = Mutant(monkeypatch, AK, "cross_attention_bwd",
-                   lambda f, *a, **k: (lambda g: (g[0], g[1], g[2] / 2))(f(*a, **k)))
+        m = Mutant(monkeypatch, AK, "cross_attention_bwd", outputs(lambda dq, dk, dv: (dq, dk, dv / 2)))
     assert_rejected(lambda: MI.check_qformer_on_triton(monkeypatch, mode_case, DEV), m)
 
 
@@ -478,7 +479,7 @@ def test_gpu_itc_half_gradient_in_bf16_is_rejected(monkeypatch):
     """Issue 7's case: bf16 at the GPU test shape, where the old floor let half of d image_feats pass."""
     check = (lambda: IT._check_against_reference(128, 8, 32, 256, 0.1, False, torch.bfloat16, "cuda"))
     check()
-    m = Mutant(monkeypatch, IK, "itc_loss_bwd", _bwd_out(lambda di, dt, dtemp: (di / 2, dt, dtemp)))
+    m = Mutant(monkeypatch, IK, "itc_loss_bwd", outputs(lambda di, dt, dtemp: (di / 2, dt, dtemp)))
     assert_rejected(check, m)
 
 
