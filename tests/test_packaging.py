@@ -145,3 +145,14 @@ def test_nvcc_release_is_read_from_nvcc_version(setup_py, tmp_path):
     nvcc.write_text("#!/bin/sh\necho garbage\n")
     assert setup_py["nvcc_release"](str(nvcc)) is None
     assert setup_py["nvcc_release"](str(tmp_path / "missing")) is None
+
+
+def test_every_declared_dependency_is_imported_by_blipfast():
+    """pyproject's dependencies are what blipfast (the package and its Triton kernels) imports, no more."""
+    deps = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), flags=re.M | re.S)
+    names = [re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in re.findall(r'"([^"]+)"', deps.group(1))]
+    assert "torch" in names
+    code = "\n".join(p.read_text() for d in ("blipfast", "kernels") for p in (ROOT / d).rglob("*.py"))
+    unused = [n for n in names if not re.search(rf"^\s*(import|from)\s+{re.escape(n.replace('-', '_'))}\b", code,
+                                                 flags=re.M)]
+    assert not unused, f"declared in pyproject.toml but never imported: {unused}"
