@@ -44,6 +44,12 @@ def _similarities(img, txt, img_all, txt_all, temp):
     return s_i2t / t, s_t2i / t, a_i2t, a_t2i
 
 
+def _softmax_mean(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """sum_j softmax(s)_j s_j per row, a weight of 0 contributing 0 (also where s_j = -inf)."""
+    p = torch.exp(s - lse.unsqueeze(1))
+    return torch.where(p == 0, 0.0, p * s).sum(1)
+
+
 def itc_loss_ref(image_feats, text_feats, temp, *, label_smoothing=0.1, image_ids=None, process_group=None,
                  return_logits=False):
     """Pure-PyTorch reference (materialises [B, BW, Q]); differentiable in the local features and temp."""
@@ -84,8 +90,11 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
     s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
     tgt = _targets(pos, label_smoothing, s_i2t.dtype)
     lse = torch.stack([torch.logsumexp(s_i2t, 1), torch.logsumexp(s_t2i, 1)])
-    e_tgt = torch.stack([(tgt * s_i2t).sum(1), (tgt * s_t2i).sum(1)])
-    e_p = torch.stack([(torch.softmax(s_i2t, 1) * s_i2t).sum(1), (torch.softmax(s_t2i, 1) * s_t2i).sum(1)])
+    # a row with +inf (lse +inf) or nothing but -inf (lse -inf) has a NaN log-softmax, loss and gradient
+    # in the reference: NaN, as the Triton kernels give it
+    lse = torch.where(torch.isfinite(lse), lse, float("nan"))
+    e_tgt = torch.stack([(tgt * s_i2t).sum(1), (tgt * s_t2i).sum(1)])  # tgt 0 times s -inf is NaN, as in the ref
+    e_p = torch.stack([_softmax_mean(s_i2t, lse[0]), _softmax_mean(s_t2i, lse[1])])
     b = img.shape[0]
     loss = (lse - e_tgt).sum() / (2 * b)
     dloss_dtemp = -(e_p - e_tgt).sum() / (2 * b) / temp.to(s_i2t.dtype)
@@ -127,8 +136,11 @@ def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all:
     w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
     w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
     dimg = torch.einsum("bqj,je->bqe", w, txt_all.to(acc))
-    sel = img_all.to(acc)[torch.arange(img_all.shape[0], device=img.device).view(1, -1), a_t2i.long()]  # [B, BW, E]
-    dtxt = torch.einsum("bj,bje->be", ds_t2i / t, sel)
+    # s_t2i[b, j] = <txt[b], img_all[j, a_t2i[b, j]]> / t: the same scatter, then a product with every query
+    # (as autograd of the reference: 0 times an infinite query that was not the arg-max is NaN there too)
+    w2 = torch.zeros(b, ds_t2i.shape[1], q, dtype=acc, device=img.device)
+    w2.scatter_(2, a_t2i.long().unsqueeze(2), (ds_t2i / t).unsqueeze(2))
+    dtxt = torch.einsum("bjq,jqe->be", w2, img_all.to(acc))
     return dimg.to(img.dtype), dtxt.to(txt.dtype), dtemp.to(temp.dtype).reshape(temp.shape)
 
 
