@@ -196,3 +196,74 @@ def test_itc_triton_tile_of_only_minus_inf(programs, monkeypatch):
         fast = _run(img_all, txt_all, temp, rank, b, 0.1, "triton", torch.float32)
     assert ref[0] == INF and ref[5] == -INF and torch.isfinite(ref[4]).all()
     _compare(fast, ref, low, has_inf=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# temp must be finite and > 0 where it is validated (the public ops)
+
+BAD_TEMPS = [0.0, -0.0, -0.07, INF, -INF, NAN]
+
+
+@pytest.mark.parametrize("value", BAD_TEMPS, ids=str)
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0d", "1elem"])
+def test_itc_rejects_temp_that_is_not_finite_and_positive(value, shape):
+    from blipfast.ops import itc_loss
+
+    img, txt = torch.randn(3, 4, 8), torch.randn(3, 8)
+    temp = torch.full(shape, value, requires_grad=True)
+    with pytest.raises(ValueError, match=r"itc_loss: temp must be finite and > 0"):
+        itc_loss(img, txt, temp)
+    with pytest.raises(ValueError, match=r"itc_loss: temp must be finite and > 0"):
+        itc_loss_from_gathered(img, txt, torch.randn(6, 4, 8), torch.randn(6, 8), temp, rank=1)
+    ok = torch.full(shape, 1e-7, dtype=torch.float16)  # a subnormal, still > 0: accepted
+    assert 0 < float(ok) < 1e-6
+    assert torch.isfinite(itc_loss(img.half(), txt.half(), ok, backend="torch"))
+
+
+def test_itc_temp_check_compiles_without_graph_break_and_is_asynchronous():
+    """Under torch.compile(fullgraph=True) the check is torch._assert_async (no bool() of a tensor, no graph
+    break); it still fires, naming temp. (On CUDA the same assert runs on the device: test_itc_temp_check_cuda.)"""
+    from blipfast.ops import itc_loss
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda i, t, temp: itc_loss(i, t, temp, backend="torch"), fullgraph=True, backend="aot_eager")
+    img, txt = F.normalize(torch.randn(3, 4, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
+    good = fn(img, txt, torch.tensor(0.07))
+    assert torch.allclose(good, itc_loss_ref(img, txt, torch.tensor(0.07)))
+    for value in (-0.07, NAN):
+        with pytest.raises(RuntimeError, match=r"itc_loss: temp must be finite and > 0"):
+            fn(img, txt, torch.tensor(value))
+
+
+_CUDA_TEMP_CHILD = r"""
+import sys, torch
+from blipfast.ops import itc_loss
+img = torch.nn.functional.normalize(torch.randn(4, 8, 16, device="cuda"), dim=-1)
+txt = torch.nn.functional.normalize(torch.randn(4, 16, device="cuda"), dim=-1)
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+loss = itc_loss(img, txt, torch.tensor(0.07, device="cuda"))  # a valid temp: no host sync
+loss_bad = itc_loss(img, txt, torch.tensor(float(sys.argv[1]), device="cuda"))  # queued, no sync either
+torch.cuda.set_sync_debug_mode("default")
+print("QUEUED", flush=True)
+try:
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("ASSERTED", str(e).splitlines()[0], flush=True)
+    sys.exit(3)
+print("NOT ASSERTED", flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", [-0.07, NAN, 0.0])
+def test_itc_temp_check_cuda(value):
+    """On CUDA a bad temp is a device-side assert (a fresh process: it ends the CUDA context), and neither a
+    good nor a bad temp makes itc_loss synchronise with the host."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CUDA_TEMP_CHILD, repr(value)], capture_output=True, text=True,
+                          timeout=300)
+    assert "QUEUED" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "NOT ASSERTED" not in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -177,6 +177,7 @@ def _check_common(image_feats, text_feats, temp, label_smoothing, image_ids):
     C.check_tensor(_OP, "temp", temp, device=dev)
     if temp.numel() != 1 or temp.dim() > 1:
         raise ValueError(f"{_OP}: temp must be a 0-d tensor (or have one element), got shape {tuple(temp.shape)}")
+    C.check_positive_finite_scalar(_OP, "temp", temp)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"{_OP}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
     label_smoothing = float(label_smoothing)
