@@ -223,15 +223,16 @@ def _fwd_rows(part_i2t, part_t2i, n_chunks_i2t, n_chunks_t2i, temp, stats, rows_
         n_chunks = n_chunks_t2i
     stride = n_chunks * B
     # pass 1: the row max; pass 2: rescaled sums. 2-D accumulators reduced once after each loop. The chunk
-    # maxima are never NaN (_tile_update); a chunk's NaN or +inf has made its l NaN, and a row of nothing
-    # but -inf gets exp(-inf - -inf) = NaN here, as its log-softmax is NaN in the reference.
+    # maxima are never NaN (_tile_update), and a chunk's NaN or +inf has made its l NaN. A row of nothing but
+    # NaN and -inf has m = -inf: its chunks are rescaled against 0 (no -inf - -inf), l stays NaN (NaN in)
+    # or is 0, and lse = -inf makes the row's loss (-inf - -inf) and d s NaN, as the reference's.
     mm = tl.full((RB, CB), float("-inf"), tl.float32)
     for c0 in range(0, n_chunks, CB):
         cc = c0 + tl.arange(0, CB)
         msk = r_ok[:, None] & (cc < n_chunks)[None, :]
         mm = tl.maximum(mm, tl.load(part + cc[None, :] * B + rows[:, None], mask=msk, other=float("-inf")))
     m_tot = tl.max(mm, axis=1)
-    m_safe = tl.where(r_ok, m_tot, 0.0)
+    m_safe = tl.where(r_ok & (m_tot != float("-inf")), m_tot, 0.0)
     acc_l = tl.zeros((RB, CB), tl.float32)
     acc_ws = tl.zeros((RB, CB), tl.float32)
     acc_ns = tl.zeros((RB, CB), tl.float32)
@@ -254,7 +255,7 @@ def _fwd_rows(part_i2t, part_t2i, n_chunks_i2t, n_chunks_t2i, temp, stats, rows_
     c_neg = ls / BW
     c_pos = (1.0 - ls) / tl.where(r_ok, np_tot, 1.0) + c_neg
     e_tgt = c_pos * tl.sum(acc_ps, axis=1) + c_neg * tl.sum(acc_ns, axis=1)
-    lse = m_safe + tl.log(l_tot)
+    lse = tl.where(r_ok, m_tot, 0.0) + tl.log(l_tot)
     row_loss = lse - e_tgt
     row_dt = -(tl.sum(acc_ws, axis=1) / l_tot - e_tgt) / t
     tl.store(stats + d * B + rows, lse, mask=r_ok)
