@@ -132,7 +132,9 @@ class Blip2Stage2(nn.Module):
             from transformers import Blip2VisionConfig
 
             eps = ln_vision_eps if ln_vision_eps is not None else (1e-5 if fmt == "lavis" else 1e-6)
-            vcfg = Blip2VisionConfig(hidden_size=ln_w.shape[0], layer_norm_eps=eps)
+            width = ln_w.shape[0]  # the config of an absent ViT: its width and ln_vision, no layers
+            vcfg = Blip2VisionConfig(hidden_size=width, layer_norm_eps=eps, num_hidden_layers=0,
+                                     num_attention_heads=16 if width % 16 == 0 else 1)
         num_query = sd["query_tokens"].shape[1]
         config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=lm.config, num_query_tokens=num_query)
         with torch.device("meta"):  # only the shell: every part is replaced below, nothing is initialised twice
