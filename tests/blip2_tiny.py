@@ -27,9 +27,11 @@ def tokenizer(kind: str = "opt"):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if kind == "opt":
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", BOS)])
     else:
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", EOS)])
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A $B </s>",
+                                                           special_tokens=[("</s>", EOS)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=["<image>"])
 
@@ -44,11 +46,12 @@ def configs(kind: str = "opt", *, qformer_hidden: int = 32, heads: int = 2, laye
     from transformers import (Blip2QFormerConfig, Blip2VisionConfig, InstructBlipQFormerConfig,
                               InstructBlipVisionConfig, OPTConfig, T5Config)
 
-    vcls, qcls = (InstructBlipVisionConfig, InstructBlipQFormerConfig) if instruct else (Blip2VisionConfig, Blip2QFormerConfig)
+    vcls, qcls = ((InstructBlipVisionConfig, InstructBlipQFormerConfig) if instruct
+                  else (Blip2VisionConfig, Blip2QFormerConfig))
     vision = vcls(hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
                   image_size=IMAGE_SIZE, patch_size=8)
-    qformer = qcls(hidden_size=qformer_hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=48,
-                   encoder_hidden_size=24, vocab_size=len(VOCAB), max_position_embeddings=64)
+    qformer = qcls(hidden_size=qformer_hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                   intermediate_size=48, encoder_hidden_size=24, vocab_size=len(VOCAB), max_position_embeddings=64)
     if kind == "opt":
         text = OPTConfig(vocab_size=len(VOCAB), hidden_size=40, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                          word_embed_proj_dim=40, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS,
@@ -64,11 +67,13 @@ def sharpen(model: torch.nn.Module, scale: float = 3.0) -> torch.nn.Module:
     """Random weights far from HF's N(0, 0.02) init, so that outputs depend strongly on the inputs."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("LayerNorm.weight") or "layernorm" in name.lower() and name.endswith("weight") \
-                    or "layer_norm" in name and name.endswith("weight"):
+            low = name.lower()
+            if ("layernorm" in low or "layer_norm" in low) and name.endswith("weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif p.dim() > 1:  # matrices and embeddings: entries of scale / sqrt(fan-in)
+                p.copy_(scale * torch.randn_like(p) / p.shape[-1] ** 0.5)
             else:
-                p.copy_(scale * torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.1 * torch.randn_like(p))
+                p.copy_(0.1 * torch.randn_like(p))
     return model
 
 
@@ -107,3 +112,44 @@ def write_images(folder, n: int, *, size: int = 20, seed: int = 0):
         Image.fromarray(rng.integers(0, 256, (size, size + i, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
+
+
+def write_demo(out) -> None:
+    """Everything the README's stage-2 / caption / vqa examples read, tiny and random, under ``out``:
+    blip2-opt/, blip2-t5/, instructblip/ (HF folders with tokenizer and image processor), stage1.pth (a LAVIS
+    stage-1 checkpoint), llm-opt/ (an OPT folder with its tokenizer), vit/ (a Blip2VisionModel folder),
+    images/ (4 PNGs) and questions.jsonl."""
+    import json
+    from pathlib import Path
+
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, OPTForCausalLM
+
+    from blipfast import convert
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for name, kind, instruct in (("blip2-opt", "opt", False), ("blip2-t5", "t5", False), ("instructblip", "opt", True)):
+        save_folder(blip2(kind, instruct=instruct), out / name, kind, instruct=instruct)
+    vision, qformer, text = configs("opt", qformer_hidden=64, heads=1)
+    qformer.use_qformer_text_input = True  # a stage-1 Q-Former has the text path too
+    stage1 = Blip2ForImageTextRetrieval(Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                                    text_config=text.to_dict(), num_query_tokens=NUM_QUERY,
+                                                    image_text_hidden_size=16))
+    sharpen(stage1, 1.0)
+    convert.save_lavis_checkpoint(convert.hf_to_lavis(stage1.state_dict()).state_dict, out / "stage1.pth")
+    stage1.vision_model.save_pretrained(out / "vit")
+    sharpen(OPTForCausalLM(text), 1.0).save_pretrained(out / "llm-opt")
+    tokenizer("opt").save_pretrained(out / "llm-opt")
+    paths = write_images(out / "images", 4)
+    questions = ["what is the man riding", "how many dogs are there", "what color is the car", "is it a cat"]
+    (out / "questions.jsonl").write_text("".join(json.dumps({"image": f"images/{Path(p).name}", "question": q,
+                                                             "question_id": i}) + "\n"
+                                                 for i, (p, q) in enumerate(zip(paths, questions))))
+
+
+if __name__ == "__main__":  # python -m tests.blip2_tiny OUT_DIR
+    import sys
+
+    write_demo(sys.argv[1] if len(sys.argv) > 1 else "tiny-blip2")
+    print(f"wrote tiny random BLIP-2 demo files to {sys.argv[1] if len(sys.argv) > 1 else 'tiny-blip2'}")

@@ -26,7 +26,8 @@ def _images(tmp_path, n):
 
 
 def _pixels(paths):
-    return T.image_processor()(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    return T.image_processor()(images=images, return_tensors="pt")["pixel_values"]
 
 
 def _rows(path):
@@ -34,20 +35,20 @@ def _rows(path):
 
 
 def test_caption_a_folder(tmp_path, capsys):
-    """Every image of the folder, in name order, batched; SPEC defaults (beam 5, max 30, min 1, no prompt)."""
+    """Every image of the folder, in name order, batched; SPEC's defaults (beam 5, min 1, no prompt)."""
     model_dir, hf = _folder(tmp_path, "opt")
     folder, paths = _images(tmp_path, 3)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "captions.jsonl"
     rc = cli.main(["caption", "--model", str(model_dir), "--images", str(folder), "--output", str(out),
-                   "--batch-size", "2"])
+                   "--batch-size", "2", "--max-new-tokens", "12"])
     assert rc == 0
     rows = _rows(out)
     assert [r["image"] for r in rows] == paths and all(set(r) == {"image", "caption"} for r in rows)
     tok = T.tokenizer("opt")
     want = []
     for i in range(0, 3, 2):  # HF with the same batches: image tokens + BOS, then the new tokens
-        ids = hf.generate(pixel_values=_pixels(paths[i:i + 2]), num_beams=5, max_new_tokens=30, min_new_tokens=1)
+        ids = hf.generate(pixel_values=_pixels(paths[i:i + 2]), num_beams=5, max_new_tokens=12, min_new_tokens=1)
         want += [t.strip() for t in tok.batch_decode(ids[:, Q + 1:], skip_special_tokens=True)]
     assert [r["caption"] for r in rows] == want
     assert len(set(want)) > 1
@@ -133,6 +134,35 @@ def test_bad_input_gets_a_message(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-def test_commands_are_registered():
-    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
-    assert {"caption", "vqa"} <= names
+def test_commands_are_registered_with_specs_defaults():
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    assert {"caption", "vqa"} <= set(sub)
+    cap = sub["caption"].parse_args(["--model", "m", "--images", "i"])
+    assert (cap.prompt, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens) == ("", 5, 30, 1)
+    vqa = sub["vqa"].parse_args(["--model", "m", "--data", "d"])
+    assert (vqa.prompt, vqa.num_beams, vqa.max_new_tokens, vqa.min_new_tokens) == \
+        ("Question: {} Short answer:", 5, 10, 1)
+
+
+def test_readme_stage2_and_generation_examples_run(tmp_path, monkeypatch, capsys):
+    """The README's stage-2 example and its caption/vqa commands run as written on the demo files."""
+    import pathlib
+    import re
+    import shlex
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    T.write_demo(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from_pretrained_parts" in b)
+    exec(compile(example, "README.md:stage-2", "exec"), {})
+    shown = re.search(r"from_pretrained_parts.*?```\n```\n(\{'labels'.*?)\n", readme, flags=re.S).group(1)
+    assert shown in capsys.readouterr().out  # the tokenisation shown is the one made
+    commands = [line for line in re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+                if line.startswith(("blipfast caption", "blipfast vqa"))]
+    assert len(commands) == 3
+    for line in commands:
+        args = shlex.split(line.split("&&")[0])
+        assert cli.main(args[1:]) == 0, line
+        out = tmp_path / args[args.index("--output") + 1]
+        assert len(_rows(out)) == 4

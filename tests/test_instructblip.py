@@ -44,7 +44,8 @@ def test_qformer_matches_hf_outputs_and_gradients(inputs):
         kw.update(query_embeds=queries, encoder_hidden_states=image)
     if inputs != "queries":
         kw["input_ids"] = ids
-        kw["attention_mask"] = torch.cat([torch.ones(bsz, Q, dtype=torch.long), mask], 1) if "queries" in inputs else mask
+        with_queries = torch.cat([torch.ones(bsz, Q, dtype=torch.long), mask], 1)
+        kw["attention_mask"] = with_queries if "queries" in inputs else mask
     kw64 = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in kw.items()}
     outs = [m(**(kw64 if m is ref64 else kw)).last_hidden_state for m in (ref64, hf, bf)]
     weight = torch.randn_like(outs[1])

@@ -1,7 +1,7 @@
 """Stage-2 BLIP-2 (SPEC.md section 4): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
 
-:class:`Blip2Stage2` wraps a Hugging Face ``Blip2ForConditionalGeneration`` (or ``InstructBlipForConditionalGeneration``)
-whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for blipfast's (same parameters, same keys):
+:class:`Blip2Stage2` wraps a Hugging Face ``Blip2ForConditionalGeneration`` (or
+``InstructBlipForConditionalGeneration``) whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for blipfast's (same parameters, same keys):
 
 - image tokens: ``pixel_values`` through the HF ViT, or ``image_embeds`` = the ViT's tokens BEFORE ``ln_vision``
   (HF's ``vision_model.post_layernorm``), as a feature cache stores them; both then go through ``ln_vision``;
@@ -41,7 +41,7 @@ from .llm import configure_attention, load_llm
 
 _LN = "vision_model.post_layernorm."
 _TEXT_FFN = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.")
-_BATCH_KEYS = frozenset({"pixel_values", "image_embeds", "input_ids", "attention_mask", "labels",
+_BATCH_KEYS = frozenset({"pixel_values", "image_embeds", "input_ids", "attention_mask", "labels", "decoder_input_ids",
                          "decoder_attention_mask", "qformer_input_ids", "qformer_attention_mask"})
 IGNORE_INDEX = -100
 
@@ -102,13 +102,14 @@ class Blip2Stage2(nn.Module):
         """Stage 2 from a stage-1 checkpoint and a local LLM.
 
         - ``stage1``: a LAVIS ``.pth`` (``{"model": state_dict}``), an HF/blipfast-named safetensors file or folder,
-          a state dict or a module with ``state_dict()``; it must hold the Q-Former (``qformer.*`` / ``Qformer.bert.*``),
-          ``query_tokens`` and ``ln_vision`` (``vision_model.post_layernorm.*`` / ``ln_vision.*``); a
+          a state dict or a module with ``state_dict()``; it must hold the Q-Former (``qformer.*`` /
+          ``Qformer.bert.*``), ``query_tokens`` and ``ln_vision`` (``vision_model.post_layernorm.*`` / ``ln_vision.*``); a
           ``language_projection`` (``opt_proj`` / ``t5_proj``) in it is used, else a fresh ``nn.Linear``. The stage-1
           text FFN, embeddings and ITC/ITM/LM heads are not used in stage 2.
         - ``llm``: a local folder (``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM`` after its config) or a model.
         - ``vision``: None (features only: ``image_embeds`` in, no ViT), a ``Blip2VisionModel`` folder or module, or a
-          ``Blip2VisionConfig`` whose weights the checkpoint holds (LAVIS ``visual_encoder.*``).
+          ``Blip2VisionConfig`` whose weights the checkpoint holds (LAVIS ``visual_encoder.*``). Modules given for
+          ``llm`` / ``vision`` are used, not copied: they get frozen, and the ViT gets the checkpoint's ln_vision.
         - ``qformer_config``: an HF ``Blip2QFormerConfig`` / ``Blip2Config`` / dict / ``QFormerConfig``; default: the
           ``config.json`` beside the checkpoint, else read from the weights' shapes with 64-wide heads (BERT's).
         - ``dtype``: of the frozen LLM and ViT (the trained parts stay fp32); ``ln_vision_eps``: only without a ViT
@@ -122,7 +123,7 @@ class Blip2Stage2(nn.Module):
         vm = _vision_model(vision, sd, dtype)
         ln_w = sd[_LN + "weight"]
         if vm is not None and vm.config.hidden_size != ln_w.shape[0]:
-            raise ValueError(f"vision: width {vm.config.hidden_size} != ln_vision width {ln_w.shape[0]} of the checkpoint")
+            raise ValueError(f"vision: width {vm.config.hidden_size} != the checkpoint's ln_vision width {ln_w.shape[0]}")
         if ln_w.shape[0] != qcfg.encoder_hidden_size:
             raise ValueError(f"stage1: ln_vision width {ln_w.shape[0]} != the Q-Former's encoder_hidden_size "
                              f"{qcfg.encoder_hidden_size}")
@@ -247,6 +248,12 @@ class Blip2Stage2(nn.Module):
     def _prefixed(self, input_ids, attention_mask, image: dict):
         prefix = self.language_inputs(**image)
         bsz, nq = prefix.shape[:2]
+        if input_ids is None:  # generation without a prompt: BOS for decoder-only LLMs (as HF), else nothing
+            if attention_mask is not None:
+                raise ValueError("attention_mask given without input_ids")
+            bos = self.model.language_model.config.bos_token_id
+            width = 1 if bos is not None and not self.is_encoder_decoder else 0
+            input_ids = torch.full((bsz, width), bos if width else 0, dtype=torch.long, device=prefix.device)
         _check_ids("input_ids", input_ids, bsz)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         _check_like("attention_mask", mask, input_ids)
@@ -257,25 +264,29 @@ class Blip2Stage2(nn.Module):
     # ------------------------------------------------------------------------------------------
     # training
 
-    def forward(self, *, input_ids: torch.Tensor, attention_mask=None, labels=None, pixel_values=None,
-                image_embeds=None, decoder_attention_mask=None, qformer_input_ids=None, qformer_attention_mask=None,
+    def forward(self, *, input_ids: Optional[torch.Tensor] = None, attention_mask=None, labels=None,
+                pixel_values=None, image_embeds=None, decoder_input_ids=None, decoder_attention_mask=None,
+                qformer_input_ids=None, qformer_attention_mask=None,
                 interpolate_pos_encoding: bool = False) -> Stage2Output:
         """Loss and logits. Decoder-only: ``input_ids`` / ``attention_mask`` / ``labels`` [B, T] are prompt + text
         (labels -100 on prompt and padding; the queries' -100 are added here). Seq2seq: ``input_ids`` is the
         encoder's prompt, ``labels`` [B, T'] the decoder target (-100 on padding), ``decoder_attention_mask``
-        optional. See :meth:`make_text_batch`."""
+        optional (``decoder_input_ids`` default: the labels shifted right, as transformers does). See
+        :meth:`make_text_batch`."""
         image = dict(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                      qformer_attention_mask=qformer_attention_mask, interpolate_pos_encoding=interpolate_pos_encoding)
+        if input_ids is None:
+            raise ValueError("input_ids: the prompt/text ids are required (an empty [B, 0] tensor for none)")
         embeds, mask, nq = self._prefixed(input_ids, attention_mask, image)
         lm = self.model.language_model
         if self.is_encoder_decoder:
             if labels is not None:
                 _check_ids("labels", labels, input_ids.shape[0])
-            out = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+            out = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids,
                      decoder_attention_mask=decoder_attention_mask, use_cache=False)
         else:
-            if decoder_attention_mask is not None:
-                raise ValueError("decoder_attention_mask: only for seq2seq LLMs")
+            if decoder_attention_mask is not None or decoder_input_ids is not None:
+                raise ValueError("decoder_input_ids / decoder_attention_mask: only for seq2seq LLMs")
             if labels is not None:
                 _check_like("labels", labels, input_ids)
                 labels = torch.cat([labels.new_full((labels.shape[0], nq), IGNORE_INDEX), labels], dim=1)
@@ -379,17 +390,8 @@ class Blip2Stage2(nn.Module):
         seq2seq, the decoder sequence (starting with its start token), as transformers returns them."""
         image = dict(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                      qformer_attention_mask=qformer_attention_mask, interpolate_pos_encoding=interpolate_pos_encoding)
-        lm = self.model.language_model
-        if input_ids is None:
-            if attention_mask is not None:
-                raise ValueError("attention_mask without input_ids")
-            bsz = (pixel_values if pixel_values is not None else image_embeds).shape[0]
-            bos = lm.config.bos_token_id
-            device = self.model.query_tokens.device
-            width = 1 if bos is not None and not self.is_encoder_decoder else 0
-            input_ids = torch.full((bsz, width), bos if width else 0, dtype=torch.long, device=device)
         embeds, mask, _ = self._prefixed(input_ids, attention_mask, image)
-        return lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        return self.model.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +471,8 @@ def stage2_qformer_config(spec, sd: Mapping):
         spec = spec.qformer_config
     if not isinstance(spec, dict):
         if not hasattr(spec, "to_dict"):
-            raise TypeError(f"qformer_config: expected an HF config, a dict or a QFormerConfig, got {type(spec).__name__}")
+            raise TypeError(f"qformer_config: expected an HF config, a dict or a QFormerConfig, got "
+                            f"{type(spec).__name__}")
         spec = spec.to_dict()
     spec = {k: v for k, v in spec.items() if k not in ("model_type", "transformers_version", "architectures")}
     spec["use_qformer_text_input"] = False  # stage 2 drops the text path
