@@ -171,22 +171,43 @@ def test_training_step_adds_no_host_sync(kind):
     assert step.count == bare.count
 
 
+@pytest.mark.slow
+def test_loss_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces the whole stage-2 loss (blipfast's Q-Former ops and HF's OPT, whose
+    eager mask checks are skipped under tracing): no graph break, so no host sync anywhere in the compiled step;
+    loss and gradients equal eager. (~15 s of compilation on a CPU.)"""
+    stage2 = Blip2Stage2(T.sharpen(T.blip2("opt"), 1.0)).eval()
+    batch = {"image_embeds": torch.randn(3, 5, 24), **_loss_inputs("opt")[1]}
+    compiled = torch.compile(stage2.loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (stage2.loss, compiled):
+        stage2.zero_grad(set_to_none=True)
+        loss = fn(batch)
+        loss.backward()
+        results.append((loss.detach(), _grads(stage2.model)))
+    (eager, g_eager), (comp, g_comp) = results
+    assert_close(comp, eager, scale=10)
+    assert g_comp.keys() == g_eager.keys()
+    for n in g_eager:
+        assert_close(g_comp[n], g_eager[n], name=n, scale=10)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_few_steps_lower_the_loss(kind):
     """AdamW on the trained parameters lowers the loss of a fixed batch (dropout off, so the drop is no noise);
     the frozen parameters do not move."""
     stage2 = Blip2Stage2(T.sharpen(T.blip2(kind), 1.0)).eval()
     frozen_before = {n: p.detach().clone() for n, p in stage2.model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for _, p in stage2.trainable_parameters()], lr=1e-2)
+    opt = torch.optim.AdamW([p for _, p in stage2.trainable_parameters()], lr=5e-3)
     batch = {"image_embeds": torch.randn(3, 5, 24), **_loss_inputs(kind)[1]}
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         opt.zero_grad(set_to_none=True)
         loss = stage2.loss(batch)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses
     assert all(torch.equal(p, frozen_before[n]) for n, p in stage2.model.named_parameters() if not p.requires_grad)
 
 

@@ -82,7 +82,9 @@ class Generator:
     """A BLIP-2 / InstructBLIP folder ready to generate: ``Generator(model_dir)(images, prompts, **kwargs)``."""
 
     def __init__(self, model_dir, *, device=None, dtype=None, attn_implementation: Optional[str] = "auto"):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
+        # from its module: transformers 5.17's top level hides AutoImageProcessor without torchvision
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         from ..models.blip2_stage2 import Blip2Stage2
 
