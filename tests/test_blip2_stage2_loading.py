@@ -141,6 +141,8 @@ def test_loading_errors_are_named(tmp_path):
         Blip2Stage2.from_pretrained_parts(sd, llm_dir, llm_dir, qformer_config=qcfg)
     with pytest.raises(TypeError, match="stage1"):
         Blip2Stage2.from_pretrained_parts(42, llm_dir)
+    with pytest.raises(ValueError, match="do not fit qformer_config"):
+        Blip2Stage2.from_pretrained_parts(sd, llm_dir, qformer_config=dict(qcfg.to_dict(), num_hidden_layers=1))
 
 
 def test_save_pretrained_then_from_hf_generates_the_same(tmp_path):

@@ -1,7 +1,8 @@
 """Stage-2 BLIP-2 (SPEC.md section 4): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
 
 :class:`Blip2Stage2` wraps a Hugging Face ``Blip2ForConditionalGeneration`` (or
-``InstructBlipForConditionalGeneration``) whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for blipfast's (same parameters, same keys):
+``InstructBlipForConditionalGeneration``) whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for
+blipfast's (same parameters, same keys):
 
 - image tokens: ``pixel_values`` through the HF ViT, or ``image_embeds`` = the ViT's tokens BEFORE ``ln_vision``
   (HF's ``vision_model.post_layernorm``), as a feature cache stores them; both then go through ``ln_vision``;
@@ -103,9 +104,10 @@ class Blip2Stage2(nn.Module):
 
         - ``stage1``: a LAVIS ``.pth`` (``{"model": state_dict}``), an HF/blipfast-named safetensors file or folder,
           a state dict or a module with ``state_dict()``; it must hold the Q-Former (``qformer.*`` /
-          ``Qformer.bert.*``), ``query_tokens`` and ``ln_vision`` (``vision_model.post_layernorm.*`` / ``ln_vision.*``); a
-          ``language_projection`` (``opt_proj`` / ``t5_proj``) in it is used, else a fresh ``nn.Linear``. The stage-1
-          text FFN, embeddings and ITC/ITM/LM heads are not used in stage 2.
+          ``Qformer.bert.*``), ``query_tokens`` and ``ln_vision`` (``vision_model.post_layernorm.*`` /
+          ``ln_vision.*``); a ``language_projection`` (``opt_proj`` / ``t5_proj``) in it is used, else a fresh
+          ``nn.Linear`` (PyTorch's init, as LAVIS). The stage-1 text FFN, embeddings and ITC/ITM/LM heads are not
+          used in stage 2.
         - ``llm``: a local folder (``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM`` after its config) or a model.
         - ``vision``: None (features only: ``image_embeds`` in, no ViT), a ``Blip2VisionModel`` folder or module, or a
           ``Blip2VisionConfig`` whose weights the checkpoint holds (LAVIS ``visual_encoder.*``). Modules given for
@@ -123,7 +125,8 @@ class Blip2Stage2(nn.Module):
         vm = _vision_model(vision, sd, dtype)
         ln_w = sd[_LN + "weight"]
         if vm is not None and vm.config.hidden_size != ln_w.shape[0]:
-            raise ValueError(f"vision: width {vm.config.hidden_size} != the checkpoint's ln_vision width {ln_w.shape[0]}")
+            raise ValueError(f"vision: width {vm.config.hidden_size} != the checkpoint's ln_vision width "
+                             f"{ln_w.shape[0]}")
         if ln_w.shape[0] != qcfg.encoder_hidden_size:
             raise ValueError(f"stage1: ln_vision width {ln_w.shape[0]} != the Q-Former's encoder_hidden_size "
                              f"{qcfg.encoder_hidden_size}")
@@ -150,7 +153,11 @@ class Blip2Stage2(nn.Module):
         model.vision_model = vm
         qformer = Blip2QFormerModel(qcfg)
         qsd = {k[8:]: v for k, v in sd.items() if k.startswith("qformer.") and not _TEXT_FFN.match(k[8:])}
-        qformer.load_state_dict(qsd, strict=True)
+        try:
+            qformer.load_state_dict(qsd, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"stage1: the Q-Former weights do not fit qformer_config ({qcfg.hidden_size} wide, "
+                             f"{qcfg.num_hidden_layers} layers): {e}") from None
         model.qformer = qformer
         model.query_tokens = nn.Parameter(sd["query_tokens"].detach().clone().float())
         model.language_projection = nn.Linear(qcfg.hidden_size, lm.get_input_embeddings().embedding_dim)
