@@ -112,6 +112,29 @@ def test_from_hf_safetensors_features_only_with_inferred_config(tmp_path):
         feats_only.save_pretrained(tmp_path / "nope")
 
 
+def test_from_blipfast_blip2stage1(tmp_path):
+    """blipfast's own Blip2Stage1 (module, or its state dict in safetensors with ``ln_vision.*``): the stage-2
+    query outputs on cached features are stage 1's image pass (ln_vision + Q-Former over the queries)."""
+    import blipfast
+
+    _, qcfg = _stage1()
+    s1 = blipfast.Blip2Stage1(blipfast.Blip2Stage1Config(qformer=dict(qcfg.to_dict(), vocab_size=len(T.VOCAB) + 1),
+                                                         num_query_tokens=Q, embed_dim=16, bos_token_id=len(T.VOCAB),
+                                                         ln_vision_eps=1e-5))
+    T.sharpen(s1, 1.0).eval()
+    llm_dir, _ = _llm_folder(tmp_path, "opt")
+    convert.save_safetensors(s1.state_dict(), tmp_path / "s1.safetensors")
+    feats = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        want = s1.qformer(query_embeds=s1.query_tokens.expand(2, -1, -1),
+                          encoder_hidden_states=s1.ln_vision(feats)).last_hidden_state
+    for src, kw in ((s1, {}), (tmp_path / "s1.safetensors", {"qformer_config": qcfg})):
+        stage2 = Blip2Stage2.from_pretrained_parts(src, llm_dir, **kw).eval()
+        assert stage2.model.vision_model.post_layernorm.eps == 1e-5  # Blip2Stage1's (LAVIS') epsilon
+        with torch.no_grad():
+            assert_close(stage2.query_output(image_embeds=feats), want)
+
+
 def test_qformer_config_from_the_folder_and_blipfast_names(tmp_path):
     """An HF folder (config.json with qformer_config) needs no qformer_config; a state dict with blipfast's
     ``ln_vision.*`` name works like HF's post_layernorm."""

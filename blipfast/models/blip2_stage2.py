@@ -115,12 +115,13 @@ class Blip2Stage2(nn.Module):
         - ``qformer_config``: an HF ``Blip2QFormerConfig`` / ``Blip2Config`` / dict / ``QFormerConfig``; default: the
           ``config.json`` beside the checkpoint, else read from the weights' shapes with 64-wide heads (BERT's).
         - ``dtype``: of the frozen LLM and ViT (the trained parts stay fp32); ``ln_vision_eps``: only without a ViT
-          (default 1e-5 for LAVIS checkpoints, 1e-6 = HF's otherwise).
+          (default: a ``Blip2Stage1``'s own; 1e-5 (LAVIS') for LAVIS- and blipfast-named checkpoints, 1e-6 for
+          HF-named ones, HF's default).
         """
         from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerModel
 
-        sd, fmt, file_qcfg = read_stage1(stage1)
-        qcfg = stage2_qformer_config(qformer_config if qformer_config is not None else file_qcfg, sd)
+        sd, qcfg_hint, eps_hint = read_stage1(stage1)
+        qcfg = stage2_qformer_config(qformer_config if qformer_config is not None else qcfg_hint, sd)
         lm = load_llm(llm, dtype=dtype, attn_implementation=attn_implementation, device=device)
         vm = _vision_model(vision, sd, dtype)
         ln_w = sd[_LN + "weight"]
@@ -135,7 +136,7 @@ class Blip2Stage2(nn.Module):
         else:
             from transformers import Blip2VisionConfig
 
-            eps = ln_vision_eps if ln_vision_eps is not None else (1e-5 if fmt == "lavis" else 1e-6)
+            eps = ln_vision_eps if ln_vision_eps is not None else eps_hint
             width = ln_w.shape[0]  # the config of an absent ViT: its width and ln_vision, no layers
             vcfg = Blip2VisionConfig(hidden_size=width, layer_norm_eps=eps, num_hidden_layers=0,
                                      num_attention_heads=16 if width % 16 == 0 else 1)
@@ -426,11 +427,16 @@ def _normalise_names(sd: dict) -> dict:
 
 
 def read_stage1(stage1) -> tuple:
-    """(state dict in HF names, "lavis" | "hf", the HF qformer config dict beside it or None) of a stage-1
-    checkpoint given as a path, a state dict or a module."""
-    file_qcfg = None
+    """(state dict in HF names, a Q-Former config hint or None, the default ``ln_vision`` epsilon) of a stage-1
+    checkpoint given as a path, a state dict or a module (a :class:`blipfast.Blip2Stage1` gives its own config).
+    The epsilon: the module's, else 1e-5 (LAVIS', also blipfast's Blip2Stage1 default) for LAVIS names and
+    blipfast's ``ln_vision.*``, 1e-6 (HF's default) for HF's ``vision_model.post_layernorm.*``."""
+    qcfg_hint = eps_hint = None
     if isinstance(stage1, nn.Module):
         sd = dict(stage1.state_dict())
+        cfg = getattr(stage1, "config", None)
+        qcfg_hint = getattr(cfg, "qformer", None)  # Blip2Stage1Config
+        eps_hint = getattr(cfg, "ln_vision_eps", None)
     elif isinstance(stage1, Mapping):
         sd = dict(stage1)
     elif isinstance(stage1, (str, Path)):
@@ -439,15 +445,17 @@ def read_stage1(stage1) -> tuple:
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
         if cfg_file.is_file():
             cfg = json.loads(cfg_file.read_text())
-            file_qcfg = cfg.get("qformer_config") if cfg.get("model_type") in ("blip-2", "instructblip") else None
+            qcfg_hint = cfg.get("qformer_config") if cfg.get("model_type") in ("blip-2", "instructblip") else None
     else:
         raise TypeError(f"stage1 must be a path, a state dict or a module, got {type(stage1).__name__}")
-    fmt = "lavis" if any(k.startswith(("Qformer.", "visual_encoder.")) for k in sd) else "hf"
+    if eps_hint is None:
+        hf_named = _LN + "weight" in sd and not any(k.startswith(("Qformer.", "visual_encoder.")) for k in sd)
+        eps_hint = 1e-6 if hf_named else 1e-5
     sd = _normalise_names(sd)
     missing = [k for k in ("query_tokens", _LN + "weight", _LN + "bias", "qformer.layernorm.weight") if k not in sd]
     if missing:
         raise ValueError(f"stage1: the checkpoint lacks {missing} (needs the Q-Former, query_tokens and ln_vision)")
-    return sd, fmt, file_qcfg
+    return sd, qcfg_hint, eps_hint
 
 
 def stage2_qformer_config(spec, sd: Mapping):

@@ -9,7 +9,7 @@ also accepts CPU tensors (that is how CI tests the kernels).
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from typing import Iterable, Sequence
 
@@ -30,14 +30,49 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+def _probe_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _probe_extension() -> bool:
+    from .._ext import cuda_extension_available
+
+    return cuda_extension_available()
+
+
+# What is installed is decided once, at import: resolve_backend runs inside traced code (torch.compile with
+# fullgraph=True, CUDA-graph capture) and must be plain Python over constants there (an import or an
+# lru_cache'd loader would break the graph). Tests that need another answer monkeypatch these two names.
+TRITON_OK: bool = _probe_triton()
+EXTENSION_OK: bool = _probe_extension()
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
+    return TRITON_OK
+
+
+# Set by ``dispatch_meta_as_cuda()``: meta tensors take the dispatch decisions of CUDA tensors (the custom ops'
+# fake implementations run instead of kernels), so that the cost of the GPU path can be counted without a GPU.
+_META_AS_CUDA = False
+
+
+class dispatch_meta_as_cuda:
+    """Context manager: ops on meta tensors resolve their backend as on a CUDA device with Triton and the
+    compiled extension (blipfast.bench.counting counts FLOPs, operators and saved bytes of the GPU path)."""
+
+    def __enter__(self):
+        global _META_AS_CUDA
+        self._prev, _META_AS_CUDA = _META_AS_CUDA, True
+        return self
+
+    def __exit__(self, *exc):
+        global _META_AS_CUDA
+        _META_AS_CUDA = self._prev
         return False
-    return True
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" or (_META_AS_CUDA and device.type == "meta")
 
 
 def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
@@ -45,12 +80,12 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
         return True
     if dtype is not None and dtype not in FUSED_DTYPES:
         return False
+    if _META_AS_CUDA and device.type == "meta":
+        return True
     if backend == "triton":
-        return triton_available() and (device.type == "cuda" or triton_interpret())
+        return TRITON_OK and (device.type == "cuda" or triton_interpret())
     if backend == "cuda":
-        from .._ext import cuda_extension_available
-
-        return device.type == "cuda" and cuda_extension_available()
+        return device.type == "cuda" and EXTENSION_OK
     return False
 
 
@@ -76,7 +111,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
             raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
         if env in supported and _runnable(env, device, dtype):
             return env
-    if device.type == "cuda":
+    if _is_cuda(device):
         for cand in supported:
             if _runnable(cand, device, dtype):
                 return cand
@@ -163,7 +198,8 @@ def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
     if isinstance(seed, int) and not isinstance(seed, bool):
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"{op}: seed must fit in int64, got {seed}")
-        return torch.tensor([seed], dtype=torch.int64, device=device)
+        # a fill kernel with the value as its argument: no host-to-device copy, capturable in a CUDA graph
+        return torch.full((1,), seed, dtype=torch.int64, device=device)
     check_tensor(op, "seed", seed, dtypes=(torch.int64,), device=device)
     if seed.numel() != 1:
         raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
