@@ -147,7 +147,7 @@ class _HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if any(s in name for s in ("_local_scalar_dense", "is_nonzero", "nonzero", "aten.equal")):
+        if name.startswith(("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.equal")):
             self.count[name] += 1
         return func(*args, **(kwargs or {}))
 

@@ -46,12 +46,13 @@ def test_caption_a_folder(tmp_path, capsys):
     rows = _rows(out)
     assert [r["image"] for r in rows] == paths and all(set(r) == {"image", "caption"} for r in rows)
     tok = T.tokenizer("opt")
-    want = []
+    want, tokens = [], set()
     for i in range(0, 3, 2):  # HF with the same batches: image tokens + BOS, then the new tokens
         ids = hf.generate(pixel_values=_pixels(paths[i:i + 2]), num_beams=5, max_new_tokens=12, min_new_tokens=1)
         want += [t.strip() for t in tok.batch_decode(ids[:, Q + 1:], skip_special_tokens=True)]
+        tokens |= {tuple(r) for r in ids[:, Q + 1:].tolist()}
     assert [r["caption"] for r in rows] == want
-    assert len(set(want)) > 1
+    assert len(tokens) > 1  # the tokens depend on the image
     assert "blipfast caption: 3 rows" in capsys.readouterr().err
 
 
