@@ -102,14 +102,14 @@ def save_folder(model, path, kind: str = "opt", *, instruct: bool = False):
 
 def write_images(folder, n: int, *, size: int = 20, seed: int = 0):
     """n random RGB PNG files (pillow), named img0.png, img1.png, ...; returns their paths."""
-    import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     paths = []
     for i in range(n):
         p = f"{folder}/img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (size, size + i, 3), dtype=np.uint8)).save(p)
+        pixels = torch.randint(0, 256, (size, size + i, 3), generator=gen, dtype=torch.uint8)
+        Image.frombytes("RGB", (size + i, size), bytes(pixels.flatten().tolist())).save(p)
         paths.append(p)
     return paths
 
