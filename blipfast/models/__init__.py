@@ -1,5 +1,19 @@
 """Thin nn.Modules over blipfast.ops: the Q-Former (a drop-in for HF ``Blip2QFormerModel``) and its text
-embeddings; the stage-1/stage-2/retrieval models build on them."""
+embeddings, and the BLIP (v1) text model (MED, drop-ins for HF ``BlipTextModel`` / ``BlipTextLMHeadModel``);
+the stage-1/stage-2/retrieval and pre-training models build on them.
+
+The BLIP names are imported on first use (``blipfast.models.blip`` pulls in transformers' modeling and
+generation code, seconds of import time that BLIP-2-only users should not pay)."""
 from .qformer import ImageKV, QFormer, QFormerConfig, QFormerEmbeddings, QFormerLayer, QFormerOutput
 
-__all__ = ["ImageKV", "QFormer", "QFormerConfig", "QFormerEmbeddings", "QFormerLayer", "QFormerOutput"]
+_BLIP = ("BlipTextLMHeadModel", "BlipTextModel", "blip_text_config", "share_encoder_decoder")
+
+__all__ = ["ImageKV", "QFormer", "QFormerConfig", "QFormerEmbeddings", "QFormerLayer", "QFormerOutput", *_BLIP]
+
+
+def __getattr__(name):
+    if name in _BLIP:
+        from . import blip
+
+        return getattr(blip, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

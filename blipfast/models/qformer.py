@@ -55,7 +55,7 @@ def _activation(name_or_fn):
     from transformers.activations import ACT2FN
 
     if name_or_fn not in ACT2FN:
-        raise ValueError(f"QFormerConfig: hidden_act {name_or_fn!r} is not a transformers activation (ACT2FN)")
+        raise ValueError(f"hidden_act {name_or_fn!r} is not a transformers activation (ACT2FN)")
     return ACT2FN[name_or_fn]
 
 
@@ -130,7 +130,10 @@ class QFormerConfig:
                 err(f"{name} must be a positive float, got {v!r}")
         if not isinstance(self.hidden_act, str) and not callable(self.hidden_act):
             err(f"hidden_act must be an ACT2FN name or a callable, got {self.hidden_act!r}")
-        _activation(self.hidden_act)
+        try:
+            _activation(self.hidden_act)
+        except ValueError as e:
+            err(str(e))
         pad = self.pad_token_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
             err(f"pad_token_id must be None or an int in [0, vocab_size={self.vocab_size}), got {pad!r}")
@@ -268,16 +271,38 @@ def _epilogue(x, dense_ln: _DenseLN, residual, p: float):
                                           ln.weight, ln.bias, eps=ln.eps, dropout_p=p)
 
 
-def _check_mask(name: str, mask, shape: tuple, device) -> None:
+def _check_mask(name: str, mask, shape: tuple, device, who: str = "QFormer", like: str = "query_embeds") -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"QFormer: {name} must be a tensor, got {type(mask).__name__}")
+        raise TypeError(f"{who}: {name} must be a tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"QFormer: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
+        raise ValueError(f"{who}: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
                          f"{list(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"QFormer: {name} is on {mask.device} but query_embeds is on {device}")
+        raise ValueError(f"{who}: {name} is on {mask.device} but {like} is on {device}")
+
+
+def qkv_projection(proj: nn.Module, x: torch.Tensor, num_heads: int, head_dim: int):
+    """Self-attention q, k, v [B, L, H, D] of ``x`` [B, L, d] from ONE GEMM against the concatenated
+    ``proj.query`` / ``proj.key`` / ``proj.value`` weights: strided views of its [B, L, 3, H, D] output."""
+    w = torch.cat((proj.query.weight, proj.key.weight, proj.value.weight))
+    b = torch.cat((proj.query.bias, proj.key.bias, proj.value.bias))
+    return F.linear(x, w, b).unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
+
+
+def stacked_kv(projs: Sequence[nn.Module], x: torch.Tensor, num_heads: int, head_dim: int) -> tuple:
+    """Cross-attention (k, v) [M, Lk, H, D] of ``x`` [M, Lk, width] for every projection in ``projs`` (modules
+    with ``key`` / ``value`` Linears) from ONE GEMM; a tuple of pairs of strided views, in ``projs`` order."""
+    w = torch.cat([t for p in projs for t in (p.key.weight, p.value.weight)])
+    b = torch.cat([t for p in projs for t in (p.key.bias, p.value.bias)])
+    kv = F.linear(x, w, b).unflatten(-1, (2 * len(projs), num_heads, head_dim)).unbind(-3)
+    return tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs)))
+
+
+def ffn(act, inter: nn.Module, output: nn.Module, h: torch.Tensor, p: float) -> torch.Tensor:
+    """The post-LN feed-forward block ``LN(h + Drop(W2 act(W1 h)))``, its epilogue fused."""
+    return _epilogue(act(F.linear(h, inter.dense.weight, inter.dense.bias)), output, h, p)
 
 
 class QFormer(nn.Module):
@@ -321,10 +346,7 @@ class QFormer(nn.Module):
         m, lk, _ = x.shape
         _check_mask("encoder_attention_mask", encoder_attention_mask, (m, lk), x.device)
         projs = [self.encoder.layer[i].crossattention.attention for i in self._cross]
-        w = torch.cat([t for p in projs for t in (p.key.weight, p.value.weight)])
-        b = torch.cat([t for p in projs for t in (p.key.bias, p.value.bias)])
-        kv = F.linear(x, w, b).view(m, lk, 2 * len(projs), cfg.num_attention_heads, cfg.head_dim).unbind(2)
-        return ImageKV(tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs))), encoder_attention_mask)
+        return ImageKV(stacked_kv(projs, x, cfg.num_attention_heads, cfg.head_dim), encoder_attention_mask)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, query_embeds: torch.Tensor, query_length: Optional[int] = None, attention_mask=None,
@@ -433,10 +455,7 @@ class QFormer(nn.Module):
         cross_j = 0
         for i, layer in enumerate(self.encoder.layer):
             # self-attention: one QKV GEMM, q/k/v strided views of [B, L, 3, H, D]
-            proj = layer.attention.attention
-            w = torch.cat((proj.query.weight, proj.key.weight, proj.value.weight))
-            b = torch.cat((proj.query.bias, proj.key.bias, proj.value.bias))
-            q, k, v = F.linear(x, w, b).view(bsz, seq, 3, h, hd).unbind(2)
+            q, k, v = qkv_projection(layer.attention.attention, x, h, hd)
             if query_kv is not None:
                 query_kv.append((k, v) if q_len == seq else (k[:, :q_len], v[:, :q_len]))
             if past_query_kv is not None:
@@ -456,11 +475,11 @@ class QFormer(nn.Module):
                     cross_j += 1
                     cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att)
                     aq = _epilogue(cctx.reshape(bsz, q_len, d), ca.output, aq, p_hid)
-                parts.append(self._ffn(layer.intermediate_query, layer.output_query, aq, p_hid))
+                parts.append(ffn(self._act, layer.intermediate_query, layer.output_query, aq, p_hid))
             else:
                 at = a
             if at is not None:
-                parts.append(self._ffn(layer.intermediate, layer.output, at, p_hid))
+                parts.append(ffn(self._act, layer.intermediate, layer.output, at, p_hid))
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             if all_hidden is not None:
                 all_hidden.append(x)
@@ -469,10 +488,6 @@ class QFormer(nn.Module):
                             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
                             query_kv=tuple(query_kv) if query_kv is not None else None)
         return out if return_dict is None or return_dict else out.to_tuple()
-
-    def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float) -> torch.Tensor:
-        y = self._act(F.linear(h, inter.dense.weight, inter.dense.bias))
-        return _epilogue(y, output, h, p)
 
 
 class QFormerEmbeddings(nn.Module):
