@@ -210,6 +210,30 @@ def test_incremental_decoding_with_cache_equals_full_pass():
         assert cache.get_seq_length() == t
 
 
+@pytest.mark.parametrize("how", [dict(), dict(num_beams=3, min_length=6)])
+def test_generate_from_left_padded_prompts_identical(how):
+    """transformers' generate on the decoder alone, batched prompts of different lengths (left padding, so
+    the padding rows have no key: blipfast outputs 0 there, HF an average; neither reaches a real token), in
+    fp64 so that no near-tie can flip a token."""
+    import copy
+
+    hf = copy.deepcopy(_pair("small", True)[0]).double()
+    bf = blipfast.BlipTextLMHeadModel.from_hf(hf)
+    cfg, bsz, _, lk = CONFIGS["small"]
+    prompt = torch.randint(4, cfg["vocab_size"], (bsz, 5))
+    prompt[:, 0] = TOKENS["bos_token_id"]
+    mask = torch.ones(bsz, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    prompt = prompt.masked_fill(mask == 0, TOKENS["pad_token_id"])
+    image = torch.randn(bsz, lk, cfg["encoder_hidden_size"], dtype=torch.float64)
+    kw = dict(input_ids=prompt, attention_mask=mask, encoder_hidden_states=image, max_length=14,
+              eos_token_id=TOKENS["sep_token_id"], pad_token_id=TOKENS["pad_token_id"], **how)
+    ref, got = hf.generate(**kw), bf.generate(**kw)
+    assert got.tolist() == ref.tolist()
+    assert got.shape[1] > 6
+
+
 def test_shared_image_kv_with_kv_index_equals_per_pair_passes():
     """ITM's three row-sets per image (positive, negative text, negative image) over image K/V computed once per
     image: outputs equal HF's per-pair passes, and the image features' gradient equals HF's summed over pairs."""
