@@ -27,7 +27,7 @@ from transformers import BlipTextModel as HFText
 
 import blipfast
 from blipfast.models.blip import CACHE_FIELD, blip_text_config, share_encoder_decoder
-from tests.conftest import HAS_CUDA, assert_close
+from tests.conftest import HAS_CUDA, assert_triton_matches_torch, count_calls
 from tests.test_qformer_parity import GRAD_FLOOR, _check, _randomize, _seed_of
 
 TOKENS = dict(bos_token_id=1, eos_token_id=2, sep_token_id=3, pad_token_id=0)
@@ -352,15 +352,7 @@ def test_runs_on_triton_kernels(monkeypatch, mode):
     pytest.importorskip("triton")
     import blipfast.kernels.attention as kern
 
-    calls = {"n": 0}
-    for fn in ("qformer_attention_fwd", "cross_attention_fwd"):
-        orig = getattr(kern, fn)
-
-        def counting(*a, _orig=orig, **k):
-            calls["n"] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(kern, fn, counting)
+    calls = count_calls(monkeypatch, kern, "qformer_attention_fwd", "cross_attention_fwd")
     device = "cuda" if HAS_CUDA else "cpu"
     cfg = blip_text_config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=40, encoder_hidden_size=16, **TOKENS)
@@ -372,8 +364,7 @@ def test_runs_on_triton_kernels(monkeypatch, mode):
         img_mask = _padding(2, 9)
         kv_index = torch.tensor([0, 1, 0])
 
-    def run(backend):
-        monkeypatch.setenv("BLIPFAST_BACKEND", backend)
+    def run():
         model.zero_grad(set_to_none=True)
         if mode == "decoder":
             out = model(ids, attention_mask=mask, encoder_hidden_states=image[kv_index],
@@ -384,11 +375,4 @@ def test_runs_on_triton_kernels(monkeypatch, mode):
         return out.last_hidden_state.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                 if p.grad is not None}
 
-    out_ref, g_ref = run("torch")
-    n_ref = calls["n"]
-    out_tri, g_tri = run("triton")
-    assert n_ref == 0 and calls["n"] > 0, "the triton backend was not used"
-    assert_close(out_tri, out_ref, torch.float32, "last_hidden_state", scale=10)
-    assert g_tri.keys() == g_ref.keys()
-    for n in g_ref:
-        assert_close(g_tri[n], g_ref[n], torch.float32, n, scale=10)
+    assert_triton_matches_torch(monkeypatch, calls, run)
