@@ -376,3 +376,27 @@ def test_runs_on_triton_kernels(monkeypatch, mode):
                                                 if p.grad is not None}
 
     assert_triton_matches_torch(monkeypatch, calls, run)
+
+
+def test_training_step_compiles_fullgraph():
+    """The model layer has no graph break and no host sync: an ITM step over shared image K/V and a decoder
+    step compile with fullgraph=True and equal eager (aot_eager: the same kernels, traced)."""
+    cfg = blip_text_config(_config("small"), num_hidden_layers=1)
+    model = blipfast.BlipTextModel(cfg, add_pooling_layer=False).train()
+    ids, mask = torch.randint(4, 64, (6, 7)), _padding(6, 7)
+    image, kv_index = torch.randn(2, 9, 24, requires_grad=True), torch.tensor([0, 1, 0, 1, 1, 0])
+
+    def itm(ids, mask, image, kv_index):
+        return model(ids, attention_mask=mask, encoder_kv=model.image_kv(image), kv_index=kv_index)[0][:, 0].sum()
+
+    def lm(ids, mask, image, kv_index):
+        out = model(ids, attention_mask=mask, encoder_hidden_states=image[kv_index], is_decoder=True, use_cache=False)
+        return out.last_hidden_state.square().sum()
+
+    for fn in (itm, lm):
+        results = []
+        for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            loss = f(ids, mask, image, kv_index)
+            (grad,) = torch.autograd.grad(loss, image)
+            results.append((loss, grad))
+        torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
