@@ -8,14 +8,14 @@ Salesforce BLIP weights), ``blipfast.distributed``.
 """
 from ._ext import build_info, cuda_extension_available
 from . import ops
-from .models import QFormer, QFormerConfig, QFormerEmbeddings
+from .models import Blip2Stage1, Blip2Stage1Config, QFormer, QFormerConfig, QFormerEmbeddings
 from .patch import apply_blipfast_to_blip, apply_blipfast_to_blip2, revert_blipfast
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "BlipTextLMHeadModel", "BlipTextModel",
-           "QFormer", "QFormerConfig", "QFormerEmbeddings", "apply_blipfast_to_blip", "apply_blipfast_to_blip2",
-           "revert_blipfast"]
+__all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFormer", "QFormerConfig",
+           "QFormerEmbeddings", "apply_blipfast_to_blip2", "revert_blipfast", "Blip2Stage1",
+           "Blip2Stage1Config", "BlipTextLMHeadModel", "BlipTextModel", "apply_blipfast_to_blip"]
 
 
 def __getattr__(name):  # the BLIP (v1) models load transformers' modeling code: imported on first use

@@ -40,7 +40,7 @@ from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import LOG2E_F, build_rowset_tables
 from ._attention_fwd import attn_fwd_kernel
 
-MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2}
+MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2, "itc_itg": 3}
 
 
 def _np2(x: int) -> int:

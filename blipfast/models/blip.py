@@ -11,7 +11,8 @@ outputs as transformers' classes. Per layer (SPEC.md section 5: cross-attention 
   shared by several row-sets via ``kv_index`` (ITM's positive and negative pairs, retrieval re-ranking);
   without image input the pass is text-only (the ITC text encoder, BLIP's ``mode="text"``);
 - every post-LN epilogue (attention output, cross-attention output, FFN output) is
-  ``ops.bias_dropout_add_layernorm``.
+  ``ops.bias_dropout_add_layernorm``; the q/k/v and image K/V GEMMs keep no concatenated weight for the backward
+  (``concat_linear``), and a GELU FFN recomputes its activation in the backward (``gelu_mlp``), as in QFormer.
 
 Generation goes through transformers' own ``GenerationMixin`` (greedy, beam, sampling): the decoder reads and
 writes HF's ``EncoderDecoderCache`` (self-attention K/V per step, cross-attention K/V once), under the keyword
@@ -39,7 +40,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextPreTrainedModel
 
 from .. import ops
 from .qformer import (ImageKV, _activation, _check_mask, _DenseLN, _epilogue, _init_weights, _Intermediate,
-                      _Projections, ffn, qkv_projection, stacked_kv)
+                      _Projections, ffn, gelu_approximate, qkv_projection, stacked_kv)
 
 # transformers renamed the cache keyword and output field from `past_key_values` to `cache` (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPoolingAndCrossAttentions.__dataclass_fields__ \
@@ -208,6 +209,7 @@ class BlipTextModel(nn.Module):
             self.pooler = _Pooler(cfg) if add_pooling_layer else None
         self.to_empty(device=device)
         self._act = _activation(cfg.hidden_act)
+        self._gelu = gelu_approximate(cfg.hidden_act)
         if init_weights:
             _init_weights(self, cfg.initializer_range)
 
@@ -362,7 +364,7 @@ class BlipTextModel(nn.Module):
                 ck, cv = ekv[i]
                 cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att)
                 x = _epilogue(cctx.reshape(bsz, seq, d), ca.output, x, p_hid)
-            x = ffn(self._act, layer.intermediate, layer.output, x, p_hid)
+            x = ffn(self._act, self._gelu, layer.intermediate, layer.output, x, p_hid)
             if all_hidden is not None:
                 all_hidden.append(x)
 

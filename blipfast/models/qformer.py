@@ -4,7 +4,7 @@ Same constructor argument (an HF ``Blip2QFormerConfig``, a dict or keywords), sa
 (``load_state_dict(hf.state_dict(), strict=True)`` works), same forward arguments and outputs
 (``last_hidden_state``, ``pooler_output = last_hidden_state[:, 0]``, ``out[0]``). Per layer:
 
-- self-attention: one GEMM against the concatenated query/key/value weights; q, k, v are strided views
+- self-attention: one GEMM against the query/key/value weights (``concat_linear``: no weight copy kept); q, k, v are strided views
   of its [B, L, 3, H, D] output, fed to ``ops.qformer_attention`` with the mode and the key padding mask;
 - cross-attention (layers ``i % cross_attention_frequency == 0``) on the query rows only, through
   ``ops.cross_attention``; the image K/V of every cross layer come from ONE GEMM (``image_kv``) and can be
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from .. import ops
+from ._linear import concat_linear, gelu_mlp
 
 # activations by name without importing transformers.activations (slow to import); others come from ACT2FN
 _ACTIVATIONS = {
@@ -45,6 +46,10 @@ _ACTIVATIONS = {
     "swish": F.silu,
     "tanh": torch.tanh,
 }
+
+
+# activations whose FFN runs as ``gelu_mlp`` (GELU recomputed in the backward): name -> F.gelu's ``approximate``
+_GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 def _activation(name_or_fn):
@@ -283,25 +288,39 @@ def _check_mask(name: str, mask, shape: tuple, device, who: str = "QFormer", lik
         raise ValueError(f"{who}: {name} is on {mask.device} but {like} is on {device}")
 
 
+# the per-layer building blocks, shared with the BLIP (v1) text model (models/blip.py)
+
+
+def gelu_approximate(hidden_act):
+    """F.gelu's ``approximate`` for a GELU activation name (its FFN then runs as ``gelu_mlp``), else None."""
+    return _GELU_APPROX.get(hidden_act) if isinstance(hidden_act, str) else None
+
+
 def qkv_projection(proj: nn.Module, x: torch.Tensor, num_heads: int, head_dim: int):
-    """Self-attention q, k, v [B, L, H, D] of ``x`` [B, L, d] from ONE GEMM against the concatenated
-    ``proj.query`` / ``proj.key`` / ``proj.value`` weights: strided views of its [B, L, 3, H, D] output."""
-    w = torch.cat((proj.query.weight, proj.key.weight, proj.value.weight))
-    b = torch.cat((proj.query.bias, proj.key.bias, proj.value.bias))
-    return F.linear(x, w, b).unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
+    """Self-attention q, k, v [B, L, H, D] of ``x`` [B, L, d] from ONE GEMM over ``proj.query`` / ``proj.key`` /
+    ``proj.value`` (``concat_linear``: no weight copy kept): strided views of its [B, L, 3, H, D] output."""
+    qkv = concat_linear(x, (proj.query.weight, proj.key.weight, proj.value.weight),
+                        (proj.query.bias, proj.key.bias, proj.value.bias))
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
 
 
 def stacked_kv(projs: Sequence[nn.Module], x: torch.Tensor, num_heads: int, head_dim: int) -> tuple:
-    """Cross-attention (k, v) [M, Lk, H, D] of ``x`` [M, Lk, width] for every projection in ``projs`` (modules
-    with ``key`` / ``value`` Linears) from ONE GEMM; a tuple of pairs of strided views, in ``projs`` order."""
-    w = torch.cat([t for p in projs for t in (p.key.weight, p.value.weight)])
-    b = torch.cat([t for p in projs for t in (p.key.bias, p.value.bias)])
-    kv = F.linear(x, w, b).unflatten(-1, (2 * len(projs), num_heads, head_dim)).unbind(-3)
+    """Cross-attention (k, v) [M, Lk, H, D] of ``x`` [M, Lk, width] for every module in ``projs`` (with ``key`` /
+    ``value`` Linears) from ONE GEMM; a tuple of pairs of strided views, in ``projs`` order."""
+    kv = concat_linear(x, [t for p in projs for t in (p.key.weight, p.value.weight)],
+                       [t for p in projs for t in (p.key.bias, p.value.bias)])
+    kv = kv.unflatten(-1, (2 * len(projs), num_heads, head_dim)).unbind(-3)
     return tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs)))
 
 
-def ffn(act, inter: nn.Module, output: nn.Module, h: torch.Tensor, p: float) -> torch.Tensor:
-    """The post-LN feed-forward block ``LN(h + Drop(W2 act(W1 h)))``, its epilogue fused."""
+def ffn(act, gelu: Optional[str], inter: nn.Module, output: nn.Module, h: torch.Tensor, p: float) -> torch.Tensor:
+    """The post-LN feed-forward block LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU (``gelu``: its
+    ``approximate``, from :func:`gelu_approximate`) the activation is recomputed in the backward (``gelu_mlp``:
+    the [rows, intermediate] activation is not kept)."""
+    if gelu is not None:
+        y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=gelu)
+        ln = output.LayerNorm
+        return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p)
     return _epilogue(act(F.linear(h, inter.dense.weight, inter.dense.bias)), output, h, p)
 
 
@@ -319,6 +338,7 @@ class QFormer(nn.Module):
             self.encoder = _Encoder(cfg)
         self.to_empty(device=device)
         self._act = _activation(cfg.hidden_act)
+        self._gelu = gelu_approximate(cfg.hidden_act)
         self._cross = cfg.cross_attention_layers
         if init_weights:
             _init_weights(self, cfg.initializer_range)
@@ -354,7 +374,7 @@ class QFormer(nn.Module):
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None, *,
                 mode: Optional[str] = None, return_query_kv: bool = False,
                 past_query_kv: Optional[Sequence] = None, encoder_kv: Optional[Sequence] = None,
-                kv_index: Optional[torch.Tensor] = None, **kwargs):
+                kv_index: Optional[torch.Tensor] = None, query_output_only: bool = False, **kwargs):
         """HF's forward. ``query_embeds`` [B, L, d] is the raw concatenation [queries | text embeddings]
         (before the LayerNorm); positions < ``query_length`` (default L) are queries. ``attention_mask``
         [B, L] and ``encoder_attention_mask`` [M, Lk] are 1 = attend, 0 = padding.
@@ -363,7 +383,9 @@ class QFormer(nn.Module):
         ``past_query_kv`` (per layer (k, v) [B, Q, H, D] from ``return_query_kv``; ``query_embeds`` then
         holds only the T text embeddings, ``attention_mask`` is [B, T] or [B, Q + T]); ``encoder_kv`` (from
         :meth:`image_kv`, instead of ``encoder_hidden_states``) and ``kv_index`` (long [B]: the image of
-        each row-set, with either).
+        each row-set, with either); ``query_output_only`` (the last layer computes the query rows only, and
+        ``last_hidden_state`` is [B, query_length, d]: ITM and retrieval re-ranking read nothing else, so the
+        text rows' attention, output projection and FFN of the last layer are skipped).
         """
         cfg = self.config
         for k, v in kwargs.items():
@@ -411,6 +433,9 @@ class QFormer(nn.Module):
             raise ValueError(f"QFormer: mode must be one of {ops.MODES}, got {mode!r}")
         if q_len < seq and not cfg.use_qformer_text_input:
             raise ValueError("QFormer: text rows need the text FFN, which exists only with use_qformer_text_input=True")
+        if query_output_only and (q_len == 0 or past_query_kv is not None or return_query_kv or output_hidden_states):
+            raise ValueError("QFormer: query_output_only needs query rows, and neither past_query_kv, return_query_kv "
+                             "nor output_hidden_states")
 
         # image K/V for the cross layers (only when there are query rows, as in HF)
         ekv = ekpm = None
@@ -461,8 +486,18 @@ class QFormer(nn.Module):
             if past_query_kv is not None:
                 pk, pv = past_query_kv[i]
                 k, v = torch.cat((pk.to(k.dtype), k), 1), torch.cat((pv.to(v.dtype), v), 1)
-            ctx = ops.qformer_attention(q, k, v, num_query=num_query, mode=mode, key_padding_mask=attention_mask,
-                                        dropout_p=p_att)
+            if query_output_only and i == cfg.num_hidden_layers - 1 and q_len < seq:
+                # the last layer for the query rows only: in every mode a query row sees the keys that
+                # bidirectional attention over [queries | text] (or over the queries alone) gives it
+                kq, vq, mq = (k, v, attention_mask) if mode == "bidirectional" else (
+                    k[:, :q_len], v[:, :q_len], None if attention_mask is None else attention_mask[:, :q_len])
+                ctx = ops.qformer_attention(q[:, :q_len], kq, vq, num_query=q_len, mode="bidirectional",
+                                            key_padding_mask=mq, dropout_p=p_att)
+                seq = q_len
+                x = x[:, :q_len]
+            else:
+                ctx = ops.qformer_attention(q, k, v, num_query=num_query, mode=mode, key_padding_mask=attention_mask,
+                                            dropout_p=p_att)
             a = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid)
 
             parts = []
@@ -475,11 +510,11 @@ class QFormer(nn.Module):
                     cross_j += 1
                     cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att)
                     aq = _epilogue(cctx.reshape(bsz, q_len, d), ca.output, aq, p_hid)
-                parts.append(ffn(self._act, layer.intermediate_query, layer.output_query, aq, p_hid))
+                parts.append(self._ffn(layer.intermediate_query, layer.output_query, aq, p_hid))
             else:
                 at = a
             if at is not None:
-                parts.append(ffn(self._act, layer.intermediate, layer.output, at, p_hid))
+                parts.append(self._ffn(layer.intermediate, layer.output, at, p_hid))
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             if all_hidden is not None:
                 all_hidden.append(x)
@@ -488,6 +523,9 @@ class QFormer(nn.Module):
                             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
                             query_kv=tuple(query_kv) if query_kv is not None else None)
         return out if return_dict is None or return_dict else out.to_tuple()
+
+    def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float) -> torch.Tensor:
+        return ffn(self._act, self._gelu, inter, output, h, p)
 
 
 class QFormerEmbeddings(nn.Module):

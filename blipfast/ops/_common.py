@@ -51,11 +51,37 @@ def triton_available() -> bool:
     return TRITON_OK
 
 
+# Set by ``dispatch_meta_as_cuda()``: meta tensors take the dispatch decisions of CUDA tensors (the custom ops'
+# fake implementations run instead of kernels), so that the cost of the GPU path can be counted without a GPU.
+_META_AS_CUDA = False
+
+
+class dispatch_meta_as_cuda:
+    """Context manager: ops on meta tensors resolve their backend as on a CUDA device with Triton and the
+    compiled extension (blipfast.bench.counting counts FLOPs, operators and saved bytes of the GPU path)."""
+
+    def __enter__(self):
+        global _META_AS_CUDA
+        self._prev, _META_AS_CUDA = _META_AS_CUDA, True
+        return self
+
+    def __exit__(self, *exc):
+        global _META_AS_CUDA
+        _META_AS_CUDA = self._prev
+        return False
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" or (_META_AS_CUDA and device.type == "meta")
+
+
 def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
     if backend == "torch":
         return True
     if dtype is not None and dtype not in FUSED_DTYPES:
         return False
+    if _META_AS_CUDA and device.type == "meta":
+        return True
     if backend == "triton":
         return TRITON_OK and (device.type == "cuda" or triton_interpret())
     if backend == "cuda":
@@ -85,7 +111,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
             raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
         if env in supported and _runnable(env, device, dtype):
             return env
-    if device.type == "cuda":
+    if _is_cuda(device):
         for cand in supported:
             if _runnable(cand, device, dtype):
                 return cand

@@ -113,11 +113,14 @@ def _setup_context(ctx, inputs, output):
     x, bias, residual, weight, ln_bias, seed, eps, dropout_p, backend = inputs
     y, z, mean, rstd = output
     ctx.save_for_backward(z, mean, rstd, weight, seed)
+    ctx.set_materialize_grads(False)  # z, mean, rstd get no gradient: no zero-filled tensors for them
     ctx.args = (dropout_p, backend)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, dz_unused, dmean_unused, drstd_unused):
+    if dy is None:
+        return (None,) * 9
     z, mean, rstd, weight, seed = ctx.saved_tensors
     dropout_p, backend = ctx.args
     dx, dres, dweight, dln_bias, dbias = _bwd(dy.contiguous(), z, mean, rstd, weight, seed, dropout_p, backend)
@@ -153,7 +156,7 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, *, eps=1e-12,
     eps = C.check_positive_float(_OP, "eps", eps, allow_none=False)
     dropout_p = C.check_probability(_OP, "dropout_p", dropout_p)
     seed = C.check_seed(_OP, seed, dev)
-    dtype = torch.promote_types(x.dtype, residual.dtype)
+    dtype = x.dtype if x.dtype == residual.dtype else torch.promote_types(x.dtype, residual.dtype)
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, dtype)
     if backend == "torch" and dropout_p > 0.0 and seed is None:
         # nothing to reproduce: plain autograd with torch's own dropout (the Philox rule in PyTorch is slow)
