@@ -29,3 +29,16 @@ def test_shared_image_kv_saves_exactly_the_repeated_projections():
     assert shared.host_syncs == gathered.host_syncs == 0
     assert shared.ops < hf.ops and gathered.ops < hf.ops
     assert "blipfast, shared image K/V" in format_cost_table(list(rows.items()), base="hf BlipTextModel (reference)")
+
+
+def test_gpu_path_counts_on_meta_tensors():
+    """--gpu-path: the GPU's dispatch decisions on meta tensors (bf16, dropout): the same FLOP saving, no host sync,
+    less activation memory than HF (which also keeps its dropout masks)."""
+    tiny = {**TINY, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    rows = dict(count_itm(batch=B, text_len=T, image_tokens=LK, cfg_overrides=tiny, dtype=torch.bfloat16,
+                          gpu_path=True))
+    hf, gathered, shared = rows.values()
+    d, enc, layers = TINY["hidden_size"], TINY["encoder_hidden_size"], TINY["num_hidden_layers"]
+    assert gathered.flops - shared.flops == 3 * 2 * (2 * B) * LK * enc * (2 * d * layers)
+    assert shared.saved_bytes < gathered.saved_bytes < hf.saved_bytes
+    assert shared.host_syncs == 0 and "blipfast.cross_attention_fwd" in shared.op_counts

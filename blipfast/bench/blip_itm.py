@@ -12,9 +12,16 @@ its ViT). Three implementations of the same loss:
 - ``blipfast, shared image K/V``: ``image_kv(image)`` once per image (one GEMM for every layer) and
   ``kv_index`` for the 3B rows.
 
-Counted with blipfast.bench.counting on the device given (CPU by default: counts do not depend on the machine),
-dropout 0 on both sides (the HF default of BlipTextConfig; with dropout the CPU takes the reference attention,
-which is not what a GPU runs). ``python -m blipfast.bench.blip_itm [--batch 8] [--json PATH]``.
+Counted with blipfast.bench.counting, in one of two ways:
+
+- on CPU tensors (default; fp32, dropout 0, the HF default of BlipTextConfig: with dropout the CPU takes the
+  reference attention, which is not what a GPU runs): the computation really runs;
+- ``--gpu-path``: on meta tensors that take the dispatch decisions of a CUDA device (``counting_gpu_path``: the
+  Triton attention and the CUDA epilogue, their fake implementations standing in for the kernels), in bf16 and
+  with BLIP's dropout of 0.1 by default (the kernels regenerate their dropout masks; HF keeps them). Nothing is
+  computed, so full-size batches count in seconds.
+
+``python -m blipfast.bench.blip_itm [--batch 8] [--gpu-path] [--json PATH]``.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .counting import Cost, count_step, format_cost_table
+from .counting import Cost, count_step, counting_gpu_path, format_cost_table
 
 # BLIP-base text model (Salesforce med_config.json) at pre-training shapes: 224 px ViT-B/16, captions of 30 tokens
 BASE = dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -34,7 +41,7 @@ BASE = dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=768, intermed
 
 
 def itm_steps(batch: int = 8, text_len: int = 30, image_tokens: int = 197, cfg_overrides: Optional[dict] = None,
-              device: str = "cpu", seed: int = 0) -> dict:
+              device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """name -> (step() returning the ITM loss after its backward, tensors to exclude from saved bytes)."""
     from transformers import BlipTextConfig
     from transformers import BlipTextModel as HFBlipTextModel
@@ -44,11 +51,11 @@ def itm_steps(batch: int = 8, text_len: int = 30, image_tokens: int = 197, cfg_o
     torch.manual_seed(seed)
     cfg = BlipTextConfig(**{**BASE, **(cfg_overrides or {})})
     with torch.device(device):
-        hf = HFBlipTextModel._from_config(cfg, attn_implementation="eager", add_pooling_layer=False).train()
+        hf = HFBlipTextModel._from_config(cfg, attn_implementation="eager", add_pooling_layer=False).to(dtype).train()
         bf = BlipTextModel.from_hf(hf).train()
-        itm_head = torch.nn.Linear(cfg.hidden_size, 2)
+        itm_head = torch.nn.Linear(cfg.hidden_size, 2, dtype=dtype)
         b = batch
-        image = torch.randn(b, image_tokens, cfg.encoder_hidden_size, requires_grad=True)
+        image = torch.randn(b, image_tokens, cfg.encoder_hidden_size, dtype=dtype, requires_grad=True)
         ids = torch.randint(4, min(cfg.vocab_size, 30522), (b, text_len))
         lengths = torch.randint(text_len // 3, text_len + 1, (b,))
         mask = (torch.arange(text_len)[None] < lengths[:, None]).long()  # captions padded to max_length
@@ -83,9 +90,14 @@ def itm_steps(batch: int = 8, text_len: int = 30, image_tokens: int = 197, cfg_o
             "blipfast, shared image K/V": (bf_shared, [*bf.parameters(), *inputs])}
 
 
-def count_itm(**kwargs) -> list[tuple[str, Cost]]:
-    """Counted cost of each implementation of :func:`itm_steps` (same arguments)."""
-    return [(name, count_step(step, exclude)) for name, (step, exclude) in itm_steps(**kwargs).items()]
+def count_itm(*, gpu_path: bool = False, **kwargs) -> list[tuple[str, Cost]]:
+    """Counted cost of each implementation of :func:`itm_steps` (same arguments); ``gpu_path``: on meta tensors
+    as on a CUDA device (see the module doc)."""
+    if not gpu_path:
+        return [(name, count_step(step, exclude)) for name, (step, exclude) in itm_steps(**kwargs).items()]
+    with counting_gpu_path():
+        steps = itm_steps(**{**kwargs, "device": "meta"})
+        return [(name, count_step(step, exclude)) for name, (step, exclude) in steps.items()]
 
 
 def main(argv=None) -> int:
@@ -93,12 +105,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="images per step (3x as many text rows)")
     p.add_argument("--text-len", type=int, default=30)
     p.add_argument("--image-tokens", type=int, default=197, help="197 at 224 px, 577 at 384 px (ViT-B/16)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the CPU-path count runs")
+    p.add_argument("--gpu-path", action="store_true", help="count the GPU path on meta tensors (bf16, dropout)")
+    p.add_argument("--dropout", type=float, help="hidden and attention dropout (default: 0, or 0.1 with --gpu-path)")
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
-    rows = count_itm(batch=args.batch, text_len=args.text_len, image_tokens=args.image_tokens, device=args.device)
+    dropout = args.dropout if args.dropout is not None else (0.1 if args.gpu_path else 0.0)
+    dtype = torch.bfloat16 if args.gpu_path else torch.float32
+    rows = count_itm(batch=args.batch, text_len=args.text_len, image_tokens=args.image_tokens, device=args.device,
+                     dtype=dtype, gpu_path=args.gpu_path,
+                     cfg_overrides=dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
     print(f"BLIP ITM pass, forward + backward: B={args.batch} images, {3 * args.batch} text rows of "
-          f"{args.text_len} tokens, {args.image_tokens} image tokens, BLIP-base text model")
+          f"{args.text_len} tokens, {args.image_tokens} image tokens, BLIP-base text model, "
+          f"{'GPU path (meta tensors), bf16' if args.gpu_path else args.device + ', fp32'}, dropout {dropout}")
     print(format_cost_table(rows, base=rows[0][0]))
     if args.json:
         with open(args.json, "w") as f:
