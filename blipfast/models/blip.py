@@ -350,21 +350,26 @@ class BlipTextModel(nn.Module):
         p_hid = cfg.hidden_dropout_prob if train else 0.0
         p_att = cfg.attention_probs_dropout_prob if train else 0.0
 
+        # every dropout site's seed from one draw (CUDA; elsewhere None: torch's own dropout), as in QFormer
+        n_sites = (5 if ekv is not None else 3) * cfg.num_hidden_layers if (train and (p_hid > 0 or p_att > 0)) else 0
+        seeds = iter(ops.dropout_seeds(n_sites, dev) if n_sites else ())
         all_hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.encoder.layer):
             q, k, v = qkv_projection(layer.attention.self, x, h, hd)
             if self_cache is not None:  # HF's layout [B, H, L, D] in the cache
                 k, v = self_cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
-            ctx = ops.qformer_attention(q, k, v, num_query=0, mode=mode, key_padding_mask=kpm, dropout_p=p_att)
-            x = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid)
+            ctx = ops.qformer_attention(q, k, v, num_query=0, mode=mode, key_padding_mask=kpm, dropout_p=p_att,
+                                        seed=next(seeds, None))
+            x = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid, next(seeds, None))
             if ekv is not None:
                 ca = layer.crossattention
                 cq = F.linear(x, ca.self.query.weight, ca.self.query.bias).unflatten(-1, (h, hd))
                 ck, cv = ekv[i]
-                cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att)
-                x = _epilogue(cctx.reshape(bsz, seq, d), ca.output, x, p_hid)
-            x = ffn(self._act, self._gelu, layer.intermediate, layer.output, x, p_hid)
+                cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att,
+                                           seed=next(seeds, None))
+                x = _epilogue(cctx.reshape(bsz, seq, d), ca.output, x, p_hid, next(seeds, None))
+            x = ffn(self._act, self._gelu, layer.intermediate, layer.output, x, p_hid, next(seeds, None))
             if all_hidden is not None:
                 all_hidden.append(x)
 
