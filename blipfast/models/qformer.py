@@ -60,7 +60,7 @@ def _activation(name_or_fn):
     from transformers.activations import ACT2FN
 
     if name_or_fn not in ACT2FN:
-        raise ValueError(f"QFormerConfig: hidden_act {name_or_fn!r} is not a transformers activation (ACT2FN)")
+        raise ValueError(f"hidden_act {name_or_fn!r} is not a transformers activation (ACT2FN)")
     return ACT2FN[name_or_fn]
 
 
@@ -135,7 +135,10 @@ class QFormerConfig:
                 err(f"{name} must be a positive float, got {v!r}")
         if not isinstance(self.hidden_act, str) and not callable(self.hidden_act):
             err(f"hidden_act must be an ACT2FN name or a callable, got {self.hidden_act!r}")
-        _activation(self.hidden_act)
+        try:
+            _activation(self.hidden_act)
+        except ValueError as e:
+            err(str(e))
         pad = self.pad_token_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
             err(f"pad_token_id must be None or an int in [0, vocab_size={self.vocab_size}), got {pad!r}")
@@ -273,20 +276,58 @@ def _epilogue(x, dense_ln: _DenseLN, residual, p: float, seed=None):
                                           ln.weight, ln.bias, eps=ln.eps, dropout_p=p, seed=seed)
 
 
-def _check_mask(name: str, mask, shape: tuple, device) -> None:
+def _check_mask(name: str, mask, shape: tuple, device, who: str = "QFormer", like: str = "query_embeds") -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"QFormer: {name} must be a tensor, got {type(mask).__name__}")
+        raise TypeError(f"{who}: {name} must be a tensor, got {type(mask).__name__}")
     if mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                           torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"QFormer: {name} must be a bool, integer or floating tensor (1 = attend, 0 = padding), "
+        raise TypeError(f"{who}: {name} must be a bool, integer or floating tensor (1 = attend, 0 = padding), "
                         f"got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"QFormer: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
+        raise ValueError(f"{who}: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
                          f"{list(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"QFormer: {name} is on {mask.device} but query_embeds is on {device}")
+        raise ValueError(f"{who}: {name} is on {mask.device} but {like} is on {device}")
+
+
+# the per-layer building blocks, shared with the BLIP (v1) text model (models/blip.py)
+
+
+def gelu_approximate(hidden_act):
+    """F.gelu's ``approximate`` for a GELU activation name (its FFN then runs as ``gelu_mlp``), else None."""
+    return _GELU_APPROX.get(hidden_act) if isinstance(hidden_act, str) else None
+
+
+def qkv_projection(proj: nn.Module, x: torch.Tensor, num_heads: int, head_dim: int):
+    """Self-attention q, k, v [B, L, H, D] of ``x`` [B, L, d] from ONE GEMM over ``proj.query`` / ``proj.key`` /
+    ``proj.value`` (``concat_linear``: no weight copy kept): strided views of its [B, L, 3, H, D] output."""
+    qkv = concat_linear(x, (proj.query.weight, proj.key.weight, proj.value.weight),
+                        (proj.query.bias, proj.key.bias, proj.value.bias))
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
+
+
+def stacked_kv(projs: Sequence[nn.Module], x: torch.Tensor, num_heads: int, head_dim: int) -> tuple:
+    """Cross-attention (k, v) [M, Lk, H, D] of ``x`` [M, Lk, width] for every module in ``projs`` (with ``key`` /
+    ``value`` Linears) from ONE GEMM; a tuple of pairs of strided views, in ``projs`` order."""
+    kv = concat_linear(x, [t for p in projs for t in (p.key.weight, p.value.weight)],
+                       [t for p in projs for t in (p.key.bias, p.value.bias)])
+    kv = kv.unflatten(-1, (2 * len(projs), num_heads, head_dim)).unbind(-3)
+    return tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs)))
+
+
+def ffn(act, gelu: Optional[str], inter: nn.Module, output: nn.Module, h: torch.Tensor, p: float,
+        seed=None) -> torch.Tensor:
+    """The post-LN feed-forward block LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU (``gelu``: its
+    ``approximate``, from :func:`gelu_approximate`) the activation is recomputed in the backward (``gelu_mlp``:
+    the [rows, intermediate] activation is not kept). ``seed``: the epilogue's dropout seed (None: a fresh one)."""
+    if gelu is not None:
+        y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=gelu)
+        ln = output.LayerNorm
+        return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p,
+                                              seed=seed)
+    return _epilogue(act(F.linear(h, inter.dense.weight, inter.dense.bias)), output, h, p, seed)
 
 
 class QFormer(nn.Module):
@@ -303,7 +344,7 @@ class QFormer(nn.Module):
             self.encoder = _Encoder(cfg)
         self.to_empty(device=device)
         self._act = _activation(cfg.hidden_act)
-        self._gelu = _GELU_APPROX.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
+        self._gelu = gelu_approximate(cfg.hidden_act)
         self._cross = cfg.cross_attention_layers
         if init_weights:
             _init_weights(self, cfg.initializer_range)
@@ -331,10 +372,7 @@ class QFormer(nn.Module):
         m, lk, _ = x.shape
         _check_mask("encoder_attention_mask", encoder_attention_mask, (m, lk), x.device)
         projs = [self.encoder.layer[i].crossattention.attention for i in self._cross]
-        kv = concat_linear(x, [t for p in projs for t in (p.key.weight, p.value.weight)],
-                           [t for p in projs for t in (p.key.bias, p.value.bias)])
-        kv = kv.view(m, lk, 2 * len(projs), cfg.num_attention_heads, cfg.head_dim).unbind(2)
-        return ImageKV(tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs))), encoder_attention_mask)
+        return ImageKV(stacked_kv(projs, x, cfg.num_attention_heads, cfg.head_dim), encoder_attention_mask)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, query_embeds: torch.Tensor, query_length: Optional[int] = None, attention_mask=None,
@@ -452,10 +490,7 @@ class QFormer(nn.Module):
         cross_j = 0
         for i, layer in enumerate(self.encoder.layer):
             # self-attention: one QKV GEMM, q/k/v strided views of [B, L, 3, H, D]
-            proj = layer.attention.attention
-            qkv = concat_linear(x, (proj.query.weight, proj.key.weight, proj.value.weight),
-                                (proj.query.bias, proj.key.bias, proj.value.bias))
-            q, k, v = qkv.view(bsz, seq, 3, h, hd).unbind(2)
+            q, k, v = qkv_projection(layer.attention.attention, x, h, hd)
             if query_kv is not None:
                 query_kv.append((k, v) if q_len == seq else (k[:, :q_len], v[:, :q_len]))
             if past_query_kv is not None:
@@ -501,15 +536,7 @@ class QFormer(nn.Module):
         return out if return_dict is None or return_dict else out.to_tuple()
 
     def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float, seed=None) -> torch.Tensor:
-        """LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU the activation is recomputed in the backward
-        (``gelu_mlp``: the [rows, intermediate] activation is not kept)."""
-        if self._gelu is not None:
-            y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=self._gelu)
-            ln = output.LayerNorm
-            return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p,
-                                                  seed=seed)
-        y = self._act(F.linear(h, inter.dense.weight, inter.dense.bias))
-        return _epilogue(y, output, h, p, seed)
+        return ffn(self._act, self._gelu, inter, output, h, p, seed)
 
 
 class QFormerEmbeddings(nn.Module):
