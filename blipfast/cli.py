@@ -17,6 +17,8 @@ import sys
 COMMANDS = {
     "bench": ("blipfast.bench.cli", "time blipfast against its baselines on this machine's device"),
     "info": ("blipfast._ext", "print what was built (extension, CUDA archs, Triton)"),
+    "train": ("blipfast.train.cli", "BLIP-2 stage-1 training (ITC + ITM + ITG) from images or cached features"),
+    "cache-features": ("blipfast.data.features", "run a frozen vision encoder once and store its tokens"),
 }
 
 
