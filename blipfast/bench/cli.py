@@ -7,7 +7,7 @@ import sys
 import torch
 
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
-SUITES = ("qformer", "attention", "itc")
+SUITES = ("qformer", "attention", "itc", "train_data")
 
 
 def add_arguments(p) -> None:

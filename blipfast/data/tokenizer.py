@@ -5,7 +5,8 @@ the ITG decoder input starts with it. :func:`load_tokenizer` does the same with 
 folder. Without one, :func:`train_wordpiece` trains a WordPiece vocabulary (BERT's normaliser and
 pre-tokeniser, lower case, ``[PAD]`` = 0, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``, then ``[DEC]``) on the
 training captions with the ``tokenizers`` library, so that no download is ever needed; it is saved in the run
-folder. Either way the Q-Former's ``vocab_size`` is ``len(tokenizer)`` and its ``bos_token_id`` the ``[DEC]`` id.
+folder; the same captions always give the same vocabulary (see the note in :func:`train_wordpiece`). Either way the
+Q-Former's ``vocab_size`` is ``len(tokenizer)`` and its ``bos_token_id`` the ``[DEC]`` id.
 """
 from __future__ import annotations
 
@@ -50,12 +51,26 @@ def train_wordpiece(captions, vocab_size: int = 30522, min_frequency: int = 1):
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < len(SPECIALS) + 1:
         raise ValueError(f"--vocab-size must be an int > {len(SPECIALS)}, got {vocab_size!r}")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=min_frequency,
+    captions = list(captions)
+    norm = normalizers.BertNormalizer(lowercase=True)
+    # The trainer creates the continuing-subword pieces ("##x") in hash-map order and breaks merge ties by piece id,
+    # so the same captions could give another vocabulary on every run (huggingface/tokenizers#1794). Handing it
+    # every "##x" up front, sorted, numbers them deterministically; they are ordinary pieces of the result.
+    chars = set()
+    for s in range(0, len(captions), 10000):
+        chars.update(norm.normalize_str("\n".join(captions[s:s + 10000])))
+    cont = sorted("##" + ch for ch in chars if not ch.isspace())
+    trainer = trainers.WordPieceTrainer(vocab_size=max(vocab_size, len(SPECIALS) + len(cont) + 1),
+                                        special_tokens=SPECIALS + cont, min_frequency=min_frequency,
                                         show_progress=False)
-    tok.train_from_iterator(list(captions), trainer)
+    draft = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    draft.normalizer, draft.pre_tokenizer = norm, pre_tokenizers.BertPreTokenizer()
+    draft.train_from_iterator(captions, trainer)
+    # a fresh tokenizer over the trained pieces: only the five BERT tokens are special
+    vocab = draft.get_vocab()
+    pieces = sorted((t for t in vocab if t not in SPECIALS), key=lambda t: vocab[t])
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(SPECIALS + pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -86,7 +86,7 @@ RESUME_MUTABLE = {"out", "save_every", "keep", "save_lavis", "log_every", "plot_
                   "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
 
 # defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU
-SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 120, "warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4,
+SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 2e-3, "min_lr": 1e-4,
                       "vocab_size": 256, "max_txt_len": 16, "save_every": 0, "log_every": 5, "plot_every": 20}
 
 CHOICES = {"feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
@@ -210,9 +210,8 @@ def read_config_file(path: str) -> dict:
         name = str(key).replace("-", "_")
         if name not in OPTIONS:
             near = difflib.get_close_matches(name, list(OPTIONS), n=1)
-            raise ValueError(f"--config: unknown key {key!r} in {path!r}" + (f" (did you mean {near[0]!r}?)" if near
-                                                                            else "") + f"; known keys: "
-                             + ", ".join(OPTIONS))
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"--config: unknown key {key!r} in {path!r}{hint}; known keys: {', '.join(OPTIONS)}")
         out[name] = _coerce(name, value, f"--config {path}")
     return out
 

@@ -33,6 +33,7 @@ from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "out")
 
 
 def mix_seed(seed: int, k: int) -> int:
@@ -123,6 +124,7 @@ class Trainer:
         if resume is not None:
             run_dir, ck = ckpt.find_checkpoint(resume)
             saved = read_run_config(run_dir)
+            saved["stop_after"] = None  # a limit of the interrupted invocation, not of the run
             for k, v in (given or {}).items():
                 if k not in RESUME_MUTABLE and v != saved[k]:
                     raise ValueError(f"--resume: --{k.replace('_', '-')} cannot change on resume ({saved[k]!r} in "
@@ -133,12 +135,16 @@ class Trainer:
         self.dist = d = _Dist(cfg["device"])
         validate(cfg)
         self.cfg = cfg = dict(cfg)
+        for k in PATHS:  # config.yaml must work from any working directory (--resume, --config)
+            if cfg[k] is not None:
+                cfg[k] = os.path.abspath(cfg[k])
         dev = d.device
         if cfg["cuda_graph"] and (dev.type != "cuda" or d.world > 1):
             raise ValueError("--cuda-graph needs one process on a CUDA device")
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
-        out = cfg["out"] or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = cfg["out"] or os.path.abspath(os.path.join("runs", stamp))
         out = cfg["out"] = d.broadcast(out)
         created = False
         if resume is None and d.main and os.path.isdir(out) and (
@@ -270,6 +276,9 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # a capturable optimizer's lr tensor lives on the device
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"] = g["lr"].to(self.dist.device)
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -348,7 +357,11 @@ class Trainer:
                 acc, n_acc = (m if acc is None else acc + m), n_acc + 1
                 s = self.step
                 if s % cfg["log_every"] == 0 or s == end or self.stop_requested:
-                    vals = (acc / n_acc).tolist()  # the one host sync per log row
+                    acc = acc / n_acc
+                    if d.world > 1:  # the mean over the ranks: the loss of the global batch
+                        dist.all_reduce(acc)
+                        acc = acc / d.world
+                    vals = acc.tolist()  # the one host sync per log row
                     now = time.perf_counter()
                     row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
                            **dict(zip(LOSSES, vals)), "lr": self.schedule.value(s - 1),
@@ -371,7 +384,8 @@ class Trainer:
             self.runlog.close()
         last = self.runlog.rows[-1] if self.runlog.rows else {}
         if d.main:
-            done = "finished" if self.step >= self.total_steps else f"stopped at step {self.step} (--resume to continue)"
+            done = "finished" if self.step >= self.total_steps else \
+                f"stopped at step {self.step} (--resume to continue)"
             self.log(f"blipfast train: {done}; loss {last.get('loss', float('nan')):.4f}, "
                      f"{time.perf_counter() - self.t0:.1f} s; {cfg['out']}")
         return {"step": self.step, "run_dir": cfg["out"], "last": last}
