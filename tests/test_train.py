@@ -247,3 +247,14 @@ def test_sigterm_stops_with_a_checkpoint(dataset, tmp_path):
     step = read_log(out)[-1]["step"]
     assert "stopped at step" in text and [os.path.basename(p) for p in list_checkpoints(out)] == [
         f"checkpoint-{step:08d}"]
+
+
+def test_compiled_step_equals_eager_step(dataset, tmp_path):
+    """--compile (aot_eager here: the same aten ops, so the same numbers) over the model and the vision tower."""
+    torch._dynamo.reset()
+    model = merge(TINY_MODEL, NO_DROPOUT)
+    eager, comp = str(tmp_path / "eager"), str(tmp_path / "comp")
+    assert _run(tiny_args(eager, dataset["data"], dataset["root"], dataset["vision"], steps=3, model=model)) == 0
+    assert _run(tiny_args(comp, dataset["data"], dataset["root"], dataset["vision"], steps=3, model=model,
+                          extra=("--compile", "--compile-backend", "aot_eager"))) == 0
+    assert [r["loss"] for r in read_log(comp)] == [r["loss"] for r in read_log(eager)]

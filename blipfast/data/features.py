@@ -217,7 +217,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per vision forward (default 64)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, default=4, help="image-decoding DataLoader workers (default 4)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding DataLoader workers (default: min(4, CPU cores))")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 

@@ -82,7 +82,7 @@ OPTIONS: dict = {
 }
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
-RESUME_MUTABLE = {"out", "save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
+RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
                   "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
 
 # defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU

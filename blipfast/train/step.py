@@ -34,6 +34,7 @@ class Stepper:
         self.grad_clip, self.feature_dtype, self.image_ids = grad_clip, feature_dtype, image_ids
         self.params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
         self.ddp = hasattr(model, "no_sync")
+        self.tower_dtype = next(tower.parameters()).dtype if tower is not None else None
         self.amp_cache = True
 
     def autocast(self):
@@ -49,7 +50,7 @@ class Stepper:
         """(metrics [4] fp32 detached, loss to back-propagate) of one micro-batch already on the device."""
         with self.autocast():
             if self.tower is not None:
-                embeds = self.tower(inp["pixel_values"]).to(self.feature_dtype)
+                embeds = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
             else:
                 embeds = inp["image_embeds"]
             out = self.model(embeds, inp["input_ids"], inp["attention_mask"],
