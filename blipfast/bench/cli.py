@@ -7,7 +7,7 @@ import sys
 import torch
 
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
-SUITES = ("qformer", "attention", "itc")
+SUITES = ("qformer", "attention", "itc", "retrieval")
 
 
 def add_arguments(p) -> None:
@@ -32,9 +32,14 @@ def run(args) -> int:
         return 2
     print(f"blipfast bench on {device_name(device)} ({device.type}), dtype {args.dtype}"
           f"{' (CPU runs fp32)' if device.type == 'cpu' else ''}", flush=True)
-    results = []
+    results, counted, notes = [], {}, []
     for name in wanted:
         mod = importlib.import_module(f"blipfast.bench.{name}")
+        if hasattr(mod, "counted_report"):  # costs counted from the code: the same on every device
+            table, payload = mod.counted_report()
+            print(table + "\n", flush=True)
+            notes.append(table)
+            counted[name] = payload
         cases = mod.cases(device, dtype=dtype, quick=args.quick)
         if not cases:
             print(f"  [{name}] skipped: needs a CUDA device", flush=True)
@@ -47,9 +52,12 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()
+    for table in notes:
+        print(table + "\n")
     print(format_table(results))
     if args.out:
-        path = write_json(results, device, args.out, extra={"argv": sys.argv[1:], "quick": args.quick})
+        path = write_json(results, device, args.out, extra={"argv": sys.argv[1:], "quick": args.quick,
+                                                            "counted": counted})
         png = write_plot(results, path)
         print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return 0

@@ -263,7 +263,8 @@ class Blip2Retrieval(nn.Module):
         """Mean over the queries of the ITM positive logit of P pairs (image ``image_index[p]``, text
         ``text_index[p]``), [P] in ``score_dtype`` on the model's device. Images are taken ``image_batch_size`` at a time
         (their K/V computed once, shared by all their pairs), pairs ``batch_size`` at a time; ``image_embeds``
-        may stay on the CPU (each group of images is moved when it is needed)."""
+        may stay on the CPU (each group of images is moved when it is needed). Host syncs: none with CPU indices,
+        one (the plan of the batches) with indices on the device."""
         self._check_tokens(image_embeds)
         self._check_text(input_ids, attention_mask)
         for name, v in (("batch_size", batch_size), ("image_batch_size", image_batch_size)):
@@ -275,7 +276,9 @@ class Blip2Retrieval(nn.Module):
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32) \
                     or t.shape != image_index.shape:
                 _err(f"{name} must be an int64 tensor [P] (as long as image_index), got {_describe(t)}")
-        img, txt = image_index.to(dev).long(), text_index.to(dev).long()
+        # the plan (pairs sorted by image, pairs per image) is made where the indices are: on the host for CPU
+        # indices (no device sync at all), else with one host sync
+        img, txt = image_index.long(), text_index.long()
         p = img.shape[0]
         out = torch.empty(p, dtype=self.score_dtype, device=dev)
         if p == 0:
@@ -283,10 +286,11 @@ class Blip2Retrieval(nn.Module):
         order = torch.argsort(img, stable=True)
         img, txt = img[order], txt[order]
         counts = torch.bincount(img.clamp(0, n_img), minlength=n_img + 1)  # [n_img]: out of range
-        plan = torch.cat([counts, torch.stack([img.min(), txt.min(), txt.max()])]).tolist()  # the host sync
+        plan = torch.cat([counts, torch.stack([img.min(), txt.min(), txt.max()])]).tolist()
         hi, (img_lo, txt_lo, txt_hi) = plan[:n_img + 1], plan[n_img + 1:]
         if img_lo < 0 or hi[n_img] or txt_lo < 0 or txt_hi >= n_txt:
             _err(f"image_index must lie in [0, {n_img}) and text_index in [0, {n_txt})")
+        img, txt, order = img.to(dev), txt.to(dev), order.to(dev)
         ids, mask = input_ids.to(dev).long(), attention_mask.to(dev) != 0
         nq = self.config.num_query_tokens
         ones = torch.ones(batch_size, nq, dtype=torch.bool, device=dev)
