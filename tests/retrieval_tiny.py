@@ -57,15 +57,16 @@ WORDS = ["a", "dog", "cat", "red", "blue", "car", "on", "the", "grass", "man", "
 
 
 def write_tokenizer(folder: Path):
-    """A BERT WordPiece tokenizer (vocabulary of VOCAB tokens, [CLS] = 101, [SEP] = 102) saved to ``folder``."""
-    from transformers import BertTokenizerFast
+    """A BERT WordPiece tokenizer (vocabulary of VOCAB tokens: WORDS, [CLS] = 101, [SEP] = 102) saved to
+    ``folder``."""
+    from transformers import BertTokenizer
 
     special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", VOCAB - 1: "[DEC]"}
     words = iter(WORDS)
     vocab = [special.get(i) or next(words, None) or f"[unused{i}]" for i in range(VOCAB)]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert tok("Two dogs")["input_ids"] == [101, WORDS.index("two") + 1, 100, 102], "tokenizer vocabulary not taken"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(str(folder))
     return tok
 
