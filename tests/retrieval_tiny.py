@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 120  # ids 101 [CLS], 102 [SEP] and 0 [PAD] exist; 119 serves as [DEC]
@@ -15,6 +16,16 @@ QCFG = dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hid
 VCFG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=8)
 NQ, EMBED = 5, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Autouse in the modules that import it: tiny ops run faster on one intra-op thread, much faster on a shared,
+    loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def stage1_config(**overrides):

@@ -11,17 +11,10 @@ from blipfast import Blip2Stage1
 from blipfast.bench.stage1_baseline import _additive, _ln, _Pass, _text_embeds
 from blipfast.models.blip2_generate import QFormerCaptioner
 from tests.retrieval_tiny import VOCAB, jitter_, stage1_config
+from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 F64 = torch.float64
 SEP = 102
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(sep_bias: float = 0.0, dtype=F64):

@@ -9,20 +9,12 @@ import torch
 from blipfast import Blip2Retrieval, Blip2Stage1, convert
 from tests.conftest import assert_within_torch_error
 from tests.retrieval_tiny import NQ, QCFG, VCFG, hf_retrieval_model, jitter_, stage1_config, texts
+from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 F64 = torch.float64
 N_IMG = 5
 CAPTIONS = [2, 3, 2, 3, 2]  # several captions per image: 12 texts
 N_TXT = sum(CAPTIONS)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread is faster, and much faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _models(dtype=torch.float32):
@@ -200,3 +192,21 @@ def test_validation_names_the_argument():
     nan[1] = float("nan")
     s_i2t, s_t2i = model.score_matrices(image_embeds=nan, k=N_TXT, **kw)
     assert torch.isnan(s_i2t[1]).all() and torch.isfinite(s_i2t[0]).all()
+
+
+@pytest.mark.gpu
+def test_score_matrices_on_cuda_within_torch_error():
+    """On the GPU's kernels (fp32 and bf16): k = N, against the naive HF loop in float64 on the CPU; yardstick the
+    same loop in the dtype under test on the GPU."""
+    hf, model = _models()
+    pixels, ids, mask = _data(torch.float32)
+    ref = naive_hf_scores(hf.double(), pixels.double(), ids, mask, 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        hf_d = hf_retrieval_model().to("cuda", dtype)
+        hf_d.load_state_dict(hf.state_dict())
+        model_d = Blip2Retrieval.from_hf(hf_d, stage1_config()).to("cuda", dtype)
+        args = (pixels.to("cuda", dtype), ids.cuda(), mask.cuda())
+        low = naive_hf_scores(hf_d, *args, 128)
+        ours = model_d.score_matrices(pixel_values=args[0], input_ids=args[1], attention_mask=args[2], k=128)
+        for name, o, r, lo in zip(("score_i2t", "score_t2i"), ours, ref, low):
+            assert_within_torch_error(o.cpu().double(), r, lo.cpu().double(), dtype=dtype, name=f"{name} {dtype}")

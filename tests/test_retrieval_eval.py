@@ -13,14 +13,7 @@ from safetensors.torch import load_file, save_file
 from blipfast import Blip2Retrieval, Blip2Stage1, cli, convert
 from blipfast.retrieval import format_metrics, load_features, pre_caption, read_annotations, recall_at_k, tokenize
 from tests.retrieval_tiny import VCFG, hf_retrieval_model, stage1_config, write_gallery, write_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 
 def lavis_report_metrics(scores_i2t, scores_t2i, txt2img, img2txt):
