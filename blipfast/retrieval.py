@@ -51,7 +51,8 @@ def _index_lists(name: str, x, n: int) -> list:
         try:
             x = [x[i] for i in range(n)]
         except KeyError as e:
-            raise ValueError(f"recall_at_k: {name} has no entry for row {e.args[0]} (keys must be 0..{n - 1})") from None
+            raise ValueError(f"recall_at_k: {name} has no entry for row {e.args[0]} (keys must be 0..{n - 1})") \
+                from None
     x = x.tolist() if isinstance(x, torch.Tensor) else list(x)
     if len(x) != n:
         raise ValueError(f"recall_at_k: {name} needs {n} entries (one per row of the score matrix), got {len(x)}")
@@ -247,7 +248,8 @@ def _shard_tensor(path: Path) -> torch.Tensor:
         if key in tensors:
             return tensors[key]
     if len(tensors) != 1:
-        raise ValueError(f"{path}: expected one tensor [N, L, width] (or one named image_embeds), got {sorted(tensors)}")
+        raise ValueError(f"{path}: expected one tensor [N, L, width] (or one named image_embeds), got "
+                         f"{sorted(tensors)}")
     return next(iter(tensors.values()))
 
 

@@ -32,7 +32,8 @@ def _data(dtype):
 def naive_hf_scores(hf, pixels, ids, mask, k):
     """LAVIS' compute_sim_matrix over HF's own forward: ITC for all pairs, then per row the top k re-ranked with
     the ITM positive logit (mean over queries) + ITC, one ITM forward of k repeated images/texts per row."""
-    itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False).logits_per_image
+    itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+             use_image_text_matching_head=False).logits_per_image
     n_img, n_txt = itc.shape
     i2t = torch.full((n_img, n_txt), -100.0, dtype=itc.dtype)
     t2i = torch.full((n_txt, n_img), -100.0, dtype=itc.dtype)
@@ -44,7 +45,8 @@ def naive_hf_scores(hf, pixels, ids, mask, k):
     for t in range(n_txt):
         sim, top = itc[:, t].topk(min(k, n_img))
         itm = hf(pixel_values=pixels[top], input_ids=ids[t:t + 1].repeat(len(top), 1),
-                 attention_mask=mask[t:t + 1].repeat(len(top), 1), use_image_text_matching_head=True).logits_per_image[:, 1]
+                 attention_mask=mask[t:t + 1].repeat(len(top), 1),
+                 use_image_text_matching_head=True).logits_per_image[:, 1]
         t2i[t, top] = itm + sim
     return i2t, t2i
 
@@ -104,7 +106,8 @@ def test_extract_features_as_lavis_and_hf():
         itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
         vis = hf.vision_model(pixels)[0]
         q = hf.qformer(query_embeds=hf.query_tokens.expand(N_IMG, -1, -1), encoder_hidden_states=vis).last_hidden_state
-        txt = hf.qformer(query_embeds=hf.embeddings(input_ids=ids), query_length=0, attention_mask=mask).last_hidden_state
+        txt = hf.qformer(query_embeds=hf.embeddings(input_ids=ids), query_length=0,
+                         attention_mask=mask).last_hidden_state
         mm = hf.qformer(query_embeds=hf.embeddings(input_ids=ids, query_embeds=hf.query_tokens.expand(N_IMG, -1, -1)),
                         query_length=NQ, attention_mask=torch.cat([torch.ones(N_IMG, NQ, dtype=torch.long), mask], 1),
                         encoder_hidden_states=vis).last_hidden_state[:, :NQ]

@@ -124,7 +124,8 @@ def _write_features(folder, names, feats, shards=2):
     per = math.ceil(len(order) / shards)
     for s in range(shards):
         rows = order[s * per:(s + 1) * per]
-        save_file({"image_embeds": feats[rows].to(torch.bfloat16).contiguous()}, str(folder / f"shard-{s:05d}.safetensors"))
+        save_file({"image_embeds": feats[rows].to(torch.bfloat16).contiguous()},
+                  str(folder / f"shard-{s:05d}.safetensors"))
         for r, i in enumerate(rows):
             index[names[i]] = [f"shard-{s:05d}.safetensors", r]
     (folder / "index.json").write_text(json.dumps(index))

@@ -132,7 +132,8 @@ def counted_report(n_images: int = 64, k: int = 128) -> tuple[str, dict]:
     ratio = ours.ratio(base)
     met = {key: ratio[key] <= v for key, v in TARGETS.items()}
     table = format_cost_table(rows, BASELINE)
-    table += "\ntargets: " + ", ".join(f"{key} <= {v}x {'met' if met[key] else 'NOT met'}" for key, v in TARGETS.items())
+    table += "\ntargets: " + ", ".join(f"{key} <= {v}x {'met' if met[key] else 'NOT met'}"
+                                       for key, v in TARGETS.items())
     payload = {"images": n_images, "k": k, "text_len": TEXT_LEN, "image_tokens": N_TOKENS, "dtype": "float32",
                "counted_on": "meta, GPU dispatch", "rows": {name: c.as_dict() for name, c in rows}, "ratio": ratio,
                "targets": TARGETS, "met": met}

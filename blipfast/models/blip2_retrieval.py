@@ -261,10 +261,10 @@ class Blip2Retrieval(nn.Module):
                    image_index: torch.Tensor, text_index: torch.Tensor, *, batch_size: int = 1024,
                    image_batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Mean over the queries of the ITM positive logit of P pairs (image ``image_index[p]``, text
-        ``text_index[p]``), [P] in ``score_dtype`` on the model's device. Images are taken ``image_batch_size`` at a time
-        (their K/V computed once, shared by all their pairs), pairs ``batch_size`` at a time; ``image_embeds``
-        may stay on the CPU (each group of images is moved when it is needed). Host syncs: none with CPU indices,
-        one (the plan of the batches) with indices on the device."""
+        ``text_index[p]``), [P] in ``score_dtype`` on the model's device. Images are taken ``image_batch_size``
+        at a time (their K/V computed once, shared by all their pairs), pairs ``batch_size`` at a time;
+        ``image_embeds`` may stay on the CPU (each group of images is moved when it is needed). Host syncs: none
+        with CPU indices, one (the plan of the batches) with indices on the device."""
         self._check_tokens(image_embeds)
         self._check_text(input_ids, attention_mask)
         for name, v in (("batch_size", batch_size), ("image_batch_size", image_batch_size)):
@@ -300,12 +300,13 @@ class Blip2Retrieval(nn.Module):
             starts.append(starts[-1] + hi[i])
         bar = tqdm(total=p, unit="pair", desc="ITM re-rank", disable=not progress)
         lut = torch.empty(n_img, dtype=torch.long, device=dev)
+        used_src = torch.tensor(used, device=image_embeds.device)  # one copy, not one per group
+        used_dev = used_src.to(dev)
         for g0 in range(0, len(used), image_batch_size):
-            group = used[g0:g0 + image_batch_size]
-            sel = torch.tensor(group, device=image_embeds.device)
-            ikv = self.image_kv(image_embeds.index_select(0, sel).to(dev, non_blocking=True))
-            lut[sel.to(dev)] = torch.arange(len(group), device=dev)
-            p0, p1 = starts[g0], starts[g0 + len(group)]
+            g1 = min(len(used), g0 + image_batch_size)
+            ikv = self.image_kv(image_embeds.index_select(0, used_src[g0:g1]).to(dev, non_blocking=True))
+            lut[used_dev[g0:g1]] = torch.arange(g1 - g0, device=dev)
+            p0, p1 = starts[g0], starts[g1]
             for b0 in range(p0, p1, batch_size):
                 b1 = min(p1, b0 + batch_size)
                 t_b = txt[b0:b1]
@@ -344,9 +345,9 @@ class Blip2Retrieval(nn.Module):
                        attention_mask: torch.Tensor, k: int = 128, batch_size: int = 1024,
                        image_batch_size: int = 64, text_batch_size: int = 1024,
                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])`` in ``score_dtype`` on the model's device, with LAVIS' rule
-        (module doc). ``k`` larger than a direction's candidates re-ranks them all (LAVIS' ``topk`` would fail).
-        ``batch_size`` pairs per ITM pass, ``image_batch_size`` images per K/V group (and per ViT / image pass),
+        """``(score_i2t [N_img, N_txt], score_t2i [N_txt, N_img])`` in ``score_dtype`` on the model's device, with
+        LAVIS' rule (module doc). ``k`` larger than a direction's candidates re-ranks them all (LAVIS' ``topk``
+        would fail). ``batch_size`` pairs per ITM pass, ``image_batch_size`` images per K/V group (and per ViT / image pass),
         ``text_batch_size`` texts per text pass; ``progress`` shows a tqdm bar over the re-rank."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             _err(f"k must be a positive int, got {k!r}")
@@ -387,7 +388,8 @@ def _lavis_vision_model(sd: Mapping, vision_config: Any, ln_vision: nn.LayerNorm
         _err("from_lavis: vision_config was given but the checkpoint has no visual_encoder.* weights")
     conv = convert.lavis_to_hf(vit)
     if conv.unmapped:
-        _err(f"from_lavis: {len(conv.unmapped)} visual_encoder key(s) have no HF counterpart: {sorted(conv.unmapped)[:10]}")
+        _err(f"from_lavis: {len(conv.unmapped)} visual_encoder key(s) have no HF counterpart: "
+             f"{sorted(conv.unmapped)[:10]}")
     weights = {k[len("vision_model."):]: v for k, v in conv.state_dict.items()}
     weights.update({f"post_layernorm.{k}": v for k, v in ln_vision.state_dict().items()})
     model = Blip2VisionModel(vision_config)
