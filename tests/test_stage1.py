@@ -333,3 +333,98 @@ def test_forward_validates_its_arguments():
         model(img, ids, mask, negatives=(torch.tensor([1, 0]),))
     with pytest.raises(ValueError, match="input_ids"):
         model(img, torch.ones(2, 41, dtype=torch.long), torch.ones(2, 41))
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU: the fused kernels, bf16 autocast, torch.compile and CUDA-graph capture of the whole training step
+
+
+@pytest.mark.gpu
+def test_parity_on_gpu_kernels():
+    """fp32 on CUDA (Triton attention/ITC, CUDA epilogue/sampler) vs the float64 baseline, the fp32 baseline's
+    error as yardstick."""
+    img, ids, mask, fast, base, which = _case("padded")
+    model = Blip2Stage1(tiny_config()).eval()
+    cuda = [t.cuda() for t in (img, ids, mask)]
+    kw_neg = (torch.tensor(CASES["padded"][4][0]).cuda(), torch.tensor(CASES["padded"][4][1]).cuda())
+    fo, fg = _run(model.cuda(), lambda m, x, i, mk: m(x, i, mk, negatives=kw_neg), torch.float32, *cuda)
+    model = model.cpu()
+    lo, lg = _run(model, base, torch.float32, img, ids, mask)
+    ro, rg = _run(model, base, F64, img, ids, mask)
+    for k in LOSSES:
+        assert_within_torch_error(fo[k].cpu().reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32,
+                                  name=k)
+    names = sorted(rg)
+    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
+    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_step_is_close_to_fp32(dtype):
+    model = Blip2Stage1(tiny_config()).cuda().eval()
+    img, ids, mask = (t.cuda() for t in make_batch(4, 7, pad_rows=(1,)))
+    neg = (torch.tensor([1, 2, 3, 0], device="cuda"), torch.tensor([2, 0, 1, 1], device="cuda"))
+    ref = model(img, ids, mask, negatives=neg)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(img, ids, mask, negatives=neg)
+    for k in LOSSES:
+        torch.testing.assert_close(out[k].float(), ref[k].float(), rtol=3e-2, atol=3e-2, msg=k)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+def test_compiled_step_on_cuda_never_syncs():
+    model = Blip2Stage1(tiny_config()).cuda().train()
+    img, ids, mask = (t.cuda() for t in make_batch(4, 7, pad_rows=(1,)))
+    step = torch.compile(lambda a, b, c: model(a, b, c).loss, fullgraph=True)
+    step(img, ids, mask).backward()  # compile and tune outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step(img, ids, mask)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_training_step_captures_in_a_cuda_graph():
+    """Forward, backward and AdamW of a stage-1 step in one torch.cuda.CUDAGraph (static inputs; sampling and
+    dropout draw fresh seeds from the graph-safe CUDA generator at every replay)."""
+    torch.manual_seed(0)
+    model = Blip2Stage1(tiny_config()).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    img, ids, mask = (t.cuda() for t in make_batch(8, 7, pad_rows=(1, 5)))
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(img, ids, mask).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            train_step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            loss = train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    losses = []
+    for _ in range(20):
+        graph.replay()
+        losses.append(loss.clone())
+    torch.cuda.synchronize()
+    losses = torch.stack(losses)
+    assert torch.isfinite(losses).all()
+    assert losses[-5:].mean() < losses[:5].mean(), losses  # it trains on the fixed batch

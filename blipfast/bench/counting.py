@@ -176,10 +176,10 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
 def format_cost_table(rows: list[tuple[str, Cost]], base: str) -> str:
     """A table of costs with each row's ratio against the row named ``base``."""
     ref = dict(rows)[base]
-    head = f"{'impl':<34} {'GFLOP':>10} {'saved MiB':>10} {'ops':>8} {'syncs':>6}   {'FLOPs':>6} {'saved':>6} {'ops':>6}"
+    head = f"{'impl':<34} {'GFLOP':>10} {'saved MiB':>10} {'ops':>8} {'syncs':>6}   {'FLOPs':>7} {'saved':>7} {'ops':>7}"
     lines = [head, "-" * len(head)]
     for name, c in rows:
         r = c.ratio(ref)
         lines.append(f"{name[:34]:<34} {c.flops / 1e9:>10.1f} {c.saved_bytes / 2**20:>10.1f} {c.ops:>8d} "
-                     f"{c.host_syncs:>6d}   {r['flops']:>5.2f}x {r['saved_bytes']:>5.2f}x {r['ops']:>5.2f}x")
+                     f"{c.host_syncs:>6d}   {r['flops']:>5.3f}x {r['saved_bytes']:>5.3f}x {r['ops']:>5.3f}x")
     return "\n".join(lines)

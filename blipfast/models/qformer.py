@@ -268,11 +268,11 @@ def _init_weights(module: nn.Module, std: float) -> None:
                 m.bias.zero_()
 
 
-def _epilogue(x, dense_ln: _DenseLN, residual, p: float):
+def _epilogue(x, dense_ln: _DenseLN, residual, p: float, seed=None):
     """LN(dropout(x @ W^T + b) + residual): the GEMM without bias, the fused epilogue does the rest."""
     ln = dense_ln.LayerNorm
     return ops.bias_dropout_add_layernorm(F.linear(x, dense_ln.dense.weight), dense_ln.dense.bias, residual,
-                                          ln.weight, ln.bias, eps=ln.eps, dropout_p=p)
+                                          ln.weight, ln.bias, eps=ln.eps, dropout_p=p, seed=seed)
 
 
 def _check_mask(name: str, mask, shape: tuple, device) -> None:
@@ -442,6 +442,10 @@ class QFormer(nn.Module):
         x = F.layer_norm(x, (d,), self.layernorm.weight, self.layernorm.bias, self.layernorm.eps)
         x = F.dropout(x, p_hid, train)
 
+        # every dropout site's seed from one draw (CUDA; elsewhere None: torch's own dropout)
+        n_sites = 6 * cfg.num_hidden_layers if (train and (p_hid > 0 or p_att > 0)) else 0
+        seeds = iter(ops.dropout_seeds(n_sites, x.device) if n_sites else ())
+
         all_hidden = [x] if output_hidden_states else None
         query_kv = [] if return_query_kv else None
         num_query = nq if past_query_kv is not None else q_len
@@ -465,13 +469,13 @@ class QFormer(nn.Module):
                 kq, vq, mq = (k, v, attention_mask) if mode == "bidirectional" else (
                     k[:, :q_len], v[:, :q_len], None if attention_mask is None else attention_mask[:, :q_len])
                 ctx = ops.qformer_attention(q[:, :q_len], kq, vq, num_query=q_len, mode="bidirectional",
-                                            key_padding_mask=mq, dropout_p=p_att)
+                                            key_padding_mask=mq, dropout_p=p_att, seed=next(seeds, None))
                 seq = q_len
                 x = x[:, :q_len]
             else:
                 ctx = ops.qformer_attention(q, k, v, num_query=num_query, mode=mode, key_padding_mask=attention_mask,
-                                            dropout_p=p_att)
-            a = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid)
+                                            dropout_p=p_att, seed=next(seeds, None))
+            a = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid, next(seeds, None))
 
             parts = []
             if q_len > 0:
@@ -481,13 +485,14 @@ class QFormer(nn.Module):
                     cq = F.linear(aq, ca.attention.query.weight, ca.attention.query.bias).view(bsz, q_len, h, hd)
                     ck, cv = ekv[cross_j]
                     cross_j += 1
-                    cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att)
-                    aq = _epilogue(cctx.reshape(bsz, q_len, d), ca.output, aq, p_hid)
-                parts.append(self._ffn(layer.intermediate_query, layer.output_query, aq, p_hid))
+                    cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att,
+                                               seed=next(seeds, None))
+                    aq = _epilogue(cctx.reshape(bsz, q_len, d), ca.output, aq, p_hid, next(seeds, None))
+                parts.append(self._ffn(layer.intermediate_query, layer.output_query, aq, p_hid, next(seeds, None)))
             else:
                 at = a
             if at is not None:
-                parts.append(self._ffn(layer.intermediate, layer.output, at, p_hid))
+                parts.append(self._ffn(layer.intermediate, layer.output, at, p_hid, next(seeds, None)))
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             if all_hidden is not None:
                 all_hidden.append(x)
@@ -497,15 +502,16 @@ class QFormer(nn.Module):
                             query_kv=tuple(query_kv) if query_kv is not None else None)
         return out if return_dict is None or return_dict else out.to_tuple()
 
-    def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float) -> torch.Tensor:
+    def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float, seed=None) -> torch.Tensor:
         """LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU the activation is recomputed in the backward
         (``gelu_mlp``: the [rows, intermediate] activation is not kept)."""
         if self._gelu is not None:
             y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=self._gelu)
             ln = output.LayerNorm
-            return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p)
+            return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p,
+                                                  seed=seed)
         y = self._act(F.linear(h, inter.dense.weight, inter.dense.bias))
-        return _epilogue(y, output, h, p)
+        return _epilogue(y, output, h, p, seed)
 
 
 class QFormerEmbeddings(nn.Module):

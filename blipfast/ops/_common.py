@@ -203,7 +203,16 @@ def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
     check_tensor(op, "seed", seed, dtypes=(torch.int64,), device=device)
     if seed.numel() != 1:
         raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
-    return seed.reshape(1)
+    return seed if seed.shape == (1,) else seed.reshape(1)
+
+
+def dropout_seeds(n: int, device: torch.device) -> tuple:
+    """n dropout seeds for the n dropout sites of a model's forward, from ONE draw of torch's RNG on the device
+    (one randint instead of one per site; each seed is a [1] view). Only where the fused backends run (CUDA):
+    elsewhere n Nones, so that the reference backend keeps torch's own dropout (its Philox rule is slow on a CPU)."""
+    if not _is_cuda(device) or n == 0:
+        return (None,) * n
+    return torch.randint(0, 2**62, (n, 1), device=device, dtype=torch.int64).unbind(0)
 
 
 def check_gathered(op: str, rank, b: int, bw: int, image_ids, image_ids_all, device) -> None:

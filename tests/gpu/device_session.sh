@@ -30,7 +30,7 @@ case "${1:-test}" in
     ;;
   bench)
     build
-    python -m pytest benchmarks/ --benchmark-only --benchmark-group-by=group -p no:cacheprovider \
+    python -m pytest benchmarks/ --benchmark -p no:cacheprovider \
       --benchmark-json="$OUT/pytest-benchmark.json" 2>&1 | tee "$OUT/pytest-benchmark.log" | tail -60
     blipfast bench --out "$OUT" 2>&1 | tee "$OUT/blipfast-bench.log" | tail -60
     ;;
