@@ -97,6 +97,31 @@ def test_image_embeds_path_and_itm_scores_of_any_pairs():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     assert model.itm_scores(pre, ids, mask, img[:0], txt[:0]).shape == (0,)
 
+    # LAVIS pads captions to 35 tokens: each batch runs at its texts' longest extent, with the same scores (an
+    # all-padding text included)
+    ids2, mask2 = torch.cat([ids, torch.zeros(N_TXT, 20, dtype=ids.dtype)], 1), torch.cat([mask, torch.zeros(
+        N_TXT, 20, dtype=mask.dtype)], 1)
+    ids2[3], mask2[3] = 0, 0
+    txt2 = txt.clone()
+    txt2[1] = 3
+    widths = []
+    orig = model.qformer.forward
+
+    def record(query_embeds, *a, **k):
+        widths.append(query_embeds.shape[1] - NQ)
+        return orig(query_embeds, *a, **k)
+
+    model.qformer.forward = record
+    try:
+        padded = model.itm_scores(pre, ids2, mask2, img, txt2, batch_size=3)
+    finally:
+        del model.qformer.forward
+    with torch.no_grad():
+        ref2 = hf(pixel_values=pixels[img], input_ids=ids2[txt2], attention_mask=mask2[txt2],
+                  use_image_text_matching_head=True).logits_per_image[:, 1]
+    torch.testing.assert_close(padded, ref2, rtol=1e-12, atol=1e-12)
+    assert widths == [6, 9, 9]  # extents sorted (1, 6, 6 | 9, 9, 9 | 9): never the 29 columns
+
 
 def test_extract_features_as_lavis_and_hf():
     hf, model = _models(F64)

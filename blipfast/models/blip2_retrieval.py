@@ -14,9 +14,12 @@ cross-attention K/V again, one host sync per row), here:
   every t2i row that chose the image;
 - the pairs run in batches of ``batch_size`` through ``QFormer(query_output_only=True)`` (the last layer computes
   only the query rows, the only ones the ITM head reads);
-- host syncs: ``torch.unique`` of the pair keys and the per-image pair counts (two, once per call, to plan the
-  batches); no sync per query row or per batch: the scores stay on the device and the score matrices are returned
-  there.
+- within a group of images the pairs are sorted by text extent and each batch's texts are cut to its longest
+  extent (LAVIS pads every caption to 35 tokens; the cut columns are padding in every row of the batch, so the
+  scores are unchanged);
+- host syncs: ``torch.unique`` of the pair keys and one transfer of the pairs and text extents to the host, where
+  the batches are planned (two, once per call); no sync per query row or per batch: the scores stay on the
+  device and the score matrices are returned there.
 
 With ``pixel_values`` the kept vision model (HF ``Blip2VisionModel``) runs once per image; ``image_embeds`` are its
 tokens BEFORE ``ln_vision`` (what ``blipfast cache-features`` stores). ``extract_features`` is LAVIS'
@@ -261,57 +264,46 @@ class Blip2Retrieval(nn.Module):
                    image_index: torch.Tensor, text_index: torch.Tensor, *, batch_size: int = 1024,
                    image_batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Mean over the queries of the ITM positive logit of P pairs (image ``image_index[p]``, text
-        ``text_index[p]``), [P] in ``score_dtype`` on the model's device. Images are taken ``image_batch_size``
-        at a time (their K/V computed once, shared by all their pairs), pairs ``batch_size`` at a time;
-        ``image_embeds`` may stay on the CPU (each group of images is moved when it is needed). Host syncs: none
-        with CPU indices, one (the plan of the batches) with indices on the device."""
+        ``text_index[p]``), [P] in ``score_dtype`` on the model's device.
+
+        The pairs are planned on the host (:func:`_plan_pairs`): images with pairs are taken ``image_batch_size``
+        at a time, their K/V computed once and shared by all their pairs; within such a group the pairs are
+        sorted by text extent and run ``batch_size`` at a time, each batch's texts cut to its longest extent (the
+        cut columns are padding in every row of the batch: the scores are unchanged). ``image_embeds`` may stay
+        on the CPU (each group of images is moved when it is needed). Host syncs: one (the indices and text
+        extents to the host) when they live on a GPU, none for CPU indices and masks."""
         self._check_tokens(image_embeds)
         self._check_text(input_ids, attention_mask)
         for name, v in (("batch_size", batch_size), ("image_batch_size", image_batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 _err(f"{name} must be a positive int, got {v!r}")
-        dev = self.device
-        n_img, n_txt = image_embeds.shape[0], input_ids.shape[0]
         for name, t in (("image_index", image_index), ("text_index", text_index)):
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32) \
                     or t.shape != image_index.shape:
                 _err(f"{name} must be an int64 tensor [P] (as long as image_index), got {_describe(t)}")
-        # the plan (pairs sorted by image, pairs per image) is made where the indices are: on the host for CPU
-        # indices (no device sync at all), else with one host sync
-        img, txt = image_index.long(), text_index.long()
-        p = img.shape[0]
-        out = torch.empty(p, dtype=self.score_dtype, device=dev)
-        if p == 0:
+        dev = self.device
+        out = torch.empty(image_index.shape[0], dtype=self.score_dtype, device=dev)
+        if out.numel() == 0:
             return out
-        order = torch.argsort(img, stable=True)
-        img, txt = img[order], txt[order]
-        counts = torch.bincount(img.clamp(0, n_img), minlength=n_img + 1)  # [n_img]: out of range
-        plan = torch.cat([counts, torch.stack([img.min(), txt.min(), txt.max()])]).tolist()
-        hi, (img_lo, txt_lo, txt_hi) = plan[:n_img + 1], plan[n_img + 1:]
-        if img_lo < 0 or hi[n_img] or txt_lo < 0 or txt_hi >= n_txt:
-            _err(f"image_index must lie in [0, {n_img}) and text_index in [0, {n_txt})")
-        img, txt, order = img.to(dev), txt.to(dev), order.to(dev)
+        plan = _plan_pairs(image_index, text_index, attention_mask, image_embeds.shape[0], batch_size,
+                           image_batch_size)
+        cuda = dev.type == "cuda"
+        order, img, txt = (t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
+                           for t in (plan.order, plan.image, plan.text))
+        used_src = plan.used.to(image_embeds.device)
+        used_dev = plan.used.to(dev)
         ids, mask = input_ids.to(dev).long(), attention_mask.to(dev) != 0
         nq = self.config.num_query_tokens
         ones = torch.ones(batch_size, nq, dtype=torch.bool, device=dev)
-        used = [i for i in range(n_img) if hi[i]]  # images with pairs, in order
-        starts = [0]
-        for i in used:
-            starts.append(starts[-1] + hi[i])
-        bar = tqdm(total=p, unit="pair", desc="ITM re-rank", disable=not progress)
-        lut = torch.empty(n_img, dtype=torch.long, device=dev)
-        used_src = torch.tensor(used, device=image_embeds.device)  # one copy, not one per group
-        used_dev = used_src.to(dev)
-        for g0 in range(0, len(used), image_batch_size):
-            g1 = min(len(used), g0 + image_batch_size)
+        lut = torch.empty(image_embeds.shape[0], dtype=torch.long, device=dev)
+        bar = tqdm(total=out.numel(), unit="pair", desc="ITM re-rank", disable=not progress)
+        for g0, g1, batches in plan.groups:
             ikv = self.image_kv(image_embeds.index_select(0, used_src[g0:g1]).to(dev, non_blocking=True))
             lut[used_dev[g0:g1]] = torch.arange(g1 - g0, device=dev)
-            p0, p1 = starts[g0], starts[g1]
-            for b0 in range(p0, p1, batch_size):
-                b1 = min(p1, b0 + batch_size)
+            for b0, b1, width in batches:
                 t_b = txt[b0:b1]
-                am = torch.cat([ones[:b1 - b0], mask.index_select(0, t_b)], 1)
-                h = self.qformer(self.query_embeds(ids.index_select(0, t_b), b1 - b0), query_length=nq,
+                am = torch.cat([ones[:b1 - b0], mask[:, :width].index_select(0, t_b)], 1)
+                h = self.qformer(self.query_embeds(ids[:, :width].index_select(0, t_b), b1 - b0), query_length=nq,
                                  attention_mask=am, encoder_kv=ikv, kv_index=lut.index_select(0, img[b0:b1]),
                                  query_output_only=True).last_hidden_state
                 out[b0:b1] = self.itm_logits(h)[:, 1].to(out.dtype)
@@ -375,6 +367,57 @@ class Blip2Retrieval(nn.Module):
         t2i_flat = torch.arange(n_txt, device=dev).repeat_interleave(k_t2i) * n_img + top_t2i.flatten()
         s_t2i.view(-1)[t2i_flat] = score[inverse[n1:]]
         return s_i2t, s_t2i
+
+
+@dataclass
+class _PairPlan:
+    """Pairs in the order they run (``order[i]``: the pair at position i), their images and texts, the images with
+    pairs (``used``), and per group of images ``(first, end, [(pair start, pair end, text width), ...])``."""
+
+    order: torch.Tensor
+    image: torch.Tensor
+    text: torch.Tensor
+    used: torch.Tensor
+    groups: list
+
+
+def _to_host(*tensors: torch.Tensor) -> list:
+    """CPU copies of 1-D integer tensors, in one transfer when they share a device."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.long() for t in tensors]
+    if len({t.device for t in tensors}) == 1:
+        return list(torch.cat([t.long() for t in tensors]).cpu().split([t.numel() for t in tensors]))
+    return [t.long().cpu() for t in tensors]
+
+
+def _plan_pairs(image_index, text_index, attention_mask, n_img: int, batch_size: int, image_batch_size: int):
+    """The batches of ``itm_scores``, planned on the host (see there)."""
+    n_txt, t = attention_mask.shape
+    if attention_mask.device.type == "meta":  # no data (cost counting): every text at full width
+        img, txt = _to_host(image_index, text_index)
+        extent = torch.full((n_txt,), t, dtype=torch.long)
+    else:  # extent: last attended position + 1; the columns beyond it are padding
+        ext = ((attention_mask != 0).long() * torch.arange(1, t + 1, device=attention_mask.device)).amax(1)
+        img, txt, extent = _to_host(image_index, text_index, ext)
+    if img.min() < 0 or img.max() >= n_img:
+        _err(f"image_index must lie in [0, {n_img})")
+    if txt.min() < 0 or txt.max() >= n_txt:
+        _err(f"text_index must lie in [0, {n_txt})")
+    counts = torch.bincount(img, minlength=n_img)
+    used = counts.nonzero().flatten()
+    group_of = torch.zeros(n_img, dtype=torch.long)
+    group_of[used] = torch.arange(used.numel()) // image_batch_size
+    pair_group, pair_extent = group_of[img], extent[txt]
+    order = torch.argsort(pair_group * (t + 1) + pair_extent, stable=True)  # by group, then text extent
+    ext_sorted = pair_extent[order].tolist()
+    ends = torch.bincount(pair_group, minlength=int(group_of.max()) + 1).cumsum(0).tolist()
+    groups, p0 = [], 0
+    for g, p1 in enumerate(ends):
+        batches = [(b0, min(p1, b0 + batch_size), max(1, ext_sorted[min(p1, b0 + batch_size) - 1]))
+                   for b0 in range(p0, p1, batch_size)]
+        groups.append((g * image_batch_size, min(used.numel(), (g + 1) * image_batch_size), batches))
+        p0 = p1
+    return _PairPlan(order=order, image=img[order], text=txt[order], used=used, groups=groups)
 
 
 def _lavis_vision_model(sd: Mapping, vision_config: Any, ln_vision: nn.LayerNorm) -> nn.Module:
