@@ -280,6 +280,10 @@ def _check_mask(name: str, mask, shape: tuple, device) -> None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"QFormer: {name} must be a tensor, got {type(mask).__name__}")
+    if mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                          torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"QFormer: {name} must be a bool, integer or floating tensor (1 = attend, 0 = padding), "
+                        f"got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"QFormer: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
                          f"{list(mask.shape)}")
