@@ -9,7 +9,7 @@ place), ``blipfast.convert`` (HF <-> LAVIS and Salesforce BLIP weights), ``blipf
 """
 from ._ext import build_info, cuda_extension_available
 from . import ops
-from .models import Blip2Stage1, Blip2Stage1Config, QFormer, QFormerConfig, QFormerEmbeddings
+from .models import Blip2Retrieval, Blip2Stage1, Blip2Stage1Config, QFormer, QFormerConfig, QFormerEmbeddings
 from .patch import apply_blipfast_to_blip, apply_blipfast_to_blip2, revert_blipfast
 from .models.blip2_stage2 import Blip2Stage2
 from .models.instructblip import InstructBlipQFormer
@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFormer", "QFormerConfig",
            "QFormerEmbeddings", "apply_blipfast_to_blip2", "revert_blipfast", "Blip2Stage1", "Blip2Stage1Config",
-           "Blip2Stage2", "InstructBlipQFormer", "BlipTextLMHeadModel", "BlipTextModel", "apply_blipfast_to_blip"]
+           "Blip2Stage2", "InstructBlipQFormer", "BlipTextLMHeadModel", "BlipTextModel", "apply_blipfast_to_blip",
+           "Blip2Retrieval"]
 
 
 def __getattr__(name):  # the BLIP (v1) models load transformers' modeling code: imported on first use

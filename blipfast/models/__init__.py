@@ -5,11 +5,12 @@ embeddings, the BLIP-2 models built on them, and the BLIP (v1) text model (MED, 
 The BLIP names are imported on first use (``blipfast.models.blip`` pulls in transformers' modeling and
 generation code, seconds of import time that BLIP-2-only users should not pay)."""
 from .blip2 import Blip2Stage1, Blip2Stage1Config, Blip2Stage1Output, QFormerLMHead
+from .blip2_retrieval import Blip2Features, Blip2Retrieval
 from .qformer import ImageKV, QFormer, QFormerConfig, QFormerEmbeddings, QFormerLayer, QFormerOutput
 
 _BLIP = ("BlipTextLMHeadModel", "BlipTextModel", "blip_text_config", "share_encoder_decoder")
 
-__all__ = ["Blip2Stage1", "Blip2Stage1Config", "Blip2Stage1Output", "ImageKV", "QFormer", "QFormerConfig",
+__all__ = ["Blip2Features", "Blip2Retrieval", "Blip2Stage1", "Blip2Stage1Config", "Blip2Stage1Output", "ImageKV", "QFormer", "QFormerConfig",
            "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormerOutput", *_BLIP]
 
 

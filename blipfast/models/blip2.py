@@ -340,6 +340,17 @@ class Blip2Stage1(nn.Module):
                                  neg_image_index=neg_image)
 
     # ------------------------------------------------------------------------------------------
+    # captioning
+
+    def generate(self, image_embeds: torch.Tensor, **kwargs) -> torch.LongTensor:
+        """Q-Former-only captions (LAVIS ``Blip2Qformer.generate``): token ids [B, L] from [DEC] to [SEP];
+        beam 3, max 30, min 10 by default, ``top_p=0.9`` for nucleus sampling. ``image_embeds`` are the ViT tokens
+        before ``ln_vision``. See ``blipfast.models.blip2_generate.generate`` for every option."""
+        from .blip2_generate import generate
+
+        return generate(self, image_embeds, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
     # checkpoints
 
     def _hf_space(self) -> dict:

@@ -13,7 +13,8 @@ Same constructor argument (an HF ``Blip2QFormerConfig``, a dict or keywords), sa
 - every post-LN epilogue is ``ops.bias_dropout_add_layernorm`` (the GEMM runs without bias, the epilogue adds it).
 
 Beyond HF (keyword-only): ``mode`` ("bidirectional" | "causal" | "unimodal", SPEC.md section 2),
-``return_query_kv`` (per-layer self-attention K/V of the query rows, not detached, for ITG),
+``return_query_kv`` (per-layer self-attention K/V of the query rows, not detached, for ITG; with
+``past_query_kv``, the past K/V extended by the input rows': an incremental-decoding cache),
 ``past_query_kv`` (the ITG pass: T text rows over cached query K/V + their own K/V), ``encoder_kv`` /
 ``kv_index`` (shared image K/V). Differences from HF, on purpose: masks are true masks (a disallowed key gets
 exactly zero weight; HF adds a large finite negative, which matters only for a row with no allowed key:
@@ -182,7 +183,8 @@ class QFormerConfig:
 
 @dataclass
 class QFormerOutput(BaseModelOutputWithPoolingAndCrossAttentions):
-    """HF's output class plus ``query_kv``: per layer (k, v) [B, Q, H, D] of the query rows (``return_query_kv``)."""
+    """HF's output class plus ``query_kv``: per layer (k, v) [B, Q, H, D] of the query rows (``return_query_kv``;
+    with ``past_query_kv``: [B, P + T, H, D], the past K/V followed by the T input rows')."""
 
     query_kv: Optional[tuple] = None
 
@@ -385,9 +387,11 @@ class QFormer(nn.Module):
         (before the LayerNorm); positions < ``query_length`` (default L) are queries. ``attention_mask``
         [B, L] and ``encoder_attention_mask`` [M, Lk] are 1 = attend, 0 = padding.
 
-        Extras: ``mode`` (default "bidirectional", "causal" with ``past_query_kv``); ``return_query_kv``;
-        ``past_query_kv`` (per layer (k, v) [B, Q, H, D] from ``return_query_kv``; ``query_embeds`` then
-        holds only the T text embeddings, ``attention_mask`` is [B, T] or [B, Q + T]); ``encoder_kv`` (from
+        Extras: ``mode`` (default "bidirectional", "causal" with ``past_query_kv``); ``return_query_kv`` (with
+        ``past_query_kv``: per layer the past K/V extended by the T input rows', [B, P + T, H, D], the cache of
+        incremental decoding); ``past_query_kv`` (per layer (k, v) [B, P, H, D] from ``return_query_kv``;
+        ``query_embeds`` then holds only the T text embeddings, which see all P past keys and their causal
+        prefix, ``attention_mask`` is [B, T] or [B, P + T]); ``encoder_kv`` (from
         :meth:`image_kv`, instead of ``encoder_hidden_states``) and ``kv_index`` (long [B]: the image of
         each row-set, with either); ``query_output_only`` (the last layer computes the query rows only, and
         ``last_hidden_state`` is [B, query_length, d]: ITM and retrieval re-ranking read nothing else, so the
@@ -411,8 +415,8 @@ class QFormer(nn.Module):
         if past_query_kv is not None:  # ITG: text rows over cached query K/V; text FFN everywhere
             if query_length not in (None, 0):
                 raise ValueError("QFormer: with past_query_kv the input holds only text (query_length must be None/0)")
-            if encoder_hidden_states is not None or encoder_kv is not None or return_query_kv:
-                raise ValueError("QFormer: past_query_kv (the ITG pass) takes no image input and returns no query K/V")
+            if encoder_hidden_states is not None or encoder_kv is not None:
+                raise ValueError("QFormer: past_query_kv (the ITG pass) takes no image input")
             if len(past_query_kv) != cfg.num_hidden_layers:
                 raise ValueError(f"QFormer: past_query_kv needs one (k, v) per layer ({cfg.num_hidden_layers}), got "
                                  f"{len(past_query_kv)}")
@@ -491,11 +495,13 @@ class QFormer(nn.Module):
         for i, layer in enumerate(self.encoder.layer):
             # self-attention: one QKV GEMM, q/k/v strided views of [B, L, 3, H, D]
             q, k, v = qkv_projection(layer.attention.attention, x, h, hd)
-            if query_kv is not None:
+            if query_kv is not None and past_query_kv is None:
                 query_kv.append((k, v) if q_len == seq else (k[:, :q_len], v[:, :q_len]))
             if past_query_kv is not None:
                 pk, pv = past_query_kv[i]
                 k, v = torch.cat((pk.to(k.dtype), k), 1), torch.cat((pv.to(v.dtype), v), 1)
+                if query_kv is not None:  # incremental decoding: the cache extended by these rows
+                    query_kv.append((k, v))
             if query_output_only and i == cfg.num_hidden_layers - 1 and q_len < seq:
                 # the last layer for the query rows only: in every mode a query row sees the keys that
                 # bidirectional attention over [queries | text] (or over the queries alone) gives it
