@@ -74,8 +74,8 @@ def assert_within_torch_error(fast: torch.Tensor, ref64: torch.Tensor, torch_low
 
     ``ref64`` is the float64 ground truth, ``torch_lowp`` PyTorch's own computation in the dtype under
     test (its error is the yardstick), ``dtype`` defaults to fast's dtype. ``magnitude`` replaces max|ref64|
-    in the floor only for a quantity that is 0 in exact arithmetic and comes out of cancelling terms (e.g.
-    the gradient of an attention key bias: softmax is shift-invariant); pass the scale of those terms.
+    in the floor only for a quantity that comes out of cancelling terms and may be much smaller than they
+    are (e.g. 0 in exact arithmetic: assert_grads_within_torch_error); pass the scale of those terms.
     """
     dtype = dtype or fast.dtype
     fast, ref64, torch_lowp = fast.detach(), ref64.detach().double(), torch_lowp.detach()
@@ -113,3 +113,46 @@ def assert_within_rounding(a: torch.Tensor, b: torch.Tensor, name: str = "output
     err = (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
     bound = torch.finfo(a.dtype).eps * _scale_of(b) or torch.finfo(a.dtype).tiny
     assert err <= bound, f"{name}: max difference {err:.3e} > one rounding {bound:.1e} ({a.dtype}, seed {_SEED})"
+
+
+def count_calls(monkeypatch, module, *names: str) -> dict:
+    """Wrap ``module.<name>`` for each name so that every call adds one to the returned dict's "n" (e.g. to
+    show that a backend's kernels ran)."""
+    calls = {"n": 0}
+    for name in names:
+        orig = getattr(module, name)
+
+        def counting(*a, _orig=orig, **k):
+            calls["n"] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def assert_grads_within_torch_error(fast: dict, ref64: dict, torch_lowp: dict) -> None:
+    """assert_within_torch_error for every gradient of a model ({name: grad}, the same names on each side). A
+    gradient whose float64 value is below 1e-9 of the model's largest gradient is 0 in exact arithmetic (e.g.
+    attention key biases: softmax is shift-invariant) and comes out of cancelling terms of the model's
+    gradient scale, so its fp32 values are rounding noise of that scale: its floor is taken at it."""
+    assert fast.keys() == ref64.keys() == torch_lowp.keys()
+    gmax = max((_scale_of(g) for g in ref64.values()), default=0.0)
+    for name, g in ref64.items():
+        zero = _scale_of(g) <= 1e-9 * gmax
+        assert_within_torch_error(fast[name], g, torch_lowp[name], name=name, magnitude=gmax if zero else None)
+
+
+def assert_triton_matches_torch(monkeypatch, calls: dict, run) -> None:
+    """``run(dtype)`` -> (output, {name: grad}) of a model in ``dtype`` (a float64 copy for float64). Under
+    BLIPFAST_BACKEND=torch in fp32 (PyTorch's yardstick) and float64 (the reference), then =triton in fp32:
+    the Triton kernels ran (``calls`` from :func:`count_calls` on them) and the output and every gradient are
+    within PyTorch's fp32 error of the float64 model (assert_grads_within_torch_error)."""
+    monkeypatch.setenv("BLIPFAST_BACKEND", "torch")
+    out_low, g_low = run(torch.float32)
+    out_ref, g_ref = run(torch.float64)
+    n_ref = calls["n"]
+    monkeypatch.setenv("BLIPFAST_BACKEND", "triton")
+    out_tri, g_tri = run(torch.float32)
+    assert n_ref == 0 and calls["n"] > 0, "the triton backend was not used"
+    assert_within_torch_error(out_tri, out_ref, out_low, name="output")
+    assert_grads_within_torch_error(g_tri, g_ref, g_low)

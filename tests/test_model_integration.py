@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import blipfast
 from blipfast import ops
 from blipfast.distributed import itm_batch_indices, itm_loss
-from tests.conftest import HAS_CUDA, assert_within_torch_error
+from tests.conftest import HAS_CUDA, assert_triton_matches_torch, assert_within_torch_error, count_calls
 
 Q, T, N_IMG = 4, 6, 9
 
@@ -126,9 +125,10 @@ def test_itm_from_sampled_indices_equals_lavis_construction(b, same_images):
         assert (negs[0] >= 0).all() and (negs[1] >= 0).all()
 
 
-def check_qformer_on_triton(monkeypatch, mode_case, device):
+def check_qformer_on_triton(monkeypatch, mode_case, device, calls):
     """QFormer with BLIPFAST_BACKEND=triton (fp32) against the float64 model on the reference backend, with
-    the fp32 reference backend as PyTorch's yardstick: last_hidden_state and every parameter gradient."""
+    the fp32 reference backend as PyTorch's yardstick: last_hidden_state and every parameter gradient
+    (``calls``: count_calls on the Triton entry points)."""
     cfg, qf, emb = _small(device)
     b = 3
     image = torch.randn(b, N_IMG, 24, device=device)
@@ -137,10 +137,9 @@ def check_qformer_on_triton(monkeypatch, mode_case, device):
     mask[1, Q + 3:] = 0
     queries = torch.randn(b, Q, 32, device=device)
 
-    def run(backend, dtype=torch.float32):
-        monkeypatch.setenv("BLIPFAST_BACKEND", backend)
-        m, e = (copy.deepcopy(qf), copy.deepcopy(emb)) if dtype == torch.float32 else (
-            copy.deepcopy(qf).to(dtype), copy.deepcopy(emb).to(dtype))
+    def run(dtype):
+        m, e = (qf, emb) if dtype == torch.float32 else (copy.deepcopy(qf).to(dtype), copy.deepcopy(emb).to(dtype))
+        m.zero_grad(set_to_none=True)
         im, qu = image.to(dtype), queries.to(dtype)
         if mode_case == "queries+text":
             out = m(e(ids, query_embeds=qu), query_length=Q, attention_mask=mask, encoder_hidden_states=im,
@@ -153,16 +152,7 @@ def check_qformer_on_triton(monkeypatch, mode_case, device):
         out.square().sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
-    out_low, g_low = run("torch")
-    out_ref, g_ref = run("torch", torch.float64)
-    out_tri, g_tri = run("triton")
-    assert_within_torch_error(out_tri, out_ref, out_low, name="last_hidden_state")
-    assert g_tri.keys() == g_ref.keys() == g_low.keys()
-    gmax = max(float(g.abs().max()) for g in g_ref.values())
-    for name in g_ref:
-        # key biases: a gradient that is 0 in exact arithmetic (softmax is shift-invariant), rounding noise only
-        assert_within_torch_error(g_tri[name], g_ref[name], g_low[name], name=name,
-                                  magnitude=gmax if name.endswith("key.bias") else None)
+    assert_triton_matches_torch(monkeypatch, calls, run)
 
 
 @pytest.mark.parametrize("mode_case", ["queries+text", "text-only", "itg-cached"])
@@ -172,14 +162,5 @@ def test_qformer_runs_on_triton_kernels(monkeypatch, mode_case):
     pytest.importorskip("triton")
     import blipfast.kernels.attention as kern
 
-    calls = {"torch": 0, "triton": 0}
-    for name in ("qformer_attention_fwd", "cross_attention_fwd"):
-        orig = getattr(kern, name)
-
-        def counting(*a, _orig=orig, **k):
-            calls[os.environ["BLIPFAST_BACKEND"]] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(kern, name, counting)
-    check_qformer_on_triton(monkeypatch, mode_case, "cuda" if HAS_CUDA else "cpu")
-    assert calls["torch"] == 0 and calls["triton"] > 0, f"the triton backend was not used (calls: {calls})"
+    calls = count_calls(monkeypatch, kern, "qformer_attention_fwd", "cross_attention_fwd")
+    check_qformer_on_triton(monkeypatch, mode_case, "cuda" if HAS_CUDA else "cpu", calls)

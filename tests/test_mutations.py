@@ -31,7 +31,7 @@ from blipfast.ops.qformer_attention import allowed_mask
 from tests import test_hard_negatives_cuda as HN
 from tests import test_layernorm_epilogue as LN
 from tests import test_model_integration as MI
-from tests.conftest import FLOOR, HAS_CUDA, assert_within_torch_error
+from tests.conftest import FLOOR, HAS_CUDA, assert_within_torch_error, count_calls
 
 triton = pytest.importorskip("triton")
 from blipfast.kernels import attention as AK  # noqa: E402  (after the triton check)
@@ -306,19 +306,21 @@ def _ln_check(dtype=torch.float32, p=0.2, shape=(2, 2, 2, 33)):
 
 def _ln_fwd_rms(f, x, bias, res, w, lb, seed, eps, p):
     """RMSNorm instead of LayerNorm: the row mean is not subtracted."""
-    y, z, mean, rstd = f(x, bias, res, w, lb, seed, eps, p)
-    zf = z.float()
+    y, z, stats = f(x, bias, res, w, lb, seed, eps, p)
+    zf = z.to(stats.dtype)
     rms = torch.rsqrt(zf.square().mean(1) + eps)
-    return (zf * rms[:, None] * w + lb).to(y.dtype), z, torch.zeros_like(mean), rms
+    y = (zf * rms[:, None] * w.to(zf.dtype) + lb.to(zf.dtype)).to(y.dtype)
+    return y, z, torch.stack([torch.zeros_like(rms), rms])
 
 
 def _ln_fwd_unbiased(f, x, bias, res, w, lb, seed, eps, p):
     """rstd from the unbiased variance (N - 1)."""
-    y, z, mean, rstd = f(x, bias, res, w, lb, seed, eps, p)
-    n = z.shape[1]
-    rstd = torch.rsqrt((z.to(mean.dtype) - mean[:, None]).square().sum(1) / (n - 1) + eps)
-    y = ((z.to(mean.dtype) - mean[:, None]) * rstd[:, None] * w.to(mean.dtype) + lb.to(mean.dtype)).to(y.dtype)
-    return y, z, mean, rstd
+    y, z, stats = f(x, bias, res, w, lb, seed, eps, p)
+    mean, n = stats[0], z.shape[1]
+    zc = z.to(stats.dtype) - mean[:, None]
+    rstd = torch.rsqrt(zc.square().sum(1) / (n - 1) + eps)
+    y = (zc * rstd[:, None] * w.to(zc.dtype) + lb.to(zc.dtype)).to(y.dtype)
+    return y, z, torch.stack([mean, rstd])
 
 
 def _ln_fwd_no_rescale(f, x, bias, res, w, lb, seed, eps, p):
@@ -332,8 +334,8 @@ def _ln_bwd_half_dweight(f, *a):
     return dx, dres, dw / 2, dlb, db
 
 
-def _ln_bwd_other_seed(f, dy, z, mean, rstd, w, seed, p):
-    return f(dy, z, mean, rstd, w, None if seed is None else seed + 1, p)
+def _ln_bwd_other_seed(f, dy, z, stats, w, seed, p):
+    return f(dy, z, stats, w, None if seed is None else seed + 1, p)
 
 
 def _ln_bwd_no_dbias(f, *a):
@@ -467,7 +469,8 @@ def test_qformer_on_triton_mutants_are_rejected(monkeypatch, mode_case, kernel):
                    lambda f, q, k, v, kpm, *a, **kw: f(q, k, v, None, *a, **kw))
     else:
         m = Mutant(monkeypatch, AK, "cross_attention_bwd", outputs(lambda dq, dk, dv: (dq, dk, dv / 2)))
-    assert_rejected(lambda: MI.check_qformer_on_triton(monkeypatch, mode_case, DEV), m)
+    calls = count_calls(monkeypatch, AK, "qformer_attention_fwd", "cross_attention_fwd")
+    assert_rejected(lambda: MI.check_qformer_on_triton(monkeypatch, mode_case, DEV, calls), m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -225,3 +225,25 @@ def check_gathered(op: str, rank, b: int, bw: int, image_ids, image_ids_all, dev
     if image_ids_all is not None:
         check_tensor(op, "image_ids_all", image_ids_all, dtypes=(torch.int64, torch.int32), device=device)
         check_shape(op, "image_ids_all", image_ids_all, (bw,))
+
+
+def check_positive_finite_scalar(op: str, name: str, t: torch.Tensor) -> None:
+    """A one-element tensor (a learnable scalar such as a temperature) must be finite and > 0.
+
+    Eager on a CPU tensor: a ValueError naming it. Elsewhere (CUDA, meta, or while torch.compile traces)
+    reading the value would be a host sync or a graph break, so the check is ``torch._assert_async`` on
+    the device, with a message naming it: no sync, capturable in a CUDA graph; on CUDA a violation is a
+    device-side assert (reported at the next synchronisation), under torch.compile on a CPU a RuntimeError.
+    """
+    ok = ((t > 0) & (t < float("inf"))).reshape(())  # NaN fails both
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(t):
+        if not bool(ok):
+            raise ValueError(f"{op}: {name} must be finite and > 0, got {float(t.detach().reshape(()))}")
+        return
+    torch._assert_async(ok, f"{op}: {name} must be finite and > 0")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)

@@ -83,7 +83,8 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
         return kern.itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing)
     s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
     tgt = _targets(pos, label_smoothing, s_i2t.dtype)
-    # per element first, then sums: lse - sum(tgt * s) would cancel two sums of size ~1/temp (4 bits lost in fp32)
+    # per element first, then sums: lse - sum(tgt * s) would cancel two sums of size ~1/temp (4 bits lost in fp32);
+    # a row with +inf or nothing but -inf has a NaN log-softmax, hence a NaN loss and gradient, as the reference
     logp = torch.stack([torch.log_softmax(s_i2t, 1), torch.log_softmax(s_t2i, 1)])  # [2, B, BW]
     s = torch.stack([s_i2t, s_t2i])
     b = img.shape[0]
@@ -128,8 +129,11 @@ def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all:
     w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
     w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
     dimg = torch.einsum("bqj,je->bqe", w, txt_all.to(acc))
-    sel = img_all.to(acc)[torch.arange(img_all.shape[0], device=img.device).view(1, -1), a_t2i.long()]  # [B, BW, E]
-    dtxt = torch.einsum("bj,bje->be", ds_t2i / t, sel)
+    # s_t2i[b, j] = <txt[b], img_all[j, a_t2i[b, j]]> / t: the same scatter, then a product with every query
+    # (as autograd of the reference: 0 times an infinite query that was not the arg-max is NaN there too)
+    w2 = torch.zeros(b, ds_t2i.shape[1], q, dtype=acc, device=img.device)
+    w2.scatter_(2, a_t2i.long().unsqueeze(2), (ds_t2i / t).unsqueeze(2))
+    dtxt = torch.einsum("bjq,jqe->be", w2, img_all.to(acc))
     return dimg.to(img.dtype), dtxt.to(txt.dtype), dtemp.to(temp.dtype).reshape(temp.shape)
 
 
@@ -169,6 +173,7 @@ def _check_common(image_feats, text_feats, temp, label_smoothing, image_ids):
     C.check_tensor(_OP, "temp", temp, device=dev)
     if temp.numel() != 1 or temp.dim() > 1:
         raise ValueError(f"{_OP}: temp must be a 0-d tensor (or have one element), got shape {tuple(temp.shape)}")
+    C.check_positive_finite_scalar(_OP, "temp", temp)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"{_OP}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
     label_smoothing = float(label_smoothing)
