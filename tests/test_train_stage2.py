@@ -17,18 +17,11 @@ from blipfast.cli import build_parser, main
 from blipfast.train import Trainer
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file, resolve
+from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture: bit-identical runs, a 2-core CI)
 from tests.stage2_train_helpers import stage2_args, write_lavis_stage1, write_llm
 from tests.train_helpers import read_log, tiny_args, weights, write_images, write_jsonl, write_vision
 
 NO_DROPOUT = json.dumps({"qformer": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}})
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-identical comparisons and a shared 2-core CI machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
