@@ -34,10 +34,9 @@ from typing import Optional
 import torch
 import triton
 
-from blipfast.ops._philox import dropout_threshold
-
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import LOG2E_F, build_rowset_tables
+from ._constants import dropout_threshold
 from ._attention_fwd import attn_fwd_kernel
 
 MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2}
