@@ -26,6 +26,10 @@ LOG2E_F = 1.4426950408889634
 # globals read inside @triton.jit code must be constexprs
 LOG2E = tl.constexpr(LOG2E_F)
 LN2 = tl.constexpr(0.6931471805599453)
+# the score an ALLOWED key with a -inf score gets (the most negative float32): a row max of -inf then means
+# "no allowed key" (output 0, as the reference), a row max of SCORE_FLOOR "every allowed score is -inf"
+# (inf in q or k; PyTorch's softmax gives NaN there)
+SCORE_FLOOR = tl.constexpr(-3.4028234663852886e38)
 
 # runtime ints that must not become constexprs when equal to 1 (one compiled kernel per shape family)
 NO_SPECIALIZE = ["H", "Lq", "Lk", "NQ", "SEQ_OFF", "threshold"]
@@ -123,6 +127,19 @@ def _allowed(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.con
 
 
 @triton.jit
+def _masked_scores(s, allowed):
+    """Scores with disallowed keys at -inf and an allowed key's own -inf at SCORE_FLOOR (NaN stays NaN)."""
+    return tl.where(allowed, tl.where(s == float("-inf"), SCORE_FLOOR, s), float("-inf"))
+
+
+@triton.jit
+def _dropout(x, keep, keep_scale):
+    """x * keep / (1 - p) where kept, x * 0 where dropped: a NaN x stays NaN where it is dropped, as in
+    torch's dropout and the reference (a plain select of 0 would hide it)."""
+    return tl.where(keep, x * keep_scale, x * 0.0)
+
+
+@triton.jit
 def _load_kpm(KPM, img64, skpb, skpj, j, Lk, HAS_KPM: tl.constexpr):
     if HAS_KPM:
         return tl.load(KPM + img64 * skpb + j * skpj, mask=j < Lk, other=0) != 0
@@ -201,49 +218,6 @@ def _store_tile(BASE, rowoff, ok, d, val, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
         tl.store(ptr, val, mask=ok[:, None])
     else:
         tl.store(ptr, val, mask=ok[:, None] & (d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _key_range(i0, i1, Lk, NQ, SEQ_OFF, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
-    """Keys [lo, hi) that rows [i0, i1) of a self-attention row-set can see (lo a multiple of BLOCK_N).
-    An empty range (lo >= hi) means no row of the tile has an allowed key."""
-    p0 = SEQ_OFF + i0
-    p1 = SEQ_OFF + i1 - 1  # last row's position
-    lo = i0 * 0
-    hi = lo + Lk
-    if MODE == 1:  # keys after the last row are text keys nobody in the tile sees
-        hi = tl.minimum(hi, tl.maximum(NQ, p1 + 1))
-    if MODE == 2:  # query rows see query keys, text rows text keys
-        hi = tl.where(p1 < NQ, tl.minimum(hi, NQ), hi)
-        lo = tl.where(p0 >= NQ, (NQ // BLOCK_N) * BLOCK_N, lo)
-    return lo, hi
-
-
-@triton.jit
-def _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    G: tl.constexpr, MODE: tl.constexpr):
-    """Keys [lo, hi) of a row tile: the mode's range for one row-set (G == 1), every key for stacked ones."""
-    if G == 1:
-        i0 = tl.min(tl.where(row_ok, i, Lq), 0)
-        lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
-    else:
-        lo = Lk * 0
-        hi = Lk + 0
-    return lo, hi
-
-
-@triton.jit
-def _row_block_range(j0, j1, Lq, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
-    """Row blocks [lo, hi) of a self-attention row-set that can see some key of [j0, j1)."""
-    lo = j0 * 0
-    hi = lo + tl.cdiv(Lq, BLOCK_M)
-    if MODE == 1:  # text keys are seen only by text rows at or after them
-        lo = tl.where(j0 >= NQ, tl.maximum(j0 - SEQ_OFF, 0) // BLOCK_M, lo)
-    if MODE == 2:  # text keys: text rows only; query keys: query rows only
-        first_text_row = tl.minimum(tl.maximum(NQ - SEQ_OFF, 0), Lq)
-        lo = tl.where(j0 >= NQ, first_text_row // BLOCK_M, lo)
-        hi = tl.where(j1 <= NQ, tl.cdiv(first_text_row, BLOCK_M), hi)
-    return lo, hi
 
 
 # ----------------------------------------------------------------------------------------------
