@@ -11,8 +11,10 @@ Entry points (called by the ops' custom ops when backend == "triton"; contracts 
 
 q/k/v are [B, L, H, D] views whose last dim is contiguous (strides are passed, nothing is copied); out
 and the gradients are contiguous in the inputs' dtypes; lse is fp32 [B, H, Lq] with -inf for a row
-that has no allowed key. Every entry point also takes ``config=`` (a dict of block sizes, see
-``_default_fwd_config`` / ``_default_bwd_config``) so tests can force particular tilings.
+that has no allowed key. A kv_index value outside [0, M) (which the op rejects first) is skipped by the
+row-set tables: its row-set's out, lse and dq rows are left unwritten and its K/V get no gradient, and
+nothing is read or written out of bounds. Every entry point also takes ``config=`` (a dict of block
+sizes, see ``_default_fwd_config`` / ``_default_bwd_config``) so tests can force particular tilings.
 
 Tiling (see _attention_fwd.py / _attention_bwd.py): self-attention keys (Q-Former: 32 + <= 64 tokens)
 fit one BLOCK_N tile, so the forward is a single exact-softmax pass and the backward is ONE kernel per

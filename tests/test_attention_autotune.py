@@ -17,7 +17,7 @@ import triton.testing
 from blipfast import ops
 from blipfast.kernels import attention as kern
 
-from .test_attention_triton import _cross_case
+from .test_attention_triton import DEV, _cross_case
 
 
 class FakeTimer:
@@ -132,7 +132,7 @@ def test_self_attention_tunes_by_bucket(tuning):
     _, timer = tuning
     t = timer(fastest=1)
     for lk in (25, 32):
-        q, k, v = (torch.randn(2, lk, 2, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(2, lk, 2, 16, dtype=torch.float16, device=DEV, requires_grad=True) for _ in range(3))
         out = ops.qformer_attention(q, k, v, num_query=5, mode="causal", backend="triton")
         out.backward(torch.randn_like(out))
         if lk == 25:

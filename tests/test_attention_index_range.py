@@ -217,23 +217,23 @@ import sys, torch
 from blipfast import ops
 where = sys.argv[1]
 q = torch.randn(4, 8, 2, 16, device="cuda"); k = torch.randn(3, 20, 2, 16, device="cuda"); v = torch.randn_like(k)
-good = torch.tensor([0, 2, 1, 2], device="cuda")
-idx = good.clone()
-ops.cross_attention(q, k, v, kv_index=good)  # warm-up (tuning may sync)
+idx = torch.tensor([0, 2, 1, 2], device="cuda")
+bad = torch.tensor([0, 2, 3, 2], device="cuda")
+ops.cross_attention(q, k, v, kv_index=idx)  # warm-up (tuning may sync)
 torch.cuda.synchronize()
-torch.cuda.set_sync_debug_mode("error")  # the check itself must not sync
 if where == "graph":
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        torch.cuda.set_sync_debug_mode("error")  # the check itself must not sync (a sync would break capture too)
         out = ops.cross_attention(q, k, v, kv_index=idx)
-    torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.set_sync_debug_mode(0)
     graph.replay(); torch.cuda.synchronize()  # valid indices: fine
-    idx.copy_(torch.tensor([0, 2, 3, 2], device="cuda"))
-    torch.cuda.set_sync_debug_mode("error")
+    idx.copy_(bad)
     graph.replay()
 else:
-    out = ops.cross_attention(q, k, v, kv_index=torch.tensor([0, 2, -1, 2], device="cuda"))
-torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.set_sync_debug_mode("error")
+    out = ops.cross_attention(q, k, v, kv_index=bad)
+    torch.cuda.set_sync_debug_mode(0)
 print("launched without a host sync", flush=True)
 torch.cuda.synchronize()
 print("NO ERROR", flush=True)

@@ -9,7 +9,8 @@ kernels must match that in every tiling: single key tile, online softmax over ke
 unimodal masks that hide whole blocks from a tile), stacked cross-attention row-sets, dropout on and off.
 Rows with no allowed key and finite inputs stay exactly 0.
 
-Runs under the Triton interpreter on CPU (tests/conftest.py); small shapes.
+Runs under the Triton interpreter on CPU (tests/conftest.py), and compiled on a GPU where there is one
+(the GPU's NaN-dropping max and fused arithmetic are what the rules must survive); small shapes.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from blipfast import ops
 from blipfast.kernels import attention as kern
 
-from .conftest import assert_within_torch_error
+from .conftest import HAS_CUDA, assert_within_torch_error
 
 # numpy (under the interpreter) warns about the NaN and inf these tests feed on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 NAN, INF = float("nan"), float("inf")
 MULTI = dict(BLOCK_M=16, BLOCK_N=16, HPP=1, num_warps=4, num_stages=1, DQ_BLOCK_M=16, DQ_BLOCK_N=16)
 CONFIGS = [pytest.param(None, id="default"), pytest.param(MULTI, id="multiblock")]
-SEED = torch.tensor([20240611], dtype=torch.int64)
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+SEED = torch.tensor([20240611], dtype=torch.int64, device=DEV)
 
 
 def _poison(case: str, q, k, v, kpm):
@@ -74,11 +76,11 @@ def _same_nonfinite(fast, ref, names=("out", "dq", "dk", "dv")):
 
 def _self_inputs(mode_rows=20):
     b, l, h, d = 2, mode_rows, 1, 16
-    q, k, v = torch.randn(b, l, h, d), torch.randn(b, l, h, d), torch.randn(b, l, h, d)
-    kpm = torch.ones(b, l, dtype=torch.bool)
+    q, k, v = (torch.randn(b, l, h, d, device=DEV) for _ in range(3))
+    kpm = torch.ones(b, l, dtype=torch.bool, device=DEV)
     kpm[0, 12:] = False
     kpm[1, 8:] = False
-    return q, k, v, kpm, torch.randn(b, l, h, d)
+    return q, k, v, kpm, torch.randn(b, l, h, d, device=DEV)
 
 
 def _self_both(q, k, v, kpm, do, mode, p, config):
@@ -149,9 +151,9 @@ def test_cross_attention_nonfinite_like_the_reference(case, config, p):
     """Shared image K/V (kv_index with repeats and an unused image): NaN in one image's K/V reaches exactly
     the row-sets of that image, and dK/dV of the images they share, as in the reference."""
     n, m, lq, lk, h, d = 5, 3, 6, 37, 2, 16
-    q, k, v = torch.randn(n, lq, h, d), torch.randn(m, lk, h, d), torch.randn(m, lk, h, d)
-    idx = torch.tensor([2, 0, 2, 2, 0])  # image 1 unused
-    kpm = torch.rand(m, lk) > 0.3
+    q, k, v = torch.randn(n, lq, h, d, device=DEV), *(torch.randn(m, lk, h, d, device=DEV) for _ in range(2))
+    idx = torch.tensor([2, 0, 2, 2, 0], device=DEV)  # image 1 unused
+    kpm = torch.rand(m, lk, device=DEV) > 0.3
     kpm[2, 30:] = False
     if case == "nan_q":
         q[3, 2, 1, 4] = NAN
@@ -162,7 +164,7 @@ def test_cross_attention_nonfinite_like_the_reference(case, config, p):
     else:
         k[2, :, 0, 0] = k[2, :, 0, 0].abs() + 0.1
         q[2, 4, 0, 0] = -INF  # row-set 2 uses image 2: every score of its row 4 is -inf
-    do = torch.randn(n, lq, h, d)
+    do = torch.randn(n, lq, h, d, device=DEV)
     seed = SEED if p > 0 else None
     kw = dict(kv_index=idx, key_padding_mask=kpm, dropout_p=p, seed=seed)
     ref = _run(lambda q, k, v: ops.cross_attention(q, k, v, backend="torch", **kw), (q, k, v), do)

@@ -19,7 +19,8 @@ case "${1:-test}" in
   test)
     build
     python -m pytest -q -m gpu tests -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -30
-    python -m pytest -q tests/test_attention_triton.py tests/test_itc_triton.py -p no:cacheprovider 2>&1 \
+    python -m pytest -q tests/test_attention_triton.py tests/test_attention_nan.py tests/test_attention_index_range.py \
+      tests/test_attention_autotune.py tests/test_itc_triton.py -p no:cacheprovider 2>&1 \
       | tee "$OUT/pytest-kernels-on-cuda.log" | tail -5
     bash tests/gpu/run_sanitizer_attention.sh 2>&1 | tee "$OUT/sanitizer-attention.log" | tail -10
     for tool in memcheck racecheck; do
