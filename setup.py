@@ -1,8 +1,9 @@
 """Build of blipfast: the Python package plus, when possible, the CUDA extension blipfast._C.
 
 Environment:
-  BLIPFAST_BUILD_CUDA  auto (default): build csrc/ when torch has CUDA and nvcc is found, else warn and
-                       install the pure-Python package; 1: require the build; 0: skip it.
+  BLIPFAST_BUILD_CUDA  auto (default): build csrc/ when torch has CUDA and an nvcc of the same CUDA major
+                       version is found, else warn and install the pure-Python package; 1: require the
+                       build (fail loudly when it cannot be done); 0: skip it.
   BLIPFAST_CUDA_ARCHS  ";"-separated compute capabilities, default "80;90a" (A100 and Hopper with wgmma).
   MAX_JOBS             parallel compile jobs (torch's ninja build).
 """
@@ -10,22 +11,67 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import warnings
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODE = os.environ.get("BLIPFAST_BUILD_CUDA", "auto").strip().lower()
-if MODE not in ("auto", "0", "1"):
-    raise SystemExit(f"BLIPFAST_BUILD_CUDA must be auto, 0 or 1, got {MODE!r}")
+CSRC = "csrc"  # relative: setuptools wants extension sources relative to setup.py
 
 
-def _skip(reason):
-    if MODE == "1":
+def build_mode(env=os.environ):
+    mode = env.get("BLIPFAST_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"BLIPFAST_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def nvcc_release(nvcc):
+    """'13.0' from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88"); None if unreadable."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def cuda_skip_reason(torch_cuda, nvcc, nvcc_version):
+    """Why the CUDA extension cannot be built here, or None when it can.
+
+    torch_cuda: torch.version.cuda (None for a CPU build of torch); nvcc: the nvcc path (None if not found);
+    nvcc_version: its release, e.g. "12.4" (None if unreadable). torch's BuildExtension refuses an nvcc whose
+    CUDA major version differs from torch's (a minor difference only warns), so that is decided here first.
+    """
+    if torch_cuda is None:
+        return "torch is a CPU build (torch.version.cuda is None)"
+    if not nvcc:
+        return "nvcc not found (set CUDA_HOME)"
+    if nvcc_version is None:
+        return f"cannot read the CUDA release of {nvcc} from `nvcc --version`"
+    if nvcc_version.split(".")[0] != str(torch_cuda).split(".")[0]:
+        return (f"{nvcc} is CUDA {nvcc_version} but torch was built with CUDA {torch_cuda}; the major versions "
+                f"must match (point CUDA_HOME at a CUDA {str(torch_cuda).split('.')[0]}.x toolkit)")
+    return None
+
+
+def decide(mode, reason):
+    """True: build the extension. False: skip it with a warning (auto/0). BLIPFAST_BUILD_CUDA=1 and a reason
+    not to build: SystemExit naming the reason."""
+    if reason is None:
+        return True
+    if mode == "1":
         raise SystemExit(f"BLIPFAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     warnings.warn(f"blipfast: building without the CUDA extension ({reason}); the Triton and PyTorch "
                   f"backends stay available")
-    return [], {}
+    return False
+
+
+def extension_sources(root=ROOT):
+    """The extension's sources, relative to ``root``: csrc/*.cpp and csrc/*.cu (headers come via CSRC)."""
+    found = glob.glob(os.path.join(root, CSRC, "*.cpp")) + glob.glob(os.path.join(root, CSRC, "*.cu"))
+    return sorted(os.path.relpath(f, root) for f in found)
 
 
 def _arch_list(archs):
@@ -72,22 +118,26 @@ def _find_cuda_home():
 
 
 def cuda_extension():
-    if MODE == "0":
-        return _skip("BLIPFAST_BUILD_CUDA=0")
+    mode = build_mode()
+    if mode == "0":
+        decide(mode, "BLIPFAST_BUILD_CUDA=0")
+        return [], {}
     _find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as exc:
-        return _skip(f"torch is not importable: {exc}")
-    if torch.version.cuda is None:
-        return _skip(f"torch {torch.__version__} is a CPU build")
+        decide(mode, f"torch is not importable: {exc}")
+        return [], {}
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     if not nvcc or not os.path.exists(nvcc):
-        return _skip("nvcc not found (set CUDA_HOME)")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
-    if not sources:
-        return _skip("no sources in csrc/")
+        nvcc = None
+    reason = cuda_skip_reason(torch.version.cuda, nvcc, nvcc_release(nvcc) if nvcc else None)
+    sources = extension_sources()
+    if reason is None and not sources:
+        reason = f"no sources in {CSRC}/"
+    if not decide(mode, reason):
+        return [], {}
     archs = os.environ.get("BLIPFAST_CUDA_ARCHS", "80;90a")
     os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list(archs)
     # the archs reach build_info() as one preprocessor token ("80;90a" -> 80_90a): a quoted string with a ';'
@@ -97,7 +147,7 @@ def cuda_extension():
     ext = CUDAExtension(
         name="blipfast._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, CSRC)],
         extra_compile_args={
             "cxx": ["-O3"] + defines,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + defines,
@@ -106,11 +156,11 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-ext_modules, cmdclass = cuda_extension()
-
-setup(
-    packages=find_packages(include=["blipfast", "blipfast.*"]) + ["blipfast.kernels"],
-    package_dir={"blipfast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip/build run setup.py as __main__; tests import the functions above
+    ext_modules, cmdclass = cuda_extension()
+    setup(
+        packages=find_packages(include=["blipfast", "blipfast.*"]) + ["blipfast.kernels"],
+        package_dir={"blipfast.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

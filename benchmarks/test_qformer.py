@@ -2,7 +2,7 @@
 against Hugging Face's Blip2QFormerModel with the same weights, on the cases of ``blipfast bench``
 (blipfast/bench/qformer.py): the ITC image pass and the ITM pass, bf16 autocast.
 
-    pytest benchmarks/test_qformer.py --benchmark-only --benchmark-group-by=group \
+    pytest benchmarks/test_qformer.py --benchmark \
         --benchmark-json=benchmarks/results/qformer-pytest.json
 """
 

@@ -17,6 +17,8 @@ import sys
 COMMANDS = {
     "bench": ("blipfast.bench.cli", "time blipfast against its baselines on this machine's device"),
     "info": ("blipfast._ext", "print what was built (extension, CUDA archs, Triton)"),
+    "caption": ("blipfast.generate.caption", "caption a folder or JSONL of images with a BLIP-2 model (JSONL out)"),
+    "vqa": ("blipfast.generate.vqa", "answer the questions of a JSONL of images with a BLIP-2 model (JSONL out)"),
 }
 
 

@@ -293,5 +293,6 @@ def exchange_itm_negatives(neg_text_index: torch.Tensor, neg_image_index: torch.
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum(weight * CE(logits, labels)) / sum(weight): LAVIS' mean CE when every row has weight 1."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    return (ce * weight).sum() / weight.sum()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return (ce * weight.to(ce.dtype)).sum() / weight.sum().to(ce.dtype)

@@ -4,12 +4,15 @@
 holds the very same ``nn.Parameter`` objects, so an optimizer built before the swap keeps training the
 weights, checkpoints keep their keys, and ``revert_blipfast(model)`` puts the original module back with
 whatever the weights became. Works for every HF class with a ``qformer`` attribute
-(``Blip2Model``, ``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval``, ...).
+(``Blip2Model``, ``Blip2ForConditionalGeneration``, ``Blip2ForImageTextRetrieval``, ...), and for InstructBLIP
+(``InstructBlipForConditionalGeneration``: its ``InstructBlipQFormerModel`` becomes an
+:class:`blipfast.models.instructblip.InstructBlipQFormer`).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
+from .models.instructblip import InstructBlipQFormer
 from .models.qformer import QFormer
 
 _ORIGINAL = "_blipfast_original_qformer"
@@ -30,14 +33,20 @@ def _share_parameters(dst: nn.Module, src: nn.Module) -> None:
         setattr(mod, leaf, p)
 
 
+def _is_instructblip(qformer: nn.Module) -> bool:
+    from transformers import InstructBlipQFormerModel
+
+    return isinstance(qformer, InstructBlipQFormerModel)
+
+
 def apply_blipfast_to_blip2(model: nn.Module) -> nn.Module:
     """Replace ``model.qformer`` with a blipfast QFormer sharing its parameters; returns ``model``."""
     qformer = getattr(model, "qformer", None)
     if qformer is None:
         raise TypeError(f"apply_blipfast_to_blip2: {type(model).__name__} has no `qformer` attribute")
-    if isinstance(qformer, QFormer):
+    if isinstance(qformer, (QFormer, InstructBlipQFormer)):
         return model  # already patched
-    fast = QFormer(qformer.config, init_weights=False)
+    fast = (InstructBlipQFormer if _is_instructblip(qformer) else QFormer)(qformer.config, init_weights=False)
     _share_parameters(fast, qformer)
     fast.train(qformer.training)
     object.__setattr__(model, _ORIGINAL, qformer)  # not a submodule: no duplicate keys in state_dict

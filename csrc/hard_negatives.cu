@@ -6,7 +6,8 @@
 //     key = double(s[b, j]) + (-log(-log(u)))   if drawable[b, j] and s[b, j] is neither NaN nor -inf
 //     key = -inf                                otherwise
 //     out[b] = the smallest j with the largest key > -inf, or -1 when there is none.
-// This is Gumbel-max: an exact draw from softmax(s[b, :]) restricted to the drawable columns.
+// This is Gumbel-max: an exact draw from softmax(s[b, :]) restricted to the drawable columns. The Gumbel
+// noise is finite (u in (0, 1)), so a +inf logit has key +inf: the first drawable +inf column wins.
 // row_offset = rank * B makes the stream a function of the global row, so W ranks draw exactly what
 // one process holding the global batch draws with the same seed.
 //

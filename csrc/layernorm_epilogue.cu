@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -98,6 +99,18 @@ __device__ __forceinline__ void row_sum(float (&v)[NV], float* red /*[RPB][TPR /
     }
     __syncthreads();  // red is reused right after
   }
+}
+
+// Row statistics, the corrected two-pass rule (the torch implementation's _row_stats): with m0 = sum(z) / n
+// and d = z - m0, sums[0] = sum(d) and sums[1] = sum(d * (d / n)) give mean = m0 + sum(d) / n (exactly c for
+// a row of one value c, where m0 can be an ulp off and eps = 1e-12 would multiply that ulp by 1e6) and
+// var = sum(d * (d / n)) - (sum(d) / n)^2 (d / n first: no overflow of the sum for |d| up to ~1e20; beyond,
+// var = inf and rstd = 0, not inf - inf), never below 0 (NaN stays NaN: no fmaxf).
+__device__ __forceinline__ float2 row_mean_rstd(float m0, const float (&sums)[2], float n, float eps) {
+  const float m1 = sums[0] / n;
+  float var = isinf(sums[1]) ? sums[1] : sums[1] - m1 * m1;
+  var = var < 0.f ? 0.f : var;
+  return make_float2(m0 + m1, rsqrtf(var + eps));
 }
 
 // Dropout keep bits of a thread's ITERS * VEC elements of row `row` (n columns): bit it * VEC + j <-> column
@@ -208,7 +221,7 @@ template <typename T, int VEC, int TPR>
 __global__ void __launch_bounds__(TPR * fwd_rpb<TPR>()) ln_fwd_reg_kernel(const FwdParams p) {
   constexpr int ITERS = kFwdElems / VEC;
   constexpr int RPB = fwd_rpb<TPR>();
-  __shared__ float red[RPB * (TPR / kWarp)];
+  __shared__ float red[RPB * (TPR / kWarp) * 2];
   const int lane = threadIdx.x % TPR;
   const int rib = threadIdx.x / TPR;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + rib;
@@ -258,22 +271,25 @@ __global__ void __launch_bounds__(TPR * fwd_rpb<TPR>()) ln_fwd_reg_kernel(const 
     }
   }
   row_sum<TPR, RPB, 1>(s, red, rib, lane);
-  const float mean = s[0] / static_cast<float>(n);
+  const float m0 = s[0] / static_cast<float>(n);
+  const float inv_n = 1.f / static_cast<float>(n);
 
-  float sq[1] = {0.f};
+  float sq[2] = {0.f, 0.f};
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int col = (it * TPR + lane) * VEC;
     if (valid && col < n) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const float d = v[it][j] - mean;
-        sq[0] += d * d;
+        const float d = v[it][j] - m0;
+        sq[0] += d;
+        sq[1] += d * (d * inv_n);
       }
     }
   }
-  row_sum<TPR, RPB, 1>(sq, red, rib, lane);
-  const float rstd = rsqrtf(sq[0] / static_cast<float>(n) + p.eps);
+  row_sum<TPR, RPB, 2>(sq, red, rib, lane);
+  const float2 stats = row_mean_rstd(m0, sq, static_cast<float>(n), p.eps);
+  const float mean = stats.x, rstd = stats.y;
   if (!valid) return;  // after the last barrier
   if (lane == 0) {
     p.mean[row] = mean;
@@ -298,7 +314,7 @@ __global__ void __launch_bounds__(TPR * fwd_rpb<TPR>()) ln_fwd_reg_kernel(const 
 }
 
 // ----------------------------------------------------------------------------------------------
-// forward, general path: one block per row, z recomputed in each pass (exact two-pass statistics); each
+// forward, general path: one block per row, z recomputed in each pass (two-pass statistics, row_mean_rstd); each
 // thread owns whole dropout groups (4 consecutive columns, one Philox call)
 
 // z of the columns 4g .. 4g + 3 of a row (grp0: the row's first Philox counter); 0 for columns >= n
@@ -320,7 +336,7 @@ __device__ __forceinline__ void fwd_z4(const FwdParams& p, int64_t base, int64_t
 
 template <typename T>
 __global__ void __launch_bounds__(kGeneralThreads) ln_fwd_general_kernel(const FwdParams p) {
-  __shared__ float red[kGeneralThreads / kWarp];
+  __shared__ float red[(kGeneralThreads / kWarp) * 2];
   const int64_t row = blockIdx.x;
   const int64_t base = row * p.n;
   const int64_t g4 = dropout_groups(p.n);
@@ -334,21 +350,24 @@ __global__ void __launch_bounds__(kGeneralThreads) ln_fwd_general_kernel(const F
     for (int w = 0; w < 4; ++w) s[0] += zz[w];  // 0 past the row's end
   }
   row_sum<kGeneralThreads, 1, 1>(s, red, 0, threadIdx.x);
-  const float mean = s[0] / static_cast<float>(p.n);
-  float sq[1] = {0.f};
+  const float m0 = s[0] / static_cast<float>(p.n);
+  const float inv_n = 1.f / static_cast<float>(p.n);
+  float sq[2] = {0.f, 0.f};
   for (int64_t g = threadIdx.x; g < g4; g += kGeneralThreads) {
     float zz[4];
     fwd_z4<T>(p, base, grp0, g, seed, zz);
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       if (4 * g + w < p.n) {
-        const float d = zz[w] - mean;
-        sq[0] += d * d;
+        const float d = zz[w] - m0;
+        sq[0] += d;
+        sq[1] += d * (d * inv_n);
       }
     }
   }
-  row_sum<kGeneralThreads, 1, 1>(sq, red, 0, threadIdx.x);
-  const float rstd = rsqrtf(sq[0] / static_cast<float>(p.n) + p.eps);
+  row_sum<kGeneralThreads, 1, 2>(sq, red, 0, threadIdx.x);
+  const float2 stats = row_mean_rstd(m0, sq, static_cast<float>(p.n), p.eps);
+  const float mean = stats.x, rstd = stats.y;
   if (threadIdx.x == 0) {
     p.mean[row] = mean;
     p.rstd[row] = rstd;
@@ -788,7 +807,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilogue_fwd(
   check_param(weight, "weight", n, x);
   check_param(ln_bias, "ln_bias", n, x);
   if (bias.has_value()) check_param(*bias, "bias", n, x);
-  TORCH_CHECK(eps > 0.0, "blipfast_C: eps must be positive, got ", eps);
+  // the math is fp32: an eps below the smallest normal float32 would be a subnormal or 0 there (a constant row:
+  // rsqrt(0) = inf, 0 * inf = NaN), one above its largest would be inf
+  TORCH_CHECK(eps >= static_cast<double>(std::numeric_limits<float>::min()) &&
+                  eps <= static_cast<double>(std::numeric_limits<float>::max()),
+              "blipfast_C: eps must be a normal float32 (>= 1.18e-38, <= 3.4e38), got ", eps);
   const int64_t* seed_ptr = check_seed(seed, dropout_p, x);
 
   const c10::cuda::CUDAGuard guard(x.device());

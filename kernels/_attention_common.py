@@ -112,15 +112,29 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _itc_itg(pos, j, Lk, NQ):
+    """MODE 3 (broadcast row positions ``pos`` against keys ``j``): the sequence is [NQ queries | T ITC text |
+    T ITG text] with T = (Lk - NQ) // 2; query rows see queries, ITC rows their own text block, ITG rows the
+    queries and the ITG text up to themselves. The key/row range helpers keep their full ranges for it."""
+    t_end = NQ + (Lk - NQ) // 2
+    bp = (pos >= NQ).to(tl.int32) + (pos >= t_end).to(tl.int32)
+    bj = (j >= NQ).to(tl.int32) + (j >= t_end).to(tl.int32)
+    return ((bp == bj) & ((bp != 2) | (j <= pos))) | ((bp == 2) & (bj == 0))
+
+
+@triton.jit
 def _allowed(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.constexpr):
     """Bool [BLOCK_M, BLOCK_N]: may row at sequence position ``pos`` attend to key ``j``.
 
-    MODE 0 bidirectional (cross-attention too), 1 multimodal causal, 2 unimodal (SPEC.md section 2)."""
+    MODE 0 bidirectional (cross-attention too), 1 multimodal causal, 2 unimodal (SPEC.md section 2), 3 ITC + ITG
+    in one pass ([queries | ITC text | ITG text], see _itc_itg)."""
     a = row_ok[:, None] & (j < Lk)[None, :]
     if MODE == 1:
         a = a & ((j[None, :] < NQ) | ((pos[:, None] >= NQ) & (j[None, :] <= pos[:, None])))
     if MODE == 2:
         a = a & ((pos[:, None] < NQ) == (j[None, :] < NQ))
+    if MODE == 3:
+        a = a & _itc_itg(pos[:, None], j[None, :], Lk, NQ)
     if HAS_KPM:
         a = a & kpm_ok[None, :]
     return a
@@ -195,6 +209,8 @@ def _allowed_t(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.c
         a = a & ((j[:, None] < NQ) | ((pos[None, :] >= NQ) & (j[:, None] <= pos[None, :])))
     if MODE == 2:
         a = a & ((pos[None, :] < NQ) == (j[:, None] < NQ))
+    if MODE == 3:
+        a = a & _itc_itg(pos[None, :], j[:, None], Lk, NQ)
     if HAS_KPM:
         a = a & kpm_ok[:, None]
     return a

@@ -45,7 +45,7 @@ from ._attention_common import LOG2E_F, build_rowset_tables
 from ._constants import dropout_threshold
 from ._attention_fwd import attn_fwd_kernel
 
-MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2}
+MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2, "itc_itg": 3}
 
 
 def _np2(x: int) -> int:

@@ -6,7 +6,8 @@ needs anyway, a uint8 arg-max query per (row, column), tiny per-row partials):
      [BJ, E] x [E, BB*Q] (queries along the accumulator's columns, so the max over them stays inside a
      warp), max over the queries with its arg-max, divide by temp; stores s_i2t and the arg-max, and
      keeps per row an online log-sum-exp (running max m, sum of exp l) plus the sums that the loss and
-     d/dtemp need: sum exp*s, sum s, sum over positives of s, number of positives.
+     d/dtemp need: sum exp*s, the sums of s over the positives and over the other columns, the number
+     of positives.
   2. ``_fwd_t2i``: the same for BB local texts against BJ gathered images' Q queries ([BB, E] x
      [E, BJ*Q]), reading img_all exactly once when B <= 128.
      Each program walks ``n_steps`` column tiles, so the grid is (row blocks, column chunks) and the
@@ -28,6 +29,12 @@ which keeps ~16 mantissa bits of d s; fp32 features use IEEE fp32 dots (no TF32)
 Accumulation is fp32 throughout; features may be fp32, fp16 or bf16; Q and E need not be powers of 2.
 Tile sizes (``_fwd_cfg``, ``_bwd_cfg``) were chosen from sm_90 compiles (no spills, wgmma) and are
 untuned on hardware.
+
+NaN and +-inf give what the reference (torch.max, log_softmax, autograd) gives, never a clean result:
+the max over queries is NaN at the first NaN query (tl.max alone drops NaN on the GPU), a row of s with
+NaN or +inf gets a NaN lse, loss and d s, -inf entries weigh 0 (also a whole tile of them), tgt = 0
+times s = -inf is NaN, and a non-finite scale g / (2B temp) poisons only the arg-max queries (the MMAs
+add 0 * inf = NaN exactly where the reference's matrix products do). tests/test_itc_nonfinite.py.
 """
 from __future__ import annotations
 
@@ -64,9 +71,27 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _query_max(z3, q_ok):
+    """max over the last axis (the queries) and its arg-max, as torch.max gives them: NaN, at the first NaN
+    query, when a query is NaN; else the largest value, ties (+-inf too) to the first query. Padding
+    queries (q_ok false) never win. tl.max drops NaN on the GPU (and the interpreter warns on an all-NaN
+    slice), so NaN is tracked by a second reduction instead of being reduced."""
+    isn = (z3 != z3) & q_ok
+    zmax, amax = tl.max(tl.where(q_ok & (z3 == z3), z3, float("-inf")), axis=2, return_indices=True,
+                        return_indices_tie_break_left=True)
+    nmax, nidx = tl.max(isn.to(tl.int32), axis=2, return_indices=True, return_indices_tie_break_left=True)
+    return tl.where(nmax > 0, float("nan"), zmax), tl.where(nmax > 0, nidx, amax)
+
+
+@triton.jit
 def _tile_update(zmax, amax, bb, b_ok, j, j_ok, t, pos, s_out, a_out, BW,
-                 m_run, l_run, ws_run, ss_run, ps_run, np_run):
-    """Store one [BB, BJ] tile of s and its arg-max, fold it into the row partials."""
+                 m_run, l_run, ws_run, ns_run, ps_run, np_run):
+    """Store one [BB, BJ] tile of s and its arg-max, fold it into the row partials.
+
+    Non-finite logits give what the reference's log-softmax gives: the running max m is taken over the
+    non-NaN entries (never NaN itself), and a NaN or +inf entry makes the sum of exponentials l NaN, so
+    the row's lse, loss and gradient become NaN; -inf entries add exp(-inf) = 0, also in a tile or a row
+    that has nothing else (m = -inf there: exp is taken against 0, not against -inf - -inf = NaN)."""
     s = zmax / t
     msk = b_ok[:, None] & j_ok[None, :]
     off = bb[:, None] * BW + j[None, :]
@@ -75,25 +100,26 @@ def _tile_update(zmax, amax, bb, b_ok, j, j_ok, t, pos, s_out, a_out, BW,
     p = tl.load(pos + off, mask=msk, other=0) != 0
     sv = tl.where(j_ok[None, :], s, float("-inf"))
     s0 = tl.where(j_ok[None, :], s, 0.0)
-    m_new = tl.maximum(m_run, tl.max(sv, axis=1))
-    alpha = tl.exp(m_run - m_new)
-    ex = tl.exp(sv - m_new[:, None])
+    m_new = tl.maximum(m_run, tl.max(tl.where(sv == sv, sv, float("-inf")), axis=1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_run - m_sub)
+    ex = tl.exp(sv - m_sub[:, None])
     l_run = l_run * alpha + tl.sum(ex, axis=1)
-    ws_run = ws_run * alpha + tl.sum(ex * s0, axis=1)
-    ss_run = ss_run + tl.sum(s0, axis=1)
+    ws_run = ws_run * alpha + tl.sum(tl.where(ex == 0.0, 0.0, ex * s0), axis=1)  # weight 0 times s = -inf is 0
+    ns_run = ns_run + tl.sum(tl.where(p, 0.0, s0), axis=1)
     ps_run = ps_run + tl.sum(tl.where(p, s0, 0.0), axis=1)
     np_run = np_run + tl.sum(p.to(tl.float32), axis=1)
-    return m_new, l_run, ws_run, ss_run, ps_run, np_run
+    return m_new, l_run, ws_run, ns_run, ps_run, np_run
 
 
 @triton.jit
-def _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ss_run, ps_run, np_run):
+def _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ns_run, ps_run, np_run):
     base = part + pid_c * B + bb
     stride = n_chunks * B
     tl.store(base, m_run, mask=b_ok)
     tl.store(base + stride, l_run, mask=b_ok)
     tl.store(base + 2 * stride, ws_run, mask=b_ok)
-    tl.store(base + 3 * stride, ss_run, mask=b_ok)
+    tl.store(base + 3 * stride, ns_run, mask=b_ok)
     tl.store(base + 4 * stride, ps_run, mask=b_ok)
     tl.store(base + 5 * stride, np_run, mask=b_ok)
 
@@ -117,7 +143,7 @@ def _fwd_i2t(img, txt_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
     m_run = tl.full((BB,), float("-inf"), tl.float32)
     l_run = tl.zeros((BB,), tl.float32)
     ws_run = tl.zeros((BB,), tl.float32)
-    ss_run = tl.zeros((BB,), tl.float32)
+    ns_run = tl.zeros((BB,), tl.float32)
     ps_run = tl.zeros((BB,), tl.float32)
     np_run = tl.zeros((BB,), tl.float32)
     for step in range(0, n_steps):
@@ -130,14 +156,13 @@ def _fwd_i2t(img, txt_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
                         other=0.0)
             x = tl.load(img + (cb * Q + cq)[:, None] * E + e[None, :], mask=col_ok[:, None] & e_ok[None, :], other=0.0)
             acc = tl.dot(y, tl.trans(x), acc, input_precision=PREC)
-        z3 = tl.reshape(acc, (BJ, BB, QP))
-        z3 = tl.where((qq < Q)[None, None, :], z3, float("-inf"))
-        zmax = tl.trans(tl.max(z3, axis=2))
-        amax = tl.trans(tl.argmax(z3, axis=2))
+        zmax, amax = _query_max(tl.reshape(acc, (BJ, BB, QP)), (qq < Q)[None, None, :])
+        zmax = tl.trans(zmax)
+        amax = tl.trans(amax)
         j = (pid_c * n_steps + step) * BJ + tl.arange(0, BJ)
-        m_run, l_run, ws_run, ss_run, ps_run, np_run = _tile_update(
-            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW, m_run, l_run, ws_run, ss_run, ps_run, np_run)
-    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ss_run, ps_run, np_run)
+        m_run, l_run, ws_run, ns_run, ps_run, np_run = _tile_update(
+            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW, m_run, l_run, ws_run, ns_run, ps_run, np_run)
+    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ns_run, ps_run, np_run)
 
 
 @triton.jit
@@ -156,7 +181,7 @@ def _fwd_t2i(txt, img_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
     m_run = tl.full((BB,), float("-inf"), tl.float32)
     l_run = tl.zeros((BB,), tl.float32)
     ws_run = tl.zeros((BB,), tl.float32)
-    ss_run = tl.zeros((BB,), tl.float32)
+    ns_run = tl.zeros((BB,), tl.float32)
     ps_run = tl.zeros((BB,), tl.float32)
     np_run = tl.zeros((BB,), tl.float32)
     for step in range(0, n_steps):
@@ -171,14 +196,11 @@ def _fwd_t2i(txt, img_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
             y = tl.load(img_all + (jc.to(tl.int64) * Q + cq)[:, None] * E + e[None, :],
                         mask=col_ok[:, None] & e_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
-        z3 = tl.reshape(acc, (BB, BJ, QP))
-        z3 = tl.where((qq < Q)[None, None, :], z3, float("-inf"))
-        zmax = tl.max(z3, axis=2)
-        amax = tl.argmax(z3, axis=2)
+        zmax, amax = _query_max(tl.reshape(acc, (BB, BJ, QP)), (qq < Q)[None, None, :])
         j = j0 + tl.arange(0, BJ)
-        m_run, l_run, ws_run, ss_run, ps_run, np_run = _tile_update(
-            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW, m_run, l_run, ws_run, ss_run, ps_run, np_run)
-    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ss_run, ps_run, np_run)
+        m_run, l_run, ws_run, ns_run, ps_run, np_run = _tile_update(
+            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW, m_run, l_run, ws_run, ns_run, ps_run, np_run)
+    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ns_run, ps_run, np_run)
 
 
 @triton.jit
@@ -197,17 +219,20 @@ def _fwd_rows(part_i2t, part_t2i, n_chunks_i2t, n_chunks_t2i, temp, stats, rows_
         part = part_t2i
         n_chunks = n_chunks_t2i
     stride = n_chunks * B
-    # pass 1: the row max; pass 2: rescaled sums. 2-D accumulators reduced once after each loop.
+    # pass 1: the row max; pass 2: rescaled sums. 2-D accumulators reduced once after each loop. The chunk
+    # maxima are never NaN (_tile_update), and a chunk's NaN or +inf has made its l NaN. A row of nothing but
+    # NaN and -inf has m = -inf: its chunks are rescaled against 0 (no -inf - -inf), l stays NaN (NaN in)
+    # or is 0, and lse = -inf makes the row's loss (-inf - -inf) and d s NaN, as the reference's.
     mm = tl.full((RB, CB), float("-inf"), tl.float32)
     for c0 in range(0, n_chunks, CB):
         cc = c0 + tl.arange(0, CB)
         msk = r_ok[:, None] & (cc < n_chunks)[None, :]
         mm = tl.maximum(mm, tl.load(part + cc[None, :] * B + rows[:, None], mask=msk, other=float("-inf")))
     m_tot = tl.max(mm, axis=1)
-    m_safe = tl.where(r_ok, m_tot, 0.0)
+    m_safe = tl.where(r_ok & (m_tot != float("-inf")), m_tot, 0.0)
     acc_l = tl.zeros((RB, CB), tl.float32)
     acc_ws = tl.zeros((RB, CB), tl.float32)
-    acc_ss = tl.zeros((RB, CB), tl.float32)
+    acc_ns = tl.zeros((RB, CB), tl.float32)
     acc_ps = tl.zeros((RB, CB), tl.float32)
     acc_np = tl.zeros((RB, CB), tl.float32)
     for c0 in range(0, n_chunks, CB):
@@ -217,16 +242,20 @@ def _fwd_rows(part_i2t, part_t2i, n_chunks_i2t, n_chunks_t2i, temp, stats, rows_
         w = tl.where(msk, tl.exp(tl.load(ptr, mask=msk, other=0.0) - m_safe[:, None]), 0.0)
         acc_l += w * tl.load(ptr + stride, mask=msk, other=0.0)
         acc_ws += w * tl.load(ptr + 2 * stride, mask=msk, other=0.0)
-        acc_ss += tl.load(ptr + 3 * stride, mask=msk, other=0.0)
+        acc_ns += tl.load(ptr + 3 * stride, mask=msk, other=0.0)
         acc_ps += tl.load(ptr + 4 * stride, mask=msk, other=0.0)
         acc_np += tl.load(ptr + 5 * stride, mask=msk, other=0.0)
     l_tot = tl.where(r_ok, tl.sum(acc_l, axis=1), 1.0)
     np_tot = tl.sum(acc_np, axis=1)
-    pm = tl.sum(acc_ps, axis=1) / tl.where(r_ok, np_tot, 1.0)
-    e_tgt = pm + ls * (tl.sum(acc_ss, axis=1) / BW - pm)  # (1 - ls) * mean_pos(s) + ls * mean(s)
-    row_loss = (m_safe - e_tgt) + tl.log(l_tot)
+    # sum_j tgt_j s_j with tgt = (1 - ls) / npos + ls / BW on the positives and ls / BW elsewhere, as two
+    # products (not a mean and a correction): tgt_j = 0 times s_j = -inf is NaN, as in the reference
+    c_neg = ls / BW
+    c_pos = (1.0 - ls) / tl.where(r_ok, np_tot, 1.0) + c_neg
+    e_tgt = c_pos * tl.sum(acc_ps, axis=1) + c_neg * tl.sum(acc_ns, axis=1)
+    lse = tl.where(r_ok, m_tot, 0.0) + tl.log(l_tot)
+    row_loss = lse - e_tgt
     row_dt = -(tl.sum(acc_ws, axis=1) / l_tot - e_tgt) / t
-    tl.store(stats + d * B + rows, m_safe + tl.log(l_tot), mask=r_ok)
+    tl.store(stats + d * B + rows, lse, mask=r_ok)
     tl.store(stats + 2 * B + rows, np_tot, mask=r_ok & (d == 0))
     tl.store(rows_out + d * B + rows, row_loss, mask=r_ok)
     tl.store(rows_out + (2 + d) * B + rows, row_dt, mask=r_ok)
@@ -315,14 +344,26 @@ def itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing):
 
 
 @triton.jit
-def _dlogits(s_ptr, a_ptr, pos, off, msk, lse, npos, BW, ls):
-    """d loss / d s without the scale c: softmax - target (0 outside the tile), and the arg-max."""
+def _dlogits(s_ptr, a_ptr, pos, off, msk, lse, npos, BW, ls, c_bad):
+    """d loss / d s without the scale c: softmax - target (0 outside the tile), and the arg-max. ``c_bad`` is
+    0, or NaN when the scale is not finite: added here, it reaches only the entries that get a weight."""
     s = tl.load(s_ptr + off, mask=msk, other=0.0)
     a = tl.load(a_ptr + off, mask=msk, other=0).to(tl.int32)
     p = tl.load(pos + off, mask=msk, other=0) != 0
     tgt = (1.0 - ls) * p.to(tl.float32) / npos[:, None] + ls / BW
-    w = tl.where(msk, tl.exp(s - lse[:, None]) - tgt, 0.0)
+    w = tl.where(msk, tl.exp(s - lse[:, None]) - tgt + c_bad, 0.0)
     return w, a
+
+
+@triton.jit
+def _grad_scale(grad, temp, B):
+    """(c, c_bad): c = g / (2B temp) scales the summed weights, or 1 when it is not finite; c_bad is then NaN
+    and goes into the weights (_dlogits), so that, as autograd's scatter of d s / temp gives, a row or
+    query that no column routes to keeps exact zeros (a NaN temp or upstream gradient poisons only the
+    arg-max queries, not every query of every image)."""
+    c = tl.load(grad).to(tl.float32) / (2 * B) / tl.load(temp).to(tl.float32)
+    c_bad = c - c  # 0, or NaN for a NaN or infinite c
+    return tl.where(c_bad == 0.0, c, 1.0), c_bad
 
 
 @triton.jit
@@ -344,7 +385,7 @@ def _bwd_img(grad, txt_all, temp, pos, s_i2t, a_i2t, stats, dimg, B, BW, Q, E, l
              SPLIT: tl.constexpr, PREC: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_e = tl.program_id(1)
-    c = tl.load(grad).to(tl.float32) / (2 * B) / tl.load(temp).to(tl.float32)
+    c, c_bad = _grad_scale(grad, temp, B)
     bb = pid_b * BB + tl.arange(0, BB)
     b_ok = bb < B
     lse = tl.load(stats + bb, mask=b_ok, other=0.0)
@@ -357,7 +398,7 @@ def _bwd_img(grad, txt_all, temp, pos, s_i2t, a_i2t, stats, dimg, B, BW, Q, E, l
         j = j0 + tl.arange(0, BJ)
         j_ok = j < BW
         off = bb[:, None] * BW + j[None, :]
-        w, a = _dlogits(s_i2t, a_i2t, pos, off, b_ok[:, None] & j_ok[None, :], lse, npos, BW, ls)
+        w, a = _dlogits(s_i2t, a_i2t, pos, off, b_ok[:, None] & j_ok[None, :], lse, npos, BW, ls, c_bad)
         w3 = tl.where(a[:, None, :] == qq[None, :, None], w[:, None, :], 0.0)
         wt = tl.reshape(w3, (BB * QP, BJ))
         y = tl.load(txt_all + j[:, None].to(tl.int64) * E + e[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0.0)
@@ -376,7 +417,7 @@ def _bwd_txt(grad, img_all, temp, pos, s_t2i, a_t2i, stats, dtxt, B, BW, Q, E, l
     pid_b = tl.program_id(0)
     pid_e = tl.program_id(1)
     pid_c = tl.program_id(2)
-    c = tl.load(grad).to(tl.float32) / (2 * B) / tl.load(temp).to(tl.float32)
+    c, c_bad = _grad_scale(grad, temp, B)
     bb = pid_b * BB + tl.arange(0, BB)
     b_ok = bb < B
     lse = tl.load(stats + B + bb, mask=b_ok, other=0.0)
@@ -392,7 +433,7 @@ def _bwd_txt(grad, img_all, temp, pos, s_t2i, a_t2i, stats, dtxt, B, BW, Q, E, l
         j0 = (pid_c * n_steps + step) * BJ
         j = j0 + tl.arange(0, BJ)
         off = bb[:, None] * BW + j[None, :]
-        w, a = _dlogits(s_t2i, a_t2i, pos, off, b_ok[:, None] & (j < BW)[None, :], lse, npos, BW, ls)
+        w, a = _dlogits(s_t2i, a_t2i, pos, off, b_ok[:, None] & (j < BW)[None, :], lse, npos, BW, ls, c_bad)
         w3 = tl.where(a[:, :, None] == qq[None, None, :], w[:, :, None], 0.0)
         wt = tl.reshape(w3, (BB, BJ * QP))
         jc = j0 + cj

@@ -42,6 +42,14 @@ def spec_allowed(mode: str, nq: int, lq: int, lk: int, kpm, batch: int) -> torch
                     a = (j < nq) if i < nq else (j < nq or (nq <= j <= i and not pad))
                 elif mode == "unimodal":
                     a = (j < nq) if i < nq else (nq <= j and not pad)
+                elif mode == "itc_itg":  # [queries | ITC text | ITG text], SPEC's unimodal and causal rows
+                    t = (lk - nq) // 2
+                    if i < nq:
+                        a = j < nq
+                    elif i < nq + t:
+                        a = nq <= j < nq + t
+                    else:
+                        a = j < nq or nq + t <= j <= i
                 else:
                     raise AssertionError(mode)
                 row.append(a and not pad)
@@ -447,3 +455,44 @@ def test_cross_attention_keep_rate():
     keep = _extract_keep(lambda q, k, v: cross_attention(q, k, v, dropout_p=p, backend="torch"), p, n, h, l)
     cnt, tot = int(keep.sum()), keep.numel()
     assert abs(cnt - tot * (1 - p)) <= 6 * math.sqrt(tot * p * (1 - p)) + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# itc_itg: ITC's unimodal and ITG's causal masks in one pass over [queries | text | text]
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 17, 2, 8, 5), (2, 8, 17, 2, 8, 5), (1, 1, 3, 1, 8, 1), (2, 6, 6, 1, 8, 0)],
+                         ids=["full", "suffix", "T1", "no_queries"])
+def test_itc_itg_mode_matches_spec(shape):
+    b, lq, lk, h, d, nq = shape
+    q, k, v = (torch.randn(b, n, h, d, dtype=F64) for n in (lq, lk, lk))
+    kpm = torch.ones(b, lk, dtype=torch.bool)
+    t = (lk - nq) // 2
+    if t > 1:
+        kpm[0, nq + t - 1] = False  # the last ITC token and its ITG copy are padding
+        kpm[0, lk - 1] = False
+    out = qformer_attention(q, k, v, num_query=nq, mode="itc_itg", key_padding_mask=kpm, backend="torch")
+    want = indep_attention(q, k, v, spec_allowed("itc_itg", nq, lq, lk, kpm, b))
+    _assert_close(out, want, F64)
+
+
+def test_itc_itg_equals_unimodal_and_causal_passes():
+    """The packed pass gives the ITC pass' (unimodal) and the ITG pass' (causal over the queries' K/V) rows."""
+    b, h, d, nq, t = 2, 2, 8, 4, 5
+    qx, kx, vx = (torch.randn(b, nq + 2 * t, h, d, dtype=F64) for _ in range(3))
+    tm = torch.ones(b, t, dtype=torch.bool)
+    tm[1, 3:] = False
+    kpm = torch.cat([torch.ones(b, nq, dtype=torch.bool), tm, tm], 1)
+    out = qformer_attention(qx, kx, vx, num_query=nq, mode="itc_itg", key_padding_mask=kpm)
+    itc = qformer_attention(qx[:, :nq + t], kx[:, :nq + t], vx[:, :nq + t], num_query=nq, mode="unimodal",
+                            key_padding_mask=kpm[:, :nq + t])
+    keys = torch.cat([torch.arange(nq), torch.arange(nq + t, nq + 2 * t)])
+    itg = qformer_attention(qx[:, nq + t:], kx[:, keys], vx[:, keys], num_query=nq, mode="causal",
+                            key_padding_mask=kpm[:, keys])
+    _assert_close(out, torch.cat([itc, itg], 1), F64)
+
+
+def test_itc_itg_needs_two_text_copies():
+    q = torch.randn(1, 8, 1, 8)
+    with pytest.raises(ValueError, match="itc_itg"):
+        qformer_attention(q, q, q, num_query=3, mode="itc_itg")

@@ -650,3 +650,15 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(static, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pattern", ["none", "ragged"])
+@pytest.mark.parametrize("shape", [(3, 21, 21, 2, 16, 5), (2, 8, 21, 1, 16, 5)], ids=["full", "suffix"])
+def test_self_attention_itc_itg(shape, pattern):
+    """ITC + ITG in one pass ([queries | text | text]): the kernels against the float64 reference."""
+    b, lq, lk, h, d, nq = shape
+    _self_case(b, lq, lk, h, d, nq, "itc_itg", pattern)
+
+
+def test_self_attention_itc_itg_multi_block_with_dropout():
+    _direct_self(2, 37, 37, 2, 16, 5, "itc_itg", "ragged", _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16), dropout_p=0.2)

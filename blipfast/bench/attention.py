@@ -10,6 +10,7 @@ materialised mask (blipfast's own reference, fp32 math), an HF-style eager atten
 additive mask, F.scaled_dot_product_attention with a boolean mask (cross-attention: K/V expanded to the
 N row-sets with index_select, no mask since image tokens are not padded), and FlexAttention under
 torch.compile with a block mask built once outside the timed call (no dropout in FlexAttention: n/a).
+FlexAttention is the one optional baseline (n/a when it cannot run here); an error anywhere else fails.
 Masks and block masks are built outside the timed functions, which favours the baselines.
 
 bytes = what must move: forward reads q, k, v (cross-attention: each image's K/V once) and writes out;
@@ -77,7 +78,18 @@ def _flex_block_mask(allowed, b, lq, lk, device):
 def _flex(q, k, v, block_mask, p):
     if p > 0:
         raise NotImplementedError("FlexAttention has no attention-probability dropout")
+    if isinstance(block_mask, Exception):  # building the block mask failed: time nothing, report why
+        raise block_mask
     return _flex_fn()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask).transpose(1, 2)
+
+
+def _optional(name: str, p: float):
+    """Why a baseline may be unable to run here (None: a required one, whose error fails the run)."""
+    if not name.startswith("flex"):
+        return None
+    if p > 0:
+        return "FlexAttention has no attention-probability dropout"
+    return "FlexAttention (torch.compile of flex_attention) is missing or does not compile on this torch/device"
 
 
 def _timed(fwd, inputs, dout, backward: bool):
@@ -110,8 +122,8 @@ def _self_cases(device, dtype, ts, modes, ps, passes, b=384, h=12, nq=32, d=64) 
             allowed = allowed_mask(nq, mode, l, l, device, kpm)  # [B, L, L]: the baselines' materialised mask
             try:
                 block_mask = _flex_block_mask(allowed, b, l, l, device)
-            except Exception:  # FlexAttention unavailable: its case reports n/a
-                block_mask = None
+            except Exception as exc:  # noqa: BLE001 - FlexAttention unavailable: its optional case raises it
+                block_mask = exc
             fl = 4.0 * b * h * l * l * d
             for p in ps:
                 impls = {
@@ -131,7 +143,8 @@ def _self_cases(device, dtype, ts, modes, ps, passes, b=384, h=12, nq=32, d=64) 
                     for name, fn in impls.items():
                         out.append(Case(group=group, name=name, fn=_timed(fn, (q, k, v), do, bwd),
                                         flops=fl * (3.5 if bwd else 1.0), bytes=io * (12 if bwd else 4),
-                                        baseline=name != "blipfast-triton", params=params))
+                                        baseline=name != "blipfast-triton", params=params,
+                                        optional=_optional(name, p)))
     return out
 
 
@@ -169,7 +182,8 @@ def _cross_cases(device, dtype, lks, ps, passes, m=128, lq=32, h=12, d=64) -> li
                 for name, fn in impls.items():
                     out.append(Case(group=group, name=name, fn=_timed(fn, (q, k, v), do, bwd),
                                     flops=fl * (3.5 if bwd else 1.0), bytes=nbytes,
-                                    baseline=name != "blipfast-triton", params=params))
+                                    baseline=name != "blipfast-triton", params=params,
+                                    optional=_optional(name, p)))
     return out
 
 

@@ -1,4 +1,9 @@
-"""``blipfast bench``: run the suites of blipfast.bench on this machine's device, print and save the table."""
+"""``blipfast bench``: run the suites of blipfast.bench on this machine's device, print and save the table.
+
+Exit status: 0 when every case of blipfast ran (a suite without its device, or an optional baseline that
+cannot run here, is reported and skipped); 1 when any of blipfast's cases (or a required baseline, or the
+building of a suite) raised: the table and the JSON still come out, then the failures are named on stderr
+with their tracebacks. 2: bad arguments."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +12,7 @@ import sys
 import torch
 
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
-SUITES = ("qformer", "attention", "itc")
+SUITES = ("stage1", "qformer", "attention", "itc")
 
 
 def add_arguments(p) -> None:
@@ -21,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .common import device_name, format_table, run_cases, write_json, write_plot
+    from .common import device_name, failure, format_table, run_cases, write_json, write_plot
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -32,24 +37,47 @@ def run(args) -> int:
         return 2
     print(f"blipfast bench on {device_name(device)} ({device.type}), dtype {args.dtype}"
           f"{' (CPU runs fp32)' if device.type == 'cpu' else ''}", flush=True)
-    results = []
+    results, counted, notes = [], {}, []
     for name in wanted:
-        mod = importlib.import_module(f"blipfast.bench.{name}")
-        cases = mod.cases(device, dtype=dtype, quick=args.quick)
+        try:
+            mod = importlib.import_module(f"blipfast.bench.{name}")
+            if hasattr(mod, "counted_report"):  # costs counted from the code: the same on every device
+                table, payload = mod.counted_report()
+                print(table + "\n", flush=True)
+                notes.append(table)
+                counted[name] = payload
+            cases = mod.cases(device, dtype=dtype, quick=args.quick)
+        except Exception as exc:  # noqa: BLE001 - building the suite is blipfast's code: a failure, reported below
+            results.append(failure(f"{name} suite", "building the cases", exc))
+            continue
         if not cases:
             print(f"  [{name}] skipped: needs a CUDA device", flush=True)
             continue
         iters = args.iters if args.iters else (30 if device.type == "cuda" else 3)
         warmup = 5 if device.type == "cuda" else 1
-        results += run_cases(cases, device, warmup=warmup, iters=iters,
-                             progress=lambda s: print(f"  timing {s}", flush=True))
+        results += run_cases(cases, device, warmup=warmup, iters=iters, progress=name)
         del cases
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()
+    for table in notes:
+        print(table + "\n")
     print(format_table(results))
+    for name in wanted:
+        mod = importlib.import_module(f"blipfast.bench.{name}")
+        if hasattr(mod, "images_per_s") and any(r.group.startswith(name) for r in results):
+            print(f"\n{name}:\n" + mod.images_per_s(results))
     if args.out:
-        path = write_json(results, device, args.out, extra={"argv": sys.argv[1:], "quick": args.quick})
+        path = write_json(results, device, args.out, extra={"argv": sys.argv[1:], "quick": args.quick,
+                                                            "counted": counted})
         png = write_plot(results, path)
         print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    failed = [r for r in results if r.failed]
+    if failed:
+        print(f"\nblipfast bench: {len(failed)} case(s) FAILED (errors in blipfast or a required baseline, "
+              f"not a missing optional baseline):", file=sys.stderr)
+        for r in failed:
+            print(f"\n--- {r.group} / {r.name}: {r.error}\n{r.traceback or ''}", file=sys.stderr, end="")
+        print("\nFAILED: " + "; ".join(f"{r.group} / {r.name}" for r in failed), file=sys.stderr, flush=True)
+        return 1
     return 0

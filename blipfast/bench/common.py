@@ -3,6 +3,11 @@
 GPU timing: CUDA events around each call after warm-up, the median of many runs, synchronising inside
 the timed region; CPU timing: perf_counter. Every case reports ms, the derived throughput from an
 explicit FLOP or byte formula, peak memory, and its ratio against the case's baseline in the same run.
+
+Errors: a case that raises is a failure (``Result.failed``; ``blipfast bench`` exits non-zero, the pytest
+harness fails), except a baseline marked ``optional`` with the reason it may be unable to run here (an
+optional library, a torch or device that lacks a feature): that one reports n/a. blipfast's own cases
+can never be optional.
 """
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
 
 @dataclasses.dataclass
@@ -29,6 +37,14 @@ class Case:
     bytes: Optional[float] = None  # bytes that must move per call (the memory-bandwidth floor)
     baseline: bool = False
     params: dict = dataclasses.field(default_factory=dict)
+    # a baseline that may be unable to run here, and why (e.g. "FlexAttention needs torch.compile on this
+    # device"): when it raises it reports n/a instead of failing the run. None: any error is a failure.
+    optional: Optional[str] = None
+
+    def __post_init__(self):
+        if self.optional is not None and not self.baseline:
+            raise ValueError(f"case {self.group!r} / {self.name!r}: only a baseline can be optional; an error in "
+                             f"blipfast's own case is always a failure")
 
 
 @dataclasses.dataclass
@@ -44,6 +60,21 @@ class Result:
     params: dict
     error: Optional[str] = None
     speedup_vs_best_baseline: Optional[float] = None
+    failed: bool = False  # raised and was not an optional baseline: the run fails
+    traceback: Optional[str] = None  # of a failure
+
+
+def describe_error(exc: BaseException) -> str:
+    """'ValueError: first line of the message' (at most 200 characters of it)."""
+    msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def failure(group: str, name: str, exc: BaseException) -> Result:
+    """The Result of something in blipfast that raised outside a timed case (e.g. building a suite's cases);
+    call it inside the ``except`` block (it records the traceback)."""
+    return Result(group=group, name=name, ms=None, ms_all=[], tflops=None, tbps=None, peak_mem_mb=None,
+                  baseline=False, params={}, error=describe_error(exc), failed=True, traceback=traceback.format_exc())
 
 
 def device_name(device: torch.device) -> str:
@@ -88,23 +119,30 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
 
 
 def run_cases(cases: list[Case], device: torch.device, warmup: int = 5, iters: int = 30,
-              progress: Optional[Callable[[str], None]] = None) -> list[Result]:
+              progress: Optional[str] = None) -> list[Result]:
+    """Time every case; one that raises becomes a Result with ``error`` (n/a for an optional baseline,
+    ``failed`` otherwise) and the others still run. ``progress``: the label of a tqdm bar on stderr."""
     results = []
-    for case in cases:
-        if progress:
-            progress(f"{case.group} / {case.name}")
+    bar = tqdm(cases, desc=progress, unit="case", file=sys.stderr, disable=progress is None, dynamic_ncols=True)
+    for case in bar:
+        bar.set_postfix_str(f"{case.group} / {case.name}"[-70:], refresh=True)
+        times, mem, ms, err, tb = [], None, None, None, None
         try:
             times = time_fn(case.fn, device, warmup, iters)
             mem = peak_memory_mb(case.fn, device)
             ms = statistics.median(times)
-            err = None
-        except Exception as exc:  # a baseline that cannot run here (e.g. FlexAttention import) reports n/a
-            times, mem, ms, err = [], None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        except Exception as exc:  # noqa: BLE001 - recorded; a failure unless the case is an optional baseline
+            times, err = [], describe_error(exc)
+            if case.optional is None:
+                tb = traceback.format_exc()
         results.append(Result(
             group=case.group, name=case.name, ms=ms, ms_all=times,
             tflops=(case.flops / (ms * 1e-3) / 1e12) if (case.flops and ms) else None,
             tbps=(case.bytes / (ms * 1e-3) / 1e12) if (case.bytes and ms) else None,
-            peak_mem_mb=mem, baseline=case.baseline, params=case.params, error=err))
+            peak_mem_mb=mem, baseline=case.baseline, params=case.params,
+            error=err if (err is None or tb is not None) else f"{case.optional} ({err})",
+            failed=tb is not None, traceback=tb))
+    bar.close()
     _ratios(results)
     return results
 
@@ -130,7 +168,7 @@ def format_table(results: list[Result]) -> str:
         lines.append(f"{r.group[:44]:<44} {r.name[:26]:<26} {f(r.ms, '9.3f'):>9} {f(r.tflops, '8.1f'):>8} "
                      f"{f(r.tbps, '6.2f'):>6} {f(r.peak_mem_mb, '9.1f'):>9} {ratio:>12}")
         if r.error:
-            lines.append(f"{'':<44}   n/a: {r.error}")
+            lines.append(f"{'':<44}   {'FAILED' if r.failed else 'n/a'}: {r.error}")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ Same constructor argument (an HF ``Blip2QFormerConfig``, a dict or keywords), sa
 (``load_state_dict(hf.state_dict(), strict=True)`` works), same forward arguments and outputs
 (``last_hidden_state``, ``pooler_output = last_hidden_state[:, 0]``, ``out[0]``). Per layer:
 
-- self-attention: one GEMM against the concatenated query/key/value weights; q, k, v are strided views
+- self-attention: one GEMM against the query/key/value weights (``concat_linear``: no weight copy kept); q, k, v are strided views
   of its [B, L, 3, H, D] output, fed to ``ops.qformer_attention`` with the mode and the key padding mask;
 - cross-attention (layers ``i % cross_attention_frequency == 0``) on the query rows only, through
   ``ops.cross_attention``; the image K/V of every cross layer come from ONE GEMM (``image_kv``) and can be
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from .. import ops
+from ._linear import concat_linear, gelu_mlp
 
 # activations by name without importing transformers.activations (slow to import); others come from ACT2FN
 _ACTIVATIONS = {
@@ -45,6 +46,10 @@ _ACTIVATIONS = {
     "swish": F.silu,
     "tanh": torch.tanh,
 }
+
+
+# activations whose FFN runs as ``gelu_mlp`` (GELU recomputed in the backward): name -> F.gelu's ``approximate``
+_GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 def _activation(name_or_fn):
@@ -261,11 +266,11 @@ def _init_weights(module: nn.Module, std: float) -> None:
                 m.bias.zero_()
 
 
-def _epilogue(x, dense_ln: _DenseLN, residual, p: float):
+def _epilogue(x, dense_ln: _DenseLN, residual, p: float, seed=None):
     """LN(dropout(x @ W^T + b) + residual): the GEMM without bias, the fused epilogue does the rest."""
     ln = dense_ln.LayerNorm
     return ops.bias_dropout_add_layernorm(F.linear(x, dense_ln.dense.weight), dense_ln.dense.bias, residual,
-                                          ln.weight, ln.bias, eps=ln.eps, dropout_p=p)
+                                          ln.weight, ln.bias, eps=ln.eps, dropout_p=p, seed=seed)
 
 
 def _check_mask(name: str, mask, shape: tuple, device) -> None:
@@ -273,6 +278,10 @@ def _check_mask(name: str, mask, shape: tuple, device) -> None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"QFormer: {name} must be a tensor, got {type(mask).__name__}")
+    if mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                          torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"QFormer: {name} must be a bool, integer or floating tensor (1 = attend, 0 = padding), "
+                        f"got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"QFormer: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
                          f"{list(mask.shape)}")
@@ -294,6 +303,7 @@ class QFormer(nn.Module):
             self.encoder = _Encoder(cfg)
         self.to_empty(device=device)
         self._act = _activation(cfg.hidden_act)
+        self._gelu = _GELU_APPROX.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
         self._cross = cfg.cross_attention_layers
         if init_weights:
             _init_weights(self, cfg.initializer_range)
@@ -321,9 +331,9 @@ class QFormer(nn.Module):
         m, lk, _ = x.shape
         _check_mask("encoder_attention_mask", encoder_attention_mask, (m, lk), x.device)
         projs = [self.encoder.layer[i].crossattention.attention for i in self._cross]
-        w = torch.cat([t for p in projs for t in (p.key.weight, p.value.weight)])
-        b = torch.cat([t for p in projs for t in (p.key.bias, p.value.bias)])
-        kv = F.linear(x, w, b).view(m, lk, 2 * len(projs), cfg.num_attention_heads, cfg.head_dim).unbind(2)
+        kv = concat_linear(x, [t for p in projs for t in (p.key.weight, p.value.weight)],
+                           [t for p in projs for t in (p.key.bias, p.value.bias)])
+        kv = kv.view(m, lk, 2 * len(projs), cfg.num_attention_heads, cfg.head_dim).unbind(2)
         return ImageKV(tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs))), encoder_attention_mask)
 
     # ------------------------------------------------------------------------------------------
@@ -332,7 +342,7 @@ class QFormer(nn.Module):
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None, *,
                 mode: Optional[str] = None, return_query_kv: bool = False,
                 past_query_kv: Optional[Sequence] = None, encoder_kv: Optional[Sequence] = None,
-                kv_index: Optional[torch.Tensor] = None, **kwargs):
+                kv_index: Optional[torch.Tensor] = None, query_output_only: bool = False, **kwargs):
         """HF's forward. ``query_embeds`` [B, L, d] is the raw concatenation [queries | text embeddings]
         (before the LayerNorm); positions < ``query_length`` (default L) are queries. ``attention_mask``
         [B, L] and ``encoder_attention_mask`` [M, Lk] are 1 = attend, 0 = padding.
@@ -341,7 +351,9 @@ class QFormer(nn.Module):
         ``past_query_kv`` (per layer (k, v) [B, Q, H, D] from ``return_query_kv``; ``query_embeds`` then
         holds only the T text embeddings, ``attention_mask`` is [B, T] or [B, Q + T]); ``encoder_kv`` (from
         :meth:`image_kv`, instead of ``encoder_hidden_states``) and ``kv_index`` (long [B]: the image of
-        each row-set, with either).
+        each row-set, with either); ``query_output_only`` (the last layer computes the query rows only, and
+        ``last_hidden_state`` is [B, query_length, d]: ITM and retrieval re-ranking read nothing else, so the
+        text rows' attention, output projection and FFN of the last layer are skipped).
         """
         cfg = self.config
         for k, v in kwargs.items():
@@ -389,6 +401,9 @@ class QFormer(nn.Module):
             raise ValueError(f"QFormer: mode must be one of {ops.MODES}, got {mode!r}")
         if q_len < seq and not cfg.use_qformer_text_input:
             raise ValueError("QFormer: text rows need the text FFN, which exists only with use_qformer_text_input=True")
+        if query_output_only and (q_len == 0 or past_query_kv is not None or return_query_kv or output_hidden_states):
+            raise ValueError("QFormer: query_output_only needs query rows, and neither past_query_kv, return_query_kv "
+                             "nor output_hidden_states")
 
         # image K/V for the cross layers (only when there are query rows, as in HF)
         ekv = ekpm = None
@@ -427,6 +442,10 @@ class QFormer(nn.Module):
         x = F.layer_norm(x, (d,), self.layernorm.weight, self.layernorm.bias, self.layernorm.eps)
         x = F.dropout(x, p_hid, train)
 
+        # every dropout site's seed from one draw (CUDA; elsewhere None: torch's own dropout)
+        n_sites = 6 * cfg.num_hidden_layers if (train and (p_hid > 0 or p_att > 0)) else 0
+        seeds = iter(ops.dropout_seeds(n_sites, x.device) if n_sites else ())
+
         all_hidden = [x] if output_hidden_states else None
         query_kv = [] if return_query_kv else None
         num_query = nq if past_query_kv is not None else q_len
@@ -434,17 +453,27 @@ class QFormer(nn.Module):
         for i, layer in enumerate(self.encoder.layer):
             # self-attention: one QKV GEMM, q/k/v strided views of [B, L, 3, H, D]
             proj = layer.attention.attention
-            w = torch.cat((proj.query.weight, proj.key.weight, proj.value.weight))
-            b = torch.cat((proj.query.bias, proj.key.bias, proj.value.bias))
-            q, k, v = F.linear(x, w, b).view(bsz, seq, 3, h, hd).unbind(2)
+            qkv = concat_linear(x, (proj.query.weight, proj.key.weight, proj.value.weight),
+                                (proj.query.bias, proj.key.bias, proj.value.bias))
+            q, k, v = qkv.view(bsz, seq, 3, h, hd).unbind(2)
             if query_kv is not None:
                 query_kv.append((k, v) if q_len == seq else (k[:, :q_len], v[:, :q_len]))
             if past_query_kv is not None:
                 pk, pv = past_query_kv[i]
                 k, v = torch.cat((pk.to(k.dtype), k), 1), torch.cat((pv.to(v.dtype), v), 1)
-            ctx = ops.qformer_attention(q, k, v, num_query=num_query, mode=mode, key_padding_mask=attention_mask,
-                                        dropout_p=p_att)
-            a = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid)
+            if query_output_only and i == cfg.num_hidden_layers - 1 and q_len < seq:
+                # the last layer for the query rows only: in every mode a query row sees the keys that
+                # bidirectional attention over [queries | text] (or over the queries alone) gives it
+                kq, vq, mq = (k, v, attention_mask) if mode == "bidirectional" else (
+                    k[:, :q_len], v[:, :q_len], None if attention_mask is None else attention_mask[:, :q_len])
+                ctx = ops.qformer_attention(q[:, :q_len], kq, vq, num_query=q_len, mode="bidirectional",
+                                            key_padding_mask=mq, dropout_p=p_att, seed=next(seeds, None))
+                seq = q_len
+                x = x[:, :q_len]
+            else:
+                ctx = ops.qformer_attention(q, k, v, num_query=num_query, mode=mode, key_padding_mask=attention_mask,
+                                            dropout_p=p_att, seed=next(seeds, None))
+            a = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid, next(seeds, None))
 
             parts = []
             if q_len > 0:
@@ -454,13 +483,14 @@ class QFormer(nn.Module):
                     cq = F.linear(aq, ca.attention.query.weight, ca.attention.query.bias).view(bsz, q_len, h, hd)
                     ck, cv = ekv[cross_j]
                     cross_j += 1
-                    cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att)
-                    aq = _epilogue(cctx.reshape(bsz, q_len, d), ca.output, aq, p_hid)
-                parts.append(self._ffn(layer.intermediate_query, layer.output_query, aq, p_hid))
+                    cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att,
+                                               seed=next(seeds, None))
+                    aq = _epilogue(cctx.reshape(bsz, q_len, d), ca.output, aq, p_hid, next(seeds, None))
+                parts.append(self._ffn(layer.intermediate_query, layer.output_query, aq, p_hid, next(seeds, None)))
             else:
                 at = a
             if at is not None:
-                parts.append(self._ffn(layer.intermediate, layer.output, at, p_hid))
+                parts.append(self._ffn(layer.intermediate, layer.output, at, p_hid, next(seeds, None)))
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             if all_hidden is not None:
                 all_hidden.append(x)
@@ -470,9 +500,16 @@ class QFormer(nn.Module):
                             query_kv=tuple(query_kv) if query_kv is not None else None)
         return out if return_dict is None or return_dict else out.to_tuple()
 
-    def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float) -> torch.Tensor:
+    def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float, seed=None) -> torch.Tensor:
+        """LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU the activation is recomputed in the backward
+        (``gelu_mlp``: the [rows, intermediate] activation is not kept)."""
+        if self._gelu is not None:
+            y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=self._gelu)
+            ln = output.LayerNorm
+            return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p,
+                                                  seed=seed)
         y = self._act(F.linear(h, inter.dense.weight, inter.dense.bias))
-        return _epilogue(y, output, h, p)
+        return _epilogue(y, output, h, p, seed)
 
 
 class QFormerEmbeddings(nn.Module):

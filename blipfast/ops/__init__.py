@@ -4,6 +4,7 @@ Every op validates its arguments once in Python, dispatches to the fastest backe
 (``backend=`` or ``BLIPFAST_BACKEND`` force one: "cuda", "triton", "torch") and is a torch.library
 custom op with a fake implementation, so torch.compile(fullgraph=True) and CUDA graphs see through it.
 """
+from ._common import dropout_seeds
 from .cross_attention import cross_attention, cross_attention_ref
 from .hard_negatives import sample_hard_negatives, sample_hard_negatives_from_gathered, sample_hard_negatives_ref
 from .itc_loss import itc_loss, itc_loss_from_gathered, itc_loss_ref
@@ -15,6 +16,7 @@ __all__ = [
     "bias_dropout_add_layernorm",
     "bias_dropout_add_layernorm_ref",
     "cross_attention",
+    "dropout_seeds",
     "cross_attention_ref",
     "itc_loss",
     "itc_loss_from_gathered",

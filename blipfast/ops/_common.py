@@ -9,7 +9,7 @@ also accepts CPU tensors (that is how CI tests the kernels).
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from typing import Iterable, Sequence
 
@@ -30,14 +30,49 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+def _probe_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _probe_extension() -> bool:
+    from .._ext import cuda_extension_available
+
+    return cuda_extension_available()
+
+
+# What is installed is decided once, at import: resolve_backend runs inside traced code (torch.compile with
+# fullgraph=True, CUDA-graph capture) and must be plain Python over constants there (an import or an
+# lru_cache'd loader would break the graph). Tests that need another answer monkeypatch these two names.
+TRITON_OK: bool = _probe_triton()
+EXTENSION_OK: bool = _probe_extension()
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
+    return TRITON_OK
+
+
+# Set by ``dispatch_meta_as_cuda()``: meta tensors take the dispatch decisions of CUDA tensors (the custom ops'
+# fake implementations run instead of kernels), so that the cost of the GPU path can be counted without a GPU.
+_META_AS_CUDA = False
+
+
+class dispatch_meta_as_cuda:
+    """Context manager: ops on meta tensors resolve their backend as on a CUDA device with Triton and the
+    compiled extension (blipfast.bench.counting counts FLOPs, operators and saved bytes of the GPU path)."""
+
+    def __enter__(self):
+        global _META_AS_CUDA
+        self._prev, _META_AS_CUDA = _META_AS_CUDA, True
+        return self
+
+    def __exit__(self, *exc):
+        global _META_AS_CUDA
+        _META_AS_CUDA = self._prev
         return False
-    return True
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" or (_META_AS_CUDA and device.type == "meta")
 
 
 def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
@@ -45,12 +80,12 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
         return True
     if dtype is not None and dtype not in FUSED_DTYPES:
         return False
+    if _META_AS_CUDA and device.type == "meta":
+        return True
     if backend == "triton":
-        return triton_available() and (device.type == "cuda" or triton_interpret())
+        return TRITON_OK and (device.type == "cuda" or triton_interpret())
     if backend == "cuda":
-        from .._ext import cuda_extension_available
-
-        return device.type == "cuda" and cuda_extension_available()
+        return device.type == "cuda" and EXTENSION_OK
     return False
 
 
@@ -76,7 +111,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
             raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
         if env in supported and _runnable(env, device, dtype):
             return env
-    if device.type == "cuda":
+    if _is_cuda(device):
         for cand in supported:
             if _runnable(cand, device, dtype):
                 return cand
@@ -163,11 +198,21 @@ def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
     if isinstance(seed, int) and not isinstance(seed, bool):
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"{op}: seed must fit in int64, got {seed}")
-        return torch.tensor([seed], dtype=torch.int64, device=device)
+        # a fill kernel with the value as its argument: no host-to-device copy, capturable in a CUDA graph
+        return torch.full((1,), seed, dtype=torch.int64, device=device)
     check_tensor(op, "seed", seed, dtypes=(torch.int64,), device=device)
     if seed.numel() != 1:
         raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
-    return seed.reshape(1)
+    return seed if seed.shape == (1,) else seed.reshape(1)
+
+
+def dropout_seeds(n: int, device: torch.device) -> tuple:
+    """n dropout seeds for the n dropout sites of a model's forward, from ONE draw of torch's RNG on the device
+    (one randint instead of one per site; each seed is a [1] view). Only where the fused backends run (CUDA):
+    elsewhere n Nones, so that the reference backend keeps torch's own dropout (its Philox rule is slow on a CPU)."""
+    if not _is_cuda(device) or n == 0:
+        return (None,) * n
+    return torch.randint(0, 2**62, (n, 1), device=device, dtype=torch.int64).unbind(0)
 
 
 def check_gathered(op: str, rank, b: int, bw: int, image_ids, image_ids_all, device) -> None:
@@ -182,6 +227,28 @@ def check_gathered(op: str, rank, b: int, bw: int, image_ids, image_ids_all, dev
         check_shape(op, "image_ids_all", image_ids_all, (bw,))
 
 
+def check_positive_finite_scalar(op: str, name: str, t: torch.Tensor) -> None:
+    """A one-element tensor (a learnable scalar such as a temperature) must be finite and > 0.
+
+    Eager on a CPU tensor: a ValueError naming it. Elsewhere (CUDA, meta, or while torch.compile traces)
+    reading the value would be a host sync or a graph break, so the check is ``torch._assert_async`` on
+    the device, with a message naming it: no sync, capturable in a CUDA graph; on CUDA a violation is a
+    device-side assert (reported at the next synchronisation), under torch.compile on a CPU a RuntimeError.
+    """
+    ok = ((t > 0) & (t < float("inf"))).reshape(())  # NaN fails both
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(t):
+        if not bool(ok):
+            raise ValueError(f"{op}: {name} must be finite and > 0, got {float(t.detach().reshape(()))}")
+        return
+    torch._assert_async(ok, f"{op}: {name} must be finite and > 0")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what: str) -> None:
     """Every value of the integer tensor ``index`` must lie in [0, upper) (``what`` says what ``upper`` is).
 
@@ -192,7 +259,7 @@ def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what:
     if index.numel() == 0:
         return
     msg = f"{op}: {name} values must be in [0, {upper}) ({what})"
-    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+    if index.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(index):
         bad = (index < 0) | (index >= upper)
         if bool(bad.any()):
             pos = int(bad.nonzero()[0, 0])

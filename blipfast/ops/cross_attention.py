@@ -89,10 +89,13 @@ def _setup_context(ctx, inputs, output):
     q, k, v, kv_index, kpm, seed, dropout_p, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_index, kpm, seed)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero-filled tensor for it
     ctx.args = (dropout_p, scale, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 9
     q, k, v, out, lse, kv_index, kpm, seed = ctx.saved_tensors
     dq, dk, dv = _bwd(grad_out.contiguous(), q, k, v, out, lse, kv_index, kpm, seed, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None

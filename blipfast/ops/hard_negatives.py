@@ -8,8 +8,9 @@ the same image excluded:
     neg_text_index[b]  ~ softmax(s_i2t[b, :])     (image b picks a text)
 
 Exclusion is exact (probability 0); the references fill -10000 before the softmax, which differs from
-this by exp(-10000)-sized terms. NaN and -inf logits never get drawn. A row with no drawable column
-(B * W = 1, or every other column excluded) returns -1, and the ITM batch builder masks it out.
+this by exp(-10000)-sized terms. NaN and -inf logits never get drawn. A +inf logit takes all the mass: the
+draw is then the first drawable +inf column, whatever the seed. A row with no drawable column (B * W = 1,
+every other column excluded, or nothing but NaN and -inf) returns -1, and the ITM batch builder masks it out.
 
 Sampling is Gumbel-max over Philox uniforms: u = (philox(seed, off) + 0.5) / 2**32 with
 off = (direction * BW + rank * B + b) * BW + j, i.e. indexed by the GLOBAL row, so rank r's rows draw

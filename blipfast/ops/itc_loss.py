@@ -79,12 +79,14 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
         return kern.itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing)
     s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
     tgt = _targets(pos, label_smoothing, s_i2t.dtype)
-    lse = torch.stack([torch.logsumexp(s_i2t, 1), torch.logsumexp(s_t2i, 1)])
-    e_tgt = torch.stack([(tgt * s_i2t).sum(1), (tgt * s_t2i).sum(1)])
-    e_p = torch.stack([(torch.softmax(s_i2t, 1) * s_i2t).sum(1), (torch.softmax(s_t2i, 1) * s_t2i).sum(1)])
+    # per element first, then sums: lse - sum(tgt * s) would cancel two sums of size ~1/temp (4 bits lost in fp32);
+    # a row with +inf or nothing but -inf has a NaN log-softmax, hence a NaN loss and gradient, as the reference
+    logp = torch.stack([torch.log_softmax(s_i2t, 1), torch.log_softmax(s_t2i, 1)])  # [2, B, BW]
+    s = torch.stack([s_i2t, s_t2i])
     b = img.shape[0]
-    loss = (lse - e_tgt).sum() / (2 * b)
-    dloss_dtemp = -(e_p - e_tgt).sum() / (2 * b) / temp.to(s_i2t.dtype)
+    loss = -(tgt * logp).sum() / (2 * b)
+    dloss_dtemp = -((torch.exp(logp) - tgt) * s).sum() / (2 * b) / temp.to(s_i2t.dtype)
+    lse = s[:, :, 0] - logp[:, :, 0]
     stats = torch.cat([lse, pos.sum(1, dtype=s_i2t.dtype).unsqueeze(0)])
     q = img.shape[1]
     return (loss, s_i2t, s_t2i, a_i2t.to(argmax_dtype(q)), a_t2i.to(argmax_dtype(q)), stats,
@@ -115,16 +117,19 @@ def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all:
     b, q, e = img.shape
     tgt = _targets(pos, label_smoothing, acc)
     g = grad_loss.to(acc) / (2 * b)
-    ds_i2t = (torch.exp(s_i2t - row_stats[0].unsqueeze(1)) - tgt) * g  # d loss / d s
-    ds_t2i = (torch.exp(s_t2i - row_stats[1].unsqueeze(1)) - tgt) * g
+    ds_i2t = (torch.softmax(s_i2t, 1) - tgt) * g  # d loss / d s (softmax of the saved logits: exact rounding)
+    ds_t2i = (torch.softmax(s_t2i, 1) - tgt) * g
     t = temp.to(acc)
     dtemp = grad_loss.to(acc) * dloss_dtemp
     # s_i2t[b, j] = <img[b, a_i2t[b, j]], txt_all[j]> / t: scatter over the arg-max query
     w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
     w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
     dimg = torch.einsum("bqj,je->bqe", w, txt_all.to(acc))
-    sel = img_all.to(acc)[torch.arange(img_all.shape[0], device=img.device).view(1, -1), a_t2i.long()]  # [B, BW, E]
-    dtxt = torch.einsum("bj,bje->be", ds_t2i / t, sel)
+    # s_t2i[b, j] = <txt[b], img_all[j, a_t2i[b, j]]> / t: the same scatter, then a product with every query
+    # (as autograd of the reference: 0 times an infinite query that was not the arg-max is NaN there too)
+    w2 = torch.zeros(b, ds_t2i.shape[1], q, dtype=acc, device=img.device)
+    w2.scatter_(2, a_t2i.long().unsqueeze(2), (ds_t2i / t).unsqueeze(2))
+    dtxt = torch.einsum("bjq,jqe->be", w2, img_all.to(acc))
     return dimg.to(img.dtype), dtxt.to(txt.dtype), dtemp.to(temp.dtype).reshape(temp.shape)
 
 
@@ -138,10 +143,13 @@ def _setup_context(ctx, inputs, output):
     img, txt, img_all, txt_all, temp, pos, label_smoothing, backend = inputs
     _, s_i2t, s_t2i, a_i2t, a_t2i, stats, dloss_dtemp = output
     ctx.save_for_backward(img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i, stats, dloss_dtemp)
+    ctx.set_materialize_grads(False)  # only the loss is differentiated: no zero-filled logits gradients
     ctx.args = (label_smoothing, backend)
 
 
 def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 8
     dimg, dtxt, dtemp = _bwd(grad_loss, *ctx.saved_tensors, *ctx.args)
     return dimg, dtxt, None, None, dtemp, None, None, None
 
@@ -161,6 +169,7 @@ def _check_common(image_feats, text_feats, temp, label_smoothing, image_ids):
     C.check_tensor(_OP, "temp", temp, device=dev)
     if temp.numel() != 1 or temp.dim() > 1:
         raise ValueError(f"{_OP}: temp must be a 0-d tensor (or have one element), got shape {tuple(temp.shape)}")
+    C.check_positive_finite_scalar(_OP, "temp", temp)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"{_OP}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
     label_smoothing = float(label_smoothing)

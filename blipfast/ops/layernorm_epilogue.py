@@ -53,10 +53,25 @@ def _fwd_torch(x, bias, residual, weight, ln_bias, seed, eps, dropout_p):
     # statistics and y come from z as stored (rounded to x's dtype): backward sees only that z, and stats of
     # the unrounded sum would make its xhat inconsistent (N = 1: rstd = 1/sqrt(eps) times a rounding error)
     z = (h + residual.to(acc)).to(x.dtype).to(acc)
-    mean = z.mean(dim=1)
-    rstd = torch.rsqrt(z.var(dim=1, unbiased=False) + eps)
+    mean, rstd = _row_stats(z, eps)
     y = (z - mean[:, None]) * rstd[:, None] * weight.to(acc) + ln_bias.to(acc)
     return y.to(x.dtype), z.to(x.dtype), mean, rstd
+
+
+def _row_stats(z, eps):
+    """(mean, rstd) of the rows of z: the corrected two-pass rule of the CUDA kernels. mean = m0 + mean(z - m0)
+    with m0 = mean(z) puts a row of one value c at exactly c (m0 alone can be an ulp off, and with eps = 1e-12 an
+    ulp times 1/sqrt(eps) is a visible error in y); var = mean(d * (d / N)) - mean(d)^2 with d = z - m0 (the
+    scaling keeps |d| up to ~1e20 finite in fp32, where summing d^2 first overflows; beyond, var = inf and
+    rstd = 0), never below 0; NaN stays NaN."""
+    inv_n = 1.0 / z.shape[1]
+    m0 = z.mean(dim=1)
+    d = z - m0[:, None]
+    m1 = d.mean(dim=1)
+    e2 = (d * (d * inv_n)).sum(dim=1)
+    var = torch.where(e2 == float("inf"), e2, e2 - m1 * m1)  # inf - inf would be NaN
+    var = torch.where(var < 0, 0.0, var)
+    return m0 + m1, torch.rsqrt(var + eps)
 
 
 def _bwd_torch(dy, z, mean, rstd, weight, seed, dropout_p):
@@ -113,11 +128,14 @@ def _setup_context(ctx, inputs, output):
     x, bias, residual, weight, ln_bias, seed, eps, dropout_p, backend = inputs
     y, z, mean, rstd = output
     ctx.save_for_backward(z, mean, rstd, weight, seed)
+    ctx.set_materialize_grads(False)  # z, mean, rstd get no gradient: no zero-filled tensors for them
     ctx.args = (dropout_p, backend)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy, dz_unused, dmean_unused, drstd_unused):
+    if dy is None:
+        return (None,) * 9
     z, mean, rstd, weight, seed = ctx.saved_tensors
     dropout_p, backend = ctx.args
     dx, dres, dweight, dln_bias, dbias = _bwd(dy.contiguous(), z, mean, rstd, weight, seed, dropout_p, backend)
@@ -153,7 +171,12 @@ def bias_dropout_add_layernorm(x, bias, residual, weight, ln_bias, *, eps=1e-12,
     eps = C.check_positive_float(_OP, "eps", eps, allow_none=False)
     dropout_p = C.check_probability(_OP, "dropout_p", dropout_p)
     seed = C.check_seed(_OP, seed, dev)
-    dtype = torch.promote_types(x.dtype, residual.dtype)
+    dtype = x.dtype if x.dtype == residual.dtype else torch.promote_types(x.dtype, residual.dtype)
+    f32 = torch.finfo(torch.float32)
+    if dtype != torch.float64 and not f32.tiny <= eps <= f32.max:
+        # fp32 math: a smaller eps rounds to a subnormal or 0 (rsqrt(0) = inf makes a constant row 0 * inf = NaN)
+        raise ValueError(f"{_OP}: eps must be a normal float32 number (>= {f32.tiny:.4g}, <= {f32.max:.4g}) for "
+                         f"{str(dtype).replace('torch.', '')} inputs, got {eps}")
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, dtype)
     if backend == "torch" and dropout_p > 0.0 and seed is None:
         # nothing to reproduce: plain autograd with torch's own dropout (the Philox rule in PyTorch is slow)

@@ -7,6 +7,9 @@ allowed(i, j), with i the row's position in the Lk-long sequence:
     bidirectional   every j
     causal          query row: j < Q          text row: j < Q or j <= i
     unimodal        query row: j < Q          text row: j >= Q
+    itc_itg         the sequence is [Q queries | T text (ITC) | T text (ITG)], Lk = Q + 2T:
+                    query row: j < Q;  ITC text row: Q <= j < Q + T;  ITG text row: j < Q or Q + T <= j <= i
+                    (ITC's unimodal pass and ITG's causal pass over the same queries, in one pass)
 
 intersected with key_padding_mask[b, j] (true = attend). A row with no allowed key outputs 0 and
 gets no gradient. Dropout on the attention probabilities keeps element (b, h, i, j) iff the blipfast
@@ -25,7 +28,7 @@ from . import _common as C
 from ._attention_ref import attention_bwd_ref, attention_fwd_ref
 from ._philox import new_seed
 
-MODES = ("bidirectional", "causal", "unimodal")
+MODES = ("bidirectional", "causal", "unimodal", "itc_itg")
 _OP = "qformer_attention"
 _SUPPORTED = ("triton", "torch")
 
@@ -42,6 +45,14 @@ def allowed_mask(num_query: int, mode: str, lq: int, lk: int, device, key_paddin
         allowed = q_key | (~q_row & (j <= i))
     elif mode == "unimodal":
         allowed = torch.where(q_row, q_key, ~q_key)
+    elif mode == "itc_itg":
+        t = (lk - num_query) // 2
+
+        def block(x):  # 0: queries, 1: ITC text, 2: ITG text
+            return (x >= num_query).long() + (x >= num_query + t).long()
+
+        bi, bj = block(i), block(j)
+        allowed = ((bi == bj) & ((bi != 2) | (j <= i))) | ((bi == 2) & (bj == 0))
     else:
         raise ValueError(f"{_OP}: mode must be one of {MODES}, got {mode!r}")
     allowed = allowed.unsqueeze(0)
@@ -103,10 +114,13 @@ def _setup_context(ctx, inputs, output):
     q, k, v, kpm, seed, num_query, mode, dropout_p, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kpm, seed)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero-filled tensor for it
     ctx.args = (num_query, mode, dropout_p, scale, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 10
     q, k, v, out, lse, kpm, seed = ctx.saved_tensors
     dq, dk, dv = _bwd(grad_out.contiguous(), q, k, v, out, lse, kpm, seed, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
@@ -149,6 +163,9 @@ def qformer_attention(q, k, v, *, num_query, mode, key_padding_mask=None, dropou
         raise ValueError(f"{_OP}: num_query must be in [0, Lk={lk}], got {num_query}")
     if mode not in MODES:
         raise ValueError(f"{_OP}: mode must be one of {MODES}, got {mode!r}")
+    if mode == "itc_itg" and (lk - num_query) % 2:
+        raise ValueError(f"{_OP}: mode 'itc_itg' needs Lk = num_query + 2T (two copies of the text), got Lk={lk}, "
+                         f"num_query={num_query}")
     kpm = C.as_key_padding_mask(_OP, "key_padding_mask", key_padding_mask, (b, lk), dev)
     dropout_p = C.check_probability(_OP, "dropout_p", dropout_p)
     scale = C.check_positive_float(_OP, "scale", scale)

@@ -20,7 +20,7 @@ case "${1:-test}" in
     build
     python -m pytest -q -m gpu tests -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -30
     python -m pytest -q tests/test_attention_triton.py tests/test_attention_nan.py tests/test_attention_index_range.py \
-      tests/test_attention_autotune.py tests/test_itc_triton.py -p no:cacheprovider 2>&1 \
+      tests/test_attention_autotune.py tests/test_itc_triton.py tests/test_itc_nonfinite.py -p no:cacheprovider 2>&1 \
       | tee "$OUT/pytest-kernels-on-cuda.log" | tail -5
     bash tests/gpu/run_sanitizer_attention.sh 2>&1 | tee "$OUT/sanitizer-attention.log" | tail -10
     for tool in memcheck racecheck; do
@@ -31,7 +31,7 @@ case "${1:-test}" in
     ;;
   bench)
     build
-    python -m pytest benchmarks/ --benchmark-only --benchmark-group-by=group -p no:cacheprovider \
+    python -m pytest benchmarks/ --benchmark -p no:cacheprovider \
       --benchmark-json="$OUT/pytest-benchmark.json" 2>&1 | tee "$OUT/pytest-benchmark.log" | tail -60
     blipfast bench --out "$OUT" 2>&1 | tee "$OUT/blipfast-bench.log" | tail -60
     ;;

@@ -1,0 +1,160 @@
+"""Packaging: the sdist carries everything a CUDA build from it needs, and setup.py's decision to build the
+CUDA extension (BLIPFAST_BUILD_CUDA=auto|0|1 against torch's and nvcc's CUDA versions), without a build.
+
+.ci/run goes further: it builds an sdist and a wheel from a clean copy of the checkout and compiles the
+extension from the sdist.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import runpy
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py's functions, without running setup() (it only runs as __main__)."""
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="blipfast_setup")
+
+
+def _clean_copy(dst: pathlib.Path) -> pathlib.Path:
+    """The checkout as a fresh clone would have it (tracked and untracked-not-ignored files), else the tree
+    without build outputs (an unpacked sdist has no .git)."""
+    try:
+        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        ignore = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", "results")
+        shutil.copytree(ROOT, dst, ignore=ignore)
+        return dst
+    for rel in filter(None, listed.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sdist_names(tmp_path_factory):
+    """Member names of an sdist built from a clean copy with BLIPFAST_BUILD_CUDA=0 (no ext_modules then, so
+    only MANIFEST.in brings csrc/ in), relative to its top folder."""
+    src = _clean_copy(tmp_path_factory.mktemp("src") / "blipfast")
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, BLIPFAST_BUILD_CUDA="0")
+    code = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    name = run.stdout.strip().splitlines()[-1]
+    with tarfile.open(out / name) as tar:
+        return {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
+
+
+def _local_includes(path: pathlib.Path) -> set[str]:
+    """Files named by ``#include "..."`` in path, recursively, relative to ROOT (quoted includes resolve
+    beside the file or in csrc/, setup.py's include dir)."""
+    seen, todo = set(), [path]
+    while todo:
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', todo.pop().read_text(), flags=re.M):
+            for cand in (path.parent / name, ROOT / "csrc" / name):
+                rel = cand.resolve().relative_to(ROOT).as_posix()
+                if cand.is_file() and rel not in seen:
+                    seen.add(rel)
+                    todo.append(cand)
+                    break
+    return seen
+
+
+def test_sdist_carries_every_source_and_header_of_the_extension(setup_py, sdist_names):
+    sources = setup_py["extension_sources"](str(ROOT))
+    assert sources and all(s.startswith("csrc/") for s in sources)
+    needed = set(sources)
+    for s in sources:
+        needed |= _local_includes(ROOT / s)
+    assert "csrc/philox.cuh" in needed  # the header the sdist used to miss
+    # everything else the build or its checks read: the standalone CMake build, README (pyproject's readme)
+    needed |= {"setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in"}
+    needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "kernels").glob("*.py")}
+    needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    missing = sorted(needed - sdist_names)
+    assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
+    assert not [n for n in sdist_names if n.endswith((".so", ".pyc")) or n.startswith("build/")]
+
+
+# ---- BLIPFAST_BUILD_CUDA: the decision, with fake versions --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "1"])
+def test_matching_cuda_majors_build(setup_py, mode):
+    for torch_cuda, nvcc_version in (("13.0", "13.0"), ("12.4", "12.8"), ("12.8", "12.1")):  # minor: torch warns
+        assert setup_py["cuda_skip_reason"](torch_cuda, "/opt/cuda/bin/nvcc", nvcc_version) is None
+        assert setup_py["decide"](mode, None) is True
+
+
+def test_auto_skips_with_a_warning_when_nvcc_major_differs_from_torch(setup_py):
+    reason = setup_py["cuda_skip_reason"]("12.8", "/usr/local/cuda-13.0/bin/nvcc", "13.0")
+    assert reason and "13.0" in reason and "12.8" in reason and "major" in reason
+    with pytest.warns(UserWarning, match=r"without the CUDA extension .*CUDA 13\.0 but torch .*CUDA 12\.8"):
+        assert setup_py["decide"]("auto", reason) is False
+
+
+def test_build_cuda_1_fails_loudly_when_nvcc_major_differs(setup_py):
+    reason = setup_py["cuda_skip_reason"]("13.0", "/usr/local/cuda-12.4/bin/nvcc", "12.4")
+    with pytest.raises(SystemExit, match=r"BLIPFAST_BUILD_CUDA=1 .*CUDA 12\.4 but torch .*CUDA 13\.0"):
+        setup_py["decide"]("1", reason)
+
+
+@pytest.mark.parametrize("torch_cuda, nvcc, version, words", [
+    (None, "/x/nvcc", "13.0", "CPU build"),
+    ("13.0", None, None, "nvcc not found"),
+    ("13.0", "/x/nvcc", None, "cannot read"),
+])
+def test_other_reasons_not_to_build(setup_py, torch_cuda, nvcc, version, words):
+    reason = setup_py["cuda_skip_reason"](torch_cuda, nvcc, version)
+    assert words in reason
+    with pytest.raises(SystemExit, match=words):
+        setup_py["decide"]("1", reason)
+    with pytest.warns(UserWarning, match=words):
+        assert setup_py["decide"]("auto", reason) is False
+
+
+def test_build_mode_is_validated(setup_py):
+    assert setup_py["build_mode"]({}) == "auto"
+    assert setup_py["build_mode"]({"BLIPFAST_BUILD_CUDA": " 1 "}) == "1"
+    with pytest.raises(SystemExit, match="must be auto, 0 or 1"):
+        setup_py["build_mode"]({"BLIPFAST_BUILD_CUDA": "yes"})
+
+
+def test_nvcc_release_is_read_from_nvcc_version(setup_py, tmp_path):
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IXUSR)
+    assert setup_py["nvcc_release"](str(nvcc)) == "12.4"
+    nvcc.write_text("#!/bin/sh\necho garbage\n")
+    assert setup_py["nvcc_release"](str(nvcc)) is None
+    assert setup_py["nvcc_release"](str(tmp_path / "missing")) is None
+
+
+def test_every_declared_dependency_is_imported_by_blipfast():
+    """pyproject's dependencies are what blipfast (the package and its Triton kernels) imports, no more."""
+    deps = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), flags=re.M | re.S)
+    names = [re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in re.findall(r'"([^"]+)"', deps.group(1))]
+    assert "torch" in names
+    code = "\n".join(p.read_text() for d in ("blipfast", "kernels") for p in (ROOT / d).rglob("*.py"))
+    modules = {"pillow": "PIL"}  # distribution name -> import name, where they differ
+    unused = [n for n in names
+              if not re.search(rf"^\s*(import|from)\s+{re.escape(modules.get(n, n).replace('-', '_'))}\b", code,
+                               flags=re.M)]
+    assert not unused, f"declared in pyproject.toml but never imported: {unused}"
