@@ -115,7 +115,7 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 def _itc_itg(pos, j, Lk, NQ):
     """MODE 3 (broadcast row positions ``pos`` against keys ``j``): the sequence is [NQ queries | T ITC text |
     T ITG text] with T = (Lk - NQ) // 2; query rows see queries, ITC rows their own text block, ITG rows the
-    queries and the ITG text up to themselves. The key/row range helpers keep their full ranges for it."""
+    queries and the ITG text up to themselves."""
     t_end = NQ + (Lk - NQ) // 2
     bp = (pos >= NQ).to(tl.int32) + (pos >= t_end).to(tl.int32)
     bj = (j >= NQ).to(tl.int32) + (j >= t_end).to(tl.int32)
