@@ -1,4 +1,5 @@
-"""Hugging Face <-> LAVIS weight mapping for BLIP-2 (SPEC.md section 6) and safe checkpoint loading.
+"""Hugging Face <-> LAVIS weight mapping for BLIP-2 (SPEC.md section 6), Hugging Face <-> Salesforce BLIP (v1)
+mapping, and safe checkpoint loading.
 
 Key spaces:
 - HF: the state dict of ``Blip2ForImageTextRetrieval`` / ``Blip2ForConditionalGeneration`` (``qformer.*``,
@@ -11,6 +12,17 @@ Key spaces:
   ``query_tokens``, ``ln_vision`` (HF ``vision_model.post_layernorm``), ``visual_encoder.*`` (EVA ViT, mapped as
   transformers' own conversion script does), ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``,
   ``opt_proj`` / ``t5_proj`` (HF ``language_projection``).
+
+BLIP (v1), Salesforce names (BLIP repository; LAVIS' BLIP models use the same): ``visual_encoder.*`` (timm
+ViT-B/16 or -L: ``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
+mlp.fc1,mlp.fc2}``, ``norm``) is HF ``BlipVisionModel`` ``vision_model.*`` as transformers'
+convert_blip_original_pytorch_to_hf.py maps it; ``text_encoder.*`` and ``text_decoder.*`` (MED: BERT with
+``attention.self``, ``crossattention.self``, ``cls.predictions``) already use HF's ``BlipTextModel`` /
+``BlipTextLMHeadModel`` names; ``vision_proj``, ``text_proj``, ``itm_head`` are HF's names too. Beyond HF's
+models (blipfast names, kept by the pre-training model): ``temp``, the momentum copies ``visual_encoder_m.*``
+(HF space ``vision_model_m.*``), ``text_encoder_m.*``, ``vision_proj_m``, ``text_proj_m``, and the queues
+``image_queue``, ``text_queue``, ``idx_queue`` and the pointer (``queue_ptr`` in BLIP_Pretrain, ``ptr_queue`` in
+BLIP_Retrieval; each keeps its name).
 
 Buffers named ``position_ids`` (and a nonzero key third of the ViT's fused qkv bias, see ``hf_to_lavis``) are
 dropped on purpose and listed in ``Conversion.dropped``. Every other key that
@@ -37,6 +49,9 @@ _PH = {
     "inter": r"intermediate|intermediate_query",
     "out": r"output|output_query", "n": r"1|2", "fc": r"fc1|fc2",
     "head": r"transform\.dense\.(?:weight|bias)|transform\.LayerNorm\.(?:weight|bias)|decoder\.(?:weight|bias)|bias",
+    # BLIP (v1): the text models (with their momentum copy), the momentum suffix, the queues
+    "med": r"text_encoder|text_encoder_m|text_decoder\.bert", "m": r"|_m",
+    "queue": r"image_queue|text_queue|idx_queue|ptr_queue|queue_ptr",
 }
 # (LAVIS template, HF template): one-to-one renames; a placeholder {x} matches _PH[x] and is carried over
 _RENAMES = [
@@ -64,6 +79,33 @@ _RENAMES = [
 ]
 
 
+# BLIP (v1): (Salesforce template, HF template)
+_BLIP_RENAMES = [
+    ("{med}.embeddings.{emb}.weight", "{med}.embeddings.{emb}.weight"),
+    ("{med}.embeddings.LayerNorm.{wb}", "{med}.embeddings.LayerNorm.{wb}"),
+    ("{med}.encoder.layer.{i}.{att}.self.{qkv}.{wb}", "{med}.encoder.layer.{i}.{att}.self.{qkv}.{wb}"),
+    ("{med}.encoder.layer.{i}.{att}.output.{dl}.{wb}", "{med}.encoder.layer.{i}.{att}.output.{dl}.{wb}"),
+    ("{med}.encoder.layer.{i}.intermediate.dense.{wb}", "{med}.encoder.layer.{i}.intermediate.dense.{wb}"),
+    ("{med}.encoder.layer.{i}.output.{dl}.{wb}", "{med}.encoder.layer.{i}.output.{dl}.{wb}"),
+    ("{med}.pooler.dense.{wb}", "{med}.pooler.dense.{wb}"),
+    ("text_decoder.cls.predictions.{head}", "text_decoder.cls.predictions.{head}"),
+    ("vision_proj{m}.{wb}", "vision_proj{m}.{wb}"),
+    ("text_proj{m}.{wb}", "text_proj{m}.{wb}"),
+    ("itm_head.{wb}", "itm_head.{wb}"),
+    ("temp", "temp"),
+    ("{queue}", "{queue}"),
+    # timm ViT -> BlipVisionModel, as transformers' convert_blip_original_pytorch_to_hf.py renames it
+    ("visual_encoder{m}.cls_token", "vision_model{m}.embeddings.class_embedding"),
+    ("visual_encoder{m}.pos_embed", "vision_model{m}.embeddings.position_embedding"),
+    ("visual_encoder{m}.patch_embed.proj.{wb}", "vision_model{m}.embeddings.patch_embedding.{wb}"),
+    ("visual_encoder{m}.blocks.{i}.norm{n}.{wb}", "vision_model{m}.encoder.layers.{i}.layer_norm{n}.{wb}"),
+    ("visual_encoder{m}.blocks.{i}.attn.qkv.{wb}", "vision_model{m}.encoder.layers.{i}.self_attn.qkv.{wb}"),
+    ("visual_encoder{m}.blocks.{i}.attn.proj.{wb}", "vision_model{m}.encoder.layers.{i}.self_attn.projection.{wb}"),
+    ("visual_encoder{m}.blocks.{i}.mlp.{fc}.{wb}", "vision_model{m}.encoder.layers.{i}.mlp.{fc}.{wb}"),
+    ("visual_encoder{m}.norm.{wb}", "vision_model{m}.post_layernorm.{wb}"),
+]
+
+
 def _compile(template: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
     rx = "".join(re.escape(p) if n % 2 == 0 else f"(?P<{p}>{_PH[p]})" for n, p in enumerate(parts))
@@ -72,6 +114,8 @@ def _compile(template: str) -> re.Pattern:
 
 _L2H = [(_compile(src), dst) for src, dst in _RENAMES]
 _H2L = [(_compile(dst), src) for src, dst in _RENAMES]
+_S2H = [(_compile(src), dst) for src, dst in _BLIP_RENAMES]
+_H2S = [(_compile(dst), src) for src, dst in _BLIP_RENAMES]
 _LAVIS_QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.(q_bias|v_bias)\Z")
 _HF_QKV_BIAS = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias\Z")
 _HF_QV_BIAS = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_bias|v_bias)\Z")  # transformers 4.x
@@ -177,15 +221,37 @@ def hf_to_lavis(state_dict: Mapping[str, torch.Tensor], *, language_projection: 
     return res.check() if strict else res
 
 
+def _no_special(key, val, res, pending) -> bool:
+    return False
+
+
+def blip_to_hf(state_dict: Mapping[str, torch.Tensor], *, strict: bool = False) -> Conversion:
+    """Map a Salesforce BLIP (v1) state dict (pre-training, retrieval, captioning, VQA, ITM checkpoints) to HF
+    names (``Blip*`` models plus the blipfast names of the module doc); unknown keys land in ``unmapped``."""
+    res = _rename(state_dict, _S2H, _no_special)
+    return res.check() if strict else res
+
+
+def hf_to_blip(state_dict: Mapping[str, torch.Tensor], *, strict: bool = False) -> Conversion:
+    """Map an HF BLIP (v1) state dict (plus the blipfast names of the module doc) to Salesforce BLIP names."""
+    res = _rename(state_dict, _H2S, _no_special)
+    return res.check() if strict else res
+
+
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """"lavis" or "hf" from the key names; ValueError if neither."""
+    """From the key names: "lavis" or "hf" for BLIP-2, "salesforce" or "hf_blip" for BLIP (v1) (a state dict of
+    text modules only, whose names both share, counts as "hf_blip"); ValueError if none fits."""
     keys = list(state_dict)
-    if any(k.startswith(("Qformer.", "visual_encoder.", "ln_vision.", "vision_proj.", "text_proj.")) for k in keys):
+    if any(k.startswith(("Qformer.", "qformer.")) for k in keys):
+        return "lavis" if any(k.startswith("Qformer.") for k in keys) else "hf"
+    if any(k.startswith(("text_encoder.", "text_decoder.", "text_encoder_m.")) for k in keys):
+        return "salesforce" if any(k.startswith(("visual_encoder.", "visual_encoder_m.")) for k in keys) else "hf_blip"
+    if any(k.startswith(("visual_encoder.", "ln_vision.", "vision_proj.", "text_proj.")) for k in keys):
         return "lavis"
-    if any(k.startswith(("qformer.", "vision_model.", "embeddings.", "vision_projection.", "language_projection."))
-           for k in keys):
+    if any(k.startswith(("vision_model.", "embeddings.", "vision_projection.", "language_projection.")) for k in keys):
         return "hf"
-    raise ValueError(f"cannot tell whether this is an HF or a LAVIS BLIP-2 state dict (keys like {keys[:5]})")
+    raise ValueError(f"cannot tell whether this is an HF, LAVIS or Salesforce BLIP / BLIP-2 state dict (keys like "
+                     f"{keys[:5]})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,15 +307,22 @@ def load_state_dict(path) -> dict:
 
 
 def load_checkpoint(path, *, to: str = "hf", strict: bool = False) -> Conversion:
-    """Load an HF or LAVIS BLIP-2 checkpoint and return it in the key space ``to`` ("hf" or "lavis")."""
-    if to not in ("hf", "lavis"):
-        raise ValueError(f"to must be 'hf' or 'lavis', got {to!r}")
+    """Load an HF or LAVIS BLIP-2 checkpoint, or an HF or Salesforce BLIP (v1) one, and return it in the key
+    space ``to``: "hf" (either generation), "lavis" (BLIP-2) or "salesforce" (BLIP v1)."""
+    if to not in ("hf", "lavis", "salesforce"):
+        raise ValueError(f"to must be 'hf', 'lavis' or 'salesforce', got {to!r}")
     sd = load_state_dict(path)
     src = detect_format(sd)
-    if src == to:
+    v1 = src in ("salesforce", "hf_blip")
+    if to == ("lavis" if v1 else "salesforce"):
+        raise ValueError(f"{path}: a BLIP{' (v1)' if v1 else '-2'} checkpoint converts to 'hf' or "
+                         f"{'salesforce' if v1 else 'lavis'!r}, not {to!r}")
+    if src == to or (src == "hf_blip" and to == "hf"):
         res = Conversion(state_dict={k: v for k, v in sd.items() if not _DROPPED.match(k)},
                          dropped=[k for k in sd if _DROPPED.match(k)])
         return res
+    if v1:
+        return blip_to_hf(sd, strict=strict) if to == "hf" else hf_to_blip(sd, strict=strict)
     return lavis_to_hf(sd, strict=strict) if to == "hf" else hf_to_lavis(sd, strict=strict)
 
 
@@ -272,6 +345,15 @@ def embeddings_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
     if detect_format(state_dict) == "lavis":
         state_dict = lavis_to_hf(state_dict).state_dict
     return _sub(state_dict, "embeddings.")
+
+
+def blip_text_state_dict(state_dict: Mapping[str, torch.Tensor], module: str = "text_encoder") -> dict:
+    """One text module of a BLIP (v1) state dict (HF or Salesforce names: they agree there), ``module`` one of
+    "text_encoder", "text_decoder", "text_encoder_m", in the key space of blipfast.BlipTextModel /
+    BlipTextLMHeadModel and HF's classes (``position_ids`` buffers dropped), for ``load_state_dict(strict=True)``."""
+    if module not in ("text_encoder", "text_decoder", "text_encoder_m"):
+        raise ValueError(f"module must be 'text_encoder', 'text_decoder' or 'text_encoder_m', got {module!r}")
+    return {k: v for k, v in _sub(state_dict, module + ".").items() if not _DROPPED.match(k)}
 
 
 def save_lavis_checkpoint(state_dict: Mapping[str, torch.Tensor], path) -> None:

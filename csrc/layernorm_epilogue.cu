@@ -798,7 +798,7 @@ void check_x(const at::Tensor& x, const char* name) {
 // ----------------------------------------------------------------------------------------------
 // ops
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilogue_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ln_epilogue_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& ln_bias, const std::optional<at::Tensor>& seed, double eps, double dropout_p) {
   check_x(x, "x");
@@ -817,9 +817,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilogue_fwd(
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   at::Tensor z = at::empty_like(x);
-  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  if (rows == 0) return {y, z, mean, rstd};
+  // the row statistics in one allocation: stats[0] = mean, stats[1] = rstd (one tensor for autograd to save)
+  at::Tensor stats = at::empty({2, rows}, x.options().dtype(at::kFloat));
+  if (rows == 0) return {y, z, stats};
 
   FwdParams p{};
   p.x = x.data_ptr();
@@ -830,8 +830,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilogue_fwd(
   p.seed = seed_ptr;
   p.y = y.data_ptr();
   p.z = z.data_ptr();
-  p.mean = mean.data_ptr<float>();
-  p.rstd = rstd.data_ptr<float>();
+  p.mean = stats.data_ptr<float>();
+  p.rstd = p.mean + rows;
   p.rows = rows;
   p.n = n;
   p.eps = static_cast<float>(eps);
@@ -840,23 +840,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilogue_fwd(
   p.scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   const Launch L{c10::cuda::getCurrentCUDAStream(x.get_device()).stream(), sm_count(x.get_device())};
   BLIPFAST_DISPATCH_LN(x.scalar_type(), "ln_epilogue_fwd", [&] { fwd_launch<scalar_t>(p, L); });
-  return {y, z, mean, rstd};
+  return {y, z, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilogue_bwd(
-    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& rstd,
-    const at::Tensor& weight, const std::optional<at::Tensor>& seed, double dropout_p) {
+    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& stats, const at::Tensor& weight,
+    const std::optional<at::Tensor>& seed, double dropout_p) {
   check_x(z, "z");
   check_act(dy, "dy", z, "z");
   const int64_t rows = z.size(0), n = z.size(1);
-  for (const auto& pr : {std::make_pair(&mean, "mean"), std::make_pair(&rstd, "rstd")}) {
-    const at::Tensor& t = *pr.first;
-    TORCH_CHECK(t.device() == z.device(), "blipfast_C: ", pr.second, " is on ", t.device(), " but z is on ", z.device());
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "blipfast_C: ", pr.second, " must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, "blipfast_C: ", pr.second, " must have shape [", rows, "], got ",
-                t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "blipfast_C: ", pr.second, " must be contiguous");
-  }
+  TORCH_CHECK(stats.device() == z.device(), "blipfast_C: stats is on ", stats.device(), " but z is on ", z.device());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat, "blipfast_C: stats must be float32, got ", stats.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == rows,
+              "blipfast_C: stats must have shape [2, ", rows, "] (mean, rstd), got ", stats.sizes());
+  TORCH_CHECK(stats.is_contiguous(), "blipfast_C: stats must be contiguous");
   check_param(weight, "weight", n, z);
   const int64_t* seed_ptr = check_seed(seed, dropout_p, z);
 
@@ -876,8 +873,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilog
   BwdParams p{};
   p.dy = dy.data_ptr();
   p.z = z.data_ptr();
-  p.mean = mean.data_ptr<float>();
-  p.rstd = rstd.data_ptr<float>();
+  p.mean = stats.data_ptr<float>();
+  p.rstd = p.mean + rows;
   p.w = weight.data_ptr<float>();
   p.seed = seed_ptr;
   p.dx = dropout ? dx.data_ptr() : nullptr;
@@ -903,9 +900,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_epilog
 TORCH_LIBRARY_FRAGMENT(blipfast_C, m) {
   m.def(
       "ln_epilogue_fwd(Tensor x, Tensor? bias, Tensor residual, Tensor weight, Tensor ln_bias, Tensor? seed, "
-      "float eps, float dropout_p) -> (Tensor y, Tensor z, Tensor mean, Tensor rstd)");
+      "float eps, float dropout_p) -> (Tensor y, Tensor z, Tensor stats)");
   m.def(
-      "ln_epilogue_bwd(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor weight, Tensor? seed, "
+      "ln_epilogue_bwd(Tensor dy, Tensor z, Tensor stats, Tensor weight, Tensor? seed, "
       "float dropout_p) -> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dln_bias, Tensor dbias)");
 }
 

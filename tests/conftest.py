@@ -75,3 +75,33 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, dtype=None, name: str = "outp
     err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
     bound = scale * floor(dtype, b.double())
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.1e} ({dtype}, seed {_SEED})"
+
+
+def count_calls(monkeypatch, module, *names: str) -> dict:
+    """Wrap ``module.<name>`` for each name so that every call adds one to the returned dict's "n" (e.g. to
+    show that a backend's kernels ran)."""
+    calls = {"n": 0}
+    for name in names:
+        orig = getattr(module, name)
+
+        def counting(*a, _orig=orig, **k):
+            calls["n"] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def assert_triton_matches_torch(monkeypatch, calls: dict, run) -> None:
+    """``run()`` -> (output, {name: grad}) under BLIPFAST_BACKEND=torch, then =triton: the Triton kernels ran
+    (``calls`` from :func:`count_calls` on them) and the outputs and every gradient agree (fp32 floor x 10)."""
+    monkeypatch.setenv("BLIPFAST_BACKEND", "torch")
+    out_ref, g_ref = run()
+    n_ref = calls["n"]
+    monkeypatch.setenv("BLIPFAST_BACKEND", "triton")
+    out_tri, g_tri = run()
+    assert n_ref == 0 and calls["n"] > 0, "the triton backend was not used"
+    assert_close(out_tri, out_ref, torch.float32, "output", scale=10)
+    assert g_tri.keys() == g_ref.keys()
+    for name in g_ref:
+        assert_close(g_tri[name], g_ref[name], torch.float32, name, scale=10)

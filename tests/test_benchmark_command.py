@@ -13,7 +13,8 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former"}
+SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former", "stage1": "stage-1 step",
+          "retrieval": "retrieval"}
 
 
 def _pytest(args, cwd):

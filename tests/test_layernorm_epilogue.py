@@ -113,13 +113,13 @@ def test_dropout_mask_is_the_philox_mask(p, n):
     rows = 37
     x = torch.rand(rows, n) + 0.5  # never 0: z == 0 exactly where dropped
     seed = torch.tensor([2**40 + 12345])
-    y, z, mean, rstd = fwd_op(x, None, torch.zeros_like(x), torch.ones(n), torch.zeros(n), seed, 1e-5, p, "torch")
+    y, z, stats = fwd_op(x, None, torch.zeros_like(x), torch.ones(n), torch.zeros(n), seed, 1e-5, p, "torch")
     keep = rule_keep(seed, rows, n, p)
     assert torch.equal(z != 0, keep)
     assert_close(z[keep], x[keep] / (1.0 - p), dtype=torch.float32)
     # backward regenerates the very same mask: dx is exactly 0 where the forward dropped (and where dz itself is
     # 0: a row whose only kept element stands among equal zeros has dz = 0 there, likely for small N)
-    dx, dres, *_ = bwd_op(torch.randn(rows, n), z, mean, rstd, torch.ones(n), seed, p, "torch")
+    dx, dres, *_ = bwd_op(torch.randn(rows, n), z, stats, torch.ones(n), seed, p, "torch")
     assert torch.equal(dx == 0, ~keep | (dres == 0))
     assert (dres != 0).float().mean() > 0.5
     assert_close(dx[keep], dres[keep] / (1.0 - p), dtype=torch.float32)
@@ -206,9 +206,9 @@ def test_opcheck(dtype, bias, p):
     seed = torch.tensor([77]) if p else None
     args = (x, b, res, w, lb, seed, 1e-6, p, "torch")
     torch.library.opcheck(fwd_op, args)
-    y, z, mean, rstd = fwd_op(*args)
-    assert z.dtype == dtype and mean.dtype == rstd.dtype == torch.float32
-    torch.library.opcheck(bwd_op, (dy, z.detach(), mean.detach(), rstd.detach(), w.detach(), seed, p, "torch"))
+    y, z, stats = fwd_op(*args)
+    assert z.dtype == dtype and stats.dtype == torch.float32 and stats.shape == (2, rows)
+    torch.library.opcheck(bwd_op, (dy, z.detach(), stats.detach(), w.detach(), seed, p, "torch"))
 
 
 def test_torch_compile_fullgraph_forward_backward():
@@ -237,8 +237,8 @@ needs_ext = pytest.mark.skipif(EXT is None, reason=f"blipfast._C is not built or
 SCHEMAS = {
     "ln_epilogue_fwd": "blipfast_C::ln_epilogue_fwd(Tensor x, Tensor? bias, Tensor residual, Tensor weight, "
                        "Tensor ln_bias, Tensor? seed, float eps, float dropout_p) -> "
-                       "(Tensor y, Tensor z, Tensor mean, Tensor rstd)",
-    "ln_epilogue_bwd": "blipfast_C::ln_epilogue_bwd(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor weight, "
+                       "(Tensor y, Tensor z, Tensor stats)",
+    "ln_epilogue_bwd": "blipfast_C::ln_epilogue_bwd(Tensor dy, Tensor z, Tensor stats, Tensor weight, "
                        "Tensor? seed, float dropout_p) -> "
                        "(Tensor dx, Tensor dresidual, Tensor dweight, Tensor dln_bias, Tensor dbias)",
     "philox_u32": "blipfast_C::philox_u32(Tensor seed, Tensor offsets) -> Tensor",
@@ -380,30 +380,30 @@ def test_cuda_misaligned_inputs_take_the_scalar_path(dtype, n):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 7, 130, 768, 1408, 2049, 5000, 16385])
 def test_cuda_raw_op_matches_torch_implementation(dtype, n):
-    """z, mean, rstd and every backward output of blipfast_C against the torch implementation of the
+    """z, the row statistics (mean, rstd) and every backward output of blipfast_C against the torch implementation of the
     same contract, and the dropout mask bit for bit (x > 0, residual 0: z == 0 exactly where dropped)."""
     rows, p = 67, 0.25
     seed = torch.tensor([2**33 + 5], device="cuda")
     x = (torch.rand(rows, n, device="cuda") + 0.5).to(dtype)
     w, lb = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
     zeros = torch.zeros_like(x)
-    y, z, mean, rstd = torch.ops.blipfast_C.ln_epilogue_fwd(x, None, zeros, w, lb, seed, 1e-5, p)
+    y, z, stats = torch.ops.blipfast_C.ln_epilogue_fwd(x, None, zeros, w, lb, seed, 1e-5, p)
     keep = rule_keep(seed, rows, n, p, "cuda")
     assert torch.equal(z != 0, keep)
-    ty, tz, tmean, trstd = LE._fwd_torch(x, None, zeros, w, lb, seed, 1e-5, p)
+    ty, tz, tstats = LE._fwd_torch(x, None, zeros, w, lb, seed, 1e-5, p)
     assert_close(z, tz, dtype=dtype, name="z")
-    assert_close(mean, tmean, dtype=torch.float32, name="mean")
-    assert_close(rstd, trstd, dtype=torch.float32, scale=10.0, name="rstd")
+    assert_close(stats[0], tstats[0], dtype=torch.float32, name="mean")
+    assert_close(stats[1], tstats[1], dtype=torch.float32, scale=10.0, name="rstd")
     assert_close(y, ty, dtype=dtype, name="y")
     dy = torch.randn(rows, n, device="cuda").to(dtype)
-    got = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, mean, rstd, w, seed, p)
-    want = LE._bwd_torch(dy, z, mean, rstd, w, seed, p)
+    got = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, w, seed, p)
+    want = LE._bwd_torch(dy, z, stats, w, seed, p)
     assert (got[0][~keep] == 0).all()  # the forward's mask, regenerated
     assert_close(got[0][keep], (got[1][keep].float() / (1 - p)).to(dtype), dtype=dtype, name="dx kept")
     for name, a, b in zip(("dx", "dresidual", "dweight", "dln_bias", "dbias"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert_close(a, b, dtype=dtype, scale=4.0, name=name)
-    got0 = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, mean, rstd, w, None, 0.0)
+    got0 = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, w, None, 0.0)
     assert got0[0].numel() == 0 and got0[1].shape == (rows, n)
 
 
@@ -414,10 +414,10 @@ def test_cuda_backward_is_deterministic(n):
     inputs, dy = make_inputs((1000, n), torch.float16, "cuda")
     x, b, res, w, lb = inputs
     seed = torch.tensor([3], device="cuda")
-    _, z, mean, rstd = torch.ops.blipfast_C.ln_epilogue_fwd(x, b, res, w, lb, seed, 1e-12, 0.1)
-    first = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, mean, rstd, w, seed, 0.1)
+    _, z, stats = torch.ops.blipfast_C.ln_epilogue_fwd(x, b, res, w, lb, seed, 1e-12, 0.1)
+    first = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, w, seed, 0.1)
     for _ in range(3):
-        again = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, mean, rstd, w, seed, 0.1)
+        again = torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, w, seed, 0.1)
         for a, c in zip(first, again):
             assert torch.equal(a, c)
 
@@ -442,8 +442,8 @@ def test_cuda_graph_capture_and_replay(n):
     seed = torch.tensor([1], device="cuda")
 
     def step():
-        y, z, mean, rstd = torch.ops.blipfast_C.ln_epilogue_fwd(x, b, res, w, lb, seed, 1e-12, p)
-        return (y, *torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, mean, rstd, w, seed, p))
+        y, z, stats = torch.ops.blipfast_C.ln_epilogue_fwd(x, b, res, w, lb, seed, 1e-12, p)
+        return (y, *torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, w, seed, p))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -497,6 +497,5 @@ def test_cuda_op_checks_its_arguments():
         op(x, None, x, w, lb, torch.tensor([1], device="cuda", dtype=torch.int32), 1e-5, 0.1)
     with pytest.raises(RuntimeError, match="weight must have shape"):
         op(x, None, x, torch.ones(7, device="cuda"), lb, None, 1e-5, 0.0)
-    with pytest.raises(RuntimeError, match="mean must have shape"):
-        torch.ops.blipfast_C.ln_epilogue_bwd(x, x, torch.zeros(3, device="cuda"), torch.ones(4, device="cuda"), w,
-                                             None, 0.0)
+    with pytest.raises(RuntimeError, match="stats must have shape"):
+        torch.ops.blipfast_C.ln_epilogue_bwd(x, x, torch.zeros(2, 3, device="cuda"), w, None, 0.0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import blipfast
 from blipfast import ops
 from blipfast.distributed import itm_batch_indices, itm_loss
-from tests.conftest import HAS_CUDA, assert_close
+from tests.conftest import HAS_CUDA, assert_close, assert_triton_matches_torch, count_calls
 
 Q, T, N_IMG = 4, 6, 9
 
@@ -95,15 +95,7 @@ def test_qformer_runs_on_triton_kernels(monkeypatch, mode_case):
     device = "cuda" if HAS_CUDA else "cpu"
     import blipfast.kernels.attention as kern
 
-    calls = {"n": 0}
-    for name in ("qformer_attention_fwd", "cross_attention_fwd"):
-        orig = getattr(kern, name)
-
-        def counting(*a, _orig=orig, **k):
-            calls["n"] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(kern, name, counting)
+    calls = count_calls(monkeypatch, kern, "qformer_attention_fwd", "cross_attention_fwd")
 
     cfg, qf, emb = _small(device)
     b = 3
@@ -113,8 +105,7 @@ def test_qformer_runs_on_triton_kernels(monkeypatch, mode_case):
     mask[1, Q + 3:] = 0
     queries = torch.randn(b, Q, 32, device=device)
 
-    def run(backend):
-        monkeypatch.setenv("BLIPFAST_BACKEND", backend)
+    def run():
         qf.zero_grad(set_to_none=True)
         if mode_case == "queries+text":
             out = qf(emb(ids, query_embeds=queries), query_length=Q, attention_mask=mask, encoder_hidden_states=image,
@@ -127,11 +118,4 @@ def test_qformer_runs_on_triton_kernels(monkeypatch, mode_case):
         out.square().sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in qf.named_parameters() if p.grad is not None}
 
-    out_ref, g_ref = run("torch")
-    n_ref = calls["n"]
-    out_tri, g_tri = run("triton")
-    assert n_ref == 0 and calls["n"] > 0, "the triton backend was not used"
-    assert_close(out_tri, out_ref, torch.float32, "last_hidden_state", scale=10)
-    assert g_tri.keys() == g_ref.keys()
-    for name in g_ref:
-        assert_close(g_tri[name], g_ref[name], torch.float32, name, scale=10)
+    assert_triton_matches_torch(monkeypatch, calls, run)

@@ -76,8 +76,8 @@ def _itc_bwd_args(fwd_args, out):
 
 def _ln_bwd_args(fwd_args, out):
     x, bias, res, w, lb, seed, eps, p, backend = fwd_args
-    y, z, mean, rstd = (o.detach() for o in out)
-    return (torch.randn_like(y), z, mean, rstd, w.detach(), seed, p, backend)
+    y, z, stats = (o.detach() for o in out)
+    return (torch.randn_like(y), z, stats, w.detach(), seed, p, backend)
 
 
 PAIRS = {

@@ -116,7 +116,8 @@ class _OpCounter(TorchDispatchMode):
         to_cpu = func in (aten._to_copy.default, aten.to.device, aten.to.dtype_layout) and \
             str(kwargs.get("device", "")) == "cpu" and any(
                 isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
-        if func.overloadpacket in _SYNC_OPS or to_cpu:
+        on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+        if (func.overloadpacket in _SYNC_OPS and on_device) or to_cpu:  # on CPU tensors nothing waits for a device
             self.syncs += 1
             if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
                 return 0 if not args[0].is_floating_point() else 0.0

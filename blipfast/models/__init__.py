@@ -1,7 +1,22 @@
 """Thin nn.Modules over blipfast.ops: the Q-Former (a drop-in for HF ``Blip2QFormerModel``) and its text
-embeddings, and the BLIP-2 models built on them."""
+embeddings, the BLIP-2 models built on them, and the BLIP (v1) text model (MED, drop-ins for HF
+``BlipTextModel`` / ``BlipTextLMHeadModel``) that the BLIP pre-training model builds on.
+
+The BLIP names are imported on first use (``blipfast.models.blip`` pulls in transformers' modeling and
+generation code, seconds of import time that BLIP-2-only users should not pay)."""
 from .blip2 import Blip2Stage1, Blip2Stage1Config, Blip2Stage1Output, QFormerLMHead
+from .blip2_retrieval import Blip2Features, Blip2Retrieval
 from .qformer import ImageKV, QFormer, QFormerConfig, QFormerEmbeddings, QFormerLayer, QFormerOutput
 
-__all__ = ["Blip2Stage1", "Blip2Stage1Config", "Blip2Stage1Output", "ImageKV", "QFormer", "QFormerConfig",
-           "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormerOutput"]
+_BLIP = ("BlipTextLMHeadModel", "BlipTextModel", "blip_text_config", "share_encoder_decoder")
+
+__all__ = ["Blip2Features", "Blip2Retrieval", "Blip2Stage1", "Blip2Stage1Config", "Blip2Stage1Output", "ImageKV", "QFormer", "QFormerConfig",
+           "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormerOutput", *_BLIP]
+
+
+def __getattr__(name):
+    if name in _BLIP:
+        from . import blip
+
+        return getattr(blip, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

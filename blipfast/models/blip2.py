@@ -264,7 +264,7 @@ class Blip2Stage1(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 image_ids: Optional[torch.Tensor] = None, negatives: Optional[tuple] = None,
-                process_group=None) -> Blip2Stage1Output:
+                process_group=None, sample_seed=None) -> Blip2Stage1Output:
         """One stage-1 step's losses (see the module docstring).
 
         ``image_embeds`` [B, N, vision width]: the frozen ViT's outputs BEFORE ``ln_vision``; ``input_ids`` /
@@ -272,7 +272,10 @@ class Blip2Stage1(nn.Module):
         ``image_ids`` [B]: pairs showing the same image are positives (COCO fine-tuning); ``negatives``:
         ``(neg_text_index, neg_image_index)`` global indices as ``ops.sample_hard_negatives`` returns them
         (replaces the sampling); ``process_group``: the group ITC and the negatives are gathered over (default:
-        the default group when torch.distributed is initialised, else one process).
+        the default group when torch.distributed is initialised, else one process); ``sample_seed``: the seed of
+        the hard-negative draw (an int or an int64 tensor with one element on the device; default: drawn from
+        torch's RNG). Trainers pass the same seed on every rank so that W ranks draw what one process holding
+        the global batch draws, while dropout keeps each rank's own RNG.
         """
         cfg = self.config
         qc = cfg.qformer
@@ -309,7 +312,7 @@ class Blip2Stage1(nn.Module):
                                               process_group=process_group, return_logits=True)
         if negatives is None:
             neg_text, neg_image = ops.sample_hard_negatives(s_i2t, s_t2i, image_ids=image_ids,
-                                                            process_group=process_group)
+                                                            process_group=process_group, seed=sample_seed)
         else:
             if not isinstance(negatives, (tuple, list)) or len(negatives) != 2:
                 raise ValueError("Blip2Stage1: negatives must be a pair (neg_text_index, neg_image_index)")
@@ -335,6 +338,17 @@ class Blip2Stage1(nn.Module):
         return Blip2Stage1Output(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm,
                                  loss_lm=loss_lm, s_i2t=s_i2t.detach(), s_t2i=s_t2i.detach(), neg_text_index=neg_text,
                                  neg_image_index=neg_image)
+
+    # ------------------------------------------------------------------------------------------
+    # captioning
+
+    def generate(self, image_embeds: torch.Tensor, **kwargs) -> torch.LongTensor:
+        """Q-Former-only captions (LAVIS ``Blip2Qformer.generate``): token ids [B, L] from [DEC] to [SEP];
+        beam 3, max 30, min 10 by default, ``top_p=0.9`` for nucleus sampling. ``image_embeds`` are the ViT tokens
+        before ``ln_vision``. See ``blipfast.models.blip2_generate.generate`` for every option."""
+        from .blip2_generate import generate
+
+        return generate(self, image_embeds, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

@@ -13,7 +13,8 @@ Same constructor argument (an HF ``Blip2QFormerConfig``, a dict or keywords), sa
 - every post-LN epilogue is ``ops.bias_dropout_add_layernorm`` (the GEMM runs without bias, the epilogue adds it).
 
 Beyond HF (keyword-only): ``mode`` ("bidirectional" | "causal" | "unimodal", SPEC.md section 2),
-``return_query_kv`` (per-layer self-attention K/V of the query rows, not detached, for ITG),
+``return_query_kv`` (per-layer self-attention K/V of the query rows, not detached, for ITG; with
+``past_query_kv``, the past K/V extended by the input rows': an incremental-decoding cache),
 ``past_query_kv`` (the ITG pass: T text rows over cached query K/V + their own K/V), ``encoder_kv`` /
 ``kv_index`` (shared image K/V). Differences from HF, on purpose: masks are true masks (a disallowed key gets
 exactly zero weight; HF adds a large finite negative, which matters only for a row with no allowed key:
@@ -60,7 +61,7 @@ def _activation(name_or_fn):
     from transformers.activations import ACT2FN
 
     if name_or_fn not in ACT2FN:
-        raise ValueError(f"QFormerConfig: hidden_act {name_or_fn!r} is not a transformers activation (ACT2FN)")
+        raise ValueError(f"hidden_act {name_or_fn!r} is not a transformers activation (ACT2FN)")
     return ACT2FN[name_or_fn]
 
 
@@ -135,7 +136,10 @@ class QFormerConfig:
                 err(f"{name} must be a positive float, got {v!r}")
         if not isinstance(self.hidden_act, str) and not callable(self.hidden_act):
             err(f"hidden_act must be an ACT2FN name or a callable, got {self.hidden_act!r}")
-        _activation(self.hidden_act)
+        try:
+            _activation(self.hidden_act)
+        except ValueError as e:
+            err(str(e))
         pad = self.pad_token_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
             err(f"pad_token_id must be None or an int in [0, vocab_size={self.vocab_size}), got {pad!r}")
@@ -179,7 +183,8 @@ class QFormerConfig:
 
 @dataclass
 class QFormerOutput(BaseModelOutputWithPoolingAndCrossAttentions):
-    """HF's output class plus ``query_kv``: per layer (k, v) [B, Q, H, D] of the query rows (``return_query_kv``)."""
+    """HF's output class plus ``query_kv``: per layer (k, v) [B, Q, H, D] of the query rows (``return_query_kv``;
+    with ``past_query_kv``: [B, P + T, H, D], the past K/V followed by the T input rows')."""
 
     query_kv: Optional[tuple] = None
 
@@ -273,20 +278,58 @@ def _epilogue(x, dense_ln: _DenseLN, residual, p: float, seed=None):
                                           ln.weight, ln.bias, eps=ln.eps, dropout_p=p, seed=seed)
 
 
-def _check_mask(name: str, mask, shape: tuple, device) -> None:
+def _check_mask(name: str, mask, shape: tuple, device, who: str = "QFormer", like: str = "query_embeds") -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"QFormer: {name} must be a tensor, got {type(mask).__name__}")
+        raise TypeError(f"{who}: {name} must be a tensor, got {type(mask).__name__}")
     if mask.dtype not in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                           torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"QFormer: {name} must be a bool, integer or floating tensor (1 = attend, 0 = padding), "
+        raise TypeError(f"{who}: {name} must be a bool, integer or floating tensor (1 = attend, 0 = padding), "
                         f"got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"QFormer: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
+        raise ValueError(f"{who}: {name} must have shape {list(shape)} (1 = attend, 0 = padding), got "
                          f"{list(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"QFormer: {name} is on {mask.device} but query_embeds is on {device}")
+        raise ValueError(f"{who}: {name} is on {mask.device} but {like} is on {device}")
+
+
+# the per-layer building blocks, shared with the BLIP (v1) text model (models/blip.py)
+
+
+def gelu_approximate(hidden_act):
+    """F.gelu's ``approximate`` for a GELU activation name (its FFN then runs as ``gelu_mlp``), else None."""
+    return _GELU_APPROX.get(hidden_act) if isinstance(hidden_act, str) else None
+
+
+def qkv_projection(proj: nn.Module, x: torch.Tensor, num_heads: int, head_dim: int):
+    """Self-attention q, k, v [B, L, H, D] of ``x`` [B, L, d] from ONE GEMM over ``proj.query`` / ``proj.key`` /
+    ``proj.value`` (``concat_linear``: no weight copy kept): strided views of its [B, L, 3, H, D] output."""
+    qkv = concat_linear(x, (proj.query.weight, proj.key.weight, proj.value.weight),
+                        (proj.query.bias, proj.key.bias, proj.value.bias))
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
+
+
+def stacked_kv(projs: Sequence[nn.Module], x: torch.Tensor, num_heads: int, head_dim: int) -> tuple:
+    """Cross-attention (k, v) [M, Lk, H, D] of ``x`` [M, Lk, width] for every module in ``projs`` (with ``key`` /
+    ``value`` Linears) from ONE GEMM; a tuple of pairs of strided views, in ``projs`` order."""
+    kv = concat_linear(x, [t for p in projs for t in (p.key.weight, p.value.weight)],
+                       [t for p in projs for t in (p.key.bias, p.value.bias)])
+    kv = kv.unflatten(-1, (2 * len(projs), num_heads, head_dim)).unbind(-3)
+    return tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs)))
+
+
+def ffn(act, gelu: Optional[str], inter: nn.Module, output: nn.Module, h: torch.Tensor, p: float,
+        seed=None) -> torch.Tensor:
+    """The post-LN feed-forward block LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU (``gelu``: its
+    ``approximate``, from :func:`gelu_approximate`) the activation is recomputed in the backward (``gelu_mlp``:
+    the [rows, intermediate] activation is not kept). ``seed``: the epilogue's dropout seed (None: a fresh one)."""
+    if gelu is not None:
+        y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=gelu)
+        ln = output.LayerNorm
+        return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p,
+                                              seed=seed)
+    return _epilogue(act(F.linear(h, inter.dense.weight, inter.dense.bias)), output, h, p, seed)
 
 
 class QFormer(nn.Module):
@@ -303,7 +346,7 @@ class QFormer(nn.Module):
             self.encoder = _Encoder(cfg)
         self.to_empty(device=device)
         self._act = _activation(cfg.hidden_act)
-        self._gelu = _GELU_APPROX.get(cfg.hidden_act) if isinstance(cfg.hidden_act, str) else None
+        self._gelu = gelu_approximate(cfg.hidden_act)
         self._cross = cfg.cross_attention_layers
         if init_weights:
             _init_weights(self, cfg.initializer_range)
@@ -331,10 +374,7 @@ class QFormer(nn.Module):
         m, lk, _ = x.shape
         _check_mask("encoder_attention_mask", encoder_attention_mask, (m, lk), x.device)
         projs = [self.encoder.layer[i].crossattention.attention for i in self._cross]
-        kv = concat_linear(x, [t for p in projs for t in (p.key.weight, p.value.weight)],
-                           [t for p in projs for t in (p.key.bias, p.value.bias)])
-        kv = kv.view(m, lk, 2 * len(projs), cfg.num_attention_heads, cfg.head_dim).unbind(2)
-        return ImageKV(tuple((kv[2 * j], kv[2 * j + 1]) for j in range(len(projs))), encoder_attention_mask)
+        return ImageKV(stacked_kv(projs, x, cfg.num_attention_heads, cfg.head_dim), encoder_attention_mask)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, query_embeds: torch.Tensor, query_length: Optional[int] = None, attention_mask=None,
@@ -347,9 +387,11 @@ class QFormer(nn.Module):
         (before the LayerNorm); positions < ``query_length`` (default L) are queries. ``attention_mask``
         [B, L] and ``encoder_attention_mask`` [M, Lk] are 1 = attend, 0 = padding.
 
-        Extras: ``mode`` (default "bidirectional", "causal" with ``past_query_kv``); ``return_query_kv``;
-        ``past_query_kv`` (per layer (k, v) [B, Q, H, D] from ``return_query_kv``; ``query_embeds`` then
-        holds only the T text embeddings, ``attention_mask`` is [B, T] or [B, Q + T]); ``encoder_kv`` (from
+        Extras: ``mode`` (default "bidirectional", "causal" with ``past_query_kv``); ``return_query_kv`` (with
+        ``past_query_kv``: per layer the past K/V extended by the T input rows', [B, P + T, H, D], the cache of
+        incremental decoding); ``past_query_kv`` (per layer (k, v) [B, P, H, D] from ``return_query_kv``;
+        ``query_embeds`` then holds only the T text embeddings, which see all P past keys and their causal
+        prefix, ``attention_mask`` is [B, T] or [B, P + T]); ``encoder_kv`` (from
         :meth:`image_kv`, instead of ``encoder_hidden_states``) and ``kv_index`` (long [B]: the image of
         each row-set, with either); ``query_output_only`` (the last layer computes the query rows only, and
         ``last_hidden_state`` is [B, query_length, d]: ITM and retrieval re-ranking read nothing else, so the
@@ -373,8 +415,8 @@ class QFormer(nn.Module):
         if past_query_kv is not None:  # ITG: text rows over cached query K/V; text FFN everywhere
             if query_length not in (None, 0):
                 raise ValueError("QFormer: with past_query_kv the input holds only text (query_length must be None/0)")
-            if encoder_hidden_states is not None or encoder_kv is not None or return_query_kv:
-                raise ValueError("QFormer: past_query_kv (the ITG pass) takes no image input and returns no query K/V")
+            if encoder_hidden_states is not None or encoder_kv is not None:
+                raise ValueError("QFormer: past_query_kv (the ITG pass) takes no image input")
             if len(past_query_kv) != cfg.num_hidden_layers:
                 raise ValueError(f"QFormer: past_query_kv needs one (k, v) per layer ({cfg.num_hidden_layers}), got "
                                  f"{len(past_query_kv)}")
@@ -452,15 +494,14 @@ class QFormer(nn.Module):
         cross_j = 0
         for i, layer in enumerate(self.encoder.layer):
             # self-attention: one QKV GEMM, q/k/v strided views of [B, L, 3, H, D]
-            proj = layer.attention.attention
-            qkv = concat_linear(x, (proj.query.weight, proj.key.weight, proj.value.weight),
-                                (proj.query.bias, proj.key.bias, proj.value.bias))
-            q, k, v = qkv.view(bsz, seq, 3, h, hd).unbind(2)
-            if query_kv is not None:
+            q, k, v = qkv_projection(layer.attention.attention, x, h, hd)
+            if query_kv is not None and past_query_kv is None:
                 query_kv.append((k, v) if q_len == seq else (k[:, :q_len], v[:, :q_len]))
             if past_query_kv is not None:
                 pk, pv = past_query_kv[i]
                 k, v = torch.cat((pk.to(k.dtype), k), 1), torch.cat((pv.to(v.dtype), v), 1)
+                if query_kv is not None:  # incremental decoding: the cache extended by these rows
+                    query_kv.append((k, v))
             if query_output_only and i == cfg.num_hidden_layers - 1 and q_len < seq:
                 # the last layer for the query rows only: in every mode a query row sees the keys that
                 # bidirectional attention over [queries | text] (or over the queries alone) gives it
@@ -501,15 +542,7 @@ class QFormer(nn.Module):
         return out if return_dict is None or return_dict else out.to_tuple()
 
     def _ffn(self, inter: _Intermediate, output: _DenseLN, h: torch.Tensor, p: float, seed=None) -> torch.Tensor:
-        """LN(dropout(W2 act(W1 h + b1) + b2) + h); with GELU the activation is recomputed in the backward
-        (``gelu_mlp``: the [rows, intermediate] activation is not kept)."""
-        if self._gelu is not None:
-            y = gelu_mlp(h, inter.dense.weight, inter.dense.bias, output.dense.weight, approximate=self._gelu)
-            ln = output.LayerNorm
-            return ops.bias_dropout_add_layernorm(y, output.dense.bias, h, ln.weight, ln.bias, eps=ln.eps, dropout_p=p,
-                                                  seed=seed)
-        y = self._act(F.linear(h, inter.dense.weight, inter.dense.bias))
-        return _epilogue(y, output, h, p, seed)
+        return ffn(self._act, self._gelu, inter, output, h, p, seed)
 
 
 class QFormerEmbeddings(nn.Module):

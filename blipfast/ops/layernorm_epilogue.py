@@ -55,7 +55,7 @@ def _fwd_torch(x, bias, residual, weight, ln_bias, seed, eps, dropout_p):
     z = (h + residual.to(acc)).to(x.dtype).to(acc)
     mean, rstd = _row_stats(z, eps)
     y = (z - mean[:, None]) * rstd[:, None] * weight.to(acc) + ln_bias.to(acc)
-    return y.to(x.dtype), z.to(x.dtype), mean, rstd
+    return y.to(x.dtype), z.to(x.dtype), torch.stack([mean, rstd])
 
 
 def _row_stats(z, eps):
@@ -74,7 +74,8 @@ def _row_stats(z, eps):
     return m0 + m1, torch.rsqrt(var + eps)
 
 
-def _bwd_torch(dy, z, mean, rstd, weight, seed, dropout_p):
+def _bwd_torch(dy, z, stats, weight, seed, dropout_p):
+    mean, rstd = stats[0], stats[1]
     acc = mean.dtype
     xhat = (z.to(acc) - mean[:, None]) * rstd[:, None]
     dyf = dy.to(acc)
@@ -92,8 +93,9 @@ def _bwd_torch(dy, z, mean, rstd, weight, seed, dropout_p):
 @torch.library.custom_op("blipfast::bias_dropout_add_layernorm_fwd", mutates_args=())
 def _fwd(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
          ln_bias: torch.Tensor, seed: Optional[torch.Tensor], eps: float, dropout_p: float,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual [R, N] contiguous; weight, ln_bias, bias [N] fp32. Returns (y, z, mean, rstd)."""
+         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual [R, N] contiguous; weight, ln_bias, bias [N] fp32. Returns (y, z, stats) with stats [2, R] =
+    (mean, rstd) of each row in the accumulation dtype (one output for autograd to save, not two)."""
     if backend == "cuda":
         return tuple(torch.ops.blipfast_C.ln_epilogue_fwd(x, bias, residual, weight, ln_bias, seed, eps, dropout_p))
     return _fwd_torch(x, bias, residual, weight, ln_bias, seed, eps, dropout_p)
@@ -102,43 +104,41 @@ def _fwd(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, 
 @_fwd.register_fake
 def _fwd_fake(x, bias, residual, weight, ln_bias, seed, eps, dropout_p, backend):
     rows = x.shape[0]
-    acc = C.acc_dtype(x)
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc)
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((2, rows), dtype=C.acc_dtype(x))
 
 
 @torch.library.custom_op("blipfast::bias_dropout_add_layernorm_bwd", mutates_args=())
-def _bwd(dy: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-         seed: Optional[torch.Tensor], dropout_p: float,
-         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd(dy: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, seed: Optional[torch.Tensor],
+         dropout_p: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dresidual, dweight, dln_bias, dbias); dx is empty when dropout_p == 0 (dx == dresidual)."""
     if backend == "cuda":
-        return tuple(torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, mean, rstd, weight, seed, dropout_p))
-    return _bwd_torch(dy, z, mean, rstd, weight, seed, dropout_p)
+        return tuple(torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, weight, seed, dropout_p))
+    return _bwd_torch(dy, z, stats, weight, seed, dropout_p)
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, z, mean, rstd, weight, seed, dropout_p, backend):
+def _bwd_fake(dy, z, stats, weight, seed, dropout_p, backend):
     n = z.shape[1]
     dx = z.new_empty(z.shape) if dropout_p > 0.0 else z.new_empty(0)
-    acc = mean.dtype
+    acc = stats.dtype
     return dx, z.new_empty(z.shape), z.new_empty(n, dtype=acc), z.new_empty(n, dtype=acc), z.new_empty(n, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
     x, bias, residual, weight, ln_bias, seed, eps, dropout_p, backend = inputs
-    y, z, mean, rstd = output
-    ctx.save_for_backward(z, mean, rstd, weight, seed)
-    ctx.set_materialize_grads(False)  # z, mean, rstd get no gradient: no zero-filled tensors for them
+    y, z, stats = output
+    ctx.save_for_backward(z, stats, weight, seed)
+    ctx.set_materialize_grads(False)  # z and stats get no gradient: no zero-filled tensors for them
     ctx.args = (dropout_p, backend)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, dz_unused, dmean_unused, drstd_unused):
+def _backward(ctx, dy, dz_unused, dstats_unused):
     if dy is None:
         return (None,) * 9
-    z, mean, rstd, weight, seed = ctx.saved_tensors
+    z, stats, weight, seed = ctx.saved_tensors
     dropout_p, backend = ctx.args
-    dx, dres, dweight, dln_bias, dbias = _bwd(dy.contiguous(), z, mean, rstd, weight, seed, dropout_p, backend)
+    dx, dres, dweight, dln_bias, dbias = _bwd(dy.contiguous(), z, stats, weight, seed, dropout_p, backend)
     if dropout_p == 0.0:
         dx = dres
     return dx, (dbias if ctx.has_bias else None), dres, dweight, dln_bias, None, None, None, None

@@ -1,0 +1,212 @@
+"""Image-caption annotation files: JSONL rows or the JSON list LAVIS and BLIP use, with bad rows reported.
+
+Accepted formats (detected from the first non-blank character):
+
+- JSONL: one object per line, ``{"image": "relative/path.jpg", "caption": "a dog on a couch"}``;
+- a JSON list of such objects (LAVIS ``coco_karpathy_train.json``, BLIP's pre-training files).
+
+``caption`` is a string or a list of strings (one image-text pair per caption). An optional ``image_id``
+(any string or number, as in LAVIS' COCO files) says which pairs show the same image; without it the image
+path does. Captions go through LAVIS' ``BlipCaptionProcessor`` (:func:`pre_caption`: lower case, the
+punctuation ``.!"()*#:;~`` removed, at most 50 words).
+
+A row that cannot be used (not JSON, not an object, no ``image`` or ``caption``, an empty caption, an image
+file that does not exist under ``images``) is reported as ``FILE:LINE: reason (skipped)`` and skipped; the
+pairs of the other rows are kept. A file that cannot be read at all, or leaves no pair, is a ValueError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Iterator, Optional
+
+MAX_WORDS = 50  # LAVIS BlipCaptionProcessor(max_words=50)
+
+
+def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
+    """LAVIS ``BlipCaptionProcessor.pre_caption`` (with an empty prompt)."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+@dataclasses.dataclass
+class Annotations:
+    """The usable pairs of an annotation file.
+
+    ``images``: the distinct image keys (paths as written in the file, normalised), in order of first use;
+    ``image_index[p]``: pair p's image in ``images``; ``image_id[p]``: pair p's image identity (equal for pairs
+    showing the same image, from ``image_id`` or the path) as consecutive ints; ``captions[p]``: the processed
+    caption; ``lines[p]``: the line of the row it came from; ``bad``: one message per skipped row or caption.
+    """
+
+    path: str
+    images: list
+    image_index: list
+    image_id: list
+    captions: list
+    lines: list
+    bad: list
+    rows: int
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def summary(self) -> str:
+        return (f"{self.path}: {len(self)} image-text pairs over {len(self.images)} images from {self.rows} rows"
+                + (f"; {len(self.bad)} row(s) or caption(s) skipped" if self.bad else ""))
+
+    def image_path(self, images_dir: Optional[str], p: int) -> str:
+        key = self.images[self.image_index[p]]
+        return key if images_dir is None else os.path.join(images_dir, key)
+
+
+def _line_of(text: str, pos: int, state: list) -> int:
+    """1-based line of ``pos``; ``state`` = [last pos, its line] makes a forward scan linear."""
+    last, line = state
+    line += text.count("\n", last, pos)
+    state[0], state[1] = pos, line
+    return line
+
+
+def _json_list_items(text: str, path: str) -> Iterator[tuple]:
+    """(line, object or exception) for each element of a top-level JSON list, with line numbers."""
+    dec = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    state = [0, 1]
+    i = ws.match(text, 0).end()
+    if text[i:i + 1] != "[":
+        raise ValueError(f"{path}: expected a JSON list or JSON lines")
+    i = ws.match(text, i + 1).end()
+    if text[i:i + 1] == "]":
+        return
+    while True:
+        line = _line_of(text, i, state)
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the list cannot be read past "
+                             f"this point") from None
+        yield line, obj
+        i = ws.match(text, i).end()
+        if text[i:i + 1] == ",":
+            i = ws.match(text, i + 1).end()
+        elif text[i:i + 1] == "]":
+            return
+        else:
+            raise ValueError(f"{path}:{_line_of(text, i, state)}: expected ',' or ']' in the JSON list")
+
+
+def _jsonl_items(text: str) -> Iterator[tuple]:
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield n, ValueError(f"not valid JSON ({exc.msg})")
+
+
+def read_annotations(path: str, images_dir: Optional[str] = None, check_images: bool = True,
+                     max_words: int = MAX_WORDS) -> Annotations:
+    """Read ``path`` (JSONL or a JSON list); with ``check_images`` rows whose image file is missing under
+    ``images_dir`` are skipped. See the module docstring."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_annotations: path must be a path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"--data: annotation file {path!r} does not exist")
+    if check_images and images_dir is not None and not os.path.isdir(images_dir):
+        raise ValueError(f"--images: image folder {images_dir!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--data: cannot read {path!r}: {exc}") from None
+    stripped = text.lstrip()
+    items = _json_list_items(text, path) if stripped.startswith("[") else _jsonl_items(text)
+
+    ann = Annotations(path=path, images=[], image_index=[], image_id=[], captions=[], lines=[], bad=[], rows=0)
+    image_pos: dict = {}
+    ident_pos: dict = {}
+    exists: dict = {}
+    for line, obj in items:
+        ann.rows += 1
+
+        def bad(msg, line=line):
+            ann.bad.append(f"{path}:{line}: {msg} (skipped)")
+
+        if isinstance(obj, Exception):
+            bad(str(obj))
+            continue
+        if not isinstance(obj, dict):
+            bad(f"expected an object with 'image' and 'caption', got {type(obj).__name__}")
+            continue
+        image, caption = obj.get("image"), obj.get("caption")
+        if not isinstance(image, str) or not image.strip():
+            bad("no 'image' path" if image is None else f"'image' must be a non-empty string, got {image!r}")
+            continue
+        if caption is None:
+            bad("no 'caption'")
+            continue
+        captions = caption if isinstance(caption, list) else [caption]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            bad(f"'caption' must be a string or a list of strings, got {caption!r:.80}")
+            continue
+        key = os.path.normpath(image)
+        if check_images and images_dir is not None:
+            if key not in exists:
+                exists[key] = os.path.isfile(os.path.join(images_dir, key))
+            if not exists[key]:
+                bad(f"image {os.path.join(images_dir, key)!r} does not exist")
+                continue
+        processed = []
+        for k, c in enumerate(captions):
+            pc = pre_caption(c, max_words)
+            if pc:
+                processed.append(pc)
+            else:
+                bad("empty caption" + (f" {k + 1} of {len(captions)}" if len(captions) > 1 else "")
+                    + (f" ({c!r} after LAVIS' caption processing)" if c.strip() else ""))
+        if not processed:
+            continue
+        ident = obj.get("image_id", key)
+        ident = ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else json.dumps(ident)
+        if key not in image_pos:
+            image_pos[key] = len(ann.images)
+            ann.images.append(key)
+        ident_pos.setdefault(ident, len(ident_pos))
+        for pc in processed:
+            ann.image_index.append(image_pos[key])
+            ann.image_id.append(ident_pos[ident])
+            ann.captions.append(pc)
+            ann.lines.append(line)
+    if not ann.captions:
+        shown = "; ".join(ann.bad[:5])
+        raise ValueError(f"--data: {path!r} has no usable image-text pair ({ann.rows} rows"
+                         + (f"; {shown}" if shown else "") + ")")
+    return ann
+
+
+def keep_pairs(ann: Annotations, keep: list, reason_of: dict) -> Annotations:
+    """A copy with only the pairs whose image key is in ``keep`` (a set); the others are reported with
+    ``reason_of[key]`` (e.g. "not in the feature cache")."""
+    sel = [p for p in range(len(ann)) if ann.images[ann.image_index[p]] in keep]
+    bad = list(ann.bad)
+    for p in range(len(ann)):
+        key = ann.images[ann.image_index[p]]
+        if key not in keep:
+            bad.append(f"{ann.path}:{ann.lines[p]}: {reason_of.get(key, 'image unavailable')} (skipped)")
+    images = [k for k in ann.images if k in keep]
+    pos = {k: i for i, k in enumerate(images)}
+    out = Annotations(path=ann.path, images=images, image_index=[pos[ann.images[ann.image_index[p]]] for p in sel],
+                      image_id=[ann.image_id[p] for p in sel], captions=[ann.captions[p] for p in sel],
+                      lines=[ann.lines[p] for p in sel], bad=bad, rows=ann.rows)
+    if not out.captions:
+        raise ValueError(f"--data: no pair of {ann.path!r} is usable ({'; '.join(bad[:5])})")
+    return out

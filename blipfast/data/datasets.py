@@ -1,0 +1,125 @@
+"""Stage-1 datasets (images through the vision model's processor, or cached ViT tokens) and the batch order.
+
+Both datasets return, per pair, the image input (``pixel_values`` [3, H, W] float32, or ``image_embeds``
+[N, width] as cached) and the pre-tokenised caption (``input_ids`` int64 [T], ``attention_mask`` int64 [T]),
+the pair's ``image_id`` and its index. Captions are tokenised once up front (:func:`tokenizer.tokenize`).
+
+:class:`GlobalBatchSampler` fixes the order: epoch e is a permutation drawn from ``seed + e``, cut into global
+batches of ``batch_size * world`` pairs (the remainder is dropped, so every step has the same shapes); rank r
+takes rows ``[r * B, (r + 1) * B)`` of each global batch. The torch.distributed gathers of ITC and the
+negatives then see the global batch in the order one process holding it sees it (a ``DistributedSampler``
+interleaves ranks instead), and the position in the data is one number, the micro-batches consumed, so a run
+resumes mid-epoch exactly.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .annotations import Annotations
+from .vision import ImageReadError, load_image, preprocess
+
+
+class _Pairs(Dataset):
+    def __init__(self, ann: Annotations, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.ann = ann
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.image_id = torch.tensor(ann.image_id, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def _text(self, p: int) -> dict:
+        return {"input_ids": self.input_ids[p].long(), "attention_mask": self.attention_mask[p].long(),
+                "image_id": self.image_id[p], "index": torch.tensor(p)}
+
+
+class ImageTextDataset(_Pairs):
+    """Pairs whose image is read from ``images_dir`` and preprocessed by ``processor`` (the vision model's).
+
+    An image that cannot be read is reported once per process (with its annotation line, also appended to
+    ``report_path``) and the pair is replaced by the next readable pair, so batches keep their size and a run
+    stays deterministic.
+    """
+
+    def __init__(self, ann: Annotations, images_dir: str, processor, input_ids, attention_mask,
+                 report_path: Optional[str] = None):
+        super().__init__(ann, input_ids, attention_mask)
+        self.images_dir = images_dir
+        self.processor = processor
+        self.report_path = report_path
+        self._reported: set = set()
+
+    def _report(self, p: int, exc: Exception) -> None:
+        if p in self._reported:
+            return
+        self._reported.add(p)
+        msg = f"{self.ann.path}:{self.ann.lines[p]}: {exc} (skipped: the next pair takes its place)"
+        print(f"blipfast train: {msg}", file=sys.stderr, flush=True)
+        if self.report_path:
+            with open(self.report_path, "a") as fh:
+                fh.write(msg + "\n")
+
+    def __getitem__(self, p: int) -> dict:
+        n = len(self)
+        for k in range(n):
+            q = (p + k) % n
+            try:
+                image = load_image(self.ann.image_path(self.images_dir, q))
+            except ImageReadError as exc:
+                self._report(q, exc)
+                continue
+            return {"pixel_values": preprocess(self.processor, image), **self._text(q)}
+        raise ValueError(f"--images: no image of {self.ann.path!r} can be read")
+
+
+class FeatureTextDataset(_Pairs):
+    """Pairs whose image tokens come from a :class:`features.FeatureCache` (every image must be in it)."""
+
+    def __init__(self, ann: Annotations, cache, input_ids, attention_mask):
+        super().__init__(ann, input_ids, attention_mask)
+        self.cache = cache
+
+    def __getitem__(self, p: int) -> dict:
+        return {"image_embeds": self.cache.get(self.ann.images[self.ann.image_index[p]]), **self._text(p)}
+
+
+def collate(rows: list) -> dict:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields rank ``rank``'s index list of each micro-batch, forever, starting after ``start`` micro-batches
+    (see the module docstring). ``steps_per_epoch`` = n // (batch_size * world)."""
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 start: int = 0):
+        if n < batch_size * world:
+            raise ValueError(f"the data set has {n} pairs, fewer than one global batch ({batch_size} x {world} "
+                             f"process(es)); lower --batch-size")
+        self.n, self.b, self.world, self.rank = n, batch_size, world, rank
+        self.seed, self.shuffle, self.start = seed, shuffle, start
+        self.steps_per_epoch = n // (batch_size * world)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __iter__(self):
+        m = self.start
+        bw = self.b * self.world
+        while True:
+            epoch, k = divmod(m, self.steps_per_epoch)
+            perm = self.order(epoch)
+            for k in range(k, self.steps_per_epoch):
+                lo = k * bw + self.rank * self.b
+                yield perm[lo:lo + self.b].tolist()
+            m = (epoch + 1) * self.steps_per_epoch
+
+    def __len__(self) -> int:  # one epoch's worth (the iterator itself is endless)
+        return self.steps_per_epoch

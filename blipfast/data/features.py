@@ -1,0 +1,233 @@
+"""``blipfast cache-features``: run the frozen vision encoder once over a data set's images and keep its tokens.
+
+BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (SPEC.md section 7): training for E
+epochs from images pays it E times, training from this cache once. The cache is a folder:
+
+- ``shard-00000.safetensors``, ...: one tensor ``features`` [n, N, width] each (``--dtype``, bf16 by default),
+  the tokens that ``ln_vision`` takes (the encoder output before the tower's final LayerNorm; see
+  :mod:`blipfast.data.vision`), ``--shard-size`` images per shard;
+- ``index.json``: the vision model's config and image processor config, dtype, N, width, every shard's list of
+  image keys (the paths as the annotation file writes them) and the images that could not be read, with why.
+
+A shard and then the index are written under temporary names and renamed, so an interrupted run leaves a valid
+cache; running the command again continues where it stopped (the images already in the index are skipped) and
+refuses a different vision model or dtype. Training with ``--features`` reads rows straight from the memory-mapped
+shards (:class:`FeatureCache`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+FORMAT = "blipfast-features"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAME = {v: k for k, v in DTYPES.items()}
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """Read access to a cache folder written by :func:`cache_features` (memory-mapped safetensors shards)."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "index.json")
+        if not os.path.isfile(index):
+            raise ValueError(f"--features: {path!r} is not a feature cache (no index.json; write one with "
+                             f"`blipfast cache-features`)")
+        with open(index) as fh:
+            self.index = json.load(fh)
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"--features: {index!r} is not a blipfast feature index")
+        self.path = path
+        self.dtype = DTYPES[self.index["dtype"]]
+        self.tokens, self.width = int(self.index["tokens"] or 0), int(self.index["width"])
+        self.where = {}
+        for s, shard in enumerate(self.index["shards"]):
+            for r, key in enumerate(shard["images"]):
+                self.where[key] = (s, r)
+        self.skipped = dict(self.index.get("skipped", {}))
+        self._open: dict = {}
+        self._pid = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def _slice(self, s: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # DataLoader workers re-open the memory maps
+            self._open, self._pid = {}, os.getpid()
+        if s not in self._open:
+            f = safe_open(os.path.join(self.path, self.index["shards"][s]["file"]), framework="pt")
+            self._open[s] = (f, f.get_slice("features"))
+        return self._open[s][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tokens [N, width] of image ``key`` (a copy, in the cache's dtype)."""
+        s, r = self.where[key]
+        return self._slice(s)[r]
+
+    def __getstate__(self):  # picklable for DataLoader workers: the maps are re-opened there
+        state = dict(self.__dict__)
+        state["_open"], state["_pid"] = {}, None
+        return state
+
+
+class _Images(Dataset):
+    def __init__(self, keys, images_dir, processor):
+        self.keys, self.images_dir, self.processor = keys, images_dir, processor
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        from .vision import ImageReadError, load_image, preprocess
+
+        key = self.keys[i]
+        try:
+            return key, preprocess(self.processor, load_image(os.path.join(self.images_dir, key))), None
+        except ImageReadError as exc:
+            return key, None, str(exc)
+
+
+def _collate(rows):
+    return rows
+
+
+def cache_features(data: str, images: str, vision: str, out: str, *, batch_size: int = 64, shard_size: int = 1024,
+                   dtype: str = "bf16", device: Optional[str] = None, vision_dtype: str = "auto",
+                   num_workers: int = 0, progress: bool = True, log=print) -> dict:
+    """Write (or complete) the cache ``out`` for the images of annotation file ``data``; returns the counts."""
+    from tqdm.auto import tqdm
+
+    from .annotations import read_annotations
+    from .vision import describe, load_vision_tower
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for name, v in (("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vdt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, **DTYPES}.get(vision_dtype)
+    if vdt is None:
+        raise ValueError(f"--vision-dtype must be auto or one of {sorted(DTYPES)}, got {vision_dtype!r}")
+    ann = read_annotations(data, images)
+    for msg in ann.bad:
+        log(f"  {msg}")
+    tower, processor = load_vision_tower(vision, device=dev, dtype=vdt)
+    ident = describe(vision)
+    index_path = os.path.join(out, "index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as fh:
+            index = json.load(fh)
+        for key, want in (("dtype", dtype), ("vision_config", ident.get("config.json")),
+                          ("processor_config", ident.get("preprocessor_config.json"))):
+            if index.get(key) != want:
+                raise ValueError(f"--out: {out!r} holds features with another {key.replace('_', ' ')}; use a new "
+                                 f"folder (or the same --vision and --dtype to continue it)")
+    else:
+        index = {"format": FORMAT, "version": 1, "dtype": dtype, "tokens": None, "width": tower.width,
+                 "vision_config": ident.get("config.json"), "processor_config": ident.get("preprocessor_config.json"),
+                 "vision_path": ident["path"], "shards": [], "skipped": {}}
+    done = {k for s in index["shards"] for k in s["images"]} | set(index["skipped"])
+    todo = [k for k in ann.images if k not in done]
+    present = len(ann.images) - len(todo)
+    os.makedirs(out, exist_ok=True)
+    counts = {"written": 0, "already_present": present, "skipped": 0, "bad_rows": len(ann.bad)}
+    keys, feats = [], []
+
+    def flush():
+        if not keys and not counts["skipped"]:
+            return
+        if keys:
+            from safetensors.torch import save_file
+
+            name = f"shard-{len(index['shards']):05d}.safetensors"
+            tmp = os.path.join(out, name + ".tmp")
+            save_file({"features": torch.cat(feats).contiguous()}, tmp, metadata={"format": FORMAT})
+            os.replace(tmp, os.path.join(out, name))
+            index["shards"].append({"file": name, "images": list(keys)})
+            keys.clear()
+            feats.clear()
+        _write_json_atomic(index_path, index)
+
+    loader = DataLoader(_Images(todo, images, processor), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=dev.type == "cuda")
+    amp = torch.autocast(dev.type, dtype=vdt) if vdt != torch.float32 else torch.autocast(dev.type, enabled=False)
+    bar = tqdm(total=len(todo), desc="cache-features", unit="img", disable=not progress, file=sys.stderr)
+    for rows in loader:
+        good = [(k, px) for k, px, err in rows if err is None]
+        for k, px, err in rows:
+            if err is not None:
+                index["skipped"][k] = err
+                counts["skipped"] += 1
+                log(f"  {err} (skipped)")
+        if good:
+            px = torch.stack([p for _, p in good]).to(dev, dtype=vdt, non_blocking=True)
+            with amp:
+                tok = tower(px)
+            if index["tokens"] is None:
+                index["tokens"] = int(tok.shape[1])
+            feats.append(tok.to(DTYPES[dtype]).cpu())
+            keys.extend(k for k, _ in good)
+            counts["written"] += len(good)
+            if len(keys) >= shard_size:
+                flush()
+        bar.update(len(rows))
+    bar.close()
+    flush()
+    if not os.path.isfile(index_path):
+        _write_json_atomic(index_path, index)
+    counts["total_in_cache"] = sum(len(s["images"]) for s in index["shards"])
+    log(f"cache-features: {counts['written']} image(s) written, {counts['already_present']} already in the cache, "
+        f"{counts['skipped']} unreadable skipped, {counts['bad_rows']} bad annotation row(s); {out} holds "
+        f"{counts['total_in_cache']} image(s) in {len(index['shards'])} shard(s)")
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="annotation file: JSONL or a LAVIS/BLIP JSON list of "
+                   "{'image': relative path, 'caption': text or list}")
+    p.add_argument("--images", required=True, help="folder the annotation's image paths are relative to")
+    p.add_argument("--vision", required=True, help="local Hugging Face vision model folder (Blip2VisionModel, "
+                   "CLIPVisionModel, SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint, or any AutoModel "
+                   "tower) with its preprocessor_config.json")
+    p.add_argument("--out", required=True, help="cache folder (created; an existing cache is continued)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the stored tokens (default bf16)")
+    p.add_argument("--vision-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="dtype the vision model runs in (autocast; default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per vision forward (default 64)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding DataLoader workers (default: min(4, CPU cores))")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def run(args) -> int:
+    try:
+        cache_features(args.data, args.images, args.vision, args.out, batch_size=args.batch_size,
+                       shard_size=args.shard_size, dtype=args.dtype, device=args.device,
+                       vision_dtype=args.vision_dtype, num_workers=args.num_workers, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"blipfast cache-features: {exc}", file=sys.stderr)
+        return 2
+    return 0

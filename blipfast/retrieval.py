@@ -1,0 +1,262 @@
+"""BLIP-2 image-text retrieval evaluation (LAVIS ``RetrievalTask``): recall@K, the gallery's data, the pipeline
+behind ``blipfast retrieval``.
+
+- :func:`recall_at_k`: LAVIS' ``_report_metrics`` (txt_r1/5/10, img_r1/5/10, their means, r_mean, agg_metrics) for
+  galleries with several captions per image; ties are counted against the ground truth, NaN scores give NaN.
+- :func:`read_annotations`: LAVIS' retrieval annotation (a JSON list, or JSON lines, of
+  ``{"image": path, "caption": str | [str, ...]}``) as image paths, captions, ``img2txt`` and ``txt2img`` in
+  LAVIS' order; :func:`pre_caption` is LAVIS' caption processor.
+- :func:`load_images` (LAVIS' eval transform: bicubic resize, CLIP mean/std) and :func:`load_features` (image
+  tokens before ``ln_vision`` from safetensors shards + an index JSON, as ``blipfast cache-features`` writes them).
+- :func:`evaluate`: score matrices (``Blip2Retrieval.score_matrices``) and metrics, with the seconds each stage took.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .models.blip2_retrieval import Blip2Retrieval
+
+__all__ = ["Blip2Retrieval", "recall_at_k", "read_annotations", "pre_caption", "load_images", "load_features",
+           "tokenize", "evaluate", "format_metrics", "Gallery"]
+
+METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean",
+               "agg_metrics")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------
+# recall@K
+
+
+def _as_tensor(name: str, x) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() != 2 or not t.is_floating_point():
+        raise ValueError(f"recall_at_k: {name} must be a float matrix, got {list(t.shape)} {t.dtype}")
+    return t
+
+
+def _index_lists(name: str, x, n: int) -> list:
+    if isinstance(x, Mapping):
+        try:
+            x = [x[i] for i in range(n)]
+        except KeyError as e:
+            raise ValueError(f"recall_at_k: {name} has no entry for row {e.args[0]} (keys must be 0..{n - 1})") \
+                from None
+    x = x.tolist() if isinstance(x, torch.Tensor) else list(x)
+    if len(x) != n:
+        raise ValueError(f"recall_at_k: {name} needs {n} entries (one per row of the score matrix), got {len(x)}")
+    return x
+
+
+def _ranks(scores: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per row: how many non-ground-truth entries score at least as high as the best ground-truth entry (LAVIS'
+    rank of the best-placed ground truth in the descending order, ties against the ground truth); NaN rows NaN."""
+    out = []
+    for i in range(0, scores.shape[0], 1024):
+        s, g = scores[i:i + 1024].double(), gt[i:i + 1024]
+        best = torch.where(g, s, torch.full_like(s, -math.inf)).amax(1, keepdim=True)
+        r = ((s >= best) & ~g).sum(1).double()
+        out.append(torch.where(torch.isnan(s).any(1), torch.full_like(r, math.nan), r))
+    return torch.cat(out)
+
+
+def recall_at_k(score_i2t, score_t2i, img2txt, txt2img) -> dict:
+    """LAVIS' retrieval metrics (percentages) from the score matrices [N_img, N_txt] and [N_txt, N_img].
+
+    ``img2txt[i]``: the caption indices of image i (a list per image, or a dict keyed 0..N_img-1); ``txt2img[t]``:
+    the image of caption t. An image counts at rank R when its best-placed caption has fewer than R others at or
+    above its score (ties count against it; LAVIS' argsort leaves them to the sort); NaN in a row makes the
+    metrics NaN. Returns ``txt_r1, txt_r5, txt_r10, txt_r_mean`` (image -> text), ``img_r1, img_r5, img_r10,
+    img_r_mean`` (text -> image), ``r_mean`` and LAVIS' ``agg_metrics`` (= txt_r_mean)."""
+    s_i2t, s_t2i = _as_tensor("score_i2t", score_i2t), _as_tensor("score_t2i", score_t2i)
+    n_img, n_txt = s_i2t.shape
+    if s_t2i.shape != (n_txt, n_img):
+        raise ValueError(f"recall_at_k: score_t2i must be [{n_txt}, {n_img}] (the transpose's shape of score_i2t), "
+                         f"got {list(s_t2i.shape)}")
+    i2t, t2i = _index_lists("img2txt", img2txt, n_img), _index_lists("txt2img", txt2img, n_txt)
+    gt_i2t = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    for i, caps in enumerate(i2t):
+        caps = [caps] if isinstance(caps, int) else list(caps)
+        if any(not 0 <= c < n_txt for c in caps):
+            raise ValueError(f"recall_at_k: img2txt[{i}] = {caps} has a caption index outside [0, {n_txt})")
+        gt_i2t[i, caps] = True
+    if any(not 0 <= int(j) < n_img for j in t2i):
+        raise ValueError(f"recall_at_k: txt2img has an image index outside [0, {n_img})")
+    gt_t2i = torch.zeros(n_txt, n_img, dtype=torch.bool)
+    gt_t2i[torch.arange(n_txt), torch.tensor([int(j) for j in t2i], dtype=torch.long)] = True
+    out = {}
+    for prefix, ranks in (("txt", _ranks(s_i2t.cpu(), gt_i2t)), ("img", _ranks(s_t2i.cpu(), gt_t2i))):
+        nan = bool(torch.isnan(ranks).any())
+        for r in (1, 5, 10):
+            out[f"{prefix}_r{r}"] = math.nan if nan else 100.0 * float((ranks < r).double().mean())
+        out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{r}"] for r in (1, 5, 10)) / 3
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    out["agg_metrics"] = out["txt_r_mean"]
+    return out
+
+
+def format_metrics(metrics: dict) -> str:
+    """The recall table that ``blipfast retrieval`` prints."""
+    lines = [f"{'':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean':>8}"]
+    for name, p in (("image -> text", "txt"), ("text -> image", "img")):
+        lines.append(f"{name:<16}" + "".join(f"{metrics[f'{p}_{k}']:>8.2f}" for k in ("r1", "r5", "r10", "r_mean")))
+    lines.append(f"{'r_mean':<16}{metrics['r_mean']:>8.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """LAVIS' ``BlipCaptionProcessor.pre_caption``: lower case, ``.!"()*#:;~`` to spaces, single spaces, at most
+    ``max_words`` words."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+@dataclass
+class Gallery:
+    """A retrieval gallery in LAVIS' order: image paths, captions, ``img2txt`` (caption indices per image) and
+    ``txt2img`` (the image of each caption)."""
+
+    images: list
+    texts: list
+    img2txt: list = field(default_factory=list)
+    txt2img: list = field(default_factory=list)
+
+
+def read_annotations(path, max_words: int = 50) -> Gallery:
+    """LAVIS' retrieval annotation file (JSON list or JSON lines of ``{"image": ..., "caption": str | list}``),
+    captions through :func:`pre_caption`."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty list of {{\"image\": ..., \"caption\": ...}} entries")
+    g = Gallery([], [])
+    for n, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str) or "caption" not in e:
+            raise ValueError(f"{path}: entry {n} needs an \"image\" path and a \"caption\" (a string or a list)")
+        caps = [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ValueError(f"{path}: entry {n}: \"caption\" must be a string or a list of strings")
+        g.img2txt.append(list(range(len(g.texts), len(g.texts) + len(caps))))
+        g.txt2img += [len(g.images)] * len(caps)
+        g.texts += [pre_caption(c, max_words) for c in caps]
+        g.images.append(e["image"])
+    if not g.texts:
+        raise ValueError(f"{path}: no captions")
+    return g
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+    """LAVIS' retrieval tokenisation (truncation at ``max_length`` = 35), padded to the longest caption."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths, size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return image_tensor(self.paths[i], self.size)
+
+
+def image_tensor(path, size: int) -> torch.Tensor:
+    """LAVIS' ``blip_image_eval`` transform: RGB, bicubic resize to ``size`` x ``size``, [0, 1], CLIP mean/std."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    x = x.permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def load_images(model: Blip2Retrieval, folder, paths: Sequence[str], *, batch_size: int = 64, workers: int = 4,
+                progress: bool = False) -> torch.Tensor:
+    """The vision model's tokens before ``ln_vision`` [N, L, width] of the images ``folder / path``, read by
+    ``workers`` processes and encoded ``batch_size`` at a time on the model's device."""
+    if model.vision_model is None:
+        raise ValueError("--images needs a model with its vision model (an HF Blip2ForImageTextRetrieval folder, "
+                         "or a LAVIS checkpoint with --vision-config); use --features otherwise")
+    folder = Path(folder)
+    files = [folder / p for p in paths]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) not found, e.g. {missing[:3]}")
+    size = model.vision_model.config.image_size
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, size), batch_size=batch_size, num_workers=workers,
+                                         pin_memory=model.device.type == "cuda")
+    out = [model.encode_images(x.to(model.device, non_blocking=True), batch_size)
+           for x in tqdm(loader, desc="images", unit="batch", disable=not progress)]
+    return torch.cat(out)
+
+
+def load_features(folder, paths: Sequence[str]) -> torch.Tensor:
+    """Image tokens before ``ln_vision`` [N, L, width] (stored dtype) of ``paths`` from a feature cache written by
+    ``blipfast cache-features`` (:class:`blipfast.data.features.FeatureCache`: safetensors shards + index.json;
+    an image is looked up by its path as the annotation file writes it)."""
+    from .data.features import FeatureCache
+
+    cache = FeatureCache(str(folder))
+    keys = [p if p in cache else os.path.normpath(p) for p in paths]
+    missing = [p for p, k in zip(paths, keys) if k not in cache]
+    if missing:
+        raise KeyError(f"{folder}: {len(missing)} image(s) of the annotation are not in the feature cache, e.g. "
+                       f"{missing[:3]}")
+    return torch.stack([cache.get(k) for k in keys])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None, features=None, k: int = 128,
+             batch_size: int = 1024, image_batch_size: int = 64, max_txt_len: int = 35, workers: int = 4,
+             progress: bool = False) -> dict:
+    """Score matrices and metrics of a gallery: ``images`` (a folder, with the model's vision model) or
+    ``features`` (a feature cache folder). Returns ``{"score_i2t", "score_t2i", "metrics", "seconds"}``."""
+    if (images is None) == (features is None):
+        raise ValueError("evaluate: give images (a folder) or features (a feature cache), exactly one")
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    if images is not None:
+        embeds = load_images(model, images, gallery.images, batch_size=image_batch_size, workers=workers,
+                             progress=progress)
+    else:
+        embeds = load_features(features, gallery.images)
+    ids, mask = tokenize(tokenizer, gallery.texts, max_txt_len)
+    sync()
+    t1 = time.perf_counter()
+    s_i2t, s_t2i = model.score_matrices(image_embeds=embeds, input_ids=ids, attention_mask=mask, k=k,
+                                        batch_size=batch_size, image_batch_size=image_batch_size, progress=progress)
+    s_i2t, s_t2i = s_i2t.cpu(), s_t2i.cpu()
+    t2 = time.perf_counter()
+    metrics = recall_at_k(s_i2t, s_t2i, gallery.img2txt, gallery.txt2img)
+    t3 = time.perf_counter()
+    return {"score_i2t": s_i2t, "score_t2i": s_t2i, "metrics": metrics,
+            "seconds": {"inputs": t1 - t0, "scores": t2 - t1, "recall": t3 - t2, "total": t3 - t0}}

@@ -1,0 +1,112 @@
+"""``blipfast retrieval``: LAVIS' BLIP-2 retrieval evaluation of a gallery (image -> text and text -> image
+recall@1/5/10 with ITC top-k + ITM re-ranking), on images or on cached image features.
+
+    blipfast retrieval --data coco_karpathy_test.json --images coco/ --model blip2-itm-vit-g/ [--k 128]
+    blipfast retrieval --data ann.json --features feats/ --model stage1.pth --config stage1.json
+
+Prints the recall table; writes ``OUT/scores.safetensors`` (``score_i2t`` [N_img, N_txt], ``score_t2i``
+[N_txt, N_img], float32) and ``OUT/metrics.json`` (the metrics, k, sizes, seconds per stage).
+
+``--model``: an HF ``Blip2ForImageTextRetrieval`` folder (``save_pretrained``; its vision model reads --images),
+a LAVIS checkpoint (``.pth``; ``--vision-config`` builds its EVA ViT for --images), or a ``blipfast.Blip2Stage1``
+state dict (``.safetensors`` / ``.pt``). ``--config``: the ``Blip2Stage1Config`` of the last two as JSON
+(``config.to_dict()``; default BLIP-2's). The tokenizer comes from ``--tokenizer`` or the model's folder.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="LAVIS retrieval annotation: JSON list (or JSON lines) of "
+                   "{\"image\": path, \"caption\": [captions]}")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder that the annotation's image paths are relative to")
+    src.add_argument("--features", help="feature cache of the images written by `blipfast cache-features` (ViT tokens "
+                     "before ln_vision)")
+    p.add_argument("--model", required=True, help="HF Blip2ForImageTextRetrieval folder, LAVIS .pth, or blipfast "
+                   "Blip2Stage1 state dict")
+    p.add_argument("--config", help="JSON file of the Blip2Stage1Config (LAVIS / blipfast checkpoints)")
+    p.add_argument("--vision-config", help="JSON file of an HF Blip2VisionConfig: the LAVIS checkpoint's ViT, for "
+                   "--images")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the --model folder)")
+    p.add_argument("--k", type=int, default=128, help="candidates re-ranked with ITM per query (LAVIS: 128)")
+    p.add_argument("--batch-size", type=int, default=1024, help="image-text pairs per ITM pass")
+    p.add_argument("--image-batch-size", type=int, default=64, help="images per ViT pass and per K/V group")
+    p.add_argument("--max-txt-len", type=int, default=35, help="caption tokens kept (LAVIS: 35)")
+    p.add_argument("--workers", type=int, default=4, help="image-reading processes")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--out", default="retrieval_out", help="folder for scores.safetensors and metrics.json")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _json(path):
+    return None if path is None else json.loads(Path(path).read_text())
+
+
+def load_model(path, config=None, vision_config=None):
+    """A ``Blip2Retrieval`` from ``path`` (see the module doc); ``config`` / ``vision_config`` as dicts."""
+    from . import convert
+    from .models.blip2 import Blip2Stage1, Blip2Stage1Config
+    from .models.blip2_retrieval import Blip2Retrieval
+
+    path = Path(path)
+    cfg = None if config is None else Blip2Stage1Config(**config)
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import Blip2ForImageTextRetrieval
+
+        return Blip2Retrieval.from_hf(Blip2ForImageTextRetrieval.from_pretrained(str(path)).eval(), cfg)
+    sd = convert.load_state_dict(path)
+    if "ln_vision.weight" in sd and any(k.startswith("qformer.") for k in sd):  # blipfast's own key space
+        stage1 = Blip2Stage1(cfg)
+        missing, unexpected = stage1.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("qformer_lm_head.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a Blip2Stage1 state dict of this config (missing {missing[:10]}, "
+                             f"unexpected {unexpected[:10]})")
+        return Blip2Retrieval.from_stage1(stage1.eval())
+    return Blip2Retrieval.from_lavis(sd, cfg, vision_config).eval()
+
+
+def run(args) -> int:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from .retrieval import evaluate, format_metrics, read_annotations
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    try:
+        gallery = read_annotations(args.data)
+        model = load_model(args.model, _json(args.config), _json(args.vision_config)).to(device=device, dtype=dtype)
+        tok_dir = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+        if tok_dir is None:
+            raise ValueError("--tokenizer is needed when --model is a file")
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        print(f"blipfast retrieval: {len(gallery.images)} images, {len(gallery.texts)} captions, k = {args.k}, "
+              f"{device.type} {str(dtype).replace('torch.', '')}", flush=True)
+        res = evaluate(model, gallery, tokenizer, images=args.images, features=args.features, k=args.k,
+                       batch_size=args.batch_size, image_batch_size=args.image_batch_size,
+                       max_txt_len=args.max_txt_len, workers=args.workers, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        print(f"blipfast retrieval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_metrics(res["metrics"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"score_i2t": res["score_i2t"].float().contiguous(), "score_t2i": res["score_t2i"].float().contiguous()},
+              str(out / "scores.safetensors"))
+    info = {"metrics": res["metrics"], "k": args.k, "images": len(gallery.images), "captions": len(gallery.texts),
+            "seconds": res["seconds"], "model": str(args.model), "data": str(args.data), "device": str(device),
+            "dtype": str(dtype).replace("torch.", "")}
+    (out / "metrics.json").write_text(json.dumps(info, indent=1))
+    s = res["seconds"]
+    print(f"wrote {out / 'scores.safetensors'} and {out / 'metrics.json'} (scores {s['scores']:.1f} s, total "
+          f"{s['total']:.1f} s)")
+    return 0

@@ -1,0 +1,130 @@
+"""Checkpoints of ``blipfast train``: ``RUN/checkpoint-<step>/`` folders, written atomically, the last K kept.
+
+Each folder holds
+
+- ``model.safetensors``: the :class:`blipfast.Blip2Stage1` weights (``safetensors.torch.save_model``: the LM
+  head's decoder weight is tied to the word embeddings and stored once);
+- ``state.pt``: optimizer, learning-rate schedule, GradScaler, every rank's RNG states (torch CPU and CUDA,
+  Python, NumPy), the step and the data position (micro-batches consumed); plain tensors and containers, read
+  with ``torch.load(weights_only=True)``;
+- ``lavis.pth`` with ``--save-lavis``: ``{"model": to_lavis_state_dict()}``, loadable by LAVIS and by
+  ``Blip2Stage1.from_lavis``.
+
+A checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed when complete, so a crash never leaves a
+half-written ``checkpoint-*`` folder; the oldest beyond ``keep`` are then deleted.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir: str) -> list:
+    """Complete checkpoint folders of ``run_dir``, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = _NAME.match(name)
+        if m and os.path.isfile(os.path.join(run_dir, name, "state.pt")):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    ver, words, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [ver, list(words), gauss],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    ver, words, gauss = state["python"]
+    random.setstate((ver, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, step: int, model, state: dict, keep: int, lavis: bool = False) -> str:
+    """Write ``checkpoint-<step>`` (see the module docstring); returns its path."""
+    from safetensors.torch import save_model
+
+    final = os.path.join(run_dir, f"checkpoint-{step:08d}")
+    tmp = os.path.join(run_dir, f".checkpoint-{step:08d}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step), "format": "blipfast"})
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    if lavis:
+        torch.save({"model": model.to_lavis_state_dict(), "step": step}, os.path.join(tmp, "lavis.pth"))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str) -> tuple[str, str]:
+    """(run folder, checkpoint folder) of ``--resume PATH``: a run folder (its last checkpoint) or a checkpoint."""
+    path = os.path.normpath(path)
+    if _NAME.match(os.path.basename(path)) and os.path.isfile(os.path.join(path, "state.pt")):
+        return os.path.dirname(path), path
+    found = list_checkpoints(path)
+    if not found:
+        raise ValueError(f"--resume: {path!r} holds no complete checkpoint (checkpoint-*/state.pt)")
+    return path, found[-1]
+
+
+def load_checkpoint(ckpt: str, model) -> dict:
+    """Load the weights into ``model`` and return the training state of ``state.pt``."""
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, os.path.join(ckpt, "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"--resume: {ckpt!r} does not fit the model (missing {sorted(missing)[:8]}, unexpected "
+                         f"{sorted(unexpected)[:8]})")
+    return torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def load_init_weights(path: str, model) -> None:
+    """``--init``: a LAVIS .pth / state dict file, a blipfast checkpoint folder or a model.safetensors file."""
+    from safetensors.torch import load_model
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(path):
+        raise ValueError(f"--init: {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        missing, unexpected = load_model(model, path, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"--init: {path!r} does not fit the model (missing {sorted(missing)[:8]}, unexpected "
+                             f"{sorted(unexpected)[:8]})")
+        return
+    from .. import convert
+
+    sd = convert.load_state_dict(path)
+    sd = sd["model"] if isinstance(sd.get("model"), dict) else sd
+    model.load_lavis_state_dict(sd)
+
+
+def latest_step(run_dir: str) -> Optional[int]:
+    found = list_checkpoints(run_dir)
+    return int(_NAME.match(os.path.basename(found[-1])).group(1)) if found else None

@@ -1,0 +1,277 @@
+"""The options of ``blipfast train``: one table gives the command-line flags, the config-file keys, their types,
+defaults and help, and the resolved ``config.yaml`` written into every run folder.
+
+Precedence: built-in defaults < the synthetic set's defaults (only without ``--data``) < ``--config FILE`` <
+flags given on the command line. A config file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the
+flags' names as keys (``batch_size`` or ``batch-size``); an unknown key or a value of the wrong type is refused
+before anything starts. ``model`` is a mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested
+``qformer`` mapping of :class:`blipfast.QFormerConfig` fields) over the ``preset``; the fields that follow
+from the tokenizer and the vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``,
+``encoder_hidden_size``) and ``max_txt_len`` are filled in by the trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+from typing import Any
+
+# name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
+# None as default: unset (derived or optional).
+OPTIONS: dict = {
+    # data
+    "data": (str, None, "annotation file: JSONL or the JSON list of LAVIS/BLIP, rows {'image': path relative to "
+             "--images, 'caption': text or list of texts}; without it a synthetic set is generated"),
+    "images": (str, None, "folder the annotation's image paths are relative to (with --vision)"),
+    "vision": (str, None, "local Hugging Face vision model folder (Blip2VisionModel, CLIPVisionModel, "
+               "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
+               "image processor config; frozen"),
+    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision)"),
+    "tokenizer": (str, None, "local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as LAVIS "
+                  "does); default: train a WordPiece vocabulary on the captions and save it in the run folder"),
+    "vocab_size": (int, 30522, "WordPiece vocabulary size when training the tokenizer"),
+    "max_txt_len": (int, 32, "caption tokens (padded/truncated, LAVIS: 32)"),
+    "image_ids": (bool, True, "pairs showing the same image (annotation 'image_id', else the image path) are "
+                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids"),
+    "feature_dtype": (str, "bf16", "dtype the vision tokens are rounded to when training from images (the "
+                      "dtype cache-features stores; bf16, fp16 or fp32)"),
+    "vision_dtype": (str, "auto", "dtype the frozen vision model runs in: auto (bf16 on CUDA, fp32 on CPU), "
+                     "bf16, fp16 or fp32"),
+    "num_workers": (int, None, "DataLoader workers per process (default: 0 on CPU, min(8, cores / processes) "
+                    "on CUDA)"),
+    "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
+    # model
+    "preset": (str, "auto", "Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC), tiny (a "
+               "CPU-sized test model) or auto (tiny for the synthetic set, else base)"),
+    "model": ("mapping", None, "Blip2Stage1Config fields over the preset, JSON on the command line, e.g. "
+              "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'"),
+    "init": (str, None, "start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a blipfast "
+             "checkpoint folder / model.safetensors"),
+    # optimisation (SPEC.md section 3)
+    "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU)"),
+    "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
+    "steps": (int, None, "optimizer steps (default: --epochs)"),
+    "epochs": (float, None, "passes over the data when --steps is not given (default 10)"),
+    "lr": (float, 1e-4, "peak learning rate"),
+    "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
+    "warmup_steps": (int, 5000, "linear warm-up steps"),
+    "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
+    "weight_decay": (float, 0.05, "AdamW weight decay (not on biases and 1-D parameters)"),
+    "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
+    "eps": (float, 1e-8, "AdamW epsilon"),
+    "grad_clip": (float, 0.0, "clip the gradient norm to this (0: off, as LAVIS)"),
+    "precision": (str, "auto", "fp32, bf16 or fp16 autocast (fp16 with a GradScaler); auto: bf16 on CUDA, fp32 "
+                  "on CPU"),
+    "compile": (bool, False, "torch.compile the model step"),
+    "compile_backend": (str, "inductor", "torch.compile backend"),
+    "cuda_graph": (bool, False, "capture forward + backward + optimizer step in CUDA graphs (capturable AdamW, "
+                   "static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
+    "device": (str, "auto", "cpu, cuda or auto (cuda when available; cuda:LOCAL_RANK under torchrun)"),
+    "seed": (int, 42, "random seed (weights, data order, dropout, negatives)"),
+    # output
+    "out": (str, None, "run folder (default ./runs/<timestamp>)"),
+    "save_every": (int, 1000, "write a checkpoint every this many steps (0: only at the end)"),
+    "keep": (int, 3, "checkpoints kept (the oldest are deleted)"),
+    "save_lavis": (bool, False, "also write each checkpoint's weights as a LAVIS .pth (to_lavis_state_dict)"),
+    "log_every": (int, 10, "steps per row of log.jsonl and per progress-bar update"),
+    "plot_every": (int, 100, "steps between refreshes of loss.png"),
+    "progress": (bool, True, "tqdm progress bar"),
+    "stop_after": (int, None, "stop this invocation after this step, with a checkpoint (the schedule still runs to "
+                   "--steps; continue with --resume)"),
+}
+
+# the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
+RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
+                  "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
+
+# defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU
+SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 2e-3, "min_lr": 1e-4,
+                      "vocab_size": 256, "max_txt_len": 16, "save_every": 0, "log_every": 5, "plot_every": 20}
+
+CHOICES = {"feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
+           "preset": ("auto", "base", "tiny"), "precision": ("auto", "fp32", "bf16", "fp16")}
+
+PRESETS = {
+    "base": {},  # Blip2Stage1Config defaults: LAVIS stage 1
+    "tiny": {"num_query_tokens": 8, "embed_dim": 64,
+             "qformer": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
+                         "num_hidden_layers": 2, "max_position_embeddings": 64}},
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option as a flag (default: unset, so that config files and defaults can be told apart)."""
+    p.add_argument("--config", help="YAML or TOML file with any of the options below as keys")
+    p.add_argument("--resume", help="continue the run in this folder (or from this checkpoint folder) from its "
+                   "last checkpoint; the run's config.yaml is used, flags may change only "
+                   + ", ".join(_flag(k) for k in sorted(RESUME_MUTABLE)))
+    for name, (typ, default, help_) in OPTIONS.items():
+        shown = f" (default: {json.dumps(default)})" if default is not None else ""
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_ + shown}
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typ == "floats":
+            kw.update(type=float, nargs=2, metavar=("B1", "B2"))
+        elif typ == "mapping":
+            kw.update(type=str, metavar="JSON")
+        else:
+            kw["type"] = typ
+            if name in CHOICES:
+                kw["choices"] = CHOICES[name]
+        p.add_argument(_flag(name), **kw)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """``value`` checked (and converted where harmless: '1e-4' strings of YAML 1.1, ints for floats)."""
+    typ = OPTIONS[name][0]
+
+    def bad(want):
+        return ValueError(f"{where}: {name} must be {want}, got {value!r}")
+
+    if value is None:
+        return None
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif typ is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif typ == "floats":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise bad("a list of two numbers")
+        value = [_coerce_float(name, v, where) for v in value]
+    elif typ == "mapping":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: {name} is not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise bad(f"one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def _coerce_float(name, v, where):
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name} must hold numbers, got {v!r}") from None
+
+
+def read_config_file(path: str) -> dict:
+    """The options in a YAML or TOML file (keys normalised to underscores; unknown keys refused)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        elif ext in (".yaml", ".yml"):
+            import yaml
+
+            with open(path) as fh:
+                raw = yaml.safe_load(fh) or {}
+        else:
+            raise ValueError(f"--config: {path!r} must end in .yaml, .yml or .toml")
+    except ValueError:
+        raise
+    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        raise ValueError(f"--config: cannot parse {path!r}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config: {path!r} must hold a mapping of options, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTIONS:
+            near = difflib.get_close_matches(name, list(OPTIONS), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"--config: unknown key {key!r} in {path!r}{hint}; known keys: {', '.join(OPTIONS)}")
+        out[name] = _coerce(name, value, f"--config {path}")
+    return out
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(options, explicitly given ones) from defaults, the synthetic defaults, --config and the flags."""
+    given = {k: _coerce(k, v, _flag(k)) for k, v in vars(args).items() if k in OPTIONS}
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    cfg = {k: v[1] for k, v in OPTIONS.items()}
+    if "data" not in {**from_file, **given} or {**from_file, **given}.get("data") is None:
+        cfg.update(SYNTHETIC_DEFAULTS)
+    cfg.update(from_file)
+    cfg.update(given)
+    return cfg, {**from_file, **given}
+
+
+def validate(cfg: dict) -> None:
+    """Refuse inconsistent or out-of-range options before anything starts (ValueError naming the flag)."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for name in ("batch_size", "grad_accum", "max_txt_len", "vocab_size", "log_every", "keep", "synthetic_size"):
+        need(cfg[name] >= 1, f"{_flag(name)} must be >= 1, got {cfg[name]}")
+    for name in ("warmup_steps", "save_every", "plot_every"):
+        need(cfg[name] >= 0, f"{_flag(name)} must be >= 0, got {cfg[name]}")
+    for name in ("steps", "stop_after", "num_workers"):
+        need(cfg[name] is None or cfg[name] >= (0 if name == "num_workers" else 1),
+             f"{_flag(name)} must be >= {0 if name == 'num_workers' else 1}, got {cfg[name]}")
+    need(cfg["epochs"] is None or cfg["epochs"] > 0, f"--epochs must be > 0, got {cfg['epochs']}")
+    for name in ("lr", "warmup_lr", "min_lr", "eps"):
+        need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
+    need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
+    need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
+    if cfg["data"] is not None:
+        need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
+             "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
+    need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
+         "give either --features or --images/--vision, not both")
+    need(not (cfg["features"] and cfg["data"] is None), "--features needs --data (the captions)")
+    if cfg["cuda_graph"]:
+        need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
+        need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")
+
+
+def write_config(path: str, cfg: dict) -> None:
+    """The resolved options as YAML (atomically)."""
+    import yaml
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write("# blipfast train: resolved options of this run (reusable with --config; --resume reads it)\n")
+        yaml.safe_dump({k: cfg[k] for k in OPTIONS}, fh, sort_keys=False, default_flow_style=None)
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: {run_dir!r} has no config.yaml (not a blipfast train run folder)")
+    cfg = {k: v[1] for k, v in OPTIONS.items()}
+    cfg.update(read_config_file(path))
+    return cfg

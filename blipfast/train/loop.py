@@ -1,0 +1,405 @@
+"""The trainer behind ``blipfast train``: set-up (processes, data, tokenizer, model, optimizer, checkpoint) and
+the loop (steps, log rows, plot, checkpoints).
+
+Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
+cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
+and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
+
+Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
+CPUs), builds the same model from the same seed, trains on its rows of each global batch
+(:class:`blipfast.data.GlobalBatchSampler`) and is wrapped in DDP; ``Blip2Stage1`` gathers the ITC features and
+exchanges the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
+rank's RNG states. Dropout draws from each rank's own RNG (seeded ``seed`` + rank); the hard-negative draws use
+a seed that depends only on ``seed`` and the micro-step, the same on every rank.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import PRESETS, RESUME_MUTABLE, read_run_config, validate, write_config
+from .logger import LOSSES, RunLog, peak_memory_mb
+from .optim import WarmupCosine, make_optimizer
+from .step import GraphStepper, Stepper
+
+_M64 = (1 << 64) - 1
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "out")
+
+
+def mix_seed(seed: int, k: int) -> int:
+    """splitmix64(seed, k) as a non-negative int63: independent streams for the negatives' Philox key."""
+    z = (seed * 0x9E3779B97F4A7C15 + (k + 1) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_config(cfg: dict, tokenizer, width: int):
+    """The Blip2Stage1Config of the run: preset < ``model`` < the fields the tokenizer and vision model fix."""
+    from ..models.blip2 import Blip2Stage1Config
+    from ..models.qformer import _DEFAULTS as QF_FIELDS
+
+    user = cfg["model"] or {}
+    unknown = sorted(set(user) - set(Blip2Stage1Config.FIELDS) - {"qformer"})
+    unknown += sorted(f"qformer.{k}" for k in set(user.get("qformer") or {}) - set(QF_FIELDS))
+    if unknown:
+        raise ValueError(f"--model: unknown field(s) {unknown}; Blip2Stage1Config has {list(Blip2Stage1Config.FIELDS)} "
+                         f"and qformer (QFormerConfig: {sorted(QF_FIELDS)})")
+    derived = {"max_txt_len": cfg["max_txt_len"], "bos_token_id": tokenizer.bos_token_id,
+               "qformer": {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                           "encoder_hidden_size": width}}
+    why = {"max_txt_len": "--max-txt-len", "bos_token_id": "the tokenizer's [DEC]", "vocab_size": "the tokenizer",
+           "pad_token_id": "the tokenizer", "encoder_hidden_size": "the vision model's width"}
+    for key, value in [(k, v) for k, v in derived.items() if k != "qformer"] + list(derived["qformer"].items()):
+        got = (user.get("qformer") or {}).get(key) if key in derived["qformer"] else user.get(key)
+        if got is not None and got != value:
+            raise ValueError(f"--model: {key}={got!r} contradicts {why[key]} ({value!r}); leave it out")
+    try:
+        return Blip2Stage1Config(**_merge(_merge(PRESETS[cfg["preset"]], user), derived))
+    except TypeError as exc:
+        raise ValueError(f"--model: {exc}") from None
+
+
+class _Dist:
+    def __init__(self, device_opt: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want = device_opt if device_opt != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible")
+        if want == "cuda":
+            want = f"cuda:{self.local_rank}" if self.world > 1 else "cuda"
+        self.device = torch.device(want)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_group = True
+        self.main = self.rank == 0
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    """``Trainer(cfg, given)``: everything set up for ``run()`` (or ``train_step()`` one step at a time).
+    ``cfg``: resolved options (:func:`config.resolve`); ``given``: the explicitly set ones; ``resume``: a run or
+    checkpoint folder."""
+
+    def __init__(self, cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None, log=print):
+        self.log = log
+        self.stop_requested = False
+        state = None
+        if resume is not None:
+            run_dir, ck = ckpt.find_checkpoint(resume)
+            saved = read_run_config(run_dir)
+            saved["stop_after"] = None  # a limit of the interrupted invocation, not of the run
+            for k, v in (given or {}).items():
+                if k not in RESUME_MUTABLE and v != saved[k]:
+                    raise ValueError(f"--resume: --{k.replace('_', '-')} cannot change on resume ({saved[k]!r} in "
+                                     f"{run_dir}/config.yaml, {v!r} given)")
+                saved[k] = v
+            cfg = saved
+            cfg["out"] = run_dir
+        self.dist = d = _Dist(cfg["device"])
+        validate(cfg)
+        self.cfg = cfg = dict(cfg)
+        for k in PATHS:  # config.yaml must work from any working directory (--resume, --config)
+            if cfg[k] is not None:
+                cfg[k] = os.path.abspath(cfg[k])
+        dev = d.device
+        if cfg["cuda_graph"] and (dev.type != "cuda" or d.world > 1):
+            raise ValueError("--cuda-graph needs one process on a CUDA device")
+        if cfg["precision"] == "auto":
+            cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = cfg["out"] or os.path.abspath(os.path.join("runs", stamp))
+        out = cfg["out"] = d.broadcast(out)
+        created = False
+        if resume is None and d.main and os.path.isdir(out) and (
+                os.path.exists(os.path.join(out, "config.yaml")) or ckpt.list_checkpoints(out)):
+            raise ValueError(f"--out: {out!r} already holds a run; continue it with --resume {out} or choose "
+                             f"another --out")
+        try:
+            if d.main and not os.path.isdir(out):
+                os.makedirs(out)
+                created = True
+            self._setup(cfg, resume)
+            if resume is not None:
+                state = ckpt.load_checkpoint(ck, self.core)
+                self._restore(state)
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            d.close()
+            raise
+        if d.main:
+            write_config(os.path.join(out, "config.yaml"), cfg)
+        self.end = self.total_steps if cfg["stop_after"] is None else min(self.total_steps, cfg["stop_after"])
+        self.global_batch = cfg["batch_size"] * d.world * cfg["grad_accum"]
+        if d.main:
+            n_params = sum(p.numel() for p in self.core.parameters())
+            self.log(f"blipfast train: {self.ann.summary()}; {d.world} process(es) on {d.device}, global batch "
+                     f"{self.global_batch}, steps {self.step} -> {self.end} of {self.total_steps} "
+                     f"({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters, "
+                     f"{cfg['precision']}; run folder {cfg['out']}")
+        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"])
+        self.t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def _setup(self, cfg: dict, resume) -> None:
+        from ..data import (FeatureCache, FeatureTextDataset, GlobalBatchSampler, ImageTextDataset, collate,
+                            load_tokenizer, load_vision_tower, read_annotations, tokenize, train_wordpiece)
+        from ..data.annotations import keep_pairs
+        from ..models.blip2 import Blip2Stage1
+
+        d, dev, out = self.dist, self.dist.device, cfg["out"]
+        if cfg["preset"] == "auto":
+            cfg["preset"] = "tiny" if cfg["data"] is None else "base"
+        if cfg["data"] is None:  # the synthetic set, generated into the run folder
+            from ..data.synthetic import make_synthetic
+
+            paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"]) \
+                if d.main else None
+            d.barrier()
+            cfg.update(d.broadcast(paths))
+        feats = cfg["features"] is not None
+        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats)
+        cache = tower = processor = None
+        if feats:
+            cache = FeatureCache(cfg["features"])
+            reasons = {k: f"image {k!r} not in the feature cache {cfg['features']!r}" for k in ann.images}
+            reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
+            ann = keep_pairs(ann, set(cache.where), reasons)
+            width = cache.width
+        else:
+            vdt = "bf16" if cfg["vision_dtype"] == "auto" and dev.type == "cuda" else cfg["vision_dtype"]
+            tower, processor = load_vision_tower(cfg["vision"], device=dev,
+                                                 dtype=DTYPES.get(vdt, torch.float32))
+            width = tower.width
+        self.ann = ann
+        tok_dir = os.path.join(out, "tokenizer")
+        if cfg["tokenizer"] is not None:
+            tok = load_tokenizer(cfg["tokenizer"])
+        else:
+            if d.main:
+                train_wordpiece(ann.captions, cfg["vocab_size"]).save_pretrained(tok_dir)
+            d.barrier()
+            tok = load_tokenizer(tok_dir)
+            cfg["tokenizer"] = tok_dir
+        self.tokenizer = tok
+        mcfg = model_config(cfg, tok, width)
+        cfg["model"] = mcfg.to_dict()
+        ids, mask = tokenize(tok, ann.captions, cfg["max_txt_len"])
+
+        torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+        self.core = model = Blip2Stage1(mcfg).to(dev).train()
+        if cfg["init"] is not None and resume is None:
+            ckpt.load_init_weights(cfg["init"], model)
+        torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
+
+        report = os.path.join(out, "bad_rows.txt") if d.main else None
+        ds = FeatureTextDataset(ann, cache, ids, mask) if feats else \
+            ImageTextDataset(ann, cfg["images"], processor, ids, mask, report_path=report)
+        self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
+        self.steps_per_epoch = self.sampler.steps_per_epoch / cfg["grad_accum"]
+        if cfg["steps"] is None:
+            cfg["steps"] = max(1, math.ceil((cfg["epochs"] or 10) * self.steps_per_epoch))
+        self.total_steps = cfg["steps"]
+        workers = cfg["num_workers"]
+        if workers is None:
+            workers = 0 if dev.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
+        self.dataset, self.workers, self._collate = ds, workers, collate
+        if d.main:
+            with open(report, "w") as fh:
+                fh.writelines(m + "\n" for m in ann.bad)
+            for m in ann.bad[:10]:
+                self.log(f"  {m}")
+            if len(ann.bad) > 10:
+                self.log(f"  ... {len(ann.bad) - 10} more in {report}")
+
+        self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"])
+        self.schedule = WarmupCosine(self.optimizer, cfg["lr"], cfg["warmup_lr"], cfg["warmup_steps"], cfg["min_lr"],
+                                     cfg["steps"])
+        amp = None if cfg["precision"] == "fp32" else DTYPES[cfg["precision"]]
+        self.scaler = torch.amp.GradScaler(dev.type) if cfg["precision"] == "fp16" else None
+        wrapped = model
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        if cfg["compile"]:
+            wrapped = torch.compile(wrapped, backend=cfg["compile_backend"])
+            if tower is not None:
+                tower = torch.compile(tower, backend=cfg["compile_backend"])
+        cls = GraphStepper if cfg["cuda_graph"] else Stepper
+        self.stepper = cls(wrapped, self.optimizer, device=dev, tower=tower, scaler=self.scaler, amp_dtype=amp,
+                           grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
+                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]],
+                           image_ids=cfg["image_ids"])
+        self.step = 0
+        self.micro_step = 0
+        self._iter = None
+
+    def _restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # a capturable optimizer's lr tensor lives on the device
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"] = g["lr"].to(self.dist.device)
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        elif self.dist.main:
+            self.log(f"--resume: the checkpoint has RNG states of {len(rngs)} process(es), this run has "
+                     f"{self.dist.world}: dropout continues from fresh seeds (the data order is unaffected)")
+
+    def _batches(self):
+        from torch.utils.data import DataLoader
+
+        self.sampler.start = self.micro_step
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self._collate,
+                            num_workers=self.workers, pin_memory=self.dist.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.cfg["seed"]),
+                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+        return iter(loader)
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step (``grad_accum`` micro-steps); the mean losses [4] as a device tensor (no sync)."""
+        if self._iter is None:
+            self._iter = self._batches()
+        acc = None
+        n = self.cfg["grad_accum"]
+        for k in range(n):
+            batch = next(self._iter)
+            m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
+            self.micro_step += 1
+            acc = m if acc is None else acc + m
+        self.step += 1
+        self.schedule.step()
+        return acc / n if n > 1 else acc
+
+    def save(self) -> Optional[str]:
+        d = self.dist
+        rng = ckpt.rng_state()
+        if d.world > 1:
+            rngs = [None] * d.world
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        path = None
+        if d.main:
+            state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
+                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world}
+            path = ckpt.save_checkpoint(self.cfg["out"], self.step, self.core, state, self.cfg["keep"],
+                                        lavis=self.cfg["save_lavis"])
+        d.barrier()
+        return path
+
+    def _request_stop(self, signum, _frame):
+        self.stop_requested = True
+        self.log(f"blipfast train: signal {signum}: stopping after this step with a checkpoint")
+
+    def run(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        end, global_batch = self.end, self.global_batch
+        old = {}
+        if d.world == 1 and hasattr(signal, "SIGTERM"):
+            for s in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    old[s] = signal.signal(s, self._request_stop)
+                except ValueError:  # not the main thread
+                    pass
+        acc, n_acc, t_last, saved_at = None, 0, time.perf_counter(), None
+        try:
+            while self.step < end and not self.stop_requested:
+                m = self.train_step()
+                acc, n_acc = (m if acc is None else acc + m), n_acc + 1
+                s = self.step
+                if s % cfg["log_every"] == 0 or s == end or self.stop_requested:
+                    acc = acc / n_acc
+                    if d.world > 1:  # the mean over the ranks: the loss of the global batch
+                        dist.all_reduce(acc)
+                        acc = acc / d.world
+                    vals = acc.tolist()  # the one host sync per log row
+                    now = time.perf_counter()
+                    row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
+                           **dict(zip(LOSSES, vals)), "lr": self.schedule.value(s - 1),
+                           "images_per_s": global_batch * n_acc / max(now - t_last, 1e-9),
+                           "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3)}
+                    self.runlog.log(row)
+                    acc, n_acc, t_last = None, 0, now
+                if cfg["plot_every"] and s % cfg["plot_every"] == 0:
+                    self.runlog.plot()
+                if cfg["save_every"] and s % cfg["save_every"] == 0:
+                    self.save()
+                    saved_at = s
+                self.runlog.advance()
+            if saved_at != self.step:
+                self.save()
+            self.runlog.plot()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.runlog.close()
+        last = self.runlog.rows[-1] if self.runlog.rows else {}
+        if d.main:
+            done = "finished" if self.step >= self.total_steps else \
+                f"stopped at step {self.step} (--resume to continue)"
+            self.log(f"blipfast train: {done}; loss {last.get('loss', float('nan')):.4f}, "
+                     f"{time.perf_counter() - self.t0:.1f} s; {cfg['out']}")
+        return {"step": self.step, "run_dir": cfg["out"], "last": last}
+
+    def close(self) -> None:
+        self.dist.close()
+
+
+def train(cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None, log=print) -> dict:
+    trainer = Trainer(cfg, given, resume, log=log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "train", "model_config", "mix_seed"]
