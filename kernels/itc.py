@@ -42,13 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._constants import argmax_dtype
+
 _TARGET_PROGRAMS = 256  # enough CTAs to fill an H100 (132 SMs) twice
 _MAX_TILE = 128 * 128  # fp32 accumulator elements per program
-
-
-def argmax_dtype(q: int) -> torch.dtype:
-    """dtype of the stored arg-max query (mirrored by the fake in blipfast/ops/itc_loss.py)."""
-    return torch.uint8 if q <= 256 else torch.int32
 
 
 def _p2(x: int) -> int:

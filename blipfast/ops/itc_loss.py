@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._constants import argmax_dtype
 from . import _common as C
 from ._dist import gather_no_grad, group_info
 
@@ -63,11 +64,6 @@ def itc_loss_ref(image_feats, text_feats, temp, *, label_smoothing=0.1, image_id
 
 # ----------------------------------------------------------------------------------------------
 # custom ops over already-gathered features
-
-
-def argmax_dtype(q: int) -> torch.dtype:
-    """dtype of the saved arg-max query index (uint8 while Q <= 256); kernels/itc.py uses the same rule."""
-    return torch.uint8 if q <= 256 else torch.int32
 
 
 @torch.library.custom_op("blipfast::itc_loss_fwd", mutates_args=())
