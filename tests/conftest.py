@@ -156,3 +156,30 @@ def assert_triton_matches_torch(monkeypatch, calls: dict, run) -> None:
     assert n_ref == 0 and calls["n"] > 0, "the triton backend was not used"
     assert_within_torch_error(out_tri, out_ref, out_low, name="output")
     assert_grads_within_torch_error(g_tri, g_ref, g_low)
+
+
+def replay_captured_step(train_step, replays: int, on_captured=None):
+    """Warm ``train_step`` up on a side stream (Triton JIT and autotuning happen there), capture it in a
+    torch.cuda.CUDAGraph with ``torch.cuda.set_sync_debug_mode("error")`` (a host sync fails the capture),
+    call ``on_captured()``, replay it ``replays`` times; returns the stacked outputs of the replays (CUDA only)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            train_step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            out = train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if on_captured is not None:
+        on_captured()
+    outs = []
+    for _ in range(replays):
+        graph.replay()
+        outs.append(out.clone())
+    torch.cuda.synchronize()
+    return torch.stack(outs)

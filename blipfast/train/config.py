@@ -1,13 +1,15 @@
 """The options of ``blipfast train``: one table gives the command-line flags, the config-file keys, their types,
 defaults and help, and the resolved ``config.yaml`` written into every run folder.
 
-Precedence: built-in defaults < the synthetic set's defaults (only without ``--data``) < ``--config FILE`` <
-flags given on the command line. A config file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the
-flags' names as keys (``batch_size`` or ``batch-size``); an unknown key or a value of the wrong type is refused
-before anything starts. ``model`` is a mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested
-``qformer`` mapping of :class:`blipfast.QFormerConfig` fields) over the ``preset``; the fields that follow
-from the tokenizer and the vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``,
-``encoder_hidden_size``) and ``max_txt_len`` are filled in by the trainer.
+Precedence: built-in defaults < the stage-2 defaults (``--stage 2``: LAVIS' ``pretrain_stage2`` recipe) < the
+synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config
+file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the flags' names as keys (``batch_size`` or
+``batch-size``); an unknown key or a value of the wrong type is refused before anything starts. ``model`` is a
+mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested ``qformer`` mapping of
+:class:`blipfast.QFormerConfig` fields) over the ``preset``; the fields that follow from the tokenizer and the
+vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``, ``encoder_hidden_size``) and ``max_txt_len`` are
+filled in by the trainer. With ``--stage 2`` ``model`` holds the stage-1 checkpoint's ``qformer`` fields and
+``ln_vision_eps`` (over what the checkpoint's own run folder or files say; see :mod:`blipfast.train.adapters`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,18 @@ from typing import Any
 # name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
 # None as default: unset (derived or optional).
 OPTIONS: dict = {
+    # what is trained
+    "stage": (int, 1, "1: BLIP-2 stage 1 (ITC + ITM + ITG of the Q-Former, blipfast.Blip2Stage1); 2: stage 2 "
+              "(blipfast.Blip2Stage2: the Q-Former bridged to the frozen LLM of --llm by an LM loss on the "
+              "captions; needs --init, a stage-1 checkpoint)"),
+    "llm": (str, None, "stage 2: local Hugging Face LLM folder (decoder-only such as OPT, or seq2seq such as "
+            "Flan-T5) with its tokenizer; frozen"),
+    "llm_dtype": (str, "auto", "stage 2: dtype the frozen LLM runs in: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 "
+                  "or fp32"),
+    "prompt": (str, "", "stage 2: text before every caption whose tokens get no loss (label -100), e.g. 'a photo "
+               "of'; decoder-only LLMs read prompt + ' ' + caption, seq2seq LLMs take the prompt in the encoder"),
+    "text_suffix": (str, None, "stage 2, decoder-only LLMs: appended to every caption (default: the tokenizer's "
+                    "EOS token; LAVIS' OPT recipe appends a newline)"),
     # data
     "data": (str, None, "annotation file: JSONL or the JSON list of LAVIS/BLIP, rows {'image': path relative to "
              "--images, 'caption': text or list of texts}; without it a synthetic set is generated"),
@@ -28,11 +42,12 @@ OPTIONS: dict = {
                "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
                "image processor config; frozen"),
     "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision)"),
-    "tokenizer": (str, None, "local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as LAVIS "
-                  "does); default: train a WordPiece vocabulary on the captions and save it in the run folder"),
-    "vocab_size": (int, 30522, "WordPiece vocabulary size when training the tokenizer"),
+    "tokenizer": (str, None, "stage 1: local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as "
+                  "LAVIS does); default: train a WordPiece vocabulary on the captions and save it in the run folder. "
+                  "Stage 2: the LLM's tokenizer (default: the --llm folder's)"),
+    "vocab_size": (int, 30522, "stage 1: WordPiece vocabulary size when training the tokenizer"),
     "max_txt_len": (int, 32, "caption tokens (padded/truncated, LAVIS: 32)"),
-    "image_ids": (bool, True, "pairs showing the same image (annotation 'image_id', else the image path) are "
+    "image_ids": (bool, True, "stage 1: pairs showing the same image (annotation 'image_id', else the image path) are "
                   "ITC positives and never each other's ITM negatives, as LAVIS does with image ids"),
     "feature_dtype": (str, "bf16", "dtype the vision tokens are rounded to when training from images (the "
                       "dtype cache-features stores; bf16, fp16 or fp32)"),
@@ -42,20 +57,23 @@ OPTIONS: dict = {
                     "on CUDA)"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
     # model
-    "preset": (str, "auto", "Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC), tiny (a "
+    "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC), tiny (a "
                "CPU-sized test model) or auto (tiny for the synthetic set, else base)"),
-    "model": ("mapping", None, "Blip2Stage1Config fields over the preset, JSON on the command line, e.g. "
-              "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'"),
-    "init": (str, None, "start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a blipfast "
-             "checkpoint folder / model.safetensors"),
+    "model": ("mapping", None, "stage 1: Blip2Stage1Config fields over the preset, JSON on the command line, e.g. "
+              "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'; stage 2: the stage-1 "
+              "checkpoint's {\"qformer\": {QFormerConfig fields}, \"ln_vision_eps\": x} over what its run folder "
+              "or config.json says (e.g. dropout)"),
+    "init": (str, None, "stage 1: start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a "
+             "blipfast checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a blipfast "
+             "run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder"),
     # optimisation (SPEC.md section 3)
-    "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU)"),
+    "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
     "steps": (int, None, "optimizer steps (default: --epochs)"),
     "epochs": (float, None, "passes over the data when --steps is not given (default 10)"),
     "lr": (float, 1e-4, "peak learning rate"),
     "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
-    "warmup_steps": (int, 5000, "linear warm-up steps"),
+    "warmup_steps": (int, 5000, "linear warm-up steps (stage 2: 2000)"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
     "weight_decay": (float, 0.05, "AdamW weight decay (not on biases and 1-D parameters)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
@@ -65,15 +83,16 @@ OPTIONS: dict = {
                   "on CPU"),
     "compile": (bool, False, "torch.compile the model step"),
     "compile_backend": (str, "inductor", "torch.compile backend"),
-    "cuda_graph": (bool, False, "capture forward + backward + optimizer step in CUDA graphs (capturable AdamW, "
-                   "static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
+    "cuda_graph": (bool, False, "stage 1: capture forward + backward + optimizer step in CUDA graphs (capturable "
+                   "AdamW, static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
     "device": (str, "auto", "cpu, cuda or auto (cuda when available; cuda:LOCAL_RANK under torchrun)"),
     "seed": (int, 42, "random seed (weights, data order, dropout, negatives)"),
     # output
     "out": (str, None, "run folder (default ./runs/<timestamp>)"),
     "save_every": (int, 1000, "write a checkpoint every this many steps (0: only at the end)"),
     "keep": (int, 3, "checkpoints kept (the oldest are deleted)"),
-    "save_lavis": (bool, False, "also write each checkpoint's weights as a LAVIS .pth (to_lavis_state_dict)"),
+    "save_lavis": (bool, False, "also write each checkpoint's weights as a LAVIS .pth (LAVIS names; stage 2: the "
+                   "trained parts, with opt_proj / t5_proj)"),
     "log_every": (int, 10, "steps per row of log.jsonl and per progress-bar update"),
     "plot_every": (int, 100, "steps between refreshes of loss.png"),
     "progress": (bool, True, "tqdm progress bar"),
@@ -85,11 +104,16 @@ OPTIONS: dict = {
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
                   "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
 
+# LAVIS' stage-2 recipe (lavis/projects/blip2/train/pretrain_stage2.yaml): lr 1e-4 -> 1e-5 cosine, warm-up from
+# 1e-6 over 2000 steps, weight decay 0.05, batch 64 per GPU; the other defaults are stage 1's
+STAGE2_DEFAULTS = {"batch_size": 64, "warmup_steps": 2000}
+
 # defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU
 SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 2e-3, "min_lr": 1e-4,
                       "vocab_size": 256, "max_txt_len": 16, "save_every": 0, "log_every": 5, "plot_every": 20}
 
-CHOICES = {"feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
+CHOICES = {"stage": (1, 2), "feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
+           "llm_dtype": ("auto", "bf16", "fp16", "fp32"),
            "preset": ("auto", "base", "tiny"), "precision": ("auto", "fp32", "bf16", "fp16")}
 
 PRESETS = {
@@ -221,7 +245,10 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     given = {k: _coerce(k, v, _flag(k)) for k, v in vars(args).items() if k in OPTIONS}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     cfg = {k: v[1] for k, v in OPTIONS.items()}
-    if "data" not in {**from_file, **given} or {**from_file, **given}.get("data") is None:
+    chosen = {**from_file, **given}
+    if chosen.get("stage") == 2:
+        cfg.update(STAGE2_DEFAULTS)
+    if chosen.get("data") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
     cfg.update(from_file)
     cfg.update(given)
@@ -252,6 +279,16 @@ def validate(cfg: dict) -> None:
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")
     need(not (cfg["features"] and cfg["data"] is None), "--features needs --data (the captions)")
+    if cfg["stage"] == 2:
+        need(cfg["llm"] is not None, "--stage 2 needs --llm LLM_DIR (a local Hugging Face LLM folder)")
+        need(os.path.isdir(cfg["llm"]), f"--llm: {cfg['llm']!r} is not a folder (a local Hugging Face LLM folder)")
+        need(cfg["init"] is not None, "--stage 2 needs --init STAGE1_CKPT (the stage-1 Q-Former, queries and "
+             "ln_vision)")
+        need(not cfg["cuda_graph"], "--cuda-graph is for stage 1 (the HF LLM's mask checks synchronise with the "
+             "host); use --compile")
+    else:
+        need(cfg["llm"] is None and not cfg["prompt"] and cfg["text_suffix"] is None,
+             "--llm, --prompt and --text-suffix are options of --stage 2")
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")

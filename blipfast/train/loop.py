@@ -1,5 +1,6 @@
 """The trainer behind ``blipfast train``: set-up (processes, data, tokenizer, model, optimizer, checkpoint) and
-the loop (steps, log rows, plot, checkpoints).
+the loop (steps, log rows, plot, checkpoints). What is trained (stage 1 or stage 2: tokenizer, model, loss,
+checkpoint weights) comes from an adapter of :mod:`blipfast.train.adapters`; the rest is shared.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
 cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
@@ -7,8 +8,9 @@ and removed again if the set-up fails after creating it, so a refused run leaves
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
 CPUs), builds the same model from the same seed, trains on its rows of each global batch
-(:class:`blipfast.data.GlobalBatchSampler`) and is wrapped in DDP; ``Blip2Stage1`` gathers the ITC features and
-exchanges the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
+(:class:`blipfast.data.GlobalBatchSampler`) and is wrapped in DDP (frozen parameters left out of its start-up
+broadcast: every rank loads them from the same files); ``Blip2Stage1`` gathers the ITC features and exchanges
+the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
 rank's RNG states. Dropout draws from each rank's own RNG (seeded ``seed`` + rank); the hard-negative draws use
 a seed that depends only on ``seed`` and the micro-step, the same on every rank.
 """
@@ -26,14 +28,14 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import PRESETS, RESUME_MUTABLE, read_run_config, validate, write_config
-from .logger import LOSSES, RunLog, peak_memory_mb
+from .adapters import DTYPES, make_adapter, model_config
+from .config import RESUME_MUTABLE, read_run_config, validate, write_config
+from .logger import RunLog, peak_memory_mb
 from .optim import WarmupCosine, make_optimizer
 from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "out")
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out")
 
 
 def mix_seed(seed: int, k: int) -> int:
@@ -42,39 +44,6 @@ def mix_seed(seed: int, k: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return (z ^ (z >> 31)) >> 1
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def model_config(cfg: dict, tokenizer, width: int):
-    """The Blip2Stage1Config of the run: preset < ``model`` < the fields the tokenizer and vision model fix."""
-    from ..models.blip2 import Blip2Stage1Config
-    from ..models.qformer import _DEFAULTS as QF_FIELDS
-
-    user = cfg["model"] or {}
-    unknown = sorted(set(user) - set(Blip2Stage1Config.FIELDS) - {"qformer"})
-    unknown += sorted(f"qformer.{k}" for k in set(user.get("qformer") or {}) - set(QF_FIELDS))
-    if unknown:
-        raise ValueError(f"--model: unknown field(s) {unknown}; Blip2Stage1Config has {list(Blip2Stage1Config.FIELDS)} "
-                         f"and qformer (QFormerConfig: {sorted(QF_FIELDS)})")
-    derived = {"max_txt_len": cfg["max_txt_len"], "bos_token_id": tokenizer.bos_token_id,
-               "qformer": {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                           "encoder_hidden_size": width}}
-    why = {"max_txt_len": "--max-txt-len", "bos_token_id": "the tokenizer's [DEC]", "vocab_size": "the tokenizer",
-           "pad_token_id": "the tokenizer", "encoder_hidden_size": "the vision model's width"}
-    for key, value in [(k, v) for k, v in derived.items() if k != "qformer"] + list(derived["qformer"].items()):
-        got = (user.get("qformer") or {}).get(key) if key in derived["qformer"] else user.get(key)
-        if got is not None and got != value:
-            raise ValueError(f"--model: {key}={got!r} contradicts {why[key]} ({value!r}); leave it out")
-    try:
-        return Blip2Stage1Config(**_merge(_merge(PRESETS[cfg["preset"]], user), derived))
-    except TypeError as exc:
-        raise ValueError(f"--model: {exc}") from None
 
 
 class _Dist:
@@ -157,7 +126,7 @@ class Trainer:
                 created = True
             self._setup(cfg, resume)
             if resume is not None:
-                state = ckpt.load_checkpoint(ck, self.core)
+                state = ckpt.load_checkpoint(ck, lambda folder: self.adapter.load(self.core, folder))
                 self._restore(state)
         except BaseException:
             if created:
@@ -170,11 +139,13 @@ class Trainer:
         self.global_batch = cfg["batch_size"] * d.world * cfg["grad_accum"]
         if d.main:
             n_params = sum(p.numel() for p in self.core.parameters())
-            self.log(f"blipfast train: {self.ann.summary()}; {d.world} process(es) on {d.device}, global batch "
-                     f"{self.global_batch}, steps {self.step} -> {self.end} of {self.total_steps} "
-                     f"({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters, "
-                     f"{cfg['precision']}; run folder {cfg['out']}")
-        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"])
+            n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+            trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
+            self.log(f"blipfast train: stage {cfg['stage']}, {self.ann.summary()}; {d.world} process(es) on "
+                     f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
+                     f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
+                     f"{trained}, {cfg['precision']}; run folder {cfg['out']}")
+        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"], losses=self.adapter.losses)
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------
@@ -182,11 +153,11 @@ class Trainer:
 
     def _setup(self, cfg: dict, resume) -> None:
         from ..data import (FeatureCache, FeatureTextDataset, GlobalBatchSampler, ImageTextDataset, collate,
-                            load_tokenizer, load_vision_tower, read_annotations, tokenize, train_wordpiece)
+                            load_vision_tower, read_annotations)
         from ..data.annotations import keep_pairs
-        from ..models.blip2 import Blip2Stage1
 
         d, dev, out = self.dist, self.dist.device, cfg["out"]
+        self.adapter = adapter = make_adapter(cfg)
         if cfg["preset"] == "auto":
             cfg["preset"] = "tiny" if cfg["data"] is None else "base"
         if cfg["data"] is None:  # the synthetic set, generated into the run folder
@@ -211,29 +182,15 @@ class Trainer:
                                                  dtype=DTYPES.get(vdt, torch.float32))
             width = tower.width
         self.ann = ann
-        tok_dir = os.path.join(out, "tokenizer")
-        if cfg["tokenizer"] is not None:
-            tok = load_tokenizer(cfg["tokenizer"])
-        else:
-            if d.main:
-                train_wordpiece(ann.captions, cfg["vocab_size"]).save_pretrained(tok_dir)
-            d.barrier()
-            tok = load_tokenizer(tok_dir)
-            cfg["tokenizer"] = tok_dir
-        self.tokenizer = tok
-        mcfg = model_config(cfg, tok, width)
-        cfg["model"] = mcfg.to_dict()
-        ids, mask = tokenize(tok, ann.captions, cfg["max_txt_len"])
-
+        self.tokenizer = tok = adapter.tokenizer(cfg, ann, d)
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-        self.core = model = Blip2Stage1(mcfg).to(dev).train()
-        if cfg["init"] is not None and resume is None:
-            ckpt.load_init_weights(cfg["init"], model)
+        self.core = model = adapter.build(cfg, tok, width, dev, fresh=resume is None)
+        text = adapter.tokenize(model, tok, ann.captions, cfg)
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
-        ds = FeatureTextDataset(ann, cache, ids, mask) if feats else \
-            ImageTextDataset(ann, cfg["images"], processor, ids, mask, report_path=report)
+        ds = FeatureTextDataset(ann, cache, text) if feats else \
+            ImageTextDataset(ann, cfg["images"], processor, text, report_path=report)
         self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
         self.steps_per_epoch = self.sampler.steps_per_epoch / cfg["grad_accum"]
         if cfg["steps"] is None:
@@ -260,16 +217,18 @@ class Trainer:
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            if frozen:  # the same files on every rank: no start-up broadcast of a frozen LLM
+                DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
             wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
         if cfg["compile"]:
             wrapped = torch.compile(wrapped, backend=cfg["compile_backend"])
             if tower is not None:
                 tower = torch.compile(tower, backend=cfg["compile_backend"])
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
-        self.stepper = cls(wrapped, self.optimizer, device=dev, tower=tower, scaler=self.scaler, amp_dtype=amp,
-                           grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
-                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]],
-                           image_ids=cfg["image_ids"])
+        self.stepper = cls(wrapped, self.optimizer, adapter.step_loss, device=dev, tower=tower, scaler=self.scaler,
+                           amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
+                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]])
         self.step = 0
         self.micro_step = 0
         self._iter = None
@@ -304,7 +263,7 @@ class Trainer:
     # the loop
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step (``grad_accum`` micro-steps); the mean losses [4] as a device tensor (no sync)."""
+        """One optimizer step (``grad_accum`` micro-steps); the mean losses as a device tensor (no sync)."""
         if self._iter is None:
             self._iter = self._batches()
         acc = None
@@ -331,8 +290,10 @@ class Trainer:
             state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
                      "step": self.step, "micro_step": self.micro_step, "world_size": d.world}
-            path = ckpt.save_checkpoint(self.cfg["out"], self.step, self.core, state, self.cfg["keep"],
-                                        lavis=self.cfg["save_lavis"])
+            path = ckpt.save_checkpoint(self.cfg["out"], self.step,
+                                        lambda folder: self.adapter.save(self.core, folder, self.step,
+                                                                         self.cfg["save_lavis"]),
+                                        state, self.cfg["keep"])
         d.barrier()
         return path
 
@@ -364,7 +325,7 @@ class Trainer:
                     vals = acc.tolist()  # the one host sync per log row
                     now = time.perf_counter()
                     row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
-                           **dict(zip(LOSSES, vals)), "lr": self.schedule.value(s - 1),
+                           **dict(zip(self.adapter.losses, vals)), "lr": self.schedule.value(s - 1),
                            "images_per_s": global_batch * n_acc / max(now - t_last, 1e-9),
                            "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3)}
                     self.runlog.log(row)

@@ -1,12 +1,13 @@
-"""One training micro-step and optimizer step of stage 1: eager (optionally ``torch.compile``d) or replayed from
-CUDA graphs.
+"""One training micro-step and optimizer step: eager (optionally ``torch.compile``d) or replayed from CUDA graphs
+(stage 1).
 
-A micro-step moves a batch to the device, runs the frozen vision tower when training from images (its tokens
-rounded to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers),
-then :class:`blipfast.Blip2Stage1` under autocast, and back-propagates ``loss / grad_accum``. It returns the
-four losses as a detached device tensor: nothing in a step synchronises with the host (the trainer reads the
-losses once per log row). The hard-negative draw takes ``sample_seed`` from the host (a device fill, no copy):
-every rank passes the same seed, so W ranks draw what one process with the global batch draws.
+A micro-step moves a batch to the device, runs the frozen vision tower when training from images (its tokens rounded
+to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers), then the
+model under autocast through the adapter's ``step_loss`` (:mod:`blipfast.train.adapters`), and back-propagates
+``loss / grad_accum``. It returns the logged losses as a detached device tensor: nothing in a step synchronises with
+the host (the trainer reads the losses once per log row). The hard-negative draw takes ``sample_seed`` from the host
+(a device fill, no copy): every rank passes the same seed, so W ranks draw what one process with the global batch
+draws.
 
 :class:`GraphStepper` (``--cuda-graph``) runs the first ``WARMUP`` optimizer steps eagerly on a side stream
 (Triton autotuning, optimizer state allocation), then captures two graphs over static input buffers and one
@@ -24,14 +25,15 @@ WARMUP = 3  # eager optimizer steps before the CUDA graphs are captured
 
 
 class Stepper:
-    """Eager (or compiled) steps. ``model``: the module to call (maybe DDP- or compile-wrapped); ``tower``: the
-    frozen vision tower when the batches hold ``pixel_values``."""
+    """Eager (or compiled) steps. ``model``: the module to call (maybe DDP- or compile-wrapped); ``step_loss``:
+    the adapter's ``(model, embeds, inp, seed) -> (loss, logged losses)``; ``tower``: the frozen vision tower when
+    the batches hold ``pixel_values``."""
 
-    def __init__(self, model, optimizer, *, device, tower=None, scaler=None, amp_dtype=None, grad_accum: int = 1,
-                 grad_clip: float = 0.0, feature_dtype=torch.bfloat16, image_ids: bool = True, params=None):
-        self.model, self.optimizer, self.tower, self.scaler = model, optimizer, tower, scaler
+    def __init__(self, model, optimizer, step_loss, *, device, tower=None, scaler=None, amp_dtype=None,
+                 grad_accum: int = 1, grad_clip: float = 0.0, feature_dtype=torch.bfloat16, params=None):
+        self.model, self.optimizer, self.step_loss, self.tower, self.scaler = model, optimizer, step_loss, tower, scaler
         self.device, self.amp_dtype, self.accum = device, amp_dtype, grad_accum
-        self.grad_clip, self.feature_dtype, self.image_ids = grad_clip, feature_dtype, image_ids
+        self.grad_clip, self.feature_dtype = grad_clip, feature_dtype
         self.params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
         self.ddp = hasattr(model, "no_sync")
         self.tower_dtype = next(tower.parameters()).dtype if tower is not None else None
@@ -47,16 +49,14 @@ class Stepper:
         return {k: v.to(self.device, non_blocking=nb) for k, v in batch.items() if k != "index"}
 
     def forward(self, inp: dict, seed: torch.Tensor):
-        """(metrics [4] fp32 detached, loss to back-propagate) of one micro-batch already on the device."""
+        """(logged losses fp32 detached, loss to back-propagate) of one micro-batch already on the device."""
         with self.autocast():
             if self.tower is not None:
                 embeds = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
             else:
                 embeds = inp["image_embeds"]
-            out = self.model(embeds, inp["input_ids"], inp["attention_mask"],
-                             image_ids=inp["image_id"] if self.image_ids else None, sample_seed=seed)
-        metrics = torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_lm]).detach().float()
-        return metrics, out.loss / self.accum
+            loss, metrics = self.step_loss(self.model, embeds, inp, seed)
+        return metrics, loss / self.accum
 
     def micro(self, batch: dict, seed: int, last: bool) -> torch.Tensor:
         inp = self.to_device(batch)

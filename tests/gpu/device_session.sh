@@ -43,6 +43,9 @@ python -c 'import blipfast, json; print(json.dumps(blipfast.build_info()))' >>"$
 # 1. correctness on the GPU: every -m gpu test (kernels against their references in fp16/bf16/fp32, the stage-1
 #    step against LAVIS' restatement, compile without syncs, the training step in a CUDA graph, ...)
 phase "pytest -m gpu" 150 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests -p no:cacheprovider -rfE
+# the attention hardening suites (NaN/inf, out-of-range kv_index) take the device's tensors when there is one
+phase "attention NaN + kv_index suites on CUDA" 60 "$OUT/pytest-gpu.log" python -m pytest -q -p no:cacheprovider -rfE \
+  tests/test_attention_nan.py tests/test_attention_index_range.py
 
 # 2. compute-sanitizer on the newest kernels: the Triton attention (itc_itg mode, masked kv_index tables) and
 #    the CUDA epilogue (its statistics now one [2, R] buffer)
