@@ -16,6 +16,7 @@ pins the HF behaviour so that a fix upstream shows).
 """
 from __future__ import annotations
 
+import copy
 import functools
 from types import SimpleNamespace
 
@@ -348,7 +349,8 @@ def test_dropout_in_training_only():
 @pytest.mark.parametrize("mode", ["encoder-kv-index", "decoder"])
 def test_runs_on_triton_kernels(monkeypatch, mode):
     """With BLIPFAST_BACKEND=triton the attention of the text model goes through the Triton kernels (the
-    interpreter on CPU) and matches the reference backend in outputs and every parameter gradient."""
+    interpreter on CPU) and matches the float64 model within PyTorch's fp32 error, in outputs and every
+    parameter gradient."""
     pytest.importorskip("triton")
     import blipfast.kernels.attention as kern
 
@@ -364,15 +366,17 @@ def test_runs_on_triton_kernels(monkeypatch, mode):
         img_mask = _padding(2, 9)
         kv_index = torch.tensor([0, 1, 0])
 
-    def run():
-        model.zero_grad(set_to_none=True)
+    def run(dtype):
+        m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        m.zero_grad(set_to_none=True)
+        img = image.to(dtype)
         if mode == "decoder":
-            out = model(ids, attention_mask=mask, encoder_hidden_states=image[kv_index],
-                        encoder_attention_mask=img_mask[kv_index], is_decoder=True)
+            out = m(ids, attention_mask=mask, encoder_hidden_states=img[kv_index],
+                    encoder_attention_mask=img_mask[kv_index], is_decoder=True)
         else:
-            out = model(ids, attention_mask=mask, encoder_kv=model.image_kv(image, img_mask), kv_index=kv_index)
+            out = m(ids, attention_mask=mask, encoder_kv=m.image_kv(img, img_mask), kv_index=kv_index)
         out.last_hidden_state.square().sum().backward()
-        return out.last_hidden_state.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+        return out.last_hidden_state.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
                                                 if p.grad is not None}
 
     assert_triton_matches_torch(monkeypatch, calls, run)

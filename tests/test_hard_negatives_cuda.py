@@ -104,10 +104,12 @@ def test_reference_chi_square_cpu():
     _chi_square_check(lambda *a: sample_hard_negatives_ref(*a), "cpu")
 
 
-def test_reference_extreme_logits_cpu():
+def check_draw_rules(sampler, device):
+    """On extreme logits (NaN, +-inf, +-3e38) and a row with nothing drawable: -1 exactly for rows with no
+    drawable column, never a NaN, -inf or excluded column, and a +inf logit always wins."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for s1, s2, d, seed, off in _cases("cpu", dtype):
-            for s, idx in zip((s1, s2), sample_hard_negatives_ref(s1, s2, d, seed, off)):
+        for s1, s2, d, seed, off in _cases(device, dtype):
+            for s, idx in zip((s1, s2), sampler(s1, s2, d, seed, off)):
                 ok = d & ~torch.isnan(s.double()) & (s.double() != float("-inf"))
                 assert idx.dtype == torch.int64
                 has = ok.any(1)
@@ -117,6 +119,10 @@ def test_reference_extreme_logits_cpu():
                 inf_rows = (s.double() == float("inf")) & ok
                 for r in torch.nonzero(inf_rows.any(1)).flatten():
                     assert bool(inf_rows[r, idx[r]]), "a +inf logit must win"
+
+
+def test_reference_extreme_logits_cpu():
+    check_draw_rules(sample_hard_negatives_ref, "cpu")
 
 
 def test_image_ids_exclusion_and_single_pair():
@@ -158,15 +164,21 @@ def test_gathered_rows_match_single_process():
 # the C++ kernel's CPU build (same per-element code as the CUDA kernel)
 
 
+def check_matches_reference(op, device, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
+    """op(s_i2t, s_t2i, drawable, seed, row_offset) returns the reference's indices exactly, on awkward sizes,
+    extreme logits and rank offsets, for every logit dtype."""
+    for dtype in dtypes:
+        for s1, s2, d, seed, off in _cases(device, dtype):
+            ref = sample_hard_negatives_ref(s1, s2, d, seed, off)
+            got = op(s1, s2, d, seed, off)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (dtype, tuple(s1.shape), off)
+
+
 def test_cpp_cpu_matches_reference_bit_for_bit():
     op = _cpp_op()
     if op is None:
         pytest.skip("blipfast._C is not built here (pip install -e . builds it)")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for s1, s2, d, seed, off in _cases("cpu", dtype):
-            ref = sample_hard_negatives_ref(s1, s2, d, seed, off)
-            got = op(s1, s2, d, seed, off)
-            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (dtype, tuple(s1.shape), off)
+    check_matches_reference(op, "cpu")
 
 
 def test_cpp_cpu_chi_square():

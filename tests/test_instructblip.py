@@ -10,7 +10,7 @@ import torch
 import blipfast
 from blipfast.models.blip2_stage2 import Blip2Stage2
 from tests import blip2_tiny as T
-from tests.conftest import assert_within_torch_error
+from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
 
 Q = T.NUM_QUERY
 
@@ -58,8 +58,8 @@ def test_qformer_matches_hf_outputs_and_gradients(inputs):
     g64, g32 = dict(ref64.named_parameters()), dict(hf.named_parameters())
     graded = [(n, p) for n, p in bf.named_parameters() if g32[n].grad is not None]
     assert len(graded) > 10
-    for n, p in graded:
-        assert_within_torch_error(p.grad, g64[n].grad, g32[n].grad, name=f"grad {n}")
+    assert_grads_within_torch_error({n: p.grad for n, p in graded}, {n: g64[n].grad for n, _ in graded},
+                                    {n: g32[n].grad for n, _ in graded})
 
 
 def test_patch_shares_parameters_and_reverts():

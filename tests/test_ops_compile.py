@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import blipfast.ops as O
-from tests.conftest import assert_close
 
 F32 = torch.float32
 ops = torch.ops.blipfast
@@ -117,7 +116,11 @@ def test_opcheck_sample_hard_negatives(with_ids):
 
 
 def _compare_compiled(fn, inputs, backend="aot_eager"):
-    """Run fn eagerly and compiled (fullgraph) on copies of ``inputs``; outputs and input gradients equal."""
+    """Run fn eagerly and compiled (fullgraph) on copies of ``inputs``: outputs and input gradients are equal
+    bit for bit. The compiled graph calls the very same custom ops (opaque to the compiler) on the same
+    inputs with the same upstream gradient (the loss is formed outside), and what the compiler generates
+    around them here is views, copies and the sums of gradient contributions that eager autograd also does
+    in the same dtype: nothing is reassociated, so no rounding can differ."""
     def run(f):
         xs = [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
         outs = f(*xs)
@@ -129,15 +132,13 @@ def _compare_compiled(fn, inputs, backend="aot_eager"):
     torch._dynamo.reset()
     eager = run(fn)
     compiled = run(torch.compile(fn, fullgraph=True, backend=backend))
-    for a, b in zip(eager[0], compiled[0]):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        if a.is_floating_point():
-            assert_close(b.detach(), a.detach(), dtype=F32, scale=10.0)
-        else:
-            assert torch.equal(a, b)
+    assert len(eager[0]) == len(compiled[0])
+    for i, (a, b) in enumerate(zip(eager[0], compiled[0])):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"output {i}"
+        assert torch.equal(a, b), f"output {i}: compiled differs from eager by {(a.double() - b.double()).abs().max()}"
     assert len(eager[1]) == len(compiled[1])
-    for a, b in zip(eager[1], compiled[1]):
-        assert_close(b, a, dtype=F32, scale=10.0, name="grad")
+    for i, (a, b) in enumerate(zip(eager[1], compiled[1])):
+        assert torch.equal(a, b), f"grad {i}: compiled differs from eager by {(a.double() - b.double()).abs().max()}"
 
 
 def test_compile_qformer_attention():

@@ -92,11 +92,22 @@ def test_parity_with_lavis_float64(name):
         assert err <= 1e-11 * scale, f"{n}: {err:.3e} (scale {scale:.3e})"
 
 
+def _check_gradients(fg, rg, lg, temp):
+    """The gradients as one vector (every parameter and image_embeds) but temp: a gradient that is a small sum
+    of large, cancelling terms carries an fp32 error relative to its terms, not to itself, on either path.
+    d loss / d temp is such a sum with far larger terms, (p - target) * s / temp with |s| <= 1 / temp for
+    normalized features: on its own, its floor at 1 / temp^2."""
+    names = sorted(n for n in rg if n != "temp")
+    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
+    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    assert_within_torch_error(fg["temp"].cpu(), rg["temp"], lg["temp"], dtype=torch.float32, name="d temp",
+                              magnitude=1.0 / float(temp.detach()) ** 2)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity_with_lavis_float32(name):
     """blipfast fp32 vs the float64 ground truth, yardstick the baseline's own fp32 error. Each loss on its own;
-    the gradients as one vector (every parameter and image_embeds): a gradient that is a small sum of large,
-    cancelling terms carries an fp32 error relative to its terms, not to itself, on either path."""
+    the gradients as _check_gradients holds them."""
     img, ids, mask, fast, base, which = _case(name)
     model = Blip2Stage1(tiny_config()).eval()
     fo, fg = _run(model, fast, torch.float32, img, ids, mask, which)
@@ -104,9 +115,7 @@ def test_parity_with_lavis_float32(name):
     ro, rg = _run(model, base, F64, img, ids, mask, which)
     for k in which or LOSSES:
         assert_within_torch_error(fo[k].reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32, name=k)
-    names = sorted(rg)
-    cat = lambda g: torch.cat([g[n].double().flatten() for n in names])  # noqa: E731
-    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    _check_gradients(fg, rg, lg, model.temp)
 
 
 def test_parity_on_triton_kernels(monkeypatch):
@@ -122,9 +131,7 @@ def test_parity_on_triton_kernels(monkeypatch):
     ro, rg = _run(model, base, F64, img, ids, mask, which)
     for k in LOSSES:
         assert_within_torch_error(fo[k].reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32, name=k)
-    names = sorted(rg)
-    cat = lambda g: torch.cat([g[n].double().flatten() for n in names])  # noqa: E731
-    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    _check_gradients(fg, rg, lg, model.temp)
 
 
 def test_sampled_negatives_are_the_ops_draws():
@@ -354,9 +361,7 @@ def test_parity_on_gpu_kernels():
     for k in LOSSES:
         assert_within_torch_error(fo[k].cpu().reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32,
                                   name=k)
-    names = sorted(rg)
-    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
-    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    _check_gradients(fg, rg, lg, model.temp)
 
 
 @pytest.mark.gpu
