@@ -16,8 +16,8 @@ no counter disturbs another) and returns a :class:`Cost`:
 Counting the GPU path without a GPU: run the step on meta tensors inside ``dispatch_meta_as_cuda()``: every op
 takes the backend it takes on a CUDA device (Triton / CUDA C++) and its fake implementation stands in for the
 kernel, so the same Python, the same custom ops and the same saved tensors are counted as on a GPU. PyTorch's
-SDPA on meta decomposes into its math path; ``sdpa`` below calls the memory-efficient kernel that CUDA picks for
-a masked SDPA instead, so a baseline is counted as it runs on a GPU too. On meta tensors ``.item()`` cannot
+SDPA on meta decomposes into its math path; ``sdpa`` (blipfast.ops._common, re-exported here) calls the
+memory-efficient kernel that CUDA picks for a masked SDPA instead, so a baseline is counted as it runs on a GPU. On meta tensors ``.item()`` cannot
 run: the counter answers it with 0 (and counts the sync).
 """
 from __future__ import annotations
@@ -28,11 +28,10 @@ import dataclasses
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops._common import dispatch_meta_as_cuda
+from ..ops._common import dispatch_meta_as_cuda, sdpa  # noqa: F401  (sdpa: re-exported for the baselines)
 
 aten = torch.ops.aten
 
@@ -163,15 +162,6 @@ def counting_gpu_path():
     """Meta tensors take the GPU's dispatch decisions (see the module doc)."""
     with dispatch_meta_as_cuda():
         yield
-
-
-def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
-    """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors the memory-efficient kernel that
-    CUDA runs for a masked SDPA (PyTorch would decompose it into its math path there)."""
-    if q.device.type != "meta":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-    bias = None if attn_mask is None else attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p)[0]
 
 
 def format_cost_table(rows: list[tuple[str, Cost]], base: str) -> str:

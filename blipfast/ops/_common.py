@@ -247,3 +247,15 @@ def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(t)
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
+    """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors (counting the GPU path, see
+    ``dispatch_meta_as_cuda``) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise
+    decompose into its math path there (materialised probabilities)."""
+    import torch.nn.functional as F
+
+    if q.device.type != "meta":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    bias = None if attn_mask is None else attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p)[0]
