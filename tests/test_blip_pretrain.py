@@ -330,3 +330,30 @@ def test_forward_validates_its_arguments():
         model(px, ids, mask, alpha=0.4, negatives=(torch.tensor([1, 0]),))
     with pytest.raises(ValueError, match="queue_size"):
         BlipPretrain(tiny_config(queue_size=1))(px, ids, mask, alpha=0.4)
+
+
+def test_vit_sdpa_attention_equals_hf_eager():
+    """use_sdpa_attention changes only how the ViT's attention is computed: outputs and every gradient equal HF's
+    eager BlipVisionModel (float64), parameters and state dict keys unchanged, and it can be undone."""
+    from transformers import BlipVisionModel
+
+    from blipfast.models.blip_vision import SdpaBlipAttention, use_eager_attention, use_sdpa_attention
+
+    torch.manual_seed(5)
+    hf = BlipVisionModel(tiny_config().vision).double()
+    fast = use_sdpa_attention(copy.deepcopy(hf))
+    assert any(isinstance(m, SdpaBlipAttention) for m in fast.modules())
+    assert list(fast.state_dict()) == list(hf.state_dict())
+    x = torch.randn(2, 3, 16, 16, dtype=F64)
+    outs = []
+    for m in (hf, fast):
+        xi = x.clone().requires_grad_()
+        y = m(pixel_values=xi).last_hidden_state
+        (y * torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-10, atol=1e-12)
+    for n, g in outs[0][2].items():
+        torch.testing.assert_close(outs[1][2][n], g, rtol=1e-10, atol=1e-12, msg=n)
+    use_eager_attention(fast)
+    assert not any(isinstance(m, SdpaBlipAttention) for m in fast.modules())
