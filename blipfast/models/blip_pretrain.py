@@ -63,7 +63,7 @@ TEXT_FIELDS = tuple(TEXT_DEFAULTS) + ("encoder_hidden_size",)
 # BLIP's ViT-B/16 at 224 px (timm's LayerNorm eps 1e-6, no dropout)
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6, attention_dropout=0.0,
-                       initializer_range=0.02, num_channels=3)
+                       initializer_range=0.02)
 VISION_FIELDS = tuple(VISION_DEFAULTS)
 
 
@@ -169,11 +169,10 @@ def _check_batch(cfg: BlipPretrainConfig, pixel_values, input_ids, attention_mas
     v = cfg.vision
     size = v.image_size
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or not pixel_values.is_floating_point() \
-            or tuple(pixel_values.shape[1:]) != (v.num_channels, size, size) or pixel_values.shape[0] == 0:
+            or tuple(pixel_values.shape[1:]) != (3, size, size) or pixel_values.shape[0] == 0:
         got = (f"{list(pixel_values.shape)} {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor)
                else type(pixel_values).__name__)
-        raise ValueError(f"BlipPretrain: pixel_values must be a float tensor [B, {v.num_channels}, {size}, {size}], "
-                         f"got {got}")
+        raise ValueError(f"BlipPretrain: pixel_values must be a float tensor [B, 3, {size}, {size}], got {got}")
     b = pixel_values.shape[0]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != b \
             or input_ids.dtype not in (torch.int64, torch.int32):

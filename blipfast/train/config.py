@@ -1,13 +1,15 @@
 """The options of ``blipfast train``: one table gives the command-line flags, the config-file keys, their types,
 defaults and help, and the resolved ``config.yaml`` written into every run folder.
 
-Precedence: built-in defaults < the synthetic set's defaults (only without ``--data``) < ``--config FILE`` <
-flags given on the command line. A config file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the
+Precedence: built-in defaults < the model's recipe (``--model blip``: BLIP's ``configs/pretrain.yaml``) < the
+synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the
 flags' names as keys (``batch_size`` or ``batch-size``); an unknown key or a value of the wrong type is refused
-before anything starts. ``model`` is a mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested
-``qformer`` mapping of :class:`blipfast.QFormerConfig` fields) over the ``preset``; the fields that follow
-from the tokenizer and the vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``,
-``encoder_hidden_size``) and ``max_txt_len`` are filled in by the trainer.
+before anything starts. ``model`` names the model (``blip2``, the default, or ``blip``; see
+:mod:`blipfast.train.models`) or is a mapping of its config fields over the ``preset`` with ``name`` saying which:
+:class:`blipfast.Blip2Stage1Config` fields (a nested ``qformer`` mapping of :class:`blipfast.QFormerConfig`
+fields), or :class:`blipfast.BlipPretrainConfig` fields (nested ``text`` and ``vision`` mappings); the fields that
+follow from the tokenizer and the vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``,
+``encoder_hidden_size``, ...) and ``max_txt_len`` are filled in by the trainer.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import difflib
 import json
 import os
 from typing import Any
+
+from .models import MODELS, model_kind
 
 # name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
 # None as default: unset (derived or optional).
@@ -26,14 +30,17 @@ OPTIONS: dict = {
     "images": (str, None, "folder the annotation's image paths are relative to (with --vision)"),
     "vision": (str, None, "local Hugging Face vision model folder (Blip2VisionModel, CLIPVisionModel, "
                "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
-               "image processor config; frozen"),
-    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision)"),
+               "image processor config; frozen. With --model blip: a BlipVisionModel or BLIP folder whose weights "
+               "start the trainable ViT (optional: without it the ViT starts from random weights or --init)"),
+    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision; "
+                 "not with --model blip, whose ViT trains)"),
     "tokenizer": (str, None, "local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as LAVIS "
                   "does); default: train a WordPiece vocabulary on the captions and save it in the run folder"),
     "vocab_size": (int, 30522, "WordPiece vocabulary size when training the tokenizer"),
-    "max_txt_len": (int, 32, "caption tokens (padded/truncated, LAVIS: 32)"),
+    "max_txt_len": (int, 32, "caption tokens (padded/truncated; LAVIS: 32, BLIP: 30)"),
     "image_ids": (bool, True, "pairs showing the same image (annotation 'image_id', else the image path) are "
-                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids"),
+                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids (default off "
+                  "for --model blip: BLIP_Pretrain has none)"),
     "feature_dtype": (str, "bf16", "dtype the vision tokens are rounded to when training from images (the "
                       "dtype cache-features stores; bf16, fp16 or fp32)"),
     "vision_dtype": (str, "auto", "dtype the frozen vision model runs in: auto (bf16 on CUDA, fp32 on CPU), "
@@ -42,12 +49,16 @@ OPTIONS: dict = {
                     "on CUDA)"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
     # model
-    "preset": (str, "auto", "Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC), tiny (a "
-               "CPU-sized test model) or auto (tiny for the synthetic set, else base)"),
-    "model": ("mapping", None, "Blip2Stage1Config fields over the preset, JSON on the command line, e.g. "
-              "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'"),
-    "init": (str, None, "start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a blipfast "
-             "checkpoint folder / model.safetensors"),
+    "preset": (str, "auto", "model size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; BLIP: ViT-B/16 "
+               "at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the synthetic set, else "
+               "base)"),
+    "model": ("mapping", None, "the model: blip2 (default: BLIP-2 stage 1, Blip2Stage1) or blip (BLIP v1 "
+              "pre-training, BlipPretrain), or its config fields over the preset as JSON, with \"name\" saying "
+              "which, e.g. '{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}' or "
+              "'{\"name\": \"blip\", \"queue_size\": 57600, \"text\": {\"num_hidden_layers\": 6}}'"),
+    "init": (str, None, "start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis), a Salesforce "
+             "BLIP .pth with --model blip (BlipPretrain.from_lavis), or a blipfast checkpoint folder / "
+             "model.safetensors"),
     # optimisation (SPEC.md section 3)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
@@ -92,12 +103,7 @@ SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 
 CHOICES = {"feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
            "preset": ("auto", "base", "tiny"), "precision": ("auto", "fp32", "bf16", "fp16")}
 
-PRESETS = {
-    "base": {},  # Blip2Stage1Config defaults: LAVIS stage 1
-    "tiny": {"num_query_tokens": 8, "embed_dim": 64,
-             "qformer": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
-                         "num_hidden_layers": 2, "max_position_embeddings": 64}},
-}
+PRESETS = MODELS["blip2"].PRESETS  # the presets of the default model (see blipfast.train.models)
 
 
 def _flag(name: str) -> str:
@@ -158,10 +164,15 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise bad("a list of two numbers")
         value = [_coerce_float(name, v, where) for v in value]
     elif typ == "mapping":
-        if isinstance(value, str):
+        if isinstance(value, str) and name == "model" and value.strip() in MODELS:  # --model blip
+            value = {"name": value.strip()}
+        elif isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
+                if name == "model":
+                    raise ValueError(f"{where}: {value!r} is neither a model ({', '.join(MODELS)}) nor a JSON mapping "
+                                     f"({exc.msg})") from None
                 raise ValueError(f"{where}: {name} is not valid JSON ({exc.msg})") from None
         if not isinstance(value, dict):
             raise bad("a mapping")
@@ -220,12 +231,13 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     """(options, explicitly given ones) from defaults, the synthetic defaults, --config and the flags."""
     given = {k: _coerce(k, v, _flag(k)) for k, v in vars(args).items() if k in OPTIONS}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    chosen = {**from_file, **given}
     cfg = {k: v[1] for k, v in OPTIONS.items()}
-    if "data" not in {**from_file, **given} or {**from_file, **given}.get("data") is None:
+    cfg.update(model_kind(chosen.get("model")).DEFAULTS)
+    if chosen.get("data") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
-    cfg.update(from_file)
-    cfg.update(given)
-    return cfg, {**from_file, **given}
+    cfg.update(chosen)
+    return cfg, chosen
 
 
 def validate(cfg: dict) -> None:
@@ -246,7 +258,13 @@ def validate(cfg: dict) -> None:
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
-    if cfg["data"] is not None:
+    kind = model_kind(cfg["model"])
+    if kind.trains_vision:
+        need(cfg["features"] is None, f"--features cannot be used with --model {kind.name}: its ViT trains, so the "
+             f"image tokens change every step and cannot be cached; give --images DIR (the ViT's weights come from "
+             f"--vision VIT_DIR or --init CKPT)")
+        need(cfg["data"] is None or cfg["images"] is not None, f"--data needs --images DIR with --model {kind.name}")
+    elif cfg["data"] is not None:
         need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
              "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),

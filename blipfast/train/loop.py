@@ -1,5 +1,7 @@
 """The trainer behind ``blipfast train``: set-up (processes, data, tokenizer, model, optimizer, checkpoint) and
-the loop (steps, log rows, plot, checkpoints).
+the loop (steps, log rows, plot, checkpoints). The model is BLIP-2 stage 1 (``Blip2Stage1``, on a frozen vision
+tower or cached features) or BLIP v1 pre-training (``--model blip``: ``BlipPretrain``, whose ViT trains); what
+differs between them lives in :mod:`blipfast.train.models`.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
 cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
@@ -26,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import PRESETS, RESUME_MUTABLE, read_run_config, validate, write_config
+from .config import RESUME_MUTABLE, read_run_config, validate, write_config
 from .logger import LOSSES, RunLog, peak_memory_mb
+from .models import MODELS, default_blip_processor, load_blip_vision, model_kind
 from .optim import WarmupCosine, make_optimizer
 from .step import GraphStepper, Stepper
 
@@ -44,37 +47,9 @@ def mix_seed(seed: int, k: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def model_config(cfg: dict, tokenizer, width: int):
-    """The Blip2Stage1Config of the run: preset < ``model`` < the fields the tokenizer and vision model fix."""
-    from ..models.blip2 import Blip2Stage1Config
-    from ..models.qformer import _DEFAULTS as QF_FIELDS
-
-    user = cfg["model"] or {}
-    unknown = sorted(set(user) - set(Blip2Stage1Config.FIELDS) - {"qformer"})
-    unknown += sorted(f"qformer.{k}" for k in set(user.get("qformer") or {}) - set(QF_FIELDS))
-    if unknown:
-        raise ValueError(f"--model: unknown field(s) {unknown}; Blip2Stage1Config has {list(Blip2Stage1Config.FIELDS)} "
-                         f"and qformer (QFormerConfig: {sorted(QF_FIELDS)})")
-    derived = {"max_txt_len": cfg["max_txt_len"], "bos_token_id": tokenizer.bos_token_id,
-               "qformer": {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                           "encoder_hidden_size": width}}
-    why = {"max_txt_len": "--max-txt-len", "bos_token_id": "the tokenizer's [DEC]", "vocab_size": "the tokenizer",
-           "pad_token_id": "the tokenizer", "encoder_hidden_size": "the vision model's width"}
-    for key, value in [(k, v) for k, v in derived.items() if k != "qformer"] + list(derived["qformer"].items()):
-        got = (user.get("qformer") or {}).get(key) if key in derived["qformer"] else user.get(key)
-        if got is not None and got != value:
-            raise ValueError(f"--model: {key}={got!r} contradicts {why[key]} ({value!r}); leave it out")
-    try:
-        return Blip2Stage1Config(**_merge(_merge(PRESETS[cfg["preset"]], user), derived))
-    except TypeError as exc:
-        raise ValueError(f"--model: {exc}") from None
+    """The Blip2Stage1Config of a BLIP-2 run (see blipfast.train.models for every model)."""
+    return MODELS["blip2"].model_config(cfg, tokenizer, width)
 
 
 class _Dist:
@@ -184,27 +159,32 @@ class Trainer:
         from ..data import (FeatureCache, FeatureTextDataset, GlobalBatchSampler, ImageTextDataset, collate,
                             load_tokenizer, load_vision_tower, read_annotations, tokenize, train_wordpiece)
         from ..data.annotations import keep_pairs
-        from ..models.blip2 import Blip2Stage1
 
         d, dev, out = self.dist, self.dist.device, cfg["out"]
+        self.kind = kind = model_kind(cfg["model"])
         if cfg["preset"] == "auto":
             cfg["preset"] = "tiny" if cfg["data"] is None else "base"
         if cfg["data"] is None:  # the synthetic set, generated into the run folder
             from ..data.synthetic import make_synthetic
 
-            paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"]) \
-                if d.main else None
+            paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"],
+                                   vision_kind="blip" if kind.trains_vision else "blip2") if d.main else None
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
-        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats)
-        cache = tower = processor = None
+        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
+                               max_words=kind.max_words)
+        cache = tower = processor = vit = None
+        width = None
         if feats:
             cache = FeatureCache(cfg["features"])
             reasons = {k: f"image {k!r} not in the feature cache {cfg['features']!r}" for k in ann.images}
             reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
             ann = keep_pairs(ann, set(cache.where), reasons)
             width = cache.width
+        elif kind.trains_vision:  # the ViT is part of the model; --vision only gives its starting weights
+            if cfg["vision"] is not None:
+                vit, processor = load_blip_vision(cfg["vision"])
         else:
             vdt = "bf16" if cfg["vision_dtype"] == "auto" and dev.type == "cuda" else cfg["vision_dtype"]
             tower, processor = load_vision_tower(cfg["vision"], device=dev,
@@ -213,20 +193,26 @@ class Trainer:
         self.ann = ann
         tok_dir = os.path.join(out, "tokenizer")
         if cfg["tokenizer"] is not None:
-            tok = load_tokenizer(cfg["tokenizer"])
+            tok = kind.prepare_tokenizer(load_tokenizer(cfg["tokenizer"]))
         else:
             if d.main:
-                train_wordpiece(ann.captions, cfg["vocab_size"]).save_pretrained(tok_dir)
+                kind.prepare_tokenizer(train_wordpiece(ann.captions, cfg["vocab_size"])).save_pretrained(tok_dir)
             d.barrier()
-            tok = load_tokenizer(tok_dir)
+            tok = kind.prepare_tokenizer(load_tokenizer(tok_dir))
             cfg["tokenizer"] = tok_dir
         self.tokenizer = tok
-        mcfg = model_config(cfg, tok, width)
-        cfg["model"] = mcfg.to_dict()
+        self.model_cfg = mcfg = kind.model_config(cfg, tok, width, None if vit is None else vit.config)
+        cfg["model"] = mcfg.to_dict() if kind.name == "blip2" else {"name": kind.name, **mcfg.to_dict()}
         ids, mask = tokenize(tok, ann.captions, cfg["max_txt_len"])
+        if kind.trains_vision:
+            if processor is None:
+                processor = default_blip_processor(mcfg.vision.image_size)
+            if d.main:  # what the images went through, for the run's users (blipfast capfilt reads it)
+                processor.save_pretrained(os.path.join(out, "image_processor"))
 
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-        self.core = model = Blip2Stage1(mcfg).to(dev).train()
+        self.core = model = kind.build(mcfg, vit).to(dev).train()
+        del vit
         if cfg["init"] is not None and resume is None:
             ckpt.load_init_weights(cfg["init"], model)
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
@@ -311,7 +297,9 @@ class Trainer:
         n = self.cfg["grad_accum"]
         for k in range(n):
             batch = next(self._iter)
-            m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
+            scalars = self.kind.step_scalars(self.micro_step, self.sampler.steps_per_epoch, self.model_cfg)
+            m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1,
+                                   scalars=scalars)
             self.micro_step += 1
             acc = m if acc is None else acc + m
         self.step += 1

@@ -1,9 +1,10 @@
-"""One training micro-step and optimizer step of stage 1: eager (optionally ``torch.compile``d) or replayed from
-CUDA graphs.
+"""One training micro-step and optimizer step: eager (optionally ``torch.compile``d) or replayed from CUDA graphs.
 
-A micro-step moves a batch to the device, runs the frozen vision tower when training from images (its tokens
+A micro-step moves a batch to the device, runs the frozen vision tower when training BLIP-2 from images (its tokens
 rounded to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers),
-then :class:`blipfast.Blip2Stage1` under autocast, and back-propagates ``loss / grad_accum``. It returns the
+then the model (:class:`blipfast.Blip2Stage1`, or :class:`blipfast.BlipPretrain`, which takes the pixels itself)
+under autocast, and back-propagates ``loss / grad_accum``. Per-step scalars of the model (BLIP's ``alpha``) arrive
+as floats and enter the model as device tensors (filled, not copied; static buffers under CUDA graphs). It returns the
 four losses as a detached device tensor: nothing in a step synchronises with the host (the trainer reads the
 losses once per log row). The hard-negative draw takes ``sample_seed`` from the host (a device fill, no copy):
 every rank passes the same seed, so W ranks draw what one process with the global batch draws.
@@ -17,6 +18,7 @@ Each later micro-step is a copy into the static buffers and one replay.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -46,24 +48,29 @@ class Stepper:
         nb = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=nb) for k, v in batch.items() if k != "index"}
 
-    def forward(self, inp: dict, seed: torch.Tensor):
-        """(metrics [4] fp32 detached, loss to back-propagate) of one micro-batch already on the device."""
+    def forward(self, inp: dict, seed: torch.Tensor, scalars: Optional[dict] = None):
+        """(metrics [4] fp32 detached, loss to back-propagate) of one micro-batch already on the device;
+        ``scalars``: name -> 0-d device tensor, extra keyword arguments of the model."""
         with self.autocast():
             if self.tower is not None:
-                embeds = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
+                images = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
             else:
-                embeds = inp["image_embeds"]
-            out = self.model(embeds, inp["input_ids"], inp["attention_mask"],
-                             image_ids=inp["image_id"] if self.image_ids else None, sample_seed=seed)
+                images = inp["image_embeds"] if "image_embeds" in inp else inp["pixel_values"]
+            out = self.model(images, inp["input_ids"], inp["attention_mask"],
+                             image_ids=inp["image_id"] if self.image_ids else None, sample_seed=seed,
+                             **(scalars or {}))
         metrics = torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_lm]).detach().float()
         return metrics, out.loss / self.accum
 
-    def micro(self, batch: dict, seed: int, last: bool) -> torch.Tensor:
+    def scalar_tensors(self, scalars: Optional[dict]) -> dict:
+        return {k: torch.full((), float(v), dtype=torch.float32, device=self.device) for k, v in (scalars or {}).items()}
+
+    def micro(self, batch: dict, seed: int, last: bool, scalars: Optional[dict] = None) -> torch.Tensor:
         inp = self.to_device(batch)
         seed_t = torch.full((1,), seed, dtype=torch.int64, device=self.device)
         sync = contextlib.nullcontext() if (last or not self.ddp) else self.model.no_sync()
         with sync:
-            metrics, loss = self.forward(inp, seed_t)
+            metrics, loss = self.forward(inp, seed_t, self.scalar_tensors(scalars))
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if last:
             self.optimizer_step()
@@ -104,7 +111,7 @@ class GraphStepper(Stepper):
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            metrics, loss = self.forward(self.static["inp"], self.static["seed"])
+            metrics, loss = self.forward(self.static["inp"], self.static["seed"], self.static["scalars"])
             loss.backward()
             if last:
                 self.optimizer.step()
@@ -112,12 +119,13 @@ class GraphStepper(Stepper):
         self.pool = g.pool()
         self.graphs[last] = (g, metrics)
 
-    def micro(self, batch: dict, seed: int, last: bool) -> torch.Tensor:
+    def micro(self, batch: dict, seed: int, last: bool, scalars: Optional[dict] = None) -> torch.Tensor:
         if self.eager_steps < WARMUP:  # real training steps, eager, on a side stream
             self.side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.side):
                 inp = self.to_device(batch)
-                metrics, loss = self.forward(inp, torch.full((1,), seed, dtype=torch.int64, device=self.device))
+                metrics, loss = self.forward(inp, torch.full((1,), seed, dtype=torch.int64, device=self.device),
+                                             self.scalar_tensors(scalars))
                 loss.backward()
                 if last:
                     self.optimizer_step(set_to_none=False)
@@ -126,10 +134,13 @@ class GraphStepper(Stepper):
             return metrics
         if self.static is None:
             self.static = {"inp": {k: v.to(self.device).clone() for k, v in batch.items() if k != "index"},
-                           "seed": torch.zeros(1, dtype=torch.int64, device=self.device)}
+                           "seed": torch.zeros(1, dtype=torch.int64, device=self.device),
+                           "scalars": self.scalar_tensors(scalars)}
         for k, v in self.static["inp"].items():
             v.copy_(batch[k], non_blocking=True)
         self.static["seed"].fill_(seed)
+        for k, v in (scalars or {}).items():
+            self.static["scalars"][k].fill_(float(v))
         if last not in self.graphs:
             self._capture(last)
         g, metrics = self.graphs[last]
