@@ -1,4 +1,5 @@
-"""``blipfast train``: BLIP-2 stage-1 pre-training (ITC + ITM + ITG) of the Q-Former on a frozen vision encoder.
+"""``blipfast train``: BLIP-2 stage-1 pre-training (ITC + ITM + ITG) of the Q-Former on a frozen vision encoder, or
+BLIP (v1) pre-training with ``--model blip`` (ITC with momentum encoders and queues, ITM, LM; the ViT trains).
 
 Examples:
   blipfast train                                               # synthetic set, tiny model, CPU-sized
@@ -7,6 +8,8 @@ Examples:
   blipfast train --data ann.jsonl --features feats --out runs/b --config stage1.yaml
   torchrun --nproc-per-node 8 -m blipfast.cli train --data ann.jsonl --features feats --out runs/c
   blipfast train --resume runs/c
+  blipfast train --model blip                                  # BLIP pre-training on the synthetic set
+  blipfast train --model blip --data ann.jsonl --images IMG --vision BLIP_VIT --tokenizer BERT --out runs/d
 """
 from __future__ import annotations
 
