@@ -211,7 +211,7 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
 
     from . import convert
     from .data.vision import quiet_transformers
-    from .models.blip_vision import use_sdpa_attention
+    from .models.blip_vision import fuse_vision_model
     from .patch import apply_blipfast_to_blip
     from .train.models import default_blip_processor
 
@@ -256,7 +256,7 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
     if role == "filter" and not 0 <= enc < cfg.vocab_size:
         raise ValueError(f"{where}: the tokenizer's [ENC] ({enc}) is outside the model's vocabulary ({cfg.vocab_size})")
     apply_blipfast_to_blip(model)
-    use_sdpa_attention(model.vision_model)
+    fuse_vision_model(model.vision_model)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return BlipPart(model=model, tokenizer=tok, processor=processor, source=source)
 
@@ -290,13 +290,18 @@ class CapFilt:
         px = part.processor(images=images, return_tensors="pt")["pixel_values"]
         return px.to(self.device, self.dtype)
 
+    def pixels(self, images) -> tuple:
+        """(captioner's, filter's) pixel_values of PIL images (each model's own processor)."""
+        cap = self._pixels(self.cap, images)
+        return cap, (cap if self.shared_vit else self._pixels(self.filt, images))
+
     @torch.no_grad()
-    def image_embeds(self, images) -> tuple:
+    def image_embeds(self, cap_pixels: torch.Tensor, filt_pixels: torch.Tensor) -> tuple:
         """(captioner's, filter's) ViT tokens of the images (one ViT pass when they share it)."""
-        cap = self.cap.model.vision_model(pixel_values=self._pixels(self.cap, images)).last_hidden_state
+        cap = self.cap.model.vision_model(pixel_values=cap_pixels).last_hidden_state
         if self.shared_vit:
             return cap, cap
-        return cap, self.filt.model.vision_model(pixel_values=self._pixels(self.filt, images)).last_hidden_state
+        return cap, self.filt.model.vision_model(pixel_values=filt_pixels).last_hidden_state
 
     @torch.no_grad()
     def caption(self, image_embeds: torch.Tensor) -> list:
@@ -330,7 +335,11 @@ class CapFilt:
 
     def process(self, images: list, web: list) -> list:
         """Per image: [{"caption", "source", "itm", "keep"}] for its web texts (``web[i]``) and one synthetic."""
-        cap_embeds, filt_embeds = self.image_embeds(images)
+        return self.process_pixels(*self.pixels(images), web)
+
+    def process_pixels(self, cap_pixels: torch.Tensor, filt_pixels: torch.Tensor, web: list) -> list:
+        """:meth:`process` on preprocessed images."""
+        cap_embeds, filt_embeds = self.image_embeds(cap_pixels, filt_pixels)
         synthetic = self.caption(cap_embeds)
         texts, owner, source = [], [], []
         for i, (ws, syn) in enumerate(zip(web, synthetic)):
@@ -342,7 +351,7 @@ class CapFilt:
             owner.append(i)
             source.append("synthetic")
         p = self.itm(filt_embeds, texts, torch.tensor(owner)).tolist()
-        out = [[] for _ in images]
+        out = [[] for _ in web]
         for t, i, s, pi in zip(texts, owner, source, p):
             out[i].append({"caption": t, "source": s, "itm": round(pi, 6), "keep": pi >= self.threshold})
         return out

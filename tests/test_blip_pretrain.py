@@ -333,16 +333,18 @@ def test_forward_validates_its_arguments():
 
 
 def test_vit_sdpa_attention_equals_hf_eager():
-    """use_sdpa_attention changes only how the ViT's attention is computed: outputs and every gradient equal HF's
-    eager BlipVisionModel (float64), parameters and state dict keys unchanged, and it can be undone."""
+    """fuse_vision_model changes only how the ViT's attention and MLP are computed: outputs and every gradient equal
+    HF's eager BlipVisionModel (float64), parameters and state dict keys unchanged, and it can be undone."""
     from transformers import BlipVisionModel
 
-    from blipfast.models.blip_vision import SdpaBlipAttention, use_eager_attention, use_sdpa_attention
+    from blipfast.models.blip_vision import (RecomputeGeluBlipMLP, SdpaBlipAttention, fuse_vision_model,
+                                             unfuse_vision_model)
 
     torch.manual_seed(5)
     hf = BlipVisionModel(tiny_config().vision).double()
-    fast = use_sdpa_attention(copy.deepcopy(hf))
+    fast = fuse_vision_model(copy.deepcopy(hf))
     assert any(isinstance(m, SdpaBlipAttention) for m in fast.modules())
+    assert any(isinstance(m, RecomputeGeluBlipMLP) for m in fast.modules())
     assert list(fast.state_dict()) == list(hf.state_dict())
     x = torch.randn(2, 3, 16, 16, dtype=F64)
     outs = []
@@ -355,5 +357,5 @@ def test_vit_sdpa_attention_equals_hf_eager():
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-10, atol=1e-12)
     for n, g in outs[0][2].items():
         torch.testing.assert_close(outs[1][2][n], g, rtol=1e-10, atol=1e-12, msg=n)
-    use_eager_attention(fast)
-    assert not any(isinstance(m, SdpaBlipAttention) for m in fast.modules())
+    unfuse_vision_model(fast)
+    assert not any(isinstance(m, (SdpaBlipAttention, RecomputeGeluBlipMLP)) for m in fast.modules())

@@ -10,8 +10,9 @@ image tokens to cross-attention K/V itself; the momentum update is BLIP's loop o
 concatenates the queues (``.clone().detach()``) and materialises the targets; ``_dequeue_and_enqueue`` slices
 the queues at ``int(queue_ptr)`` (a host sync) and asserts that the queue size is a multiple of the batch, as BLIP
 does; ITM draws each negative with ``torch.multinomial(weights[b], 1).item()`` from ``softmax(s[:, :B]) + 1e-4``
-with the diagonal zeroed (2B host syncs) unless negatives are given. The ViT is the model's own
-``BlipVisionModel``. One process (W = 1): the enqueued features are this process' own.
+with the diagonal zeroed (2B host syncs) unless negatives are given. The ViT is BLIP's timm ViT restated over the
+model's ``BlipVisionModel`` parameters (pre-LN blocks, SDPA attention, a plain GELU MLP). One process (W = 1): the
+enqueued features are this process' own.
 
 A given negative of -1 (nothing drawable, e.g. B = 1) leaves its row out of the ITM mean, as blipfast does (BLIP's
 multinomial crashes there). Dropout follows ``model.training``. With ``image_ids`` the ITC targets and the
@@ -75,6 +76,25 @@ def med_forward(text_model, input_ids, attention_mask, image=None, causal=False)
     return x
 
 
+def vit_forward(vit, pixel_values):
+    """BLIP's ViT (timm ``VisionTransformer``, vit.py) over an HF ``BlipVisionModel``'s parameters: [B, N, width]."""
+    cfg = vit.config
+    emb = vit.embeddings
+    w = emb.patch_embedding.weight
+    x = F.conv2d(pixel_values.to(w.dtype), w, emb.patch_embedding.bias, stride=cfg.patch_size).flatten(2).transpose(1, 2)
+    b, n, d = x.shape
+    x = torch.cat([emb.class_embedding.expand(b, 1, d).to(x.dtype), x], 1) + emb.position_embedding[:, :n + 1]
+    h = cfg.num_attention_heads
+    act = ACT2FN[cfg.hidden_act]
+    for layer in vit.encoder.layers:
+        a = layer.self_attn
+        qkv = _lin(_ln(x, layer.layer_norm1), a.qkv).view(b, n + 1, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        ctx = sdpa(qkv[0], qkv[1], qkv[2])
+        x = x + _lin(ctx.transpose(1, 2).reshape(b, n + 1, d), a.projection)
+        x = x + _lin(act(_lin(_ln(x, layer.layer_norm2), layer.mlp.fc1)), layer.mlp.fc2)
+    return _ln(x, vit.post_layernorm)
+
+
 @torch.no_grad()
 def _momentum_update(model) -> None:
     m = model.config.momentum
@@ -109,7 +129,7 @@ def blip_pretrain_forward(model, pixel_values, input_ids, attention_mask, alpha,
     dev = pixel_values.device
     alpha = float(alpha)
 
-    image_embeds = model.vision_tokens(pixel_values)
+    image_embeds = vit_forward(model.vision_model, pixel_values)
     image_feat = F.normalize(_lin(_up(image_embeds[:, 0]), model.vision_proj), dim=-1)
     text_out = med_forward(model.text_encoder, input_ids, attention_mask)
     text_feat = F.normalize(_lin(_up(text_out[:, 0]), model.text_proj), dim=-1)
@@ -122,7 +142,7 @@ def blip_pretrain_forward(model, pixel_values, input_ids, attention_mask, alpha,
         sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
     with torch.no_grad():
         _momentum_update(model)
-        image_embeds_m = model.vision_tokens(pixel_values, momentum=True)
+        image_embeds_m = vit_forward(model.vision_model_m, pixel_values)
         image_feat_m = F.normalize(_lin(_up(image_embeds_m[:, 0]), model.vision_proj_m), dim=-1)
         image_feat_all = torch.cat([image_feat_m.t(), model.image_queue.clone().detach().to(image_feat.dtype)], dim=1)
         text_out_m = med_forward(model.text_encoder_m, input_ids, attention_mask)

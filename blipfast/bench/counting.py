@@ -133,7 +133,11 @@ def _storage_key(t: torch.Tensor):
 
 def count_step(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> Cost:
     """Count ``step()`` (forward and backward; see the module doc). ``exclude``: tensors whose storages are not
-    activations (parameters, inputs); they are left out of ``saved_bytes``."""
+    activations (parameters, inputs); they are left out of ``saved_bytes``. Their storages are held for the whole
+    count: a step that replaces a parameter's storage (``p.data = ...``, as BLIP's momentum update does) would
+    otherwise free it, and an activation allocated at the same address would be taken for the parameter."""
+    exclude = list(exclude)
+    alive = [t.untyped_storage() for t in exclude]  # noqa: F841 (held until the counts are done)
     skip = {_storage_key(t)[0] for t in exclude}
     saved: dict = {}
 

@@ -51,7 +51,7 @@ from ..distributed import itm_batch_indices, itm_loss
 from ..ops._dist import gather_no_grad, group_info
 from ._linear import linear_cross_entropy
 from .blip import BlipTextLMHeadModel, BlipTextModel, blip_text_config, share_encoder_decoder
-from .blip_vision import use_sdpa_attention
+from .blip_vision import fuse_vision_model
 
 # BLIP's med_config.json (BERT-base with cross-attention, [DEC] and [ENC] added: vocab 30524), dropout on
 TEXT_DEFAULTS = dict(vocab_size=30524, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -238,7 +238,7 @@ class BlipPretrain(nn.Module):
             raise TypeError(f"BlipPretrain: config must be a BlipPretrainConfig or a dict, got {type(config).__name__}")
         self.config = cfg
         tc, vc, e = cfg.text, cfg.vision, cfg.embed_dim
-        self.vision_model = use_sdpa_attention(BlipVisionModel(vc))
+        self.vision_model = fuse_vision_model(BlipVisionModel(vc))
         self.text_encoder = BlipTextModel(tc, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(tc)
         share_encoder_decoder(self.text_encoder, self.text_decoder.bert)
@@ -247,7 +247,7 @@ class BlipPretrain(nn.Module):
         self.itm_head = nn.Linear(tc.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         # momentum copies (no gradient), initialised from the online modules as BLIP's copy_params()
-        self.vision_model_m = use_sdpa_attention(BlipVisionModel(vc))
+        self.vision_model_m = fuse_vision_model(BlipVisionModel(vc))
         self.text_encoder_m = BlipTextModel(tc, add_pooling_layer=False, init_weights=False)
         self.vision_proj_m = nn.Linear(vc.hidden_size, e)
         self.text_proj_m = nn.Linear(tc.hidden_size, e)
