@@ -359,3 +359,104 @@ def test_vit_sdpa_attention_equals_hf_eager():
         torch.testing.assert_close(outs[1][2][n], g, rtol=1e-10, atol=1e-12, msg=n)
     unfuse_vision_model(fast)
     assert not any(isinstance(m, (SdpaBlipAttention, RecomputeGeluBlipMLP)) for m in fast.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (pytest -m gpu)
+
+
+@pytest.mark.gpu
+def test_parity_on_gpu_kernels():
+    """fp32 on CUDA (Triton attention, CUDA epilogue and sampler kernels) vs the float64 restatement on the CPU, the
+    fp32 restatement's error as yardstick; the momentum copies and queues the step leaves too."""
+    model, ((px, ids, mask),), kw = _case("padded", F64)
+    cuda_kw = {"negatives": tuple(t.cuda() for t in kw["negatives"])}
+    fo, fg, fs = _step(copy.deepcopy(model).float().cuda(), _fast, px.cuda(), ids.cuda(), mask.cuda(), cuda_kw,
+                       torch.float32)
+    lo, lg, _ = _step(copy.deepcopy(model).float(), _base, px, ids, mask, kw, torch.float32)
+    ro, rg, rs = _step(copy.deepcopy(model), _base, px, ids, mask, kw, F64)
+    for k in LOSSES:
+        assert_within_torch_error(fo[k].cpu().reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32,
+                                  name=k)
+    names = sorted(rg)
+    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
+    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    for n in rs:
+        torch.testing.assert_close(fs[n].cpu().to(rs[n].dtype), rs[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_step_is_close_to_fp32(dtype):
+    model = BlipPretrain(tiny_config()).cuda().eval()
+    px, ids, mask = (t.cuda() for t in make_batch(4, 7, pad_rows=(1,)))
+    neg = (torch.tensor([1, 2, 3, 0], device="cuda"), torch.tensor([2, 0, 1, 1], device="cuda"))
+    ref = copy.deepcopy(model)(px, ids, mask, alpha=0.4, negatives=neg)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(px, ids, mask, alpha=0.4, negatives=neg)
+    for k in LOSSES:
+        torch.testing.assert_close(out[k].float(), ref[k].float(), rtol=3e-2, atol=3e-2, msg=k)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+def test_compiled_step_on_cuda_never_syncs():
+    model = BlipPretrain(tiny_config()).cuda().train()
+    px, ids, mask = (t.cuda() for t in make_batch(4, 7, pad_rows=(1,)))
+    alpha = torch.tensor(0.3, device="cuda")
+    step = torch.compile(lambda a, b, c: model(a, b, c, alpha=alpha).loss, fullgraph=True)
+    step(px, ids, mask).backward()  # compile and tune outside the check
+    eager = model(px, ids, mask, alpha=alpha).loss  # the eager step does not sync either
+    eager.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step(px, ids, mask)
+        loss.backward()
+        model(px, ids, mask, alpha=alpha).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_training_step_captures_in_a_cuda_graph():
+    """Forward (momentum update and enqueue included), backward and AdamW in one CUDA graph; every replay moves the
+    queue pointer by B on the device and the loss goes down on the fixed batch."""
+    torch.manual_seed(0)
+    model = BlipPretrain(tiny_config(queue_size=40)).cuda().train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, capturable=True)
+    px, ids, mask = (t.cuda() for t in make_batch(8, 7, pad_rows=(1, 5)))
+    alpha = torch.tensor(0.4, device="cuda")
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(px, ids, mask, alpha=alpha).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            train_step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            loss = train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ptr0 = int(model.queue_ptr)
+    losses = []
+    for _ in range(20):
+        graph.replay()
+        losses.append(loss.clone())
+    torch.cuda.synchronize()
+    assert int(model.queue_ptr) == (ptr0 + 20 * 8) % 40
+    losses = torch.stack(losses)
+    assert torch.isfinite(losses).all() and losses[-5:].mean() < losses[:5].mean(), losses
