@@ -14,7 +14,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former", "stage1": "stage-1 step",
-          "retrieval": "retrieval", "blip_pretrain": "BLIP pre-training"}
+          "retrieval": "retrieval", "train_data": "train data path", "blip_pretrain": "BLIP pre-training"}
 
 
 def _pytest(args, cwd):
