@@ -18,19 +18,13 @@ from blipfast.capfilt import CapFilt, load_blip, side_paths
 from blipfast.cli import main
 from blipfast.data.annotations import pre_caption, read_annotations
 from tests.blip_tiny import write_demo
+from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_demo(str(tmp_path_factory.mktemp("capfilt")))
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(tiny, out, *extra, captioner=None, filt=None):

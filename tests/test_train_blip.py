@@ -13,6 +13,7 @@ from blipfast.cli import main
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.train.config import read_config_file, resolve
 from blipfast.train.models import MODELS
+from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 from tests.train_helpers import read_log, tiny_args, weights, write_images, write_jsonl
 
 TINY_BLIP = {"name": "blip", "embed_dim": 16, "queue_size": 32,
@@ -41,13 +42,6 @@ def dataset(tmp_path_factory):
     return {"root": str(root), "data": write_jsonl(str(root / "ann.jsonl"), rows),
             "vision": write_blip_vision(str(root / "vit"))}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _args(out, dataset, steps, extra=()):

@@ -49,6 +49,7 @@ from transformers.utils import ModelOutput
 from .. import convert, ops
 from ..distributed import itm_batch_indices, itm_loss
 from ..ops._dist import gather_no_grad, group_info
+from ._checks import check_index, check_text
 from ._linear import linear_cross_entropy
 from .blip import BlipTextLMHeadModel, BlipTextModel, blip_text_config, share_encoder_decoder
 from .blip_vision import fuse_vision_model
@@ -173,30 +174,12 @@ def _check_batch(cfg: BlipPretrainConfig, pixel_values, input_ids, attention_mas
         got = (f"{list(pixel_values.shape)} {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor)
                else type(pixel_values).__name__)
         raise ValueError(f"BlipPretrain: pixel_values must be a float tensor [B, 3, {size}, {size}], got {got}")
-    b = pixel_values.shape[0]
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != b \
-            or input_ids.dtype not in (torch.int64, torch.int32):
-        got = f"{list(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"BlipPretrain: input_ids must be an int64 tensor [B={b}, T], got {got}")
-    t, max_len = input_ids.shape[1], cfg.text.max_position_embeddings
-    if not 1 <= t <= max_len:
-        raise ValueError(f"BlipPretrain: input_ids must have 1 <= T <= {max_len} tokens, got {t}")
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"BlipPretrain: attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
-                         f"got {got}")
-    for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-        if x.device != pixel_values.device:
-            raise ValueError(f"BlipPretrain: {name} is on {x.device} but pixel_values is on {pixel_values.device}")
+    check_text("BlipPretrain", input_ids, attention_mask, pixel_values.shape[0], cfg.text.max_position_embeddings,
+               pixel_values.device, "pixel_values")
 
 
 def _check_index(name: str, t, b: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.shape != (b,) or t.dtype not in (torch.int64, torch.int32):
-        got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"BlipPretrain: {name} must be an int64 tensor [B={b}], got {got}")
-    if t.device != device:
-        raise ValueError(f"BlipPretrain: {name} is on {t.device} but pixel_values is on {device}")
-    return t.long()
+    return check_index("BlipPretrain", name, t, b, device, "pixel_values")
 
 
 def _alpha(alpha, device) -> torch.Tensor:
