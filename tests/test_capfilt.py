@@ -26,7 +26,6 @@ def tiny(tmp_path_factory):
     return write_demo(str(tmp_path_factory.mktemp("capfilt")))
 
 
-
 def _run(tiny, out, *extra, captioner=None, filt=None):
     return main(["capfilt", "--data", tiny["data"], "--images", tiny["images"], "--captioner",
                  captioner or tiny["captioner"], "--filter", filt or tiny["filter"], "--out", str(out), "--batch-size",
