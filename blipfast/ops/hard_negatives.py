@@ -156,7 +156,8 @@ def sample_hard_negatives(s_i2t, s_t2i, *, image_ids=None, generator=None, proce
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, s_i2t.dtype)
     ids_all = gather_no_grad(image_ids, process_group) if image_ids is not None else None
     drawable = drawable_mask(b, bw, rank * b, image_ids, ids_all, dev)
-    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, rank * b, backend, floor)
+    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, rank * b, backend,
+                   floor=floor)
 
 
 def sample_hard_negatives_from_gathered(s_i2t, s_t2i, *, rank=0, image_ids=None, image_ids_all=None, generator=None,
@@ -176,4 +177,5 @@ def sample_hard_negatives_from_gathered(s_i2t, s_t2i, *, rank=0, image_ids=None,
     seed = _resolve_seed(seed, generator, dev)
     backend = C.resolve_backend(_OP, backend, dev, _SUPPORTED, s_i2t.dtype)
     drawable = drawable_mask(b, bw, rank * b, image_ids, image_ids_all, dev)
-    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, rank * b, backend, floor)
+    return _sample(s_i2t.detach().contiguous(), s_t2i.detach().contiguous(), drawable, seed, rank * b, backend,
+                   floor=floor)

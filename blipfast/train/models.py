@@ -124,12 +124,14 @@ class BlipKind(ModelKind):
         if "vision" in derived:
             _check_derived(user.get("vision") or {}, derived["vision"], None, where="vision.")
         merged = _merge(_merge(self.PRESETS[cfg["preset"]], user), derived)
-        merged.setdefault("text", {})["max_position_embeddings"] = max(
-            merged["text"].get("max_position_embeddings", 512), cfg["max_txt_len"])
         try:
-            return BlipPretrainConfig(**merged)
+            mcfg = BlipPretrainConfig(**merged)
         except TypeError as exc:
             raise ValueError(f"--model: {exc}") from None
+        if cfg["max_txt_len"] > mcfg.text.max_position_embeddings:
+            raise ValueError(f"--max-txt-len {cfg['max_txt_len']} exceeds the text model's max_position_embeddings "
+                             f"({mcfg.text.max_position_embeddings})")
+        return mcfg
 
     def build(self, mcfg, vision_model=None):
         from ..models.blip_pretrain import BlipPretrain
