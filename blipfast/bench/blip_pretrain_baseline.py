@@ -81,7 +81,8 @@ def vit_forward(vit, pixel_values):
     cfg = vit.config
     emb = vit.embeddings
     w = emb.patch_embedding.weight
-    x = F.conv2d(pixel_values.to(w.dtype), w, emb.patch_embedding.bias, stride=cfg.patch_size).flatten(2).transpose(1, 2)
+    x = F.conv2d(pixel_values.to(w.dtype), w, emb.patch_embedding.bias, stride=cfg.patch_size)
+    x = x.flatten(2).transpose(1, 2)
     b, n, d = x.shape
     x = torch.cat([emb.class_embedding.expand(b, 1, d).to(x.dtype), x], 1) + emb.position_embedding[:, :n + 1]
     h = cfg.num_attention_heads

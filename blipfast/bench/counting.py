@@ -17,8 +17,8 @@ Counting the GPU path without a GPU: run the step on meta tensors inside ``dispa
 takes the backend it takes on a CUDA device (Triton / CUDA C++) and its fake implementation stands in for the
 kernel, so the same Python, the same custom ops and the same saved tensors are counted as on a GPU. PyTorch's
 SDPA on meta decomposes into its math path; ``sdpa`` (blipfast.ops._common, re-exported here) calls the
-memory-efficient kernel that CUDA picks for a masked SDPA instead, so a baseline is counted as it runs on a GPU. On meta tensors ``.item()`` cannot
-run: the counter answers it with 0 (and counts the sync).
+memory-efficient kernel that CUDA picks for a masked SDPA instead, so a baseline is counted as it runs on a GPU.
+On meta tensors ``.item()`` cannot run: the counter answers it with 0 (and counts the sync).
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@
 and background drawn at random from a seeded generator) with a caption that says exactly that ("a small red
 circle at the top left on a white background"), writes them with a JSONL annotation file, and saves a small
 randomly initialised ``Blip2VisionModel`` with its ``BlipImageProcessor`` beside them as the frozen vision
-encoder (a ``BlipVisionModel`` for BLIP v1, whose ViT trains; no weights can be downloaded). The captions are a function of the images, so the ITC, ITM and ITG
-losses all have something to learn: the loss goes down within a few hundred steps on a CPU.
+encoder (a ``BlipVisionModel`` for BLIP v1, whose ViT trains; no weights can be downloaded). The captions are a
+function of the images, so the ITC, ITM and ITG losses all have something to learn: the loss goes down within a few
+hundred steps on a CPU.
 """
 from __future__ import annotations
 
