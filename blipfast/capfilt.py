@@ -93,11 +93,10 @@ class BlipPart:
 
 
 def _tokenizer(path: str, where: str):
-    from .data.tokenizer import load_tokenizer
-    from .train.models import MODELS
+    from .data.tokenizer import add_enc_token, load_tokenizer
 
     try:
-        return MODELS["blip"].prepare_tokenizer(load_tokenizer(path))
+        return add_enc_token(load_tokenizer(path))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -122,7 +121,7 @@ def _from_run(run_dir: str, ckpt: str, where: str):
     from transformers import AutoImageProcessor
 
     from .models.blip_pretrain import BlipPretrain, BlipPretrainConfig
-    from .train.models import default_blip_processor
+    from .data.vision import default_blip_processor
 
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         cfg = yaml.safe_load(fh)
@@ -213,7 +212,7 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
     from .data.vision import quiet_transformers
     from .models.blip_vision import fuse_vision_model
     from .patch import apply_blipfast_to_blip
-    from .train.models import default_blip_processor
+    from .data.vision import default_blip_processor
 
     where = f"--{role}"
     if not isinstance(path, str) or not os.path.exists(path):

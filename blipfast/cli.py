@@ -19,8 +19,8 @@ COMMANDS = {
     "info": ("blipfast._ext", "print what was built (extension, CUDA archs, Triton)"),
     "caption": ("blipfast.generate.caption", "caption a folder or JSONL of images with a BLIP-2 model (JSONL out)"),
     "vqa": ("blipfast.generate.vqa", "answer the questions of a JSONL of images with a BLIP-2 model (JSONL out)"),
-    "train": ("blipfast.train.cli", "BLIP-2 stage-1 training (ITC + ITM + ITG) from images or cached features, or BLIP "
-              "pre-training (--model blip: ITC with momentum queues + ITM + LM)"),
+    "train": ("blipfast.train.cli", "BLIP-2 stage-1 (ITC + ITM + ITG) or stage-2 (frozen LLM) training from images "
+              "or cached features, or BLIP pre-training (--model blip: ITC with momentum queues + ITM + LM)"),
     "cache-features": ("blipfast.data.features", "run a frozen vision encoder once and store its tokens"),
     "retrieval": ("blipfast.retrieval_cli", "BLIP-2 image-text retrieval of a gallery: recall@1/5/10 (ITC + ITM)"),
     "capfilt": ("blipfast.capfilt", "BLIP's CapFilt: caption every web image, keep the texts the ITM filter matches"),

@@ -17,6 +17,9 @@ key of it is masked, so P = 0 there and no gradient flows); dS = P * (dP' - D_i)
 times the dropout keep-scale. The dropout mask is regenerated from the forward's Philox rule
 (_attention_common._dropout_keep: one tl.randint4x per 4 scores; the transposed S^T tiles of the dkdv
 kernel generate it in [rows, keys] orientation and transpose it).
+
+Non-finite input: as the forward (multiplicative dropout, every row and key block visited, a NaN lse
+for a row whose allowed scores are all -inf), so NaN lands where the reference's gradients have it.
 """
 from __future__ import annotations
 
@@ -31,13 +34,12 @@ from ._attention_common import (
     _chunk_of_program,
     _chunk_rows,
     _dot,
+    _dropout,
     _dropout_keep,
     _dropout_keep_t,
     _dropout_rowgrp,
-    _tile_key_range,
     _load_kpm,
     _load_tile,
-    _row_block_range,
     _store_tile,
     _tile_rows,
 )
@@ -55,8 +57,8 @@ def _probs_and_dp(q, k, v, do, lse, di, pos, row_ok, j0, j, kpm_j, seed, rowgrp,
     dp = _dot(do, tl.trans(v), DOT_PREC)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, rowgrp, j0, threshold, BLOCK_N)
-        pd = tl.where(keep, p * keep_scale, 0.0)
-        dp = tl.where(keep, dp * keep_scale, 0.0)
+        pd = _dropout(p, keep, keep_scale)
+        dp = _dropout(dp, keep, keep_scale)
     else:
         pd = p
     ds = p * (dp - di[:, None])
@@ -87,10 +89,11 @@ def _dkdv_one_head(Q, K, V, O, DO, LSE, DI, DQ, DK, DV, KPM, PERM, IMGTAB, seed,
         end = tl.load(IMGTAB + 2 * img + 1)
         t_lo = start * 0
         t_hi = tl.cdiv(end - start, G) * n_mb
-    else:
+    else:  # every row block, also those the mode masks (0 * Q and 0 * dO keep NaN semantics, as the forward)
         start = img
         end = img + 1
-        t_lo, t_hi = _row_block_range(j0, tl.minimum(j0 + BLOCK_N, Lk), Lq, NQ, SEQ_OFF, BLOCK_M, MODE)
+        t_lo = img * 0
+        t_hi = t_lo + n_mb
     for t in range(t_lo, t_hi):
         c = t // n_mb
         mb = t - c * n_mb
@@ -114,8 +117,8 @@ def _dkdv_one_head(Q, K, V, O, DO, LSE, DI, DQ, DK, DV, KPM, PERM, IMGTAB, seed,
         dpt = _dot(v, tl.trans(do), DOT_PREC)
         if HAS_DROPOUT:
             keep = _dropout_keep_t(seed, _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64), j0, threshold, BLOCK_N)
-            pdt = tl.where(keep, pt * keep_scale, 0.0)
-            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+            pdt = _dropout(pt, keep, keep_scale)
+            dpt = _dropout(dpt, keep, keep_scale)
         else:
             pdt = pt
         dv += _dot(pdt.to(do.dtype), do, DOT_PREC)
@@ -181,11 +184,10 @@ def _dq_one_head(Q, K, V, O, DO, LSE, DI, DQ, KPM, seed, h, img64, n64, i, row_o
     rowgrp = lrow
     if HAS_DROPOUT:
         rowgrp = _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64)
-    lo, hi = _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M, BLOCK_N, G, MODE)
     kbase = img64 * skb + h * skh
     vbase = img64 * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, Lk, BLOCK_N):  # every key block (NaN semantics, see the forward)
         j = start_n + tl.arange(0, BLOCK_N)
         kv_ok = j < Lk
         k = _load_tile(K, kbase + j * skl, kv_ok, d, HEAD_DIM, BLOCK_D)

@@ -26,6 +26,10 @@ LOG2E_F = 1.4426950408889634
 # globals read inside @triton.jit code must be constexprs
 LOG2E = tl.constexpr(LOG2E_F)
 LN2 = tl.constexpr(0.6931471805599453)
+# the score an ALLOWED key with a -inf score gets (the most negative float32): a row max of -inf then means
+# "no allowed key" (output 0, as the reference), a row max of SCORE_FLOOR "every allowed score is -inf"
+# (inf in q or k; PyTorch's softmax gives NaN there)
+SCORE_FLOOR = tl.constexpr(-3.4028234663852886e38)
 
 # runtime ints that must not become constexprs when equal to 1 (one compiled kernel per shape family)
 NO_SPECIALIZE = ["H", "Lq", "Lk", "NQ", "SEQ_OFF", "threshold"]
@@ -111,7 +115,7 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 def _itc_itg(pos, j, Lk, NQ):
     """MODE 3 (broadcast row positions ``pos`` against keys ``j``): the sequence is [NQ queries | T ITC text |
     T ITG text] with T = (Lk - NQ) // 2; query rows see queries, ITC rows their own text block, ITG rows the
-    queries and the ITG text up to themselves. The key/row range helpers keep their full ranges for it."""
+    queries and the ITG text up to themselves."""
     t_end = NQ + (Lk - NQ) // 2
     bp = (pos >= NQ).to(tl.int32) + (pos >= t_end).to(tl.int32)
     bj = (j >= NQ).to(tl.int32) + (j >= t_end).to(tl.int32)
@@ -134,6 +138,19 @@ def _allowed(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.con
     if HAS_KPM:
         a = a & kpm_ok[None, :]
     return a
+
+
+@triton.jit
+def _masked_scores(s, allowed):
+    """Scores with disallowed keys at -inf and an allowed key's own -inf at SCORE_FLOOR (NaN stays NaN)."""
+    return tl.where(allowed, tl.where(s == float("-inf"), SCORE_FLOOR, s), float("-inf"))
+
+
+@triton.jit
+def _dropout(x, keep, keep_scale):
+    """x * keep / (1 - p) where kept, x * 0 where dropped: a NaN x stays NaN where it is dropped, as in
+    torch's dropout and the reference (a plain select of 0 would hide it)."""
+    return tl.where(keep, x * keep_scale, x * 0.0)
 
 
 @triton.jit
@@ -219,49 +236,6 @@ def _store_tile(BASE, rowoff, ok, d, val, HEAD_DIM: tl.constexpr, BLOCK_D: tl.co
         tl.store(ptr, val, mask=ok[:, None] & (d[None, :] < HEAD_DIM))
 
 
-@triton.jit
-def _key_range(i0, i1, Lk, NQ, SEQ_OFF, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
-    """Keys [lo, hi) that rows [i0, i1) of a self-attention row-set can see (lo a multiple of BLOCK_N).
-    An empty range (lo >= hi) means no row of the tile has an allowed key."""
-    p0 = SEQ_OFF + i0
-    p1 = SEQ_OFF + i1 - 1  # last row's position
-    lo = i0 * 0
-    hi = lo + Lk
-    if MODE == 1:  # keys after the last row are text keys nobody in the tile sees
-        hi = tl.minimum(hi, tl.maximum(NQ, p1 + 1))
-    if MODE == 2:  # query rows see query keys, text rows text keys
-        hi = tl.where(p1 < NQ, tl.minimum(hi, NQ), hi)
-        lo = tl.where(p0 >= NQ, (NQ // BLOCK_N) * BLOCK_N, lo)
-    return lo, hi
-
-
-@triton.jit
-def _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    G: tl.constexpr, MODE: tl.constexpr):
-    """Keys [lo, hi) of a row tile: the mode's range for one row-set (G == 1), every key for stacked ones."""
-    if G == 1:
-        i0 = tl.min(tl.where(row_ok, i, Lq), 0)
-        lo, hi = _key_range(i0, tl.minimum(i0 + BLOCK_M, Lq), Lk, NQ, SEQ_OFF, BLOCK_N, MODE)
-    else:
-        lo = Lk * 0
-        hi = Lk + 0
-    return lo, hi
-
-
-@triton.jit
-def _row_block_range(j0, j1, Lq, NQ, SEQ_OFF, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
-    """Row blocks [lo, hi) of a self-attention row-set that can see some key of [j0, j1)."""
-    lo = j0 * 0
-    hi = lo + tl.cdiv(Lq, BLOCK_M)
-    if MODE == 1:  # text keys are seen only by text rows at or after them
-        lo = tl.where(j0 >= NQ, tl.maximum(j0 - SEQ_OFF, 0) // BLOCK_M, lo)
-    if MODE == 2:  # text keys: text rows only; query keys: query rows only
-        first_text_row = tl.minimum(tl.maximum(NQ - SEQ_OFF, 0), Lq)
-        lo = tl.where(j0 >= NQ, first_text_row // BLOCK_M, lo)
-        hi = tl.where(j1 <= NQ, tl.cdiv(first_text_row, BLOCK_M), hi)
-    return lo, hi
-
-
 # ----------------------------------------------------------------------------------------------
 # cross-attention row-set tables
 
@@ -276,27 +250,30 @@ def _rowset_table_kernel(IDX, N, M, P_BOUND, PERM, SIMG, IMGTAB, CHUNKS, G: tl.c
         tl.store(IMGTAB + 2 * mm, zero, mask=mm < M)
         tl.store(IMGTAB + 2 * mm + 1, zero, mask=mm < M)
     valid = k < N
-    img = tl.load(IDX + k, mask=valid, other=0).to(tl.int32)
-    img = tl.where(valid, img, M)  # padding sorts last
+    raw = tl.load(IDX + k, mask=valid, other=0)  # int64: range-check before narrowing
+    # padding and out-of-range indices (the op raises on them; here they must not touch memory) sort last
+    # as image M, which is in no table
+    img = tl.where(valid & (raw >= 0) & (raw < M), raw, M).to(tl.int32)
     key = tl.sort(img * NB + k)  # unique keys: a stable sort by image
     s_img = key // NB
     tl.store(PERM + k, key - s_img * NB, mask=valid)
     tl.store(SIMG + k, s_img, mask=valid)
     tl.debug_barrier()
+    used = valid & (s_img < M)  # sorted position k holds an in-range row-set
     prev = tl.load(SIMG + k - 1, mask=valid & (k > 0), other=-1)
     nxt = tl.load(SIMG + k + 1, mask=(k + 1) < N, other=-1)
-    tl.store(IMGTAB + 2 * s_img, k, mask=valid & (s_img != prev))
-    tl.store(IMGTAB + 2 * s_img + 1, k + 1, mask=valid & (s_img != nxt))
+    tl.store(IMGTAB + 2 * s_img, k, mask=used & (s_img != prev))
+    tl.store(IMGTAB + 2 * s_img + 1, k + 1, mask=used & (s_img != nxt))
     tl.debug_barrier()
-    start = tl.load(IMGTAB + 2 * s_img, mask=valid, other=0)
-    end = tl.load(IMGTAB + 2 * s_img + 1, mask=valid, other=0)
+    start = tl.load(IMGTAB + 2 * s_img, mask=used, other=0)
+    end = tl.load(IMGTAB + 2 * s_img + 1, mask=used, other=0)
     slot = (k - start) % G
-    head = valid & (slot == 0)
+    head = used & (slot == 0)
     cid = tl.cumsum(head.to(tl.int32), 0) - 1  # the chunk that holds sorted position k
     total = tl.sum(head.to(tl.int32), 0)
     W = G + 2  # chunk row width (a constexpr: G is one)
     tl.store(CHUNKS + W * cid, s_img, mask=head)
-    tl.store(CHUNKS + W * cid + 2 + slot, key - s_img * NB, mask=valid)
+    tl.store(CHUNKS + W * cid + 2 + slot, key - s_img * NB, mask=used)
     cnt = tl.minimum(end - k, G)
     for s in range(1, G):  # zero the unused id slots of partial chunks (kernels read all G slots)
         tl.store(CHUNKS + W * cid + 2 + s, zero, mask=head & (s >= cnt))
@@ -314,34 +291,48 @@ def chunk_bound(n: int, m: int, g: int) -> int:
 
 
 def _tables_torch(kv_index: torch.Tensor, m: int, g: int, p_bound: int):
-    """The same tables with torch ops (large N): no host synchronisation either."""
+    """The same tables with torch ops (large N): no host synchronisation either. Out-of-range indices are
+    left out of every table, as in the kernel."""
     dev = kv_index.device
     n = kv_index.numel()
-    order = torch.argsort(kv_index, stable=True)
-    s_img = kv_index.index_select(0, order)
-    counts = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(
-        0, kv_index, torch.ones(n, dtype=torch.int64, device=dev))
+    key = torch.where((kv_index >= 0) & (kv_index < m), kv_index, m)  # out of range: image m, sorts last
+    order = torch.argsort(key, stable=True)
+    s_img = key.index_select(0, order)
+    counts = torch.zeros(m + 1, dtype=torch.int64, device=dev).index_add_(
+        0, key, torch.ones(n, dtype=torch.int64, device=dev))
     end = torch.cumsum(counts, 0)
     start = end - counts
-    imgtab = torch.stack([torch.where(counts > 0, start, 0), torch.where(counts > 0, end, 0)], 1)
+    imgtab = torch.stack([torch.where(counts > 0, start, 0), torch.where(counts > 0, end, 0)], 1)[:m]
     k = torch.arange(n, device=dev)
     st = start.index_select(0, s_img)
     en = end.index_select(0, s_img)
     slot = (k - st) % g
-    head = slot == 0
+    used = s_img < m
+    head = used & (slot == 0)
     cid = torch.cumsum(head.to(torch.int64), 0) - 1
     w = g + 2
     flat = torch.zeros((p_bound + 1) * w, dtype=torch.int64, device=dev)
-    dump = p_bound * w  # last row: scratch for the non-head writes
-    flat.index_copy_(0, cid * w + 2 + slot, order)
+    dump = p_bound * w  # last row: scratch for the writes of non-heads and of out-of-range row-sets
+    flat.index_copy_(0, torch.where(used, cid * w, dump) + 2 + slot, order)
     flat.index_copy_(0, torch.where(head, cid * w, dump), s_img)
     flat.index_copy_(0, torch.where(head, cid * w + 1, dump + 1), torch.clamp(en - k, max=g))
     chunks = flat.view(p_bound + 1, w)[:p_bound]
     return order.to(torch.int32), imgtab.to(torch.int32).contiguous(), chunks.to(torch.int32).contiguous()
 
 
+def _launch_table_kernel(kv_index, m: int, g: int, p_bound: int, perm, simg, imgtab, chunks) -> None:
+    """The table kernel into given buffers (PERM, SIMG [N], IMGTAB [M, 2], CHUNKS [>= max(P, 1), 2 + G])."""
+    nb = max(16, triton.next_power_of_2(kv_index.numel()))
+    _rowset_table_kernel[(1,)](kv_index, kv_index.numel(), m, p_bound, perm, simg, imgtab, chunks, G=g, NB=nb,
+                               num_warps=4 if nb <= 1024 else 8)
+
+
 def build_rowset_tables(kv_index: torch.Tensor, m: int, g: int, force_torch: bool = False):
-    """(PERM [N], IMGTAB [M, 2], CHUNKS [P, 2 + G], P) for kv_index int64 [N] with values in [0, M)."""
+    """(PERM [N], IMGTAB [M, 2], CHUNKS [P, 2 + G], P) for kv_index int64 [N].
+
+    Values outside [0, M) are tolerated without touching memory out of bounds: such row-sets are in no
+    chunk and no image's range (the kernels then neither read nor write their rows); the public op
+    rejects them before (a ValueError, or a device assert on CUDA)."""
     n = kv_index.numel()
     p_bound = chunk_bound(n, m, g)
     nb = max(16, triton.next_power_of_2(n))
@@ -353,6 +344,5 @@ def build_rowset_tables(kv_index: torch.Tensor, m: int, g: int, force_torch: boo
     simg = torch.empty(n, dtype=torch.int32, device=dev)
     imgtab = torch.empty(m, 2, dtype=torch.int32, device=dev)
     chunks = torch.empty(max(p_bound, 1), g + 2, dtype=torch.int32, device=dev)
-    _rowset_table_kernel[(1,)](kv_index, n, m, p_bound, perm, simg, imgtab, chunks, G=g, NB=nb,
-                               num_warps=4 if nb <= 1024 else 8)
+    _launch_table_kernel(kv_index, m, g, p_bound, perm, simg, imgtab, chunks)
     return perm, imgtab, chunks[:p_bound], p_bound

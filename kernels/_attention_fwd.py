@@ -7,7 +7,14 @@ self-attention: 32 + 64 tokens) the softmax is a single pass with no running-max
 (cross-attention over 257 / 677 image tokens) an online-softmax loop streams K/V blocks.
 
 Scores live in the log2 domain (qk_scale = scale * log2 e). A row with no allowed key gets out = 0 and
-lse = -inf, as the reference. Dropout multiplies the normalised probabilities by keep / (1 - p) with the
+lse = -inf, as the reference.
+
+Non-finite input follows PyTorch's semantics (the reference): NaN reaches the output through the
+probabilities (never through the row max, which some Triton versions compute NaN-dropping) and the
+row sum l, which adds them up before dropout (so a dropped NaN still makes its row NaN, as the
+reference's NaN * 0); a row whose allowed scores are all -inf is NaN (softmax of all -inf; told apart
+from a row with no allowed key by SCORE_FLOOR); and every key block is visited, also those the mode
+hides from a whole tile, because the reference's P @ V multiplies their V by exact zeros (0 * NaN = NaN). Dropout multiplies the normalised probabilities by keep / (1 - p) with the
 Philox rule of blipfast.ops._philox on the [rows, Lk] view, row = (n * H + h) * Lq + i: key j uses word
 j % 4 of the call with counter row * ceil(Lk / 4) + j // 4, so a key tile (starting at a multiple of
 BLOCK_N) costs one tl.randint4x per 4 scores.
@@ -20,15 +27,16 @@ import triton.language as tl
 from ._attention_common import (
     LN2,
     NO_SPECIALIZE,
+    SCORE_FLOOR,
     _allowed,
     _chunk_of_program,
     _chunk_rows,
     _dot,
     _dropout_keep,
     _dropout_rowgrp,
-    _tile_key_range,
     _load_kpm,
     _load_tile,
+    _masked_scores,
     _store_tile,
 )
 
@@ -55,28 +63,29 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
         v = _load_tile(V, vbase + j * svl, kv_ok, d, HEAD_DIM, BLOCK_D)
         s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
         allowed = _allowed(pos, row_ok, j, Lk, NQ, kpm_all, MODE, HAS_KPM)
-        s = tl.where(allowed, s, float("-inf"))
+        s = _masked_scores(s, allowed)
         m_i = tl.max(s, 1)
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         p = tl.exp2(s - m_safe[:, None])
         l_i = tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rowgrp, 0, threshold, BLOCK_N)
-            p = tl.where(keep, p * keep_scale, 0.0)
+            p = tl.where(keep, p * keep_scale, 0.0)  # NaN-safe: l_i summed p before dropout
         acc = _dot(p.to(v.dtype), v, DOT_PREC)
     else:
-        lo, hi = _tile_key_range(i, row_ok, Lq, Lk, NQ, SEQ_OFF, BLOCK_M, BLOCK_N, G, MODE)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
+        # every key block, also those the mode masks for the whole tile: their 0 * V keeps PyTorch's NaN
+        # semantics (a NaN or inf anywhere in V makes the output NaN, as the reference's P @ V does)
+        for start_n in range(0, Lk, BLOCK_N):
             j = start_n + tl.arange(0, BLOCK_N)
             kv_ok = j < Lk
             k = _load_tile(K, kbase + j * skl, kv_ok, d, HEAD_DIM, BLOCK_D)
             s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
             kpm_j = _load_kpm(KPM, img64, skpb, skpj, j, Lk, HAS_KPM)
             allowed = _allowed(pos, row_ok, j, Lk, NQ, kpm_j, MODE, HAS_KPM)
-            s = tl.where(allowed, s, float("-inf"))
+            s = _masked_scores(s, allowed)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -89,11 +98,12 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
             m_i = m_new
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # no allowed key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    lost = m_i == SCORE_FLOOR  # every allowed score -inf: NaN (and a NaN lse: NaN gradients), as the reference
+    out = tl.where(lost[:, None], float("nan"), acc / l_safe[:, None])
     _store_tile(O, n64 * sob + i * sol + h * soh, row_ok, d, out, HEAD_DIM, BLOCK_D)
-    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), tl.where(lost, float("nan"), (m_safe + tl.log2(l_safe)) * LN2))
     tl.store(LSE + (n64 * H + h) * Lq + i, lse, mask=row_ok)
 
 

@@ -11,8 +11,10 @@ Entry points (called by the ops' custom ops when backend == "triton"; contracts 
 
 q/k/v are [B, L, H, D] views whose last dim is contiguous (strides are passed, nothing is copied); out
 and the gradients are contiguous in the inputs' dtypes; lse is fp32 [B, H, Lq] with -inf for a row
-that has no allowed key. Every entry point also takes ``config=`` (a dict of block sizes, see
-``_default_fwd_config`` / ``_default_bwd_config``) so tests can force particular tilings.
+that has no allowed key. A kv_index value outside [0, M) (which the op rejects first) is skipped by the
+row-set tables: its row-set's out, lse and dq rows are left unwritten and its K/V get no gradient, and
+nothing is read or written out of bounds. Every entry point also takes ``config=`` (a dict of block
+sizes, see ``_default_fwd_config`` / ``_default_bwd_config``) so tests can force particular tilings.
 
 Tiling (see _attention_fwd.py / _attention_bwd.py): self-attention keys (Q-Former: 32 + <= 64 tokens)
 fit one BLOCK_N tile, so the forward is a single exact-softmax pass and the backward is ONE kernel per
@@ -21,9 +23,13 @@ row-sets of the same image in one tile (one pass over the image's K/V serves the
 tables are built on the device by one small kernel (no host sync) and dK/dV are reduced per image by
 the program that owns them: deterministic, no atomics.
 
-Block sizes come from shape heuristics; on CUDA the first call for a shape also times a few candidate
-configurations and caches the fastest (``BLIPFAST_AUTOTUNE=0`` keeps the heuristic; never while a CUDA
-graph is being captured).
+Block sizes come from shape heuristics; on CUDA the first call of a tuning bucket also times a few
+candidate configurations and caches the fastest (``BLIPFAST_AUTOTUNE=0`` keeps the heuristic). A bucket
+(``_Geom.key``) holds every input of the heuristics in the form they use it - power-of-two buckets of
+rows, keys and row-sets per image, exact heads and head dim, dtype, mode, index, dropout on/off - so a
+training run with varying text lengths tunes once per bucket, and a configuration chosen for one member
+is valid for every member. Timing is impossible while a CUDA graph is captured: a bucket first seen
+then gets the heuristic configuration, recorded so that later eager calls use the graph's tiling.
 """
 from __future__ import annotations
 
@@ -34,10 +40,9 @@ from typing import Optional
 import torch
 import triton
 
-from blipfast.ops._philox import dropout_threshold
-
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import LOG2E_F, build_rowset_tables
+from ._constants import dropout_threshold
 from ._attention_fwd import attn_fwd_kernel
 
 MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2, "itc_itg": 3}
@@ -45,6 +50,10 @@ MODE_IDS = {"bidirectional": 0, "causal": 1, "unimodal": 2, "itc_itg": 3}
 
 def _np2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
+
+
+def _floor_p2(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
 
 
 @dataclasses.dataclass
@@ -74,9 +83,17 @@ class _Geom:
         """Philox counters of the dropout rule (rows * ceil(Lk / 4), ops/_philox.py) need 64 bits."""
         return self.n * self.h * self.lq * ((self.lk + 3) // 4) >= 2**31
 
+    @property
+    def per_image(self) -> int:
+        """Row-sets per image (cross-attention with kv_index), what the stacking heuristic uses."""
+        return max(1, self.n // max(self.m, 1))
+
     def key(self, kind: str) -> tuple:
-        return (kind, self.n, self.m, self.h, self.lq, self.lk, self.d, self.mode, self.has_index,
-                self.dropout_p > 0, self.dtype)
+        """The autotuning bucket. The heuristics and candidate lists below read a geometry only through
+        these values (the power-of-two rounding of Lq and Lk, the power-of-two floor of row-sets per
+        image), so every member of a bucket gets the same candidates; rows (N) are bucketed too."""
+        return (kind, self.mode, self.has_index, self.dropout_p > 0, self.dtype, self.h, self.d,
+                _np2(self.lq), _np2(self.lk), _np2(self.n), _floor_p2(self.per_image) if self.has_index else 0)
 
 
 def _rowsets_per_tile(g: _Geom, block_m: int) -> int:
@@ -114,9 +131,8 @@ def _stacked_rows(g: _Geom) -> int:
     lq = max(16, _np2(g.lq))
     if not g.has_index or g.lq > 64:
         return min(lq, 64)
-    per_image = max(1, g.n // max(g.m, 1))
-    stack = 1 << (per_image.bit_length() - 1)
-    cap = 128 if per_image >= 4 and g.block_d <= 64 and g.dtype != torch.float32 else 64
+    stack = _floor_p2(g.per_image)
+    cap = 128 if stack >= 4 and g.block_d <= 64 and g.dtype != torch.float32 else 64
     return min(lq * stack, cap)
 
 
@@ -222,13 +238,21 @@ def _dedupe(cfgs: list[dict]) -> list[dict]:
 _TUNED: dict = {}
 
 
+def _tuning_possible(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("BLIPFAST_AUTOTUNE", "1") != "0"
+
+
 def _choose(g: _Geom, kind: str, candidates: list[dict], run, device: torch.device) -> dict:
-    """The cached fastest candidate for this shape, timing them on first use (CUDA only)."""
+    """The configuration of g's tuning bucket: cached, else timed on first use (CUDA only), else the
+    heuristic (candidates[0], a function of the bucket). Under CUDA-graph capture nothing is timed; a
+    bucket first seen there records the heuristic, so eager calls reuse the graph's tiling."""
     key = g.key(kind)
     if key in _TUNED:
         return _TUNED[key]
-    if (device.type != "cuda" or len(candidates) == 1 or os.environ.get("BLIPFAST_AUTOTUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()):
+    if len(candidates) == 1 or not _tuning_possible(device):
+        return candidates[0]
+    if torch.cuda.is_current_stream_capturing():
+        _TUNED[key] = candidates[0]
         return candidates[0]
     from triton.testing import do_bench
 

@@ -6,18 +6,20 @@ needs anyway, a uint8 arg-max query per (row, column), tiny per-row partials):
      [BJ, E] x [E, BB*Q] (queries along the accumulator's columns, so the max over them stays inside a
      warp), max over the queries with its arg-max, divide by temp; stores s_i2t and the arg-max, and
      keeps per row an online log-sum-exp (running max m, sum of exp l) plus the sums that the loss and
-     d/dtemp need: sum exp*s, the sums of s over the positives and over the other columns, the number
-     of positives.
+     d/dtemp need, relative to the running max: sum exp*(m - s), the sums of m - s over the positives and
+     over the other columns, and their counts.
   2. ``_fwd_t2i``: the same for BB local texts against BJ gathered images' Q queries ([BB, E] x
      [E, BJ*Q]), reading img_all exactly once when B <= 128.
      Each program walks ``n_steps`` column tiles, so the grid is (row blocks, column chunks) and the
-     per-(row, chunk) partials are tiny ([6, chunks, B] fp32).
-  3. ``_fwd_rows``: merges the chunks of each row (log-sum-exp rule) into lse, the row's loss
-     lse - sum_j tgt_j s_j and the row's d loss / d temp = -(E_p[s] - E_tgt[s]) / temp.
+     per-(row, chunk) partials are tiny ([7, chunks, B] fp32).
+  3. ``_fwd_rows``: merges the chunks of each row into its max R and log l (lse = R + log l), the row's loss
+     log l + sum_j tgt_j (R - s_j) and the row's d loss / d temp = -(E_tgt[R - s] - E_p[R - s]) / temp: every
+     sum is of non-negative terms relative to the row's max (lse - sum_j tgt_j s_j would cancel two sums of
+     size ~1/temp and lose 4 bits in fp32, more for large logits).
   4. ``_fwd_total``: loss = sum of row losses / (2B); d loss / d temp likewise (saved for backward).
 
 Targets: tgt[b, j] = (1 - ls) * pos[b, j] / npos[b] + ls / BW, so sum_j tgt_j s_j needs only the row sums
-above. Backward (2 launches + a cast): d s[b, j] = c * (exp(s - lse[b]) - tgt[b, j]), c = g / (2B temp),
+above. Backward (2 launches + a cast): d s[b, j] = c * (exp((s - R[b]) - log l[b]) - tgt[b, j]), c = g / (2B temp),
 routed to the arg-max query only; d temp = g * (d loss / d temp) from the forward.
   ``_bwd_img``: d img[b, q] = sum_j [a_i2t[b, j] == q] d s_i2t[b, j] txt_all[j]: an MMA of the one-hot
       weight tile [BB*Q, BJ] against txt_all [BJ, E];
@@ -42,13 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._constants import argmax_dtype
+
 _TARGET_PROGRAMS = 256  # enough CTAs to fill an H100 (132 SMs) twice
 _MAX_TILE = 128 * 128  # fp32 accumulator elements per program
-
-
-def argmax_dtype(q: int) -> torch.dtype:
-    """dtype of the stored arg-max query (mirrored by the fake in blipfast/ops/itc_loss.py)."""
-    return torch.uint8 if q <= 256 else torch.int32
 
 
 def _p2(x: int) -> int:
@@ -88,43 +87,56 @@ def _query_max(z3, q_ok):
 
 @triton.jit
 def _tile_update(zmax, amax, bb, b_ok, j, j_ok, t, pos, s_out, a_out, BW,
-                 m_run, l_run, ws_run, ns_run, ps_run, np_run):
+                 m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run):
     """Store one [BB, BJ] tile of s and its arg-max, fold it into the row partials.
 
-    Non-finite logits give what the reference's log-softmax gives: the running max m is taken over the
-    non-NaN entries (never NaN itself), and a NaN or +inf entry makes the sum of exponentials l NaN, so
-    the row's lse, loss and gradient become NaN; -inf entries add exp(-inf) = 0, also in a tile or a row
-    that has nothing else (m = -inf there: exp is taken against 0, not against -inf - -inf = NaN)."""
+    Every sum is kept relative to the row's running reference r (the running max m of the non-NaN entries, 0
+    while that is -inf), as non-negative terms: l = sum exp(s - r), w = sum exp(s - r) (r - s), ps / ns = sum of
+    (r - s) over the positives / the other columns, np / nn their counts. The loss and d/dtemp are then sums of
+    non-negative numbers (lse - sum tgt s would cancel two sums of size ~ max|s| = 1/temp: 4 bits lost in fp32,
+    more for large logits). When r grows by d, l and w are rescaled by exp(-d) and w, ps, ns get d times their
+    weight or count.
+
+    Non-finite logits give what the reference's log-softmax gives: a NaN or +inf entry makes l NaN (so the
+    row's loss and gradient); -inf entries add exp(-inf) = 0 to l and w (0 * inf is taken as 0 there) and
+    r - s = +inf to ps / ns, which makes the loss +inf, or NaN where a target of 0 multiplies it, as
+    tgt * log_softmax does; a row of nothing but -inf and NaN ends with l = 0 or NaN, hence NaN."""
     s = zmax / t
     msk = b_ok[:, None] & j_ok[None, :]
     off = bb[:, None] * BW + j[None, :]
     tl.store(s_out + off, s, mask=msk)
     tl.store(a_out + off, amax.to(a_out.dtype.element_ty), mask=msk)
     p = tl.load(pos + off, mask=msk, other=0) != 0
+    neg = j_ok[None, :] & (p == 0)
     sv = tl.where(j_ok[None, :], s, float("-inf"))
-    s0 = tl.where(j_ok[None, :], s, 0.0)
     m_new = tl.maximum(m_run, tl.max(tl.where(sv == sv, sv, float("-inf")), axis=1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_run - m_sub)
-    ex = tl.exp(sv - m_sub[:, None])
-    l_run = l_run * alpha + tl.sum(ex, axis=1)
-    ws_run = ws_run * alpha + tl.sum(tl.where(ex == 0.0, 0.0, ex * s0), axis=1)  # weight 0 times s = -inf is 0
-    ns_run = ns_run + tl.sum(tl.where(p, 0.0, s0), axis=1)
-    ps_run = ps_run + tl.sum(tl.where(p, s0, 0.0), axis=1)
+    r_old = tl.where(m_run == float("-inf"), 0.0, m_run)
+    r_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = r_new - r_old
+    beta = tl.exp(r_old - r_new)
+    ex = tl.exp(sv - r_new[:, None])
+    d = r_new[:, None] - s
+    w_run = beta * (w_run + tl.where(l_run == 0.0, 0.0, shift * l_run)) + \
+        tl.sum(tl.where(ex == 0.0, 0.0, ex * d), axis=1)
+    l_run = l_run * beta + tl.sum(ex, axis=1)
+    ps_run = ps_run + tl.where(np_run == 0.0, 0.0, shift * np_run) + tl.sum(tl.where(p, d, 0.0), axis=1)
+    ns_run = ns_run + tl.where(nn_run == 0.0, 0.0, shift * nn_run) + tl.sum(tl.where(neg, d, 0.0), axis=1)
     np_run = np_run + tl.sum(p.to(tl.float32), axis=1)
-    return m_new, l_run, ws_run, ns_run, ps_run, np_run
+    nn_run = nn_run + tl.sum(neg.to(tl.float32), axis=1)
+    return m_new, l_run, w_run, ps_run, ns_run, np_run, nn_run
 
 
 @triton.jit
-def _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ns_run, ps_run, np_run):
+def _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run):
     base = part + pid_c * B + bb
     stride = n_chunks * B
     tl.store(base, m_run, mask=b_ok)
     tl.store(base + stride, l_run, mask=b_ok)
-    tl.store(base + 2 * stride, ws_run, mask=b_ok)
-    tl.store(base + 3 * stride, ns_run, mask=b_ok)
-    tl.store(base + 4 * stride, ps_run, mask=b_ok)
+    tl.store(base + 2 * stride, w_run, mask=b_ok)
+    tl.store(base + 3 * stride, ps_run, mask=b_ok)
+    tl.store(base + 4 * stride, ns_run, mask=b_ok)
     tl.store(base + 5 * stride, np_run, mask=b_ok)
+    tl.store(base + 6 * stride, nn_run, mask=b_ok)
 
 
 @triton.jit
@@ -145,10 +157,11 @@ def _fwd_i2t(img, txt_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
     ee = tl.arange(0, BE)
     m_run = tl.full((BB,), float("-inf"), tl.float32)
     l_run = tl.zeros((BB,), tl.float32)
-    ws_run = tl.zeros((BB,), tl.float32)
-    ns_run = tl.zeros((BB,), tl.float32)
+    w_run = tl.zeros((BB,), tl.float32)
     ps_run = tl.zeros((BB,), tl.float32)
+    ns_run = tl.zeros((BB,), tl.float32)
     np_run = tl.zeros((BB,), tl.float32)
+    nn_run = tl.zeros((BB,), tl.float32)
     for step in range(0, n_steps):
         jr = (pid_c * n_steps + step) * BJ + tl.arange(0, BJ)
         acc = tl.zeros((BJ, BB * QP), tl.float32)
@@ -163,9 +176,10 @@ def _fwd_i2t(img, txt_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
         zmax = tl.trans(zmax)
         amax = tl.trans(amax)
         j = (pid_c * n_steps + step) * BJ + tl.arange(0, BJ)
-        m_run, l_run, ws_run, ns_run, ps_run, np_run = _tile_update(
-            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW, m_run, l_run, ws_run, ns_run, ps_run, np_run)
-    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ns_run, ps_run, np_run)
+        m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run = _tile_update(
+            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW,
+            m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run)
+    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run)
 
 
 @triton.jit
@@ -183,10 +197,11 @@ def _fwd_t2i(txt, img_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
     ee = tl.arange(0, BE)
     m_run = tl.full((BB,), float("-inf"), tl.float32)
     l_run = tl.zeros((BB,), tl.float32)
-    ws_run = tl.zeros((BB,), tl.float32)
-    ns_run = tl.zeros((BB,), tl.float32)
+    w_run = tl.zeros((BB,), tl.float32)
     ps_run = tl.zeros((BB,), tl.float32)
+    ns_run = tl.zeros((BB,), tl.float32)
     np_run = tl.zeros((BB,), tl.float32)
+    nn_run = tl.zeros((BB,), tl.float32)
     for step in range(0, n_steps):
         j0 = (pid_c * n_steps + step) * BJ
         jc = j0 + cj
@@ -201,16 +216,21 @@ def _fwd_t2i(txt, img_all, temp, pos, s_out, a_out, part, B, BW, Q, E, n_steps, 
             acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
         zmax, amax = _query_max(tl.reshape(acc, (BB, BJ, QP)), (qq < Q)[None, None, :])
         j = j0 + tl.arange(0, BJ)
-        m_run, l_run, ws_run, ns_run, ps_run, np_run = _tile_update(
-            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW, m_run, l_run, ws_run, ns_run, ps_run, np_run)
-    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, ws_run, ns_run, ps_run, np_run)
+        m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run = _tile_update(
+            zmax, amax, bb, b_ok, j, j < BW, t, pos, s_out, a_out, BW,
+            m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run)
+    _store_partials(part, n_chunks, pid_c, B, bb, b_ok, m_run, l_run, w_run, ps_run, ns_run, np_run, nn_run)
 
 
 @triton.jit
 def _fwd_rows(part_i2t, part_t2i, n_chunks_i2t, n_chunks_t2i, temp, stats, rows_out, B, BW, ls,
               RB: tl.constexpr, CB: tl.constexpr):
-    """Grid (2 directions, row blocks): merge a row's chunk partials; write lse (stats[d]), npos
-    (stats[2]), the row loss (rows_out[d]) and the row's d loss / d temp (rows_out[2 + d])."""
+    """Grid (2 directions, row blocks): merge a row's chunk partials (each relative to its own reference r_c,
+    see _tile_update) to the row's reference R (its max, 0 for a row of -inf); write R (stats[d]), log l
+    (stats[2 + d]), npos (stats[4]), the row loss (rows_out[d]) and the row's d loss / d temp (rows_out[2 + d]):
+
+        loss = log l + sum_j tgt_j (R - s_j)          (= lse - sum_j tgt_j s_j, as sums of non-negative terms)
+        d loss / d temp = -(sum_j tgt_j (R - s_j) - sum_j p_j (R - s_j)) / temp"""
     d = tl.program_id(0)
     rows = tl.program_id(1) * RB + tl.arange(0, RB)
     r_ok = rows < B
@@ -222,44 +242,49 @@ def _fwd_rows(part_i2t, part_t2i, n_chunks_i2t, n_chunks_t2i, temp, stats, rows_
         part = part_t2i
         n_chunks = n_chunks_t2i
     stride = n_chunks * B
-    # pass 1: the row max; pass 2: rescaled sums. 2-D accumulators reduced once after each loop. The chunk
-    # maxima are never NaN (_tile_update), and a chunk's NaN or +inf has made its l NaN. A row of nothing but
-    # NaN and -inf has m = -inf: its chunks are rescaled against 0 (no -inf - -inf), l stays NaN (NaN in)
-    # or is 0, and lse = -inf makes the row's loss (-inf - -inf) and d s NaN, as the reference's.
+    # pass 1: the row max; pass 2: the partials moved to R. 2-D accumulators reduced once after each loop. The
+    # chunk maxima are never NaN (_tile_update), and a chunk's NaN or +inf has made its l NaN.
     mm = tl.full((RB, CB), float("-inf"), tl.float32)
     for c0 in range(0, n_chunks, CB):
         cc = c0 + tl.arange(0, CB)
         msk = r_ok[:, None] & (cc < n_chunks)[None, :]
         mm = tl.maximum(mm, tl.load(part + cc[None, :] * B + rows[:, None], mask=msk, other=float("-inf")))
     m_tot = tl.max(mm, axis=1)
-    m_safe = tl.where(r_ok & (m_tot != float("-inf")), m_tot, 0.0)
+    big_r = tl.where(r_ok & (m_tot != float("-inf")), m_tot, 0.0)
     acc_l = tl.zeros((RB, CB), tl.float32)
-    acc_ws = tl.zeros((RB, CB), tl.float32)
-    acc_ns = tl.zeros((RB, CB), tl.float32)
+    acc_w = tl.zeros((RB, CB), tl.float32)
     acc_ps = tl.zeros((RB, CB), tl.float32)
+    acc_ns = tl.zeros((RB, CB), tl.float32)
     acc_np = tl.zeros((RB, CB), tl.float32)
     for c0 in range(0, n_chunks, CB):
         cc = c0 + tl.arange(0, CB)
         msk = r_ok[:, None] & (cc < n_chunks)[None, :]
         ptr = part + cc[None, :] * B + rows[:, None]
-        w = tl.where(msk, tl.exp(tl.load(ptr, mask=msk, other=0.0) - m_safe[:, None]), 0.0)
-        acc_l += w * tl.load(ptr + stride, mask=msk, other=0.0)
-        acc_ws += w * tl.load(ptr + 2 * stride, mask=msk, other=0.0)
-        acc_ns += tl.load(ptr + 3 * stride, mask=msk, other=0.0)
-        acc_ps += tl.load(ptr + 4 * stride, mask=msk, other=0.0)
-        acc_np += tl.load(ptr + 5 * stride, mask=msk, other=0.0)
+        m_c = tl.load(ptr, mask=msk, other=float("-inf"))
+        r_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+        sh = big_r[:, None] - r_c
+        beta = tl.where(msk, tl.exp(-sh), 0.0)
+        l_c = tl.load(ptr + stride, mask=msk, other=0.0)
+        np_c = tl.load(ptr + 5 * stride, mask=msk, other=0.0)
+        nn_c = tl.load(ptr + 6 * stride, mask=msk, other=0.0)
+        acc_l += beta * l_c
+        acc_w += beta * (tl.load(ptr + 2 * stride, mask=msk, other=0.0) + tl.where(l_c == 0.0, 0.0, sh * l_c))
+        acc_ps += tl.load(ptr + 3 * stride, mask=msk, other=0.0) + tl.where(np_c == 0.0, 0.0, sh * np_c)
+        acc_ns += tl.load(ptr + 4 * stride, mask=msk, other=0.0) + tl.where(nn_c == 0.0, 0.0, sh * nn_c)
+        acc_np += np_c
     l_tot = tl.where(r_ok, tl.sum(acc_l, axis=1), 1.0)
     np_tot = tl.sum(acc_np, axis=1)
-    # sum_j tgt_j s_j with tgt = (1 - ls) / npos + ls / BW on the positives and ls / BW elsewhere, as two
-    # products (not a mean and a correction): tgt_j = 0 times s_j = -inf is NaN, as in the reference
+    # sum_j tgt_j (R - s_j) with tgt = (1 - ls) / npos + ls / BW on the positives and ls / BW elsewhere, as two
+    # products: a target of 0 times R - s = +inf (s = -inf) is NaN, as in the reference
     c_neg = ls / BW
     c_pos = (1.0 - ls) / tl.where(r_ok, np_tot, 1.0) + c_neg
     e_tgt = c_pos * tl.sum(acc_ps, axis=1) + c_neg * tl.sum(acc_ns, axis=1)
-    lse = tl.where(r_ok, m_tot, 0.0) + tl.log(l_tot)
-    row_loss = lse - e_tgt
-    row_dt = -(tl.sum(acc_ws, axis=1) / l_tot - e_tgt) / t
-    tl.store(stats + d * B + rows, lse, mask=r_ok)
-    tl.store(stats + 2 * B + rows, np_tot, mask=r_ok & (d == 0))
+    log_l = tl.log(l_tot)
+    row_loss = log_l + e_tgt
+    row_dt = -(e_tgt - tl.sum(acc_w, axis=1) / l_tot) / t
+    tl.store(stats + d * B + rows, big_r, mask=r_ok)
+    tl.store(stats + (2 + d) * B + rows, log_l, mask=r_ok)
+    tl.store(stats + 4 * B + rows, np_tot, mask=r_ok & (d == 0))
     tl.store(rows_out + d * B + rows, row_loss, mask=r_ok)
     tl.store(rows_out + (2 + d) * B + rows, row_dt, mask=r_ok)
 
@@ -303,7 +328,7 @@ def _chunks(n_rows_blocks: int, bw: int, bj: int) -> tuple[int, int]:
 
 def itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing):
     """(loss 0-d fp32, s_i2t [B, BW] fp32, s_t2i [B, BW] fp32, a_i2t [B, BW], a_t2i [B, BW],
-    row_stats [3, B] fp32 = (lse_i2t, lse_t2i, npos), dloss_dtemp 0-d fp32)."""
+    row_stats [5, B] fp32 = (R_i2t, R_t2i, log l_i2t, log l_t2i, npos): lse = R + log l, dloss_dtemp 0-d fp32)."""
     b, q, e = img.shape
     bw = img_all.shape[0]
     dev = img.device
@@ -321,8 +346,8 @@ def itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing):
     steps_i, nc_i = _chunks(nb_i, bw, cfg["bj_i"])
     nb_t = _cdiv(b, cfg["bb_t"])
     steps_t, nc_t = _chunks(nb_t, bw, cfg["bj_t"])
-    part_i = torch.empty((6, nc_i, b), dtype=f32, device=dev)
-    part_t = torch.empty((6, nc_t, b), dtype=f32, device=dev)
+    part_i = torch.empty((7, nc_i, b), dtype=f32, device=dev)
+    part_t = torch.empty((7, nc_t, b), dtype=f32, device=dev)
 
     _launch(_fwd_i2t, (nb_i, nc_i), img, txt_all, temp, pos_u8, s_i2t, a_i2t, part_i, b, bw, q, e, steps_i, nc_i,
             BB=cfg["bb_i"], QP=cfg["qp"], BJ=cfg["bj_i"], BE=cfg["be"], PREC=prec,
@@ -331,7 +356,7 @@ def itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing):
             BB=cfg["bb_t"], QP=cfg["qp"], BJ=cfg["bj_t"], BE=cfg["be"], PREC=prec,
             num_warps=8 if cfg["bb_t"] * cfg["qp"] * cfg["bj_t"] >= 8192 else 4)
 
-    stats = torch.empty((3, b), dtype=f32, device=dev)
+    stats = torch.empty((5, b), dtype=f32, device=dev)
     rows = torch.empty((4, b), dtype=f32, device=dev)
     rb = min(32, max(2, _p2(b)))
     _launch(_fwd_rows, (2, _cdiv(b, rb)), part_i, part_t, nc_i, nc_t, temp, stats, rows, b, bw, float(label_smoothing),
@@ -347,14 +372,16 @@ def itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing):
 
 
 @triton.jit
-def _dlogits(s_ptr, a_ptr, pos, off, msk, lse, npos, BW, ls, c_bad):
-    """d loss / d s without the scale c: softmax - target (0 outside the tile), and the arg-max. ``c_bad`` is
-    0, or NaN when the scale is not finite: added here, it reaches only the entries that get a weight."""
+def _dlogits(s_ptr, a_ptr, pos, off, msk, big_r, log_l, npos, BW, ls, c_bad):
+    """d loss / d s without the scale c: softmax - target (0 outside the tile), and the arg-max. The softmax is
+    exp((s - R) - log l): s - R first, exact near the row max (exp(s - lse) would carry lse's rounding at the
+    size of 1/temp into every weight). ``c_bad`` is 0, or NaN when the scale is not finite: added here, it
+    reaches only the entries that get a weight."""
     s = tl.load(s_ptr + off, mask=msk, other=0.0)
     a = tl.load(a_ptr + off, mask=msk, other=0).to(tl.int32)
     p = tl.load(pos + off, mask=msk, other=0) != 0
     tgt = (1.0 - ls) * p.to(tl.float32) / npos[:, None] + ls / BW
-    w = tl.where(msk, tl.exp(s - lse[:, None]) - tgt + c_bad, 0.0)
+    w = tl.where(msk, tl.exp((s - big_r[:, None]) - log_l[:, None]) - tgt + c_bad, 0.0)
     return w, a
 
 
@@ -391,8 +418,9 @@ def _bwd_img(grad, txt_all, temp, pos, s_i2t, a_i2t, stats, dimg, B, BW, Q, E, l
     c, c_bad = _grad_scale(grad, temp, B)
     bb = pid_b * BB + tl.arange(0, BB)
     b_ok = bb < B
-    lse = tl.load(stats + bb, mask=b_ok, other=0.0)
-    npos = tl.load(stats + 2 * B + bb, mask=b_ok, other=1.0)
+    big_r = tl.load(stats + bb, mask=b_ok, other=0.0)
+    log_l = tl.load(stats + 2 * B + bb, mask=b_ok, other=0.0)
+    npos = tl.load(stats + 4 * B + bb, mask=b_ok, other=1.0)
     qq = tl.arange(0, QP)
     e = pid_e * BE + tl.arange(0, BE)
     e_ok = e < E
@@ -401,7 +429,7 @@ def _bwd_img(grad, txt_all, temp, pos, s_i2t, a_i2t, stats, dimg, B, BW, Q, E, l
         j = j0 + tl.arange(0, BJ)
         j_ok = j < BW
         off = bb[:, None] * BW + j[None, :]
-        w, a = _dlogits(s_i2t, a_i2t, pos, off, b_ok[:, None] & j_ok[None, :], lse, npos, BW, ls, c_bad)
+        w, a = _dlogits(s_i2t, a_i2t, pos, off, b_ok[:, None] & j_ok[None, :], big_r, log_l, npos, BW, ls, c_bad)
         w3 = tl.where(a[:, None, :] == qq[None, :, None], w[:, None, :], 0.0)
         wt = tl.reshape(w3, (BB * QP, BJ))
         y = tl.load(txt_all + j[:, None].to(tl.int64) * E + e[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0.0)
@@ -423,8 +451,9 @@ def _bwd_txt(grad, img_all, temp, pos, s_t2i, a_t2i, stats, dtxt, B, BW, Q, E, l
     c, c_bad = _grad_scale(grad, temp, B)
     bb = pid_b * BB + tl.arange(0, BB)
     b_ok = bb < B
-    lse = tl.load(stats + B + bb, mask=b_ok, other=0.0)
-    npos = tl.load(stats + 2 * B + bb, mask=b_ok, other=1.0)
+    big_r = tl.load(stats + B + bb, mask=b_ok, other=0.0)
+    log_l = tl.load(stats + 3 * B + bb, mask=b_ok, other=0.0)
+    npos = tl.load(stats + 4 * B + bb, mask=b_ok, other=1.0)
     qq = tl.arange(0, QP)
     cc = tl.arange(0, BJ * QP)
     cj = cc // QP
@@ -436,7 +465,7 @@ def _bwd_txt(grad, img_all, temp, pos, s_t2i, a_t2i, stats, dtxt, B, BW, Q, E, l
         j0 = (pid_c * n_steps + step) * BJ
         j = j0 + tl.arange(0, BJ)
         off = bb[:, None] * BW + j[None, :]
-        w, a = _dlogits(s_t2i, a_t2i, pos, off, b_ok[:, None] & (j < BW)[None, :], lse, npos, BW, ls, c_bad)
+        w, a = _dlogits(s_t2i, a_t2i, pos, off, b_ok[:, None] & (j < BW)[None, :], big_r, log_l, npos, BW, ls, c_bad)
         w3 = tl.where(a[:, :, None] == qq[None, None, :], w[:, :, None], 0.0)
         wt = tl.reshape(w3, (BB, BJ * QP))
         jc = j0 + cj

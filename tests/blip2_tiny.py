@@ -18,12 +18,13 @@ NUM_QUERY = 4
 IMAGE_SIZE = 16
 
 
-def tokenizer(kind: str = "opt"):
-    """A word-level fast tokenizer: OPT-style prepends <s>, T5-style appends </s>; lower-cases."""
+def tokenizer(kind: str = "opt", words=WORDS):
+    """A word-level fast tokenizer: OPT-style prepends <s>, T5-style appends </s>; lower-cases. ``words``: the
+    vocabulary after the special tokens."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + list(words))}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if kind == "opt":

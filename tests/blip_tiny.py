@@ -19,10 +19,9 @@ PROMPT_WORDS = "a picture of"
 
 
 def tokenizer(captions):
-    from blipfast.data.tokenizer import train_wordpiece
-    from blipfast.train.models import MODELS
+    from blipfast.data.tokenizer import add_enc_token, train_wordpiece
 
-    return MODELS["blip"].prepare_tokenizer(train_wordpiece(list(captions) + [PROMPT_WORDS], 200))
+    return add_enc_token(train_wordpiece(list(captions) + [PROMPT_WORDS], 200))
 
 
 def image_processor():

@@ -105,3 +105,30 @@ def assert_triton_matches_torch(monkeypatch, calls: dict, run) -> None:
     assert g_tri.keys() == g_ref.keys()
     for name in g_ref:
         assert_close(g_tri[name], g_ref[name], torch.float32, name, scale=10)
+
+
+def replay_captured_step(train_step, replays: int, on_captured=None):
+    """Warm ``train_step`` up on a side stream (Triton JIT and autotuning happen there), capture it in a
+    torch.cuda.CUDAGraph with ``torch.cuda.set_sync_debug_mode("error")`` (a host sync fails the capture),
+    call ``on_captured()``, replay it ``replays`` times; returns the stacked outputs of the replays (CUDA only)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            train_step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            out = train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if on_captured is not None:
+        on_captured()
+    outs = []
+    for _ in range(replays):
+        graph.replay()
+        outs.append(out.clone())
+    torch.cuda.synchronize()
+    return torch.stack(outs)

@@ -181,7 +181,7 @@ def test_self_attention_head_dims(d):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lq", [40, 21], ids=["full", "suffix"])
 def test_self_attention_multi_block(mode, lq):
-    """Keys over three BLOCK_N tiles: online softmax, the separate dQ kernel, skipped blocks per mode."""
+    """Keys over three BLOCK_N tiles: online softmax, the separate dQ kernel, key blocks masked per mode."""
     _direct_self(2, lq, 40, 2, 16, 8, mode, "ragged", _cfg(16, 16, DQ_BLOCK_M=16, DQ_BLOCK_N=16))
 
 

@@ -1,6 +1,6 @@
 """The design card's ``pytest benchmarks/ --benchmark`` works on a machine without a GPU, with and without
 pytest-benchmark: one skip per suite that says what is missing, exit 0. (With a GPU the command runs the
-real benchmarks: tests/gpu/device_session.sh bench.)"""
+real benchmarks: tests/gpu/device_session.sh --with-pytest-benchmark.)"""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,12 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former", "stage1": "stage-1 step",
-          "retrieval": "retrieval", "train_data": "train data path", "blip_pretrain": "BLIP pre-training"}
+          "retrieval": "retrieval", "train_data": "train data path",
+          "blip_pretrain": "BLIP pre-training"}
+
+
+def test_every_benchmark_suite_is_checked_here():
+    assert {p.stem[len("test_"):] for p in (ROOT / "benchmarks").glob("test_*.py")} == set(SUITES)
 
 
 def _pytest(args, cwd):

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import blipfast.ops as O
 from blipfast import QFormer, QFormerConfig
 from blipfast.ops import _common as C
-from tests.conftest import assert_within_torch_error
+from tests.conftest import assert_within_torch_error, replay_captured_step
 
 CFG = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, encoder_hidden_size=48,
            use_qformer_text_input=True)
@@ -179,24 +179,7 @@ def test_qformer_training_step_captures_in_a_cuda_graph():
         opt.step()
         return loss.detach()
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm-up: Triton JIT and autotuning happen here, outside the capture
-            train_step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            loss = train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    before = [p.detach().clone() for p in model.parameters()]
-    losses = []
-    for _ in range(3):
-        graph.replay()
-        losses.append(loss.clone())
-    torch.cuda.synchronize()
+    before = []
+    losses = replay_captured_step(train_step, 3, lambda: before.extend(p.detach().clone() for p in model.parameters()))
     assert all(torch.isfinite(v).all() for v in losses)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), "replay did not train"

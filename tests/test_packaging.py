@@ -153,7 +153,7 @@ def test_every_declared_dependency_is_imported_by_blipfast():
     names = [re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in re.findall(r'"([^"]+)"', deps.group(1))]
     assert "torch" in names
     code = "\n".join(p.read_text() for d in ("blipfast", "kernels") for p in (ROOT / d).rglob("*.py"))
-    modules = {"pillow": "PIL"}  # distribution name -> import name, where they differ
+    modules = {"pillow": "PIL", "pyyaml": "yaml"}  # distribution name -> import name, where they differ
     unused = [n for n in names
               if not re.search(rf"^\s*(import|from)\s+{re.escape(modules.get(n, n).replace('-', '_'))}\b", code,
                                flags=re.M)]

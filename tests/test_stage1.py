@@ -15,7 +15,7 @@ import blipfast.ops as O
 from blipfast import Blip2Stage1, Blip2Stage1Config, QFormerConfig
 from blipfast.bench.stage1_baseline import lavis_stage1_forward
 from blipfast.ops._philox import new_seed
-from tests.conftest import assert_within_torch_error
+from tests.conftest import assert_within_torch_error, replay_captured_step
 
 F64 = torch.float64
 LOSSES = ("loss_itc", "loss_itm", "loss_lm")
@@ -407,24 +407,6 @@ def test_training_step_captures_in_a_cuda_graph():
         opt.step()
         return loss.detach()
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            train_step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            loss = train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    losses = []
-    for _ in range(20):
-        graph.replay()
-        losses.append(loss.clone())
-    torch.cuda.synchronize()
-    losses = torch.stack(losses)
+    losses = replay_captured_step(train_step, 20)
     assert torch.isfinite(losses).all()
     assert losses[-5:].mean() < losses[:5].mean(), losses  # it trains on the fixed batch

@@ -12,7 +12,7 @@ import torch
 from blipfast.cli import main
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.train.config import read_config_file, resolve
-from blipfast.train.models import MODELS
+from blipfast.train.adapter_blip import BlipPretrainAdapter
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 from tests.train_helpers import read_log, tiny_args, weights, write_images, write_jsonl
 
@@ -110,8 +110,9 @@ def test_recipe_defaults_alpha_ramp_and_refusals(dataset, tmp_path, capsys):
     cfg, _ = resolve(p.parse_args(["--data", "x.jsonl"]))  # BLIP-2 keeps LAVIS' recipe
     assert (cfg["lr"], cfg["batch_size"], cfg["max_txt_len"], cfg["image_ids"]) == (1e-4, 100, 32, True)
     # alpha: 0.4 * min(1, i / (2 * steps per epoch)), as BLIP's pretrain.py
-    kind, mcfg = MODELS["blip"], BlipPretrainConfig()
-    assert [round(kind.step_scalars(i, 10, mcfg)["alpha"], 6) for i in (0, 5, 10, 20, 31)] == [0.0, 0.1, 0.2, 0.4, 0.4]
+    adapter = BlipPretrainAdapter({"image_ids": False})
+    adapter.alpha = BlipPretrainConfig().alpha
+    assert [round(adapter.step_inputs(i, 10)["alpha"], 6) for i in (0, 5, 10, 20, 31)] == [0.0, 0.1, 0.2, 0.4, 0.4]
     # --features is refused with a reason; a BLIP-2 ViT as --vision too
     out = str(tmp_path / "refused")
     assert main(_args(out, dataset, 2, ("--features", str(tmp_path)))) == 2

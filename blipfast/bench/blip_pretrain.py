@@ -138,7 +138,7 @@ def _bench_tokenizer(words: int = 30000):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    from ..train.models import MODELS
+    from ..data.tokenizer import add_enc_token
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(words)]
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
@@ -148,7 +148,7 @@ def _bench_tokenizer(words: int = 30000):
     tok = BertTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
                             unk_token="[UNK]", mask_token="[MASK]")
     tok.add_special_tokens({"bos_token": "[DEC]"})
-    return MODELS["blip"].prepare_tokenizer(tok)
+    return add_enc_token(tok)
 
 
 def _capfilt_cases(device, dtype, batch: int) -> list[Case]:

@@ -1,8 +1,9 @@
 """Stage-1 datasets (images through the vision model's processor, or cached ViT tokens) and the batch order.
 
 Both datasets return, per pair, the image input (``pixel_values`` [3, H, W] float32, or ``image_embeds``
-[N, width] as cached) and the pre-tokenised caption (``input_ids`` int64 [T], ``attention_mask`` int64 [T]),
-the pair's ``image_id`` and its index. Captions are tokenised once up front (:func:`tokenizer.tokenize`).
+[N, width] as cached) and the pre-tokenised caption (each tensor of ``text``, e.g. ``input_ids`` and
+``attention_mask``, as int64 [T]), the pair's ``image_id`` and its index. Captions are tokenised once up front
+(stage 1: :func:`tokenizer.tokenize`; stage 2 adds ``labels``).
 
 :class:`GlobalBatchSampler` fixes the order: epoch e is a permutation drawn from ``seed + e``, cut into global
 batches of ``batch_size * world`` pairs (the remainder is dropped, so every step has the same shapes); rank r
@@ -24,18 +25,20 @@ from .vision import ImageReadError, load_image, preprocess
 
 
 class _Pairs(Dataset):
-    def __init__(self, ann: Annotations, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, ann: Annotations, text: dict):
+        bad = [k for k, v in text.items() if not isinstance(v, torch.Tensor) or v.shape[0] != len(ann)]
+        if bad:
+            raise ValueError(f"text: {bad} must be tensors with one row per pair ({len(ann)})")
         self.ann = ann
-        self.input_ids = input_ids
-        self.attention_mask = attention_mask
+        self.text = dict(text)
         self.image_id = torch.tensor(ann.image_id, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.ann)
 
     def _text(self, p: int) -> dict:
-        return {"input_ids": self.input_ids[p].long(), "attention_mask": self.attention_mask[p].long(),
-                "image_id": self.image_id[p], "index": torch.tensor(p)}
+        return {**{k: v[p].long() for k, v in self.text.items()}, "image_id": self.image_id[p],
+                "index": torch.tensor(p)}
 
 
 class ImageTextDataset(_Pairs):
@@ -46,9 +49,8 @@ class ImageTextDataset(_Pairs):
     stays deterministic.
     """
 
-    def __init__(self, ann: Annotations, images_dir: str, processor, input_ids, attention_mask,
-                 report_path: Optional[str] = None):
-        super().__init__(ann, input_ids, attention_mask)
+    def __init__(self, ann: Annotations, images_dir: str, processor, text: dict, report_path: Optional[str] = None):
+        super().__init__(ann, text)
         self.images_dir = images_dir
         self.processor = processor
         self.report_path = report_path
@@ -80,8 +82,8 @@ class ImageTextDataset(_Pairs):
 class FeatureTextDataset(_Pairs):
     """Pairs whose image tokens come from a :class:`features.FeatureCache` (every image must be in it)."""
 
-    def __init__(self, ann: Annotations, cache, input_ids, attention_mask):
-        super().__init__(ann, input_ids, attention_mask)
+    def __init__(self, ann: Annotations, cache, text: dict):
+        super().__init__(ann, text)
         self.cache = cache
 
     def __getitem__(self, p: int) -> dict:

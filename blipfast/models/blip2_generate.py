@@ -182,6 +182,10 @@ def generate(model, image_embeds: torch.Tensor, *, num_beams: int = 3, max_lengt
         if sampling:
             kw.update(top_p=float(top_p), top_k=top_k)
         kw.update(generate_kwargs)
-        return runner.generate(start, image_index=torch.arange(b, device=dev), use_cache=False, **kw)
+        out = runner.generate(start, image_index=torch.arange(b, device=dev), use_cache=False, **kw)
+        # [PAD] after the first [SEP] (transformers' beam search can repeat [SEP] when it pads a finished
+        # hypothesis that already holds one)
+        after = (out == eos_token_id).long().cumsum(1) - (out == eos_token_id).long() > 0
+        return out.masked_fill(after, model.config.qformer.pad_token_id)
     finally:
         model.train(was_training)

@@ -378,9 +378,10 @@ class Blip2Stage2(nn.Module):
             end = tokenizer.eos_token if suffix is None else suffix
             enc = tokenizer([p + t + end for p, t in zip(prompts, texts)], **kw)
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
+            lengths = {p: len(tokenizer(p).input_ids) for p in set(prompts) if p}  # once per distinct prompt
             for i, p in enumerate(prompts):
                 if p:
-                    labels[i, :len(tokenizer(p).input_ids)] = IGNORE_INDEX
+                    labels[i, :lengths[p]] = IGNORE_INDEX
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
         finally:
             tokenizer.padding_side = side
@@ -429,8 +430,9 @@ def _normalise_names(sd: dict) -> dict:
 def read_stage1(stage1) -> tuple:
     """(state dict in HF names, a Q-Former config hint or None, the default ``ln_vision`` epsilon) of a stage-1
     checkpoint given as a path, a state dict or a module (a :class:`blipfast.Blip2Stage1` gives its own config).
-    The epsilon: the module's, else 1e-5 (LAVIS', also blipfast's Blip2Stage1 default) for LAVIS names and
-    blipfast's ``ln_vision.*``, 1e-6 (HF's default) for HF's ``vision_model.post_layernorm.*``."""
+    The epsilon: the module's, else the ``vision_config.layer_norm_eps`` of a ``config.json`` beside the weights,
+    else 1e-5 (LAVIS', also blipfast's Blip2Stage1 default) for LAVIS names and blipfast's ``ln_vision.*``, 1e-6
+    (HF's default) for HF's ``vision_model.post_layernorm.*``."""
     qcfg_hint = eps_hint = None
     if isinstance(stage1, nn.Module):
         sd = dict(stage1.state_dict())
@@ -445,7 +447,9 @@ def read_stage1(stage1) -> tuple:
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
         if cfg_file.is_file():
             cfg = json.loads(cfg_file.read_text())
-            qcfg_hint = cfg.get("qformer_config") if cfg.get("model_type") in ("blip-2", "instructblip") else None
+            if cfg.get("model_type") in ("blip-2", "instructblip"):
+                qcfg_hint = cfg.get("qformer_config")
+                eps_hint = (cfg.get("vision_config") or {}).get("layer_norm_eps")
     else:
         raise TypeError(f"stage1 must be a path, a state dict or a module, got {type(stage1).__name__}")
     if eps_hint is None:

@@ -249,6 +249,25 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
+def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what: str) -> None:
+    """Every value of the integer tensor ``index`` must lie in [0, upper) (``what`` says what ``upper`` is).
+
+    Eager on a CPU tensor: a ValueError naming the argument and the first bad value. On CUDA, and whenever
+    torch.compile traces the call, a ``torch._assert_async`` instead: no host synchronisation, valid under
+    CUDA-graph capture and without a graph break; the device raises it at the next synchronisation. The
+    kernels never read or write out of bounds either way (they skip out-of-range entries)."""
+    if index.numel() == 0:
+        return
+    msg = f"{op}: {name} values must be in [0, {upper}) ({what})"
+    if index.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(index):
+        bad = (index < 0) | (index >= upper)
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{msg}, got {int(index[pos])} at position {pos}")
+        return
+    torch._assert_async(((index >= 0) & (index < upper)).all(), msg)
+
+
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
     """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors (counting the GPU path, see
     ``dispatch_meta_as_cuda``) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise

@@ -21,9 +21,9 @@ host synchronisation.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from ..kernels._constants import dropout_threshold  # noqa: F401  (re-exported: one rule for kernels and ops)
 
 _M32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -89,11 +89,6 @@ def philox_u32(seed, offset: torch.Tensor, n_rounds: int = 10) -> torch.Tensor:
     c1 = (offset >> 32) & _M32
     c2 = torch.zeros_like(c0)
     return _rounds(c0, c1, c2, c2, k0, k1, n_rounds)[0]
-
-
-def dropout_threshold(p: float) -> int:
-    """24-bit threshold: an element is dropped iff ``word >> 8 < dropout_threshold(p)``."""
-    return int(math.floor(float(p) * (1 << 24) + 0.5))  # round half up, as csrc/philox.cuh
 
 
 def dropout_words_2d(seed, rows: int, cols: int, device) -> torch.Tensor:

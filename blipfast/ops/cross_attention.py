@@ -108,9 +108,10 @@ def cross_attention(q, k, v, *, kv_index=None, key_padding_mask=None, dropout_p=
                     backend=None):
     """Cross-attention of N row-sets over M images' shared K/V; returns [N, Lq, H, D] (see module doc).
 
-    ``seed`` fixes the dropout mask as in ``qformer_attention``. ``kv_index`` values are not range-checked
-    on the device (that would need a host sync); an index outside [0, M) is undefined behaviour on the
-    fused backends and an IndexError on the reference.
+    ``seed`` fixes the dropout mask as in ``qformer_attention``. A ``kv_index`` value outside [0, M) is an
+    error on every backend: a ValueError naming ``kv_index`` for CPU tensors; on CUDA (and under
+    torch.compile) a device-side assert (``torch._assert_async``, no host sync, capturable) that surfaces at
+    the next synchronisation. The kernels never read or write out of bounds for such an index.
     """
     C.check_tensor(_OP, "q", q, ndim=4)
     dev = q.device
@@ -133,6 +134,7 @@ def cross_attention(q, k, v, *, kv_index=None, key_padding_mask=None, dropout_p=
         C.check_tensor(_OP, "kv_index", kv_index, dtypes=(torch.int64, torch.int32), device=dev)
         C.check_shape(_OP, "kv_index", kv_index, (n,))
         kv_index = kv_index.to(torch.int64).contiguous()
+        C.check_index_range(_OP, "kv_index", kv_index, m, f"M = k.shape[0] = {m} images")
     kpm = C.as_key_padding_mask(_OP, "key_padding_mask", key_padding_mask, (m, lk), dev)
     dropout_p = C.check_probability(_OP, "dropout_p", dropout_p)
     scale = C.check_positive_float(_OP, "scale", scale)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._constants import argmax_dtype
 from . import _common as C
 from ._dist import gather_no_grad, group_info
 
@@ -65,17 +66,13 @@ def itc_loss_ref(image_feats, text_feats, temp, *, label_smoothing=0.1, image_id
 # custom ops over already-gathered features
 
 
-def argmax_dtype(q: int) -> torch.dtype:
-    """dtype of the saved arg-max query index (uint8 while Q <= 256); kernels/itc.py uses the same rule."""
-    return torch.uint8 if q <= 256 else torch.int32
-
-
 @torch.library.custom_op("blipfast::itc_loss_fwd", mutates_args=())
 def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: torch.Tensor, temp: torch.Tensor,
          pos: torch.Tensor, label_smoothing: float, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, s_i2t, s_t2i, argmax_i2t, argmax_t2i, row_stats, dloss_dtemp); pos is the bool [B, BW]
-    positive mask; row_stats [3, B] = (lse of s_i2t rows, lse of s_t2i rows, positives per row) and
+    positive mask; row_stats [5, B] = (R_i2t, R_t2i, log l_i2t, log l_t2i, positives per row) with the rows'
+    log-sum-exp = R + log l (R the row max) and
     dloss_dtemp (0-d) are saved for the backward."""
     if backend == "triton":
         from ..kernels import itc as kern
@@ -90,8 +87,10 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
     b = img.shape[0]
     loss = -(tgt * logp).sum() / (2 * b)
     dloss_dtemp = -((torch.exp(logp) - tgt) * s).sum() / (2 * b) / temp.to(s_i2t.dtype)
-    lse = s[:, :, 0] - logp[:, :, 0]
-    stats = torch.cat([lse, pos.sum(1, dtype=s_i2t.dtype).unsqueeze(0)])
+    # row statistics in the kernels' layout (R, log l with lse = R + log l): the torch backward reads only npos
+    big_r = torch.nan_to_num(s.amax(2), nan=0.0, posinf=0.0, neginf=0.0)
+    log_l = torch.logsumexp(s - big_r.unsqueeze(2), 2)
+    stats = torch.cat([big_r, log_l, pos.sum(1, dtype=s_i2t.dtype).unsqueeze(0)])
     q = img.shape[1]
     return (loss, s_i2t, s_t2i, a_i2t.to(argmax_dtype(q)), a_t2i.to(argmax_dtype(q)), stats,
             dloss_dtemp.reshape(()))
@@ -103,7 +102,7 @@ def _fwd_fake(img, txt, img_all, txt_all, temp, pos, label_smoothing, backend):
     acc = C.acc_dtype(img)
     return (img.new_empty((), dtype=acc), img.new_empty((b, bw), dtype=acc), img.new_empty((b, bw), dtype=acc),
             img.new_empty((b, bw), dtype=argmax_dtype(q)), img.new_empty((b, bw), dtype=argmax_dtype(q)),
-            img.new_empty((3, b), dtype=acc), img.new_empty((), dtype=acc))
+            img.new_empty((5, b), dtype=acc), img.new_empty((), dtype=acc))
 
 
 @torch.library.custom_op("blipfast::itc_loss_bwd", mutates_args=())

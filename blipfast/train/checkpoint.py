@@ -2,13 +2,14 @@
 
 Each folder holds
 
-- ``model.safetensors``: the :class:`blipfast.Blip2Stage1` weights (``safetensors.torch.save_model``: the LM
-  head's decoder weight is tied to the word embeddings and stored once);
+- ``model.safetensors``: stage 1, the :class:`blipfast.Blip2Stage1` weights (``safetensors.torch.save_model``: the
+  LM head's decoder weight is tied to the word embeddings and stored once); stage 2, only the trained tensors of
+  :class:`blipfast.Blip2Stage2`, with a ``config.json`` (see :mod:`blipfast.train.adapters`, which writes them);
 - ``state.pt``: optimizer, learning-rate schedule, GradScaler, every rank's RNG states (torch CPU and CUDA,
   Python, NumPy), the step and the data position (micro-batches consumed); plain tensors and containers, read
   with ``torch.load(weights_only=True)``;
-- ``lavis.pth`` with ``--save-lavis``: ``{"model": to_lavis_state_dict()}``, loadable by LAVIS and by
-  ``Blip2Stage1.from_lavis``.
+- ``lavis.pth`` with ``--save-lavis``: ``{"model": state dict in LAVIS names}``, loadable by LAVIS (stage 1 also
+  by ``Blip2Stage1.from_lavis``).
 
 A checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed when complete, so a crash never leaves a
 half-written ``checkpoint-*`` folder; the oldest beyond ``keep`` are then deleted.
@@ -62,18 +63,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, step: int, model, state: dict, keep: int, lavis: bool = False) -> str:
-    """Write ``checkpoint-<step>`` (see the module docstring); returns its path."""
-    from safetensors.torch import save_model
-
+def save_checkpoint(run_dir: str, step: int, write_weights, state: dict, keep: int) -> str:
+    """Write ``checkpoint-<step>`` (see the module docstring): ``write_weights(folder)`` writes the weights, then
+    ``state`` goes to ``state.pt``; returns its path."""
     final = os.path.join(run_dir, f"checkpoint-{step:08d}")
     tmp = os.path.join(run_dir, f".checkpoint-{step:08d}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step), "format": "blipfast"})
+    write_weights(tmp)
     torch.save(state, os.path.join(tmp, "state.pt"))
-    if lavis:
-        torch.save({"model": model.to_lavis_state_dict(), "step": step}, os.path.join(tmp, "lavis.pth"))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -93,14 +91,9 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     return path, found[-1]
 
 
-def load_checkpoint(ckpt: str, model) -> dict:
-    """Load the weights into ``model`` and return the training state of ``state.pt``."""
-    from safetensors.torch import load_model
-
-    missing, unexpected = load_model(model, os.path.join(ckpt, "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"--resume: {ckpt!r} does not fit the model (missing {sorted(missing)[:8]}, unexpected "
-                         f"{sorted(unexpected)[:8]})")
+def load_checkpoint(ckpt: str, read_weights) -> dict:
+    """``read_weights(ckpt)`` loads the weights; returns the training state of ``state.pt``."""
+    read_weights(ckpt)
     return torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
 
 

@@ -1,5 +1,5 @@
-"""``blipfast train``: BLIP-2 stage-1 pre-training (ITC + ITM + ITG) of the Q-Former on a frozen vision encoder, or
-BLIP (v1) pre-training with ``--model blip`` (ITC with momentum encoders and queues, ITM, LM; the ViT trains).
+"""``blipfast train``: BLIP-2 pre-training on a frozen vision encoder: stage 1 (ITC + ITM + ITG of the Q-Former)
+or, with --stage 2, the stage-1 Q-Former bridged to a frozen LLM (LM loss on the captions).
 
 Examples:
   blipfast train                                               # synthetic set, tiny model, CPU-sized
@@ -8,8 +8,8 @@ Examples:
   blipfast train --data ann.jsonl --features feats --out runs/b --config stage1.yaml
   torchrun --nproc-per-node 8 -m blipfast.cli train --data ann.jsonl --features feats --out runs/c
   blipfast train --resume runs/c
-  blipfast train --model blip                                  # BLIP pre-training on the synthetic set
-  blipfast train --model blip --data ann.jsonl --images IMG --vision BLIP_VIT --tokenizer BERT --out runs/d
+  blipfast train --stage 2 --llm OPT_DIR --init runs/c --data ann.jsonl --features feats --out runs/d
+  blipfast train --stage 2 --llm T5_DIR --init blip2.pth --data ann.jsonl --images IMG --vision VIT --out runs/e
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.epilog = "\n".join(__doc__.split("\n\n")[1:]) + (
         "\nThe run folder gets config.yaml (the resolved options), log.jsonl, loss.png, bad_rows.txt, tokenizer/ "
-        "(when trained) and checkpoint-<step>/ folders (model.safetensors, state.pt, lavis.pth with --save-lavis).")
+        "(when trained) and checkpoint-<step>/ folders (model.safetensors, state.pt, lavis.pth with --save-lavis; "
+        "stage 2: only the trained tensors, with a config.json).")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_options(p)
 

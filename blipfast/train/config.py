@@ -1,15 +1,17 @@
 """The options of ``blipfast train``: one table gives the command-line flags, the config-file keys, their types,
 defaults and help, and the resolved ``config.yaml`` written into every run folder.
 
-Precedence: built-in defaults < the model's recipe (``--model blip``: BLIP's ``configs/pretrain.yaml``) < the
-synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the
-flags' names as keys (``batch_size`` or ``batch-size``); an unknown key or a value of the wrong type is refused
-before anything starts. ``model`` names the model (``blip2``, the default, or ``blip``; see
-:mod:`blipfast.train.models`) or is a mapping of its config fields over the ``preset`` with ``name`` saying which:
-:class:`blipfast.Blip2Stage1Config` fields (a nested ``qformer`` mapping of :class:`blipfast.QFormerConfig`
-fields), or :class:`blipfast.BlipPretrainConfig` fields (nested ``text`` and ``vision`` mappings); the fields that
-follow from the tokenizer and the vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``,
-``encoder_hidden_size``, ...) and ``max_txt_len`` are filled in by the trainer.
+Precedence: built-in defaults < the stage-2 defaults (``--stage 2``: LAVIS' ``pretrain_stage2`` recipe) or BLIP's
+(``--model blip``: Salesforce BLIP's ``configs/pretrain.yaml``) < the synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config
+file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the flags' names as keys (``batch_size`` or
+``batch-size``); an unknown key or a value of the wrong type is refused before anything starts. ``model`` is a
+mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested ``qformer`` mapping of
+:class:`blipfast.QFormerConfig` fields) over the ``preset``; the fields that follow from the tokenizer and the
+vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``, ``encoder_hidden_size``) and ``max_txt_len`` are
+filled in by the trainer. With ``--stage 2`` ``model`` holds the stage-1 checkpoint's ``qformer`` fields and
+``ln_vision_eps`` (over what the checkpoint's own run folder or files say; see :mod:`blipfast.train.adapters`).
+``--model blip`` (or a mapping with ``"name": "blip"`` and :class:`blipfast.BlipPretrainConfig` fields, nested
+``text`` and ``vision``) trains BLIP (v1) instead (:mod:`blipfast.train.adapter_blip`).
 """
 from __future__ import annotations
 
@@ -19,11 +21,21 @@ import json
 import os
 from typing import Any
 
-from .models import MODELS, model_kind
-
 # name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
 # None as default: unset (derived or optional).
 OPTIONS: dict = {
+    # what is trained
+    "stage": (int, 1, "1: BLIP-2 stage 1 (ITC + ITM + ITG of the Q-Former, blipfast.Blip2Stage1); 2: stage 2 "
+              "(blipfast.Blip2Stage2: the Q-Former bridged to the frozen LLM of --llm by an LM loss on the "
+              "captions; needs --init, a stage-1 checkpoint)"),
+    "llm": (str, None, "stage 2: local Hugging Face LLM folder (decoder-only such as OPT, or seq2seq such as "
+            "Flan-T5) with its tokenizer; frozen"),
+    "llm_dtype": (str, "auto", "stage 2: dtype the frozen LLM runs in: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 "
+                  "or fp32"),
+    "prompt": (str, "", "stage 2: text before every caption whose tokens get no loss (label -100), e.g. 'a photo "
+               "of'; decoder-only LLMs read prompt + ' ' + caption, seq2seq LLMs take the prompt in the encoder"),
+    "text_suffix": (str, None, "stage 2, decoder-only LLMs: appended to every caption (default: the tokenizer's "
+                    "EOS token; LAVIS' OPT recipe appends a newline)"),
     # data
     "data": (str, None, "annotation file: JSONL or the JSON list of LAVIS/BLIP, rows {'image': path relative to "
              "--images, 'caption': text or list of texts}; without it a synthetic set is generated"),
@@ -32,15 +44,16 @@ OPTIONS: dict = {
                "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
                "image processor config; frozen. With --model blip: a BlipVisionModel or BLIP folder whose weights "
                "start the trainable ViT (optional: without it the ViT starts from random weights or --init)"),
-    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision; "
-                 "not with --model blip, whose ViT trains)"),
-    "tokenizer": (str, None, "local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as LAVIS "
-                  "does); default: train a WordPiece vocabulary on the captions and save it in the run folder"),
-    "vocab_size": (int, 30522, "WordPiece vocabulary size when training the tokenizer"),
+    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision; not "
+                 "with --model blip, whose ViT trains)"),
+    "tokenizer": (str, None, "stage 1: local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as "
+                  "LAVIS does); default: train a WordPiece vocabulary on the captions and save it in the run folder. "
+                  "Stage 2: the LLM's tokenizer (default: the --llm folder's)"),
+    "vocab_size": (int, 30522, "stage 1: WordPiece vocabulary size when training the tokenizer"),
     "max_txt_len": (int, 32, "caption tokens (padded/truncated; LAVIS: 32, BLIP: 30)"),
-    "image_ids": (bool, True, "pairs showing the same image (annotation 'image_id', else the image path) are "
-                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids (default off "
-                  "for --model blip: BLIP_Pretrain has none)"),
+    "image_ids": (bool, True, "stage 1: pairs showing the same image (annotation 'image_id', else the image path) are "
+                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids (default off with "
+                  "--model blip: BLIP_Pretrain has none)"),
     "feature_dtype": (str, "bf16", "dtype the vision tokens are rounded to when training from images (the "
                       "dtype cache-features stores; bf16, fp16 or fp32)"),
     "vision_dtype": (str, "auto", "dtype the frozen vision model runs in: auto (bf16 on CUDA, fp32 on CPU), "
@@ -49,24 +62,26 @@ OPTIONS: dict = {
                     "on CUDA)"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
     # model
-    "preset": (str, "auto", "model size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; BLIP: ViT-B/16 "
-               "at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the synthetic set, else "
-               "base)"),
-    "model": ("mapping", None, "the model: blip2 (default: BLIP-2 stage 1, Blip2Stage1) or blip (BLIP v1 "
-              "pre-training, BlipPretrain), or its config fields over the preset as JSON, with \"name\" saying "
-              "which, e.g. '{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}' or "
-              "'{\"name\": \"blip\", \"queue_size\": 57600, \"text\": {\"num_hidden_layers\": 6}}'"),
-    "init": (str, None, "start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis), a Salesforce "
-             "BLIP .pth with --model blip (BlipPretrain.from_lavis), or a blipfast checkpoint folder / "
-             "model.safetensors"),
+    "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; --model "
+               "blip: ViT-B/16 at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the "
+               "synthetic set, else base)"),
+    "model": ("mapping", None, "stage 1: Blip2Stage1Config fields over the preset, JSON on the command line, e.g. "
+              "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'; stage 2: the stage-1 "
+              "checkpoint's {\"qformer\": {QFormerConfig fields}, \"ln_vision_eps\": x} over what its run folder "
+              "or config.json says (e.g. dropout). `blip` (or {\"name\": \"blip\", ...BlipPretrainConfig fields}) "
+              "trains BLIP (v1) pre-training instead (ITC with momentum queues, ITM, LM; the ViT trains)"),
+    "init": (str, None, "stage 1: start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a "
+             "blipfast checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a blipfast "
+             "run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. --model "
+             "blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast checkpoint"),
     # optimisation (SPEC.md section 3)
-    "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU)"),
+    "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
     "steps": (int, None, "optimizer steps (default: --epochs)"),
     "epochs": (float, None, "passes over the data when --steps is not given (default 10)"),
     "lr": (float, 1e-4, "peak learning rate"),
     "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
-    "warmup_steps": (int, 5000, "linear warm-up steps"),
+    "warmup_steps": (int, 5000, "linear warm-up steps (stage 2: 2000)"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
     "weight_decay": (float, 0.05, "AdamW weight decay (not on biases and 1-D parameters)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
@@ -76,15 +91,16 @@ OPTIONS: dict = {
                   "on CPU"),
     "compile": (bool, False, "torch.compile the model step"),
     "compile_backend": (str, "inductor", "torch.compile backend"),
-    "cuda_graph": (bool, False, "capture forward + backward + optimizer step in CUDA graphs (capturable AdamW, "
-                   "static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
+    "cuda_graph": (bool, False, "stage 1: capture forward + backward + optimizer step in CUDA graphs (capturable "
+                   "AdamW, static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
     "device": (str, "auto", "cpu, cuda or auto (cuda when available; cuda:LOCAL_RANK under torchrun)"),
     "seed": (int, 42, "random seed (weights, data order, dropout, negatives)"),
     # output
     "out": (str, None, "run folder (default ./runs/<timestamp>)"),
     "save_every": (int, 1000, "write a checkpoint every this many steps (0: only at the end)"),
     "keep": (int, 3, "checkpoints kept (the oldest are deleted)"),
-    "save_lavis": (bool, False, "also write each checkpoint's weights as a LAVIS .pth (to_lavis_state_dict)"),
+    "save_lavis": (bool, False, "also write each checkpoint's weights as a LAVIS .pth (LAVIS names; stage 2: the "
+                   "trained parts, with opt_proj / t5_proj)"),
     "log_every": (int, 10, "steps per row of log.jsonl and per progress-bar update"),
     "plot_every": (int, 100, "steps between refreshes of loss.png"),
     "progress": (bool, True, "tqdm progress bar"),
@@ -96,14 +112,37 @@ OPTIONS: dict = {
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
                   "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
 
+# LAVIS' stage-2 recipe (lavis/projects/blip2/train/pretrain_stage2.yaml): lr 1e-4 -> 1e-5 cosine, warm-up from
+# 1e-6 over 2000 steps, weight decay 0.05, batch 64 per GPU; the other defaults are stage 1's
+STAGE2_DEFAULTS = {"batch_size": 64, "warmup_steps": 2000}
+# Salesforce BLIP's configs/pretrain.yaml (ViT-B): AdamW lr 3e-4, warm-up from 1e-6 over 3000 steps, down to 1e-6,
+# weight decay 0.05, batch 75 per GPU, 20 epochs, captions of 30 tokens; no image ids (BLIP_Pretrain has none)
+BLIP_DEFAULTS = {"lr": 3e-4, "warmup_lr": 1e-6, "warmup_steps": 3000, "min_lr": 1e-6, "batch_size": 75,
+                 "epochs": 20.0, "max_txt_len": 30, "image_ids": False}
+MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
+
+
+def model_name(model) -> str:
+    """The model a ``model`` option trains: "blip2" (BLIP-2, the default) or "blip" (BLIP v1 pre-training)."""
+    name = (model or {}).get("name", "blip2") if isinstance(model, dict) else "blip2"
+    if name not in MODEL_NAMES:
+        raise ValueError(f"--model: unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    return name
+
 # defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU
 SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 2e-3, "min_lr": 1e-4,
                       "vocab_size": 256, "max_txt_len": 16, "save_every": 0, "log_every": 5, "plot_every": 20}
 
-CHOICES = {"feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
+CHOICES = {"stage": (1, 2), "feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
+           "llm_dtype": ("auto", "bf16", "fp16", "fp32"),
            "preset": ("auto", "base", "tiny"), "precision": ("auto", "fp32", "bf16", "fp16")}
 
-PRESETS = MODELS["blip2"].PRESETS  # the presets of the default model (see blipfast.train.models)
+PRESETS = {
+    "base": {},  # Blip2Stage1Config defaults: LAVIS stage 1
+    "tiny": {"num_query_tokens": 8, "embed_dim": 64,
+             "qformer": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
+                         "num_hidden_layers": 2, "max_position_embeddings": 64}},
+}
 
 
 def _flag(name: str) -> str:
@@ -164,15 +203,15 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise bad("a list of two numbers")
         value = [_coerce_float(name, v, where) for v in value]
     elif typ == "mapping":
-        if isinstance(value, str) and name == "model" and value.strip() in MODELS:  # --model blip
+        if isinstance(value, str) and name == "model" and value.strip() in MODEL_NAMES:  # --model blip
             value = {"name": value.strip()}
         elif isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 if name == "model":
-                    raise ValueError(f"{where}: {value!r} is neither a model ({', '.join(MODELS)}) nor a JSON mapping "
-                                     f"({exc.msg})") from None
+                    raise ValueError(f"{where}: {value!r} is neither a model ({', '.join(MODEL_NAMES)}) nor a JSON "
+                                     f"mapping ({exc.msg})") from None
                 raise ValueError(f"{where}: {name} is not valid JSON ({exc.msg})") from None
         if not isinstance(value, dict):
             raise bad("a mapping")
@@ -231,13 +270,17 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     """(options, explicitly given ones) from defaults, the synthetic defaults, --config and the flags."""
     given = {k: _coerce(k, v, _flag(k)) for k, v in vars(args).items() if k in OPTIONS}
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
-    chosen = {**from_file, **given}
     cfg = {k: v[1] for k, v in OPTIONS.items()}
-    cfg.update(model_kind(chosen.get("model")).DEFAULTS)
+    chosen = {**from_file, **given}
+    if chosen.get("stage") == 2:
+        cfg.update(STAGE2_DEFAULTS)
+    if model_name(chosen.get("model")) == "blip":
+        cfg.update(BLIP_DEFAULTS)
     if chosen.get("data") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
-    cfg.update(chosen)
-    return cfg, chosen
+    cfg.update(from_file)
+    cfg.update(given)
+    return cfg, {**from_file, **given}
 
 
 def validate(cfg: dict) -> None:
@@ -258,18 +301,28 @@ def validate(cfg: dict) -> None:
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
-    kind = model_kind(cfg["model"])
-    if kind.trains_vision:
-        need(cfg["features"] is None, f"--features cannot be used with --model {kind.name}: its ViT trains, so the "
-             f"image tokens change every step and cannot be cached; give --images DIR (the ViT's weights come from "
-             f"--vision VIT_DIR or --init CKPT)")
-        need(cfg["data"] is None or cfg["images"] is not None, f"--data needs --images DIR with --model {kind.name}")
+    if model_name(cfg["model"]) == "blip":
+        need(cfg["stage"] == 1, "--model blip is BLIP (v1) pre-training; --stage 2 is BLIP-2's")
+        need(cfg["features"] is None, "--features cannot be used with --model blip: its ViT trains, so the image "
+             "tokens change every step and cannot be cached; give --images DIR (the ViT's weights come from "
+             "--vision VIT_DIR or --init CKPT)")
+        need(cfg["data"] is None or cfg["images"] is not None, "--data needs --images DIR with --model blip")
     elif cfg["data"] is not None:
         need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
              "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")
     need(not (cfg["features"] and cfg["data"] is None), "--features needs --data (the captions)")
+    if cfg["stage"] == 2:
+        need(cfg["llm"] is not None, "--stage 2 needs --llm LLM_DIR (a local Hugging Face LLM folder)")
+        need(os.path.isdir(cfg["llm"]), f"--llm: {cfg['llm']!r} is not a folder (a local Hugging Face LLM folder)")
+        need(cfg["init"] is not None, "--stage 2 needs --init STAGE1_CKPT (the stage-1 Q-Former, queries and "
+             "ln_vision)")
+        need(not cfg["cuda_graph"], "--cuda-graph is for stage 1 (the HF LLM's mask checks synchronise with the "
+             "host); use --compile")
+    else:
+        need(cfg["llm"] is None and not cfg["prompt"] and cfg["text_suffix"] is None,
+             "--llm, --prompt and --text-suffix are options of --stage 2")
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")

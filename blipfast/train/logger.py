@@ -1,10 +1,11 @@
 """What a run shows and leaves behind: ``log.jsonl`` (one row per logged step), ``loss.png`` and a tqdm bar.
 
-A row: ``step``, ``epoch`` (fractional), ``loss``, ``loss_itc``, ``loss_itm``, ``loss_lm`` (each the mean over
-the steps since the previous row), ``lr`` (of the row's last step), ``images_per_s`` (global: all processes),
-``memory_mb`` (peak CUDA memory allocated, or the process' peak resident memory on a CPU) and ``time_s``
-since the start of the invocation. Only rank 0 writes. On ``--resume`` the rows after the checkpoint's step
-(written by the interrupted invocation after its last checkpoint) are dropped, so the log reads as one run.
+A row: ``step``, ``epoch`` (fractional), the losses (stage 1: ``loss``, ``loss_itc``, ``loss_itm``, ``loss_lm``;
+stage 2: ``loss``; each the mean over the steps since the previous row), ``lr`` (of the row's last step),
+``images_per_s`` (global: all processes), ``memory_mb`` (peak CUDA memory allocated, or the process' peak resident
+memory on a CPU) and ``time_s`` since the start of the invocation. Only rank 0 writes. On ``--resume`` the rows
+after the checkpoint's step (written by the interrupted invocation after its last checkpoint) are dropped, so the
+log reads as one run.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def peak_memory_mb(device) -> float:
 
 
 class RunLog:
-    def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 losses: tuple = LOSSES):
         self.enabled = enabled
+        self.losses = tuple(losses)
         self.path = os.path.join(run_dir, "log.jsonl")
         self.png = os.path.join(run_dir, "loss.png")
         self.rows: list = []
@@ -83,8 +86,8 @@ class RunLog:
 
         steps = [r["step"] for r in self.rows]
         fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-        for key, style in zip(LOSSES, ("-", "--", "--", "--")):
-            ax.plot(steps, [r[key] for r in self.rows], style, label=key, linewidth=1.5 if key == "loss" else 1)
+        for i, key in enumerate(self.losses):
+            ax.plot(steps, [r[key] for r in self.rows], "--" if i else "-", label=key, linewidth=1 if i else 1.5)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

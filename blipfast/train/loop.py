@@ -1,7 +1,8 @@
 """The trainer behind ``blipfast train``: set-up (processes, data, tokenizer, model, optimizer, checkpoint) and
-the loop (steps, log rows, plot, checkpoints). The model is BLIP-2 stage 1 (``Blip2Stage1``, on a frozen vision
-tower or cached features) or BLIP v1 pre-training (``--model blip``: ``BlipPretrain``, whose ViT trains); what
-differs between them lives in :mod:`blipfast.train.models`.
+the loop (steps, log rows, plot, checkpoints). What is trained (stage 1 or stage 2, or BLIP v1 pre-training:
+tokenizer, model, loss, checkpoint weights) comes from an adapter of :mod:`blipfast.train.adapters`; the rest is
+shared. An adapter whose model trains its own ViT (``trains_vision``: BLIP) gets the pixels, and per-step inputs
+(``step_inputs``: BLIP's alpha ramp) travel with each batch.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
 cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
@@ -9,8 +10,9 @@ and removed again if the set-up fails after creating it, so a refused run leaves
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
 CPUs), builds the same model from the same seed, trains on its rows of each global batch
-(:class:`blipfast.data.GlobalBatchSampler`) and is wrapped in DDP; ``Blip2Stage1`` gathers the ITC features and
-exchanges the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
+(:class:`blipfast.data.GlobalBatchSampler`) and is wrapped in DDP (frozen parameters left out of its start-up
+broadcast: every rank loads them from the same files); ``Blip2Stage1`` gathers the ITC features and exchanges
+the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
 rank's RNG states. Dropout draws from each rank's own RNG (seeded ``seed`` + rank); the hard-negative draws use
 a seed that depends only on ``seed`` and the micro-step, the same on every rank.
 """
@@ -28,15 +30,14 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .adapters import DTYPES, make_adapter, model_config
 from .config import RESUME_MUTABLE, read_run_config, validate, write_config
-from .logger import LOSSES, RunLog, peak_memory_mb
-from .models import MODELS, default_blip_processor, load_blip_vision, model_kind
+from .logger import RunLog, peak_memory_mb
 from .optim import WarmupCosine, make_optimizer
 from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "out")
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out")
 
 
 def mix_seed(seed: int, k: int) -> int:
@@ -45,11 +46,6 @@ def mix_seed(seed: int, k: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return (z ^ (z >> 31)) >> 1
-
-
-def model_config(cfg: dict, tokenizer, width: int):
-    """The Blip2Stage1Config of a BLIP-2 run (see blipfast.train.models for every model)."""
-    return MODELS["blip2"].model_config(cfg, tokenizer, width)
 
 
 class _Dist:
@@ -132,7 +128,7 @@ class Trainer:
                 created = True
             self._setup(cfg, resume)
             if resume is not None:
-                state = ckpt.load_checkpoint(ck, self.core)
+                state = ckpt.load_checkpoint(ck, lambda folder: self.adapter.load(self.core, folder))
                 self._restore(state)
         except BaseException:
             if created:
@@ -145,11 +141,14 @@ class Trainer:
         self.global_batch = cfg["batch_size"] * d.world * cfg["grad_accum"]
         if d.main:
             n_params = sum(p.numel() for p in self.core.parameters())
-            self.log(f"blipfast train: {self.ann.summary()}; {d.world} process(es) on {d.device}, global batch "
-                     f"{self.global_batch}, steps {self.step} -> {self.end} of {self.total_steps} "
-                     f"({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters, "
-                     f"{cfg['precision']}; run folder {cfg['out']}")
-        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"])
+            n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+            trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
+            title = getattr(self.adapter, "title", f"stage {cfg['stage']}")
+            self.log(f"blipfast train: {title}, {self.ann.summary()}; {d.world} process(es) on "
+                     f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
+                     f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
+                     f"{trained}, {cfg['precision']}; run folder {cfg['out']}")
+        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"], losses=self.adapter.losses)
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------
@@ -157,69 +156,47 @@ class Trainer:
 
     def _setup(self, cfg: dict, resume) -> None:
         from ..data import (FeatureCache, FeatureTextDataset, GlobalBatchSampler, ImageTextDataset, collate,
-                            load_tokenizer, load_vision_tower, read_annotations, tokenize, train_wordpiece)
+                            load_vision_tower, read_annotations)
         from ..data.annotations import keep_pairs
 
         d, dev, out = self.dist, self.dist.device, cfg["out"]
-        self.kind = kind = model_kind(cfg["model"])
+        self.adapter = adapter = make_adapter(cfg)
         if cfg["preset"] == "auto":
             cfg["preset"] = "tiny" if cfg["data"] is None else "base"
         if cfg["data"] is None:  # the synthetic set, generated into the run folder
             from ..data.synthetic import make_synthetic
 
             paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"],
-                                   vision_kind="blip" if kind.trains_vision else "blip2") if d.main else None
+                                   vision_kind=getattr(adapter, "vision_kind", "blip2")) if d.main else None
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
         ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
-                               max_words=kind.max_words)
-        cache = tower = processor = vit = None
-        width = None
+                               **({"max_words": adapter.max_words} if hasattr(adapter, "max_words") else {}))
+        cache = tower = processor = width = None
         if feats:
             cache = FeatureCache(cfg["features"])
             reasons = {k: f"image {k!r} not in the feature cache {cfg['features']!r}" for k in ann.images}
             reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
             ann = keep_pairs(ann, set(cache.where), reasons)
             width = cache.width
-        elif kind.trains_vision:  # the ViT is part of the model; --vision only gives its starting weights
-            if cfg["vision"] is not None:
-                vit, processor = load_blip_vision(cfg["vision"])
+        elif getattr(adapter, "trains_vision", False):  # the ViT is the model's: no frozen tower
+            processor = adapter.image_processor(cfg, d)
         else:
             vdt = "bf16" if cfg["vision_dtype"] == "auto" and dev.type == "cuda" else cfg["vision_dtype"]
             tower, processor = load_vision_tower(cfg["vision"], device=dev,
                                                  dtype=DTYPES.get(vdt, torch.float32))
             width = tower.width
         self.ann = ann
-        tok_dir = os.path.join(out, "tokenizer")
-        if cfg["tokenizer"] is not None:
-            tok = kind.prepare_tokenizer(load_tokenizer(cfg["tokenizer"]))
-        else:
-            if d.main:
-                kind.prepare_tokenizer(train_wordpiece(ann.captions, cfg["vocab_size"])).save_pretrained(tok_dir)
-            d.barrier()
-            tok = kind.prepare_tokenizer(load_tokenizer(tok_dir))
-            cfg["tokenizer"] = tok_dir
-        self.tokenizer = tok
-        self.model_cfg = mcfg = kind.model_config(cfg, tok, width, None if vit is None else vit.config)
-        cfg["model"] = mcfg.to_dict() if kind.name == "blip2" else {"name": kind.name, **mcfg.to_dict()}
-        ids, mask = tokenize(tok, ann.captions, cfg["max_txt_len"])
-        if kind.trains_vision:
-            if processor is None:
-                processor = default_blip_processor(mcfg.vision.image_size)
-            if d.main:  # what the images went through, for the run's users (blipfast capfilt reads it)
-                processor.save_pretrained(os.path.join(out, "image_processor"))
-
+        self.tokenizer = tok = adapter.tokenizer(cfg, ann, d)
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-        self.core = model = kind.build(mcfg, vit).to(dev).train()
-        del vit
-        if cfg["init"] is not None and resume is None:
-            ckpt.load_init_weights(cfg["init"], model)
+        self.core = model = adapter.build(cfg, tok, width, dev, fresh=resume is None)
+        text = adapter.tokenize(model, tok, ann.captions, cfg)
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
-        ds = FeatureTextDataset(ann, cache, ids, mask) if feats else \
-            ImageTextDataset(ann, cfg["images"], processor, ids, mask, report_path=report)
+        ds = FeatureTextDataset(ann, cache, text) if feats else \
+            ImageTextDataset(ann, cfg["images"], processor, text, report_path=report)
         self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
         self.steps_per_epoch = self.sampler.steps_per_epoch / cfg["grad_accum"]
         if cfg["steps"] is None:
@@ -246,16 +223,18 @@ class Trainer:
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            if frozen:  # the same files on every rank: no start-up broadcast of a frozen LLM
+                DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
             wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
         if cfg["compile"]:
             wrapped = torch.compile(wrapped, backend=cfg["compile_backend"])
             if tower is not None:
                 tower = torch.compile(tower, backend=cfg["compile_backend"])
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
-        self.stepper = cls(wrapped, self.optimizer, device=dev, tower=tower, scaler=self.scaler, amp_dtype=amp,
-                           grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
-                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]],
-                           image_ids=cfg["image_ids"])
+        self.stepper = cls(wrapped, self.optimizer, adapter.step_loss, device=dev, tower=tower, scaler=self.scaler,
+                           amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
+                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]])
         self.step = 0
         self.micro_step = 0
         self._iter = None
@@ -290,16 +269,18 @@ class Trainer:
     # the loop
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step (``grad_accum`` micro-steps); the mean losses [4] as a device tensor (no sync)."""
+        """One optimizer step (``grad_accum`` micro-steps); the mean losses as a device tensor (no sync)."""
         if self._iter is None:
             self._iter = self._batches()
         acc = None
         n = self.cfg["grad_accum"]
+        extra = getattr(self.adapter, "step_inputs", None)
         for k in range(n):
             batch = next(self._iter)
-            scalars = self.kind.step_scalars(self.micro_step, self.sampler.steps_per_epoch, self.model_cfg)
-            m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1,
-                                   scalars=scalars)
+            if extra is not None:
+                batch.update({name: torch.tensor(v, dtype=torch.float32)
+                              for name, v in extra(self.micro_step, self.sampler.steps_per_epoch).items()})
+            m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
             self.micro_step += 1
             acc = m if acc is None else acc + m
         self.step += 1
@@ -319,8 +300,10 @@ class Trainer:
             state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
                      "step": self.step, "micro_step": self.micro_step, "world_size": d.world}
-            path = ckpt.save_checkpoint(self.cfg["out"], self.step, self.core, state, self.cfg["keep"],
-                                        lavis=self.cfg["save_lavis"])
+            path = ckpt.save_checkpoint(self.cfg["out"], self.step,
+                                        lambda folder: self.adapter.save(self.core, folder, self.step,
+                                                                         self.cfg["save_lavis"]),
+                                        state, self.cfg["keep"])
         d.barrier()
         return path
 
@@ -352,7 +335,7 @@ class Trainer:
                     vals = acc.tolist()  # the one host sync per log row
                     now = time.perf_counter()
                     row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
-                           **dict(zip(LOSSES, vals)), "lr": self.schedule.value(s - 1),
+                           **dict(zip(self.adapter.losses, vals)), "lr": self.schedule.value(s - 1),
                            "images_per_s": global_batch * n_acc / max(now - t_last, 1e-9),
                            "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3)}
                     self.runlog.log(row)

@@ -1,13 +1,13 @@
-"""One training micro-step and optimizer step: eager (optionally ``torch.compile``d) or replayed from CUDA graphs.
+"""One training micro-step and optimizer step: eager (optionally ``torch.compile``d) or replayed from CUDA graphs
+(stage 1).
 
-A micro-step moves a batch to the device, runs the frozen vision tower when training BLIP-2 from images (its tokens
-rounded to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers),
-then the model (:class:`blipfast.Blip2Stage1`, or :class:`blipfast.BlipPretrain`, which takes the pixels itself)
-under autocast, and back-propagates ``loss / grad_accum``. Per-step scalars of the model (BLIP's ``alpha``) arrive
-as floats and enter the model as device tensors (filled, not copied; static buffers under CUDA graphs). It returns the
-four losses as a detached device tensor: nothing in a step synchronises with the host (the trainer reads the
-losses once per log row). The hard-negative draw takes ``sample_seed`` from the host (a device fill, no copy):
-every rank passes the same seed, so W ranks draw what one process with the global batch draws.
+A micro-step moves a batch to the device, runs the frozen vision tower when training from images (its tokens rounded
+to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers), then the
+model under autocast through the adapter's ``step_loss`` (:mod:`blipfast.train.adapters`), and back-propagates
+``loss / grad_accum``. It returns the logged losses as a detached device tensor: nothing in a step synchronises with
+the host (the trainer reads the losses once per log row). The hard-negative draw takes ``sample_seed`` from the host
+(a device fill, no copy): every rank passes the same seed, so W ranks draw what one process with the global batch
+draws.
 
 :class:`GraphStepper` (``--cuda-graph``) runs the first ``WARMUP`` optimizer steps eagerly on a side stream
 (Triton autotuning, optimizer state allocation), then captures two graphs over static input buffers and one
@@ -18,7 +18,6 @@ Each later micro-step is a copy into the static buffers and one replay.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 
@@ -26,14 +25,15 @@ WARMUP = 3  # eager optimizer steps before the CUDA graphs are captured
 
 
 class Stepper:
-    """Eager (or compiled) steps. ``model``: the module to call (maybe DDP- or compile-wrapped); ``tower``: the
-    frozen vision tower when the batches hold ``pixel_values``."""
+    """Eager (or compiled) steps. ``model``: the module to call (maybe DDP- or compile-wrapped); ``step_loss``:
+    the adapter's ``(model, embeds, inp, seed) -> (loss, logged losses)``; ``tower``: the frozen vision tower when
+    the batches hold ``pixel_values``."""
 
-    def __init__(self, model, optimizer, *, device, tower=None, scaler=None, amp_dtype=None, grad_accum: int = 1,
-                 grad_clip: float = 0.0, feature_dtype=torch.bfloat16, image_ids: bool = True, params=None):
-        self.model, self.optimizer, self.tower, self.scaler = model, optimizer, tower, scaler
+    def __init__(self, model, optimizer, step_loss, *, device, tower=None, scaler=None, amp_dtype=None,
+                 grad_accum: int = 1, grad_clip: float = 0.0, feature_dtype=torch.bfloat16, params=None):
+        self.model, self.optimizer, self.step_loss, self.tower, self.scaler = model, optimizer, step_loss, tower, scaler
         self.device, self.amp_dtype, self.accum = device, amp_dtype, grad_accum
-        self.grad_clip, self.feature_dtype, self.image_ids = grad_clip, feature_dtype, image_ids
+        self.grad_clip, self.feature_dtype = grad_clip, feature_dtype
         self.params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
         self.ddp = hasattr(model, "no_sync")
         self.tower_dtype = next(tower.parameters()).dtype if tower is not None else None
@@ -48,29 +48,22 @@ class Stepper:
         nb = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=nb) for k, v in batch.items() if k != "index"}
 
-    def forward(self, inp: dict, seed: torch.Tensor, scalars: Optional[dict] = None):
-        """(metrics [4] fp32 detached, loss to back-propagate) of one micro-batch already on the device;
-        ``scalars``: name -> 0-d device tensor, extra keyword arguments of the model."""
+    def forward(self, inp: dict, seed: torch.Tensor):
+        """(logged losses fp32 detached, loss to back-propagate) of one micro-batch already on the device."""
         with self.autocast():
             if self.tower is not None:
-                images = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
-            else:
-                images = inp["image_embeds"] if "image_embeds" in inp else inp["pixel_values"]
-            out = self.model(images, inp["input_ids"], inp["attention_mask"],
-                             image_ids=inp["image_id"] if self.image_ids else None, sample_seed=seed,
-                             **(scalars or {}))
-        metrics = torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_lm]).detach().float()
-        return metrics, out.loss / self.accum
+                embeds = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
+            else:  # cached ViT tokens, or the pixels of a model that runs its own ViT (BLIP)
+                embeds = inp["image_embeds"] if "image_embeds" in inp else inp["pixel_values"]
+            loss, metrics = self.step_loss(self.model, embeds, inp, seed)
+        return metrics, loss / self.accum
 
-    def scalar_tensors(self, scalars: Optional[dict]) -> dict:
-        return {k: torch.full((), float(v), dtype=torch.float32, device=self.device) for k, v in (scalars or {}).items()}
-
-    def micro(self, batch: dict, seed: int, last: bool, scalars: Optional[dict] = None) -> torch.Tensor:
+    def micro(self, batch: dict, seed: int, last: bool) -> torch.Tensor:
         inp = self.to_device(batch)
         seed_t = torch.full((1,), seed, dtype=torch.int64, device=self.device)
         sync = contextlib.nullcontext() if (last or not self.ddp) else self.model.no_sync()
         with sync:
-            metrics, loss = self.forward(inp, seed_t, self.scalar_tensors(scalars))
+            metrics, loss = self.forward(inp, seed_t)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if last:
             self.optimizer_step()
@@ -111,7 +104,7 @@ class GraphStepper(Stepper):
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            metrics, loss = self.forward(self.static["inp"], self.static["seed"], self.static["scalars"])
+            metrics, loss = self.forward(self.static["inp"], self.static["seed"])
             loss.backward()
             if last:
                 self.optimizer.step()
@@ -119,13 +112,12 @@ class GraphStepper(Stepper):
         self.pool = g.pool()
         self.graphs[last] = (g, metrics)
 
-    def micro(self, batch: dict, seed: int, last: bool, scalars: Optional[dict] = None) -> torch.Tensor:
+    def micro(self, batch: dict, seed: int, last: bool) -> torch.Tensor:
         if self.eager_steps < WARMUP:  # real training steps, eager, on a side stream
             self.side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.side):
                 inp = self.to_device(batch)
-                metrics, loss = self.forward(inp, torch.full((1,), seed, dtype=torch.int64, device=self.device),
-                                             self.scalar_tensors(scalars))
+                metrics, loss = self.forward(inp, torch.full((1,), seed, dtype=torch.int64, device=self.device))
                 loss.backward()
                 if last:
                     self.optimizer_step(set_to_none=False)
@@ -134,13 +126,10 @@ class GraphStepper(Stepper):
             return metrics
         if self.static is None:
             self.static = {"inp": {k: v.to(self.device).clone() for k, v in batch.items() if k != "index"},
-                           "seed": torch.zeros(1, dtype=torch.int64, device=self.device),
-                           "scalars": self.scalar_tensors(scalars)}
+                           "seed": torch.zeros(1, dtype=torch.int64, device=self.device)}
         for k, v in self.static["inp"].items():
             v.copy_(batch[k], non_blocking=True)
         self.static["seed"].fill_(seed)
-        for k, v in (scalars or {}).items():
-            self.static["scalars"][k].fill_(float(v))
         if last not in self.graphs:
             self._capture(last)
         g, metrics = self.graphs[last]
