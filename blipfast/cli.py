@@ -20,9 +20,10 @@ COMMANDS = {
     "caption": ("blipfast.generate.caption", "caption a folder or JSONL of images with a BLIP-2 model (JSONL out)"),
     "vqa": ("blipfast.generate.vqa", "answer the questions of a JSONL of images with a BLIP-2 model (JSONL out)"),
     "train": ("blipfast.train.cli", "BLIP-2 stage-1 (ITC + ITM + ITG) or stage-2 (frozen LLM) training from images "
-              "or cached features"),
+              "or cached features, or BLIP pre-training (--model blip: ITC with momentum queues + ITM + LM)"),
     "cache-features": ("blipfast.data.features", "run a frozen vision encoder once and store its tokens"),
     "retrieval": ("blipfast.retrieval_cli", "BLIP-2 image-text retrieval of a gallery: recall@1/5/10 (ITC + ITM)"),
+    "capfilt": ("blipfast.capfilt", "BLIP's CapFilt: caption every web image, keep the texts the ITM filter matches"),
 }
 
 

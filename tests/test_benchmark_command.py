@@ -14,7 +14,8 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former", "stage1": "stage-1 step",
-          "retrieval": "retrieval", "train_data": "train data path"}
+          "retrieval": "retrieval", "train_data": "train data path",
+          "blip_pretrain": "BLIP pre-training"}
 
 
 def test_every_benchmark_suite_is_checked_here():

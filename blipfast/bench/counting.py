@@ -16,9 +16,9 @@ no counter disturbs another) and returns a :class:`Cost`:
 Counting the GPU path without a GPU: run the step on meta tensors inside ``dispatch_meta_as_cuda()``: every op
 takes the backend it takes on a CUDA device (Triton / CUDA C++) and its fake implementation stands in for the
 kernel, so the same Python, the same custom ops and the same saved tensors are counted as on a GPU. PyTorch's
-SDPA on meta decomposes into its math path; ``sdpa`` below calls the memory-efficient kernel that CUDA picks for
-a masked SDPA instead, so a baseline is counted as it runs on a GPU too. On meta tensors ``.item()`` cannot
-run: the counter answers it with 0 (and counts the sync).
+SDPA on meta decomposes into its math path; ``sdpa`` (blipfast.ops._common, re-exported here) calls the
+memory-efficient kernel that CUDA picks for a masked SDPA instead, so a baseline is counted as it runs on a GPU.
+On meta tensors ``.item()`` cannot run: the counter answers it with 0 (and counts the sync).
 """
 from __future__ import annotations
 
@@ -28,11 +28,10 @@ import dataclasses
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops._common import dispatch_meta_as_cuda
+from ..ops._common import dispatch_meta_as_cuda, sdpa  # noqa: F401  (sdpa: re-exported for the baselines)
 
 aten = torch.ops.aten
 
@@ -134,7 +133,11 @@ def _storage_key(t: torch.Tensor):
 
 def count_step(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> Cost:
     """Count ``step()`` (forward and backward; see the module doc). ``exclude``: tensors whose storages are not
-    activations (parameters, inputs); they are left out of ``saved_bytes``."""
+    activations (parameters, inputs); they are left out of ``saved_bytes``. Their storages are held for the whole
+    count: a step that replaces a parameter's storage (``p.data = ...``, as BLIP's momentum update does) would
+    otherwise free it, and an activation allocated at the same address would be taken for the parameter."""
+    exclude = list(exclude)
+    alive = [t.untyped_storage() for t in exclude]  # noqa: F841 (held until the counts are done)
     skip = {_storage_key(t)[0] for t in exclude}
     saved: dict = {}
 
@@ -163,15 +166,6 @@ def counting_gpu_path():
     """Meta tensors take the GPU's dispatch decisions (see the module doc)."""
     with dispatch_meta_as_cuda():
         yield
-
-
-def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
-    """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors the memory-efficient kernel that
-    CUDA runs for a masked SDPA (PyTorch would decompose it into its math path there)."""
-    if q.device.type != "meta":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-    bias = None if attn_mask is None else attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p)[0]
 
 
 def format_cost_table(rows: list[tuple[str, Cost]], base: str) -> str:

@@ -42,7 +42,8 @@ class Annotations:
     ``images``: the distinct image keys (paths as written in the file, normalised), in order of first use;
     ``image_index[p]``: pair p's image in ``images``; ``image_id[p]``: pair p's image identity (equal for pairs
     showing the same image, from ``image_id`` or the path) as consecutive ints; ``captions[p]``: the processed
-    caption; ``lines[p]``: the line of the row it came from; ``bad``: one message per skipped row or caption.
+    caption; ``lines[p]``: the line of the row it came from; ``bad``: one message per skipped row or caption;
+    ``raw[p]``: the caption as the file has it (before the processing).
     """
 
     path: str
@@ -53,6 +54,7 @@ class Annotations:
     lines: list
     bad: list
     rows: int
+    raw: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -169,7 +171,7 @@ def read_annotations(path: str, images_dir: Optional[str] = None, check_images: 
         for k, c in enumerate(captions):
             pc = pre_caption(c, max_words)
             if pc:
-                processed.append(pc)
+                processed.append((pc, c))
             else:
                 bad("empty caption" + (f" {k + 1} of {len(captions)}" if len(captions) > 1 else "")
                     + (f" ({c!r} after LAVIS' caption processing)" if c.strip() else ""))
@@ -181,10 +183,11 @@ def read_annotations(path: str, images_dir: Optional[str] = None, check_images: 
             image_pos[key] = len(ann.images)
             ann.images.append(key)
         ident_pos.setdefault(ident, len(ident_pos))
-        for pc in processed:
+        for pc, raw in processed:
             ann.image_index.append(image_pos[key])
             ann.image_id.append(ident_pos[ident])
             ann.captions.append(pc)
+            ann.raw.append(raw)
             ann.lines.append(line)
     if not ann.captions:
         shown = "; ".join(ann.bad[:5])
@@ -206,7 +209,7 @@ def keep_pairs(ann: Annotations, keep: list, reason_of: dict) -> Annotations:
     pos = {k: i for i, k in enumerate(images)}
     out = Annotations(path=ann.path, images=images, image_index=[pos[ann.images[ann.image_index[p]]] for p in sel],
                       image_id=[ann.image_id[p] for p in sel], captions=[ann.captions[p] for p in sel],
-                      lines=[ann.lines[p] for p in sel], bad=bad, rows=ann.rows)
+                      lines=[ann.lines[p] for p in sel], bad=bad, rows=ann.rows, raw=[ann.raw[p] for p in sel])
     if not out.captions:
         raise ValueError(f"--data: no pair of {ann.path!r} is usable ({'; '.join(bad[:5])})")
     return out

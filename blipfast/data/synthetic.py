@@ -4,8 +4,9 @@
 and background drawn at random from a seeded generator) with a caption that says exactly that ("a small red
 circle at the top left on a white background"), writes them with a JSONL annotation file, and saves a small
 randomly initialised ``Blip2VisionModel`` with its ``BlipImageProcessor`` beside them as the frozen vision
-encoder (no weights can be downloaded). The captions are a function of the images, so the ITC, ITM and ITG
-losses all have something to learn: the loss goes down within a few hundred steps on a CPU.
+encoder (a ``BlipVisionModel`` for BLIP v1, whose ViT trains; no weights can be downloaded). The captions are a
+function of the images, so the ITC, ITM and ITG losses all have something to learn: the loss goes down within a few
+hundred steps on a CPU.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def _draw(rng: random.Random, px: int):
     return im, f"a {size} {color} {shape} {at} on a {bg} background"
 
 
-def make_synthetic(out: str, n: int = 512, seed: int = 0, image_size: int = 64) -> dict:
-    """Write the synthetic set into ``out``; returns {"data", "images", "vision"} paths for the trainer."""
-    from transformers import Blip2VisionConfig, Blip2VisionModel
+def make_synthetic(out: str, n: int = 512, seed: int = 0, image_size: int = 64, vision_kind: str = "blip2") -> dict:
+    """Write the synthetic set into ``out``; returns {"data", "images", "vision"} paths for the trainer.
+    ``vision_kind``: "blip2" (a frozen ``Blip2VisionModel``) or "blip" (a ``BlipVisionModel``, BLIP v1's ViT)."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel, BlipVisionConfig, BlipVisionModel
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"--synthetic-size must be an int >= 2, got {n!r}")
@@ -77,7 +79,10 @@ def make_synthetic(out: str, n: int = 512, seed: int = 0, image_size: int = 64) 
     vision = os.path.join(out, "vision")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Blip2VisionModel(Blip2VisionConfig(**VISION_CONFIG))
+        if vision_kind == "blip":
+            model = BlipVisionModel(BlipVisionConfig(**VISION_CONFIG, layer_norm_eps=1e-6))
+        else:
+            model = Blip2VisionModel(Blip2VisionConfig(**VISION_CONFIG))
     px = VISION_CONFIG["image_size"]
     with quiet_transformers():
         from transformers import BlipImageProcessor  # (without torchvision transformers notes its PIL fallback)

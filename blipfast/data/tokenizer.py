@@ -44,6 +44,15 @@ def load_tokenizer(path: str):
     return _check_bert_style(tok, f"--tokenizer {path}")
 
 
+def add_enc_token(tok):
+    """BLIP (v1)'s ``init_tokenizer``: ``[ENC]`` (the first token of image-grounded encoder inputs) added as an
+    additional special token after ``[DEC]`` (a no-op when it is there); returns ``tok``. bert-base-uncased gives
+    [DEC] = 30522, [ENC] = 30523."""
+    if tok.convert_tokens_to_ids("[ENC]") in (None, tok.unk_token_id):
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
 def train_wordpiece(captions, vocab_size: int = 30522, min_frequency: int = 1):
     """A BERT-style WordPiece tokenizer (transformers ``BertTokenizerFast``) trained on ``captions``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers

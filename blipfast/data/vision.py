@@ -178,3 +178,41 @@ def describe(path: str) -> dict:
             with open(p) as fh:
                 out[name] = json.load(fh)
     return out
+
+
+def default_blip_processor(size: int):
+    """BLIP's evaluation transform as an HF image processor: bicubic resize to size x size, CLIP's mean/std."""
+    from transformers import BlipImageProcessor
+
+    with quiet_transformers():
+        return BlipImageProcessor(size={"height": size, "width": size})
+
+
+def load_blip_vision(path: str):
+    """(BlipVisionModel, image processor) of a local folder, trainable (BLIP v1 trains its ViT): a
+    ``BlipVisionModel`` or any BLIP (v1) checkpoint folder (``BlipForConditionalGeneration``,
+    ``BlipForImageTextRetrieval``, ...: its ``vision_model.*`` weights). Without a ``preprocessor_config.json``
+    the processor is :func:`default_blip_processor` at the ViT's size."""
+    from transformers import AutoConfig, AutoImageProcessor, BlipVisionModel
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise ValueError(f"--vision: {path!r} is not a folder (a local BlipVisionModel or BLIP model folder)")
+    with quiet_transformers():
+        try:
+            cfg = AutoConfig.from_pretrained(path)
+        except Exception as exc:
+            raise ValueError(f"--vision: cannot read the model config in {path!r}: {exc}") from None
+        if cfg.model_type == "blip_vision_model":
+            model = BlipVisionModel.from_pretrained(path)
+        elif cfg.model_type == "blip":
+            model = BlipVisionModel(cfg.vision_config)
+            _load_prefixed(model, path, "vision_model.")
+        else:
+            raise ValueError(f"--vision: BLIP trains its own ViT, a BlipVisionModel; {path!r} holds a "
+                             f"{cfg.model_type!r} model (give a BlipVisionModel or BLIP folder, or none: a fresh ViT "
+                             f"of the preset)")
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+        except Exception:  # no preprocessor_config.json
+            processor = None
+    return model, processor or default_blip_processor(model.config.image_size)

@@ -1,6 +1,6 @@
 """Thin nn.Modules over blipfast.ops: the Q-Former (a drop-in for HF ``Blip2QFormerModel``) and its text
 embeddings, the BLIP-2 models built on them, and the BLIP (v1) text model (MED, drop-ins for HF
-``BlipTextModel`` / ``BlipTextLMHeadModel``) that the BLIP pre-training model builds on.
+``BlipTextModel`` / ``BlipTextLMHeadModel``) and the BLIP pre-training model built on it (``BlipPretrain``).
 
 The BLIP names are imported on first use (``blipfast.models.blip`` pulls in transformers' modeling and
 generation code, seconds of import time that BLIP-2-only users should not pay)."""
@@ -9,9 +9,10 @@ from .blip2_retrieval import Blip2Features, Blip2Retrieval
 from .qformer import ImageKV, QFormer, QFormerConfig, QFormerEmbeddings, QFormerLayer, QFormerOutput
 
 _BLIP = ("BlipTextLMHeadModel", "BlipTextModel", "blip_text_config", "share_encoder_decoder")
+_BLIP_PRETRAIN = ("BlipPretrain", "BlipPretrainConfig", "BlipPretrainOutput")
 
 __all__ = ["Blip2Features", "Blip2Retrieval", "Blip2Stage1", "Blip2Stage1Config", "Blip2Stage1Output", "ImageKV", "QFormer", "QFormerConfig",
-           "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormerOutput", *_BLIP]
+           "QFormerEmbeddings", "QFormerLayer", "QFormerLMHead", "QFormerOutput", *_BLIP, *_BLIP_PRETRAIN]
 
 
 def __getattr__(name):
@@ -19,4 +20,8 @@ def __getattr__(name):
         from . import blip
 
         return getattr(blip, name)
+    if name in _BLIP_PRETRAIN:
+        from . import blip_pretrain
+
+        return getattr(blip_pretrain, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

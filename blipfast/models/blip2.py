@@ -41,6 +41,7 @@ from transformers.utils import ModelOutput
 from .. import convert, ops
 from ..distributed import exchange_itm_negatives, itm_batch_indices, itm_loss
 from ..ops._dist import group_info
+from ._checks import check_index, check_text
 from ._linear import linear_cross_entropy
 from .qformer import QFormer, QFormerConfig, QFormerEmbeddings, _activation, _init_weights
 
@@ -167,33 +168,11 @@ def _check_batch(image_embeds, input_ids, attention_mask, width: int, max_len: i
     b = image_embeds.shape[0]
     if b == 0 or image_embeds.shape[1] == 0:
         raise ValueError(f"Blip2Stage1: image_embeds must be non-empty, got {list(image_embeds.shape)}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != b \
-            or input_ids.dtype not in (torch.int64, torch.int32):
-        got = f"{list(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"Blip2Stage1: input_ids must be an int64 tensor [B={b}, T], got {got}")
-    t = input_ids.shape[1]
-    if not 1 <= t <= max_len:
-        raise ValueError(f"Blip2Stage1: input_ids must have 1 <= T <= {max_len} tokens (max_position_embeddings), "
-                         f"got {t}")
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"Blip2Stage1: attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
-                         f"got {got}")
-    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point() and attention_mask.dtype not in (
-            torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"Blip2Stage1: attention_mask must be bool, integer or float, got {attention_mask.dtype}")
-    for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-        if x.device != image_embeds.device:
-            raise ValueError(f"Blip2Stage1: {name} is on {x.device} but image_embeds is on {image_embeds.device}")
+    check_text("Blip2Stage1", input_ids, attention_mask, b, max_len, image_embeds.device, "image_embeds")
 
 
 def _check_index(name: str, t, b: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.shape != (b,) or t.dtype not in (torch.int64, torch.int32):
-        got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"Blip2Stage1: {name} must be an int64 tensor [B={b}], got {got}")
-    if t.device != device:
-        raise ValueError(f"Blip2Stage1: {name} is on {t.device} but image_embeds is on {device}")
-    return t.long()
+    return check_index("Blip2Stage1", name, t, b, device, "image_embeds")
 
 
 class Blip2Stage1(nn.Module):

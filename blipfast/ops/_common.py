@@ -266,3 +266,15 @@ def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what:
             raise ValueError(f"{msg}, got {int(index[pos])} at position {pos}")
         return
     torch._assert_async(((index >= 0) & (index < upper)).all(), msg)
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
+    """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors (counting the GPU path, see
+    ``dispatch_meta_as_cuda``) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise
+    decompose into its math path there (materialised probabilities)."""
+    import torch.nn.functional as F
+
+    if q.device.type != "meta":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    bias = None if attn_mask is None else attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p)[0]

@@ -11,7 +11,8 @@ An adapter gives the trainer
   micro-batch on the device (``embeds``: the ViT tokens before ``ln_vision``), without a host sync;
 - ``save(model, folder, step, lavis)`` / ``load(model, folder)``: the weights of a checkpoint (the trained ones).
 
-:class:`Stage1` trains :class:`blipfast.Blip2Stage1` (ITC + ITM + ITG). :class:`Stage2` trains
+:class:`Stage1` trains :class:`blipfast.Blip2Stage1` (ITC + ITM + ITG); ``--model blip`` trains
+:class:`blipfast.BlipPretrain` through :class:`blipfast.train.adapter_blip.BlipPretrainAdapter`. :class:`Stage2` trains
 :class:`blipfast.Blip2Stage2` (SPEC.md section 4): the stage-1 Q-Former, queries and ``ln_vision`` (from
 ``--init``) with a fresh ``language_projection`` into the frozen LLM of ``--llm``, on the LM loss of the captions
 (decoder-only: ``prompt + caption + suffix`` with -100 on the prompt's tokens and padding; seq2seq: the prompt in
@@ -43,6 +44,12 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def make_adapter(cfg: dict):
+    from .config import model_name
+
+    if model_name(cfg["model"]) == "blip":  # BLIP (v1) pre-training
+        from .adapter_blip import BlipPretrainAdapter
+
+        return BlipPretrainAdapter(cfg)
     return Stage2(cfg) if cfg["stage"] == 2 else Stage1(cfg)
 
 
@@ -55,7 +62,7 @@ def model_config(cfg: dict, tokenizer, width: int):
     from ..models.blip2 import Blip2Stage1Config
     from ..models.qformer import _DEFAULTS as QF_FIELDS
 
-    user = cfg["model"] or {}
+    user = {k: v for k, v in (cfg["model"] or {}).items() if k != "name"}  # name: blip2 (--model blip2)
     unknown = sorted(set(user) - set(Blip2Stage1Config.FIELDS) - {"qformer"})
     unknown += sorted(f"qformer.{k}" for k in set(user.get("qformer") or {}) - set(QF_FIELDS))
     if unknown:

@@ -1,8 +1,8 @@
 """The options of ``blipfast train``: one table gives the command-line flags, the config-file keys, their types,
 defaults and help, and the resolved ``config.yaml`` written into every run folder.
 
-Precedence: built-in defaults < the stage-2 defaults (``--stage 2``: LAVIS' ``pretrain_stage2`` recipe) < the
-synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config
+Precedence: built-in defaults < the stage-2 defaults (``--stage 2``: LAVIS' ``pretrain_stage2`` recipe) or BLIP's
+(``--model blip``: Salesforce BLIP's ``configs/pretrain.yaml``) < the synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config
 file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the flags' names as keys (``batch_size`` or
 ``batch-size``); an unknown key or a value of the wrong type is refused before anything starts. ``model`` is a
 mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested ``qformer`` mapping of
@@ -10,6 +10,8 @@ mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested ``qformer``
 vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``, ``encoder_hidden_size``) and ``max_txt_len`` are
 filled in by the trainer. With ``--stage 2`` ``model`` holds the stage-1 checkpoint's ``qformer`` fields and
 ``ln_vision_eps`` (over what the checkpoint's own run folder or files say; see :mod:`blipfast.train.adapters`).
+``--model blip`` (or a mapping with ``"name": "blip"`` and :class:`blipfast.BlipPretrainConfig` fields, nested
+``text`` and ``vision``) trains BLIP (v1) instead (:mod:`blipfast.train.adapter_blip`).
 """
 from __future__ import annotations
 
@@ -40,15 +42,18 @@ OPTIONS: dict = {
     "images": (str, None, "folder the annotation's image paths are relative to (with --vision)"),
     "vision": (str, None, "local Hugging Face vision model folder (Blip2VisionModel, CLIPVisionModel, "
                "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
-               "image processor config; frozen"),
-    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision)"),
+               "image processor config; frozen. With --model blip: a BlipVisionModel or BLIP folder whose weights "
+               "start the trainable ViT (optional: without it the ViT starts from random weights or --init)"),
+    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision; not "
+                 "with --model blip, whose ViT trains)"),
     "tokenizer": (str, None, "stage 1: local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as "
                   "LAVIS does); default: train a WordPiece vocabulary on the captions and save it in the run folder. "
                   "Stage 2: the LLM's tokenizer (default: the --llm folder's)"),
     "vocab_size": (int, 30522, "stage 1: WordPiece vocabulary size when training the tokenizer"),
-    "max_txt_len": (int, 32, "caption tokens (padded/truncated, LAVIS: 32)"),
+    "max_txt_len": (int, 32, "caption tokens (padded/truncated; LAVIS: 32, BLIP: 30)"),
     "image_ids": (bool, True, "stage 1: pairs showing the same image (annotation 'image_id', else the image path) are "
-                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids"),
+                  "ITC positives and never each other's ITM negatives, as LAVIS does with image ids (default off with "
+                  "--model blip: BLIP_Pretrain has none)"),
     "feature_dtype": (str, "bf16", "dtype the vision tokens are rounded to when training from images (the "
                       "dtype cache-features stores; bf16, fp16 or fp32)"),
     "vision_dtype": (str, "auto", "dtype the frozen vision model runs in: auto (bf16 on CUDA, fp32 on CPU), "
@@ -57,15 +62,18 @@ OPTIONS: dict = {
                     "on CUDA)"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
     # model
-    "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC), tiny (a "
-               "CPU-sized test model) or auto (tiny for the synthetic set, else base)"),
+    "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; --model "
+               "blip: ViT-B/16 at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the "
+               "synthetic set, else base)"),
     "model": ("mapping", None, "stage 1: Blip2Stage1Config fields over the preset, JSON on the command line, e.g. "
               "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'; stage 2: the stage-1 "
               "checkpoint's {\"qformer\": {QFormerConfig fields}, \"ln_vision_eps\": x} over what its run folder "
-              "or config.json says (e.g. dropout)"),
+              "or config.json says (e.g. dropout). `blip` (or {\"name\": \"blip\", ...BlipPretrainConfig fields}) "
+              "trains BLIP (v1) pre-training instead (ITC with momentum queues, ITM, LM; the ViT trains)"),
     "init": (str, None, "stage 1: start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a "
              "blipfast checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a blipfast "
-             "run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder"),
+             "run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. --model "
+             "blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast checkpoint"),
     # optimisation (SPEC.md section 3)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
@@ -107,6 +115,19 @@ RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every",
 # LAVIS' stage-2 recipe (lavis/projects/blip2/train/pretrain_stage2.yaml): lr 1e-4 -> 1e-5 cosine, warm-up from
 # 1e-6 over 2000 steps, weight decay 0.05, batch 64 per GPU; the other defaults are stage 1's
 STAGE2_DEFAULTS = {"batch_size": 64, "warmup_steps": 2000}
+# Salesforce BLIP's configs/pretrain.yaml (ViT-B): AdamW lr 3e-4, warm-up from 1e-6 over 3000 steps, down to 1e-6,
+# weight decay 0.05, batch 75 per GPU, 20 epochs, captions of 30 tokens; no image ids (BLIP_Pretrain has none)
+BLIP_DEFAULTS = {"lr": 3e-4, "warmup_lr": 1e-6, "warmup_steps": 3000, "min_lr": 1e-6, "batch_size": 75,
+                 "epochs": 20.0, "max_txt_len": 30, "image_ids": False}
+MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
+
+
+def model_name(model) -> str:
+    """The model a ``model`` option trains: "blip2" (BLIP-2, the default) or "blip" (BLIP v1 pre-training)."""
+    name = (model or {}).get("name", "blip2") if isinstance(model, dict) else "blip2"
+    if name not in MODEL_NAMES:
+        raise ValueError(f"--model: unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    return name
 
 # defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU
 SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 2e-3, "min_lr": 1e-4,
@@ -182,10 +203,15 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise bad("a list of two numbers")
         value = [_coerce_float(name, v, where) for v in value]
     elif typ == "mapping":
-        if isinstance(value, str):
+        if isinstance(value, str) and name == "model" and value.strip() in MODEL_NAMES:  # --model blip
+            value = {"name": value.strip()}
+        elif isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
+                if name == "model":
+                    raise ValueError(f"{where}: {value!r} is neither a model ({', '.join(MODEL_NAMES)}) nor a JSON "
+                                     f"mapping ({exc.msg})") from None
                 raise ValueError(f"{where}: {name} is not valid JSON ({exc.msg})") from None
         if not isinstance(value, dict):
             raise bad("a mapping")
@@ -248,6 +274,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     chosen = {**from_file, **given}
     if chosen.get("stage") == 2:
         cfg.update(STAGE2_DEFAULTS)
+    if model_name(chosen.get("model")) == "blip":
+        cfg.update(BLIP_DEFAULTS)
     if chosen.get("data") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
     cfg.update(from_file)
@@ -273,7 +301,13 @@ def validate(cfg: dict) -> None:
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
-    if cfg["data"] is not None:
+    if model_name(cfg["model"]) == "blip":
+        need(cfg["stage"] == 1, "--model blip is BLIP (v1) pre-training; --stage 2 is BLIP-2's")
+        need(cfg["features"] is None, "--features cannot be used with --model blip: its ViT trains, so the image "
+             "tokens change every step and cannot be cached; give --images DIR (the ViT's weights come from "
+             "--vision VIT_DIR or --init CKPT)")
+        need(cfg["data"] is None or cfg["images"] is not None, "--data needs --images DIR with --model blip")
+    elif cfg["data"] is not None:
         need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
              "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),

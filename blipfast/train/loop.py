@@ -1,6 +1,8 @@
 """The trainer behind ``blipfast train``: set-up (processes, data, tokenizer, model, optimizer, checkpoint) and
-the loop (steps, log rows, plot, checkpoints). What is trained (stage 1 or stage 2: tokenizer, model, loss,
-checkpoint weights) comes from an adapter of :mod:`blipfast.train.adapters`; the rest is shared.
+the loop (steps, log rows, plot, checkpoints). What is trained (stage 1 or stage 2, or BLIP v1 pre-training:
+tokenizer, model, loss, checkpoint weights) comes from an adapter of :mod:`blipfast.train.adapters`; the rest is
+shared. An adapter whose model trains its own ViT (``trains_vision``: BLIP) gets the pixels, and per-step inputs
+(``step_inputs``: BLIP's alpha ramp) travel with each batch.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
 cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
@@ -141,7 +143,8 @@ class Trainer:
             n_params = sum(p.numel() for p in self.core.parameters())
             n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
             trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
-            self.log(f"blipfast train: stage {cfg['stage']}, {self.ann.summary()}; {d.world} process(es) on "
+            title = getattr(self.adapter, "title", f"stage {cfg['stage']}")
+            self.log(f"blipfast train: {title}, {self.ann.summary()}; {d.world} process(es) on "
                      f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
                      f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
                      f"{trained}, {cfg['precision']}; run folder {cfg['out']}")
@@ -163,19 +166,22 @@ class Trainer:
         if cfg["data"] is None:  # the synthetic set, generated into the run folder
             from ..data.synthetic import make_synthetic
 
-            paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"]) \
-                if d.main else None
+            paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"],
+                                   vision_kind=getattr(adapter, "vision_kind", "blip2")) if d.main else None
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
-        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats)
-        cache = tower = processor = None
+        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
+                               **({"max_words": adapter.max_words} if hasattr(adapter, "max_words") else {}))
+        cache = tower = processor = width = None
         if feats:
             cache = FeatureCache(cfg["features"])
             reasons = {k: f"image {k!r} not in the feature cache {cfg['features']!r}" for k in ann.images}
             reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
             ann = keep_pairs(ann, set(cache.where), reasons)
             width = cache.width
+        elif getattr(adapter, "trains_vision", False):  # the ViT is the model's: no frozen tower
+            processor = adapter.image_processor(cfg, d)
         else:
             vdt = "bf16" if cfg["vision_dtype"] == "auto" and dev.type == "cuda" else cfg["vision_dtype"]
             tower, processor = load_vision_tower(cfg["vision"], device=dev,
@@ -268,8 +274,12 @@ class Trainer:
             self._iter = self._batches()
         acc = None
         n = self.cfg["grad_accum"]
+        extra = getattr(self.adapter, "step_inputs", None)
         for k in range(n):
             batch = next(self._iter)
+            if extra is not None:
+                batch.update({name: torch.tensor(v, dtype=torch.float32)
+                              for name, v in extra(self.micro_step, self.sampler.steps_per_epoch).items()})
             m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
             self.micro_step += 1
             acc = m if acc is None else acc + m

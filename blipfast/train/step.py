@@ -53,8 +53,8 @@ class Stepper:
         with self.autocast():
             if self.tower is not None:
                 embeds = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
-            else:
-                embeds = inp["image_embeds"]
+            else:  # cached ViT tokens, or the pixels of a model that runs its own ViT (BLIP)
+                embeds = inp["image_embeds"] if "image_embeds" in inp else inp["pixel_values"]
             loss, metrics = self.step_loss(self.model, embeds, inp, seed)
         return metrics, loss / self.accum
 

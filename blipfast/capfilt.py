@@ -1,0 +1,501 @@
+"""``blipfast capfilt``: BLIP's CapFilt (SPEC.md section 5), caption-and-filter bootstrapping of a web dataset.
+
+For every image of a web annotation file (rows ``{"image": path under --images, "caption": text or [texts]}``):
+
+1. the captioner (BLIP's image-grounded decoder) writes one synthetic caption by nucleus sampling (top_p 0.9,
+   prompt "a picture of ", repetition penalty 1.1, as BLIP's ``generate(sample=True)``; the prompt is cut from
+   the text);
+2. the filter (BLIP's image-grounded encoder with its ITM head) scores each web caption and the synthetic one:
+   p(match) = softmax(itm_head(h[ENC]))[1], the text starting with [ENC] as in BLIP (transformers' ITM uses [CLS]);
+3. every text with p(match) >= ``--threshold`` (0.5) is kept.
+
+Output: ``OUT`` holds one JSONL row per kept text, ``{"image", "caption", "source": "web"|"synthetic", "itm"}``
+(``image`` relative to ``--images``, so ``blipfast train --data OUT --images DIR`` reads it); ``<OUT stem>.scores
+.jsonl`` one row per processed image with every text, its score and the decision; ``<OUT stem>.summary.json`` the
+counts (images, kept/removed per source, unreadable images). Both models are Hugging Face BLIP models
+(``BlipForConditionalGeneration``, ``BlipForImageTextRetrieval``) with blipfast's text model swapped in
+(``apply_blipfast_to_blip``) and SDPA attention in the ViT; the filter computes every image's cross-attention K/V
+once and shares it across the image's texts (``kv_index``); when captioner and filter are the same checkpoint
+the ViT runs once per image.
+
+Batched (``--batch-size`` images), with a tqdm bar. Resumable: a batch is appended to the scores log in one write
+(then to ``OUT``); a new invocation drops a partial last line, skips the images the log holds and rewrites
+``OUT`` from the log, so a crash never leaves a half-written row. The synthetic captions are drawn with a seed per
+batch of the input order (``--seed``), so a resumed run writes what an uninterrupted one writes (same
+``--batch-size``). Unreadable images are reported and skipped (and retried by the next invocation).
+
+Checkpoints (``--captioner`` / ``--filter``): a local HF BLIP model folder (its tokenizer and image processor
+with it), a ``blipfast train --model blip`` run folder (or one of its ``checkpoint-*`` folders: the pre-trained
+decoder captions, the encoder and ITM head filter), or a Salesforce BLIP ``.pth`` (pre-training, captioning,
+retrieval or ITM checkpoints, through ``blipfast.convert``; sizes read from the weights; ``--tokenizer`` gives
+the BERT tokenizer, to which [DEC] and [ENC] are added as BLIP does).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(p) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--data", required=True, help="web annotation file: JSONL or a JSON list of {'image': path "
+                   "relative to --images, 'caption': text or list of texts}")
+    p.add_argument("--images", required=True, help="folder the image paths are relative to")
+    p.add_argument("--captioner", required=True, help="captioning model: HF BLIP folder, blipfast run folder or "
+                   "Salesforce BLIP .pth")
+    p.add_argument("--filter", required=True, help="ITM filter model: HF BLIP folder, blipfast run folder or "
+                   "Salesforce BLIP .pth")
+    p.add_argument("--out", required=True, help="output JSONL of the kept texts (the scores log and the summary go "
+                   "beside it)")
+    p.add_argument("--tokenizer", help="local BERT tokenizer folder (needed for .pth checkpoints; default: the "
+                   "model folder's or the run's)")
+    p.add_argument("--threshold", type=float, default=0.5, help="keep a text when its p(match) >= this (default 0.5)")
+    p.add_argument("--prompt", default="a picture of ", help="captioning prompt (default: 'a picture of ')")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="default 1.1, as BLIP's sampling")
+    p.add_argument("--max-length", type=int, default=20, help="caption length in tokens with the prompt (default 20)")
+    p.add_argument("--min-length", type=int, default=5, help="default 5")
+    p.add_argument("--max-text-len", type=int, default=35, help="tokens of a scored text (BLIP's ITM: 35)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (per batch; default 0)")
+    p.add_argument("--max-images", type=int, help="stop after this many images in this invocation (whole batches; "
+                   "run again to continue)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class BlipPart:
+    """One model of the pipeline: the HF model (blipfast text model swapped in), its tokenizer, its image processor,
+    and ``source`` (the resolved checkpoint, to tell whether captioner and filter share their ViT)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object
+    source: str
+
+    @property
+    def enc_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids("[ENC]")
+
+
+def _tokenizer(path: str, where: str):
+    from .data.tokenizer import add_enc_token, load_tokenizer
+
+    try:
+        return add_enc_token(load_tokenizer(path))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _run_dir(path: str) -> Optional[tuple]:
+    """(run folder, checkpoint folder) when ``path`` is a blipfast train run (or one of its checkpoints)."""
+    from .train.checkpoint import find_checkpoint
+
+    for run in (path, os.path.dirname(os.path.normpath(path))):
+        if os.path.isfile(os.path.join(run, "config.yaml")):
+            try:
+                return find_checkpoint(path)
+            except ValueError:
+                return None
+    return None
+
+
+def _from_run(run_dir: str, ckpt: str, where: str):
+    """(HF-named state dict, BlipPretrainConfig, tokenizer, processor) of a ``blipfast train --model blip`` run."""
+    import yaml
+    from safetensors.torch import load_model
+    from transformers import AutoImageProcessor
+
+    from .models.blip_pretrain import BlipPretrain, BlipPretrainConfig
+    from .data.vision import default_blip_processor
+
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    model = (cfg or {}).get("model") or {}
+    if model.get("name") != "blip":
+        raise ValueError(f"{where}: {run_dir!r} is a BLIP-2 run; capfilt needs BLIP (v1) models (blipfast train "
+                         f"--model blip, an HF BLIP folder or a Salesforce BLIP .pth)")
+    mcfg = BlipPretrainConfig(**{k: v for k, v in model.items() if k != "name"})
+    net = BlipPretrain(mcfg)
+    missing, unexpected = load_model(net, os.path.join(ckpt, "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{where}: {ckpt!r} does not fit the run's model (missing {sorted(missing)[:8]}, unexpected "
+                         f"{sorted(unexpected)[:8]})")
+    sd = net.state_dict()
+    proc_dir = os.path.join(run_dir, "image_processor")
+    processor = AutoImageProcessor.from_pretrained(proc_dir) if os.path.isdir(proc_dir) else \
+        default_blip_processor(mcfg.vision.image_size)
+    return sd, mcfg, _tokenizer(cfg["tokenizer"], where), processor
+
+
+def _layers(sd, prefix: str) -> int:
+    n = len(prefix)
+    return 1 + max(int(k[n:].split(".")[0]) for k in sd if k.startswith(prefix))
+
+
+def _infer_configs(sd: dict, role: str, tok, where: str):
+    """(BlipTextConfig, BlipVisionConfig, embed_dim) from the shapes of a converted Salesforce checkpoint (heads of
+    64, timm's ViT LayerNorm eps 1e-6, BERT's 1e-12)."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    text = "text_decoder.bert." if role == "captioner" else "text_encoder."
+    need = ["vision_model.embeddings.class_embedding", text + "embeddings.word_embeddings.weight"]
+    if role == "filter":
+        need.append("itm_head.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        what = "a captioning (text_decoder) model" if role == "captioner" else "an ITM (text_encoder, itm_head) model"
+        raise ValueError(f"{where}: the checkpoint is not {what}: it lacks {missing}")
+    v = "vision_model."
+    hidden = sd[v + "embeddings.class_embedding"].shape[-1]
+    patch = sd[v + "embeddings.patch_embedding.weight"].shape[-1]
+    grid = int(round((sd[v + "embeddings.position_embedding"].shape[1] - 1) ** 0.5))
+    vision = BlipVisionConfig(hidden_size=hidden, intermediate_size=sd[v + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+                              num_hidden_layers=_layers(sd, v + "encoder.layers."), num_attention_heads=hidden // 64,
+                              image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6)
+    words = sd[text + "embeddings.word_embeddings.weight"]
+    th = words.shape[1]
+    textc = BlipTextConfig(vocab_size=words.shape[0], hidden_size=th, num_attention_heads=th // 64,
+                           num_hidden_layers=_layers(sd, text + "encoder.layer."),
+                           intermediate_size=sd[text + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+                           max_position_embeddings=sd[text + "embeddings.position_embeddings.weight"].shape[0],
+                           encoder_hidden_size=sd[text + "encoder.layer.0.crossattention.self.key.weight"].shape[1],
+                           bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
+                           pad_token_id=tok.pad_token_id)
+    embed = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
+    return textc, vision, embed
+
+
+def _hf_model(role: str, text, vision, embed_dim: int, sd: dict, where: str):
+    """The HF BLIP model of ``role`` filled from an HF-named state dict (every weight must be there)."""
+    import torch.nn as nn
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from .data.vision import quiet_transformers
+
+    cfg = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=embed_dim)
+    with quiet_transformers():
+        model = (BlipForConditionalGeneration if role == "captioner" else BlipForImageTextRetrieval)(cfg)
+    if role == "captioner":  # BLIP pre-training leaves the LM head with a weight of its own: keep it so
+        w, e = "text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight"
+        if w in sd and e in sd and not torch.equal(sd[w], sd[e]):
+            head = model.text_decoder.cls.predictions.decoder
+            head.weight = nn.Parameter(head.weight.detach().clone())
+    own = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    missing = sorted(k for k in own if k not in sd)
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks {len(missing)} weight(s) of the {role}: {missing[:8]}")
+    model.load_state_dict({k: sd[k] for k in own}, strict=False)
+    return model
+
+
+def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None, dtype=None) -> BlipPart:
+    """The ``role`` ("captioner" or "filter") model of a checkpoint (see the module docstring), in eval mode on
+    ``device`` in ``dtype``, with blipfast's text model and the ViT's SDPA attention."""
+    from transformers import AutoImageProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from . import convert
+    from .data.vision import quiet_transformers
+    from .models.blip_vision import fuse_vision_model
+    from .patch import apply_blipfast_to_blip
+    from .data.vision import default_blip_processor
+
+    where = f"--{role}"
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise ValueError(f"{where}: {path!r} does not exist")
+    run = _run_dir(path) if os.path.isdir(path) else None
+    if run is not None:
+        sd, mcfg, tok, processor = _from_run(*run, where)
+        if tokenizer is not None:
+            tok = _tokenizer(tokenizer, "--tokenizer")
+        model = _hf_model(role, mcfg.text, mcfg.vision, mcfg.embed_dim, sd, where)
+        source = os.path.abspath(run[1])
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        cls = BlipForConditionalGeneration if role == "captioner" else BlipForImageTextRetrieval
+        with quiet_transformers():
+            try:
+                model = cls.from_pretrained(path)
+                processor = AutoImageProcessor.from_pretrained(path)
+            except Exception as exc:  # transformers raises many kinds for a folder it cannot read
+                raise ValueError(f"{where}: cannot load a {cls.__name__} from {path!r}: {exc}") from None
+        tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else where)
+        source = os.path.abspath(path)
+    elif os.path.isfile(path):
+        if tokenizer is None:
+            raise ValueError(f"{where}: {path!r} is a checkpoint file; give --tokenizer (a local BERT tokenizer "
+                             f"folder, e.g. bert-base-uncased: BLIP adds [DEC] and [ENC] to it)")
+        try:
+            sd = convert.load_checkpoint(path, to="hf").state_dict
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        tok = _tokenizer(tokenizer, "--tokenizer")
+        text, vision, embed = _infer_configs(sd, role, tok, where)
+        model = _hf_model(role, text, vision, embed, sd, where)
+        processor = default_blip_processor(vision.image_size)
+        source = os.path.abspath(path)
+    else:
+        raise ValueError(f"{where}: {path!r} is neither an HF BLIP folder (config.json), a blipfast train run nor a "
+                         f"checkpoint file")
+    cfg = model.config.text_config
+    enc = tok.convert_tokens_to_ids("[ENC]")
+    if role == "filter" and not 0 <= enc < cfg.vocab_size:
+        raise ValueError(f"{where}: the tokenizer's [ENC] ({enc}) is outside the model's vocabulary ({cfg.vocab_size})")
+    apply_blipfast_to_blip(model)
+    fuse_vision_model(model.vision_model)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return BlipPart(model=model, tokenizer=tok, processor=processor, source=source)
+
+
+# ----------------------------------------------------------------------------------------------
+# the work
+
+
+class CapFilt:
+    """Captioner + filter over batches of PIL images (see the module docstring)."""
+
+    def __init__(self, captioner: BlipPart, filt: BlipPart, *, prompt: str = "a picture of ", top_p: float = 0.9,
+                 repetition_penalty: float = 1.1, max_length: int = 20, min_length: int = 5, max_text_len: int = 35,
+                 threshold: float = 0.5):
+        self.cap, self.filt = captioner, filt
+        limit = captioner.model.config.text_config.max_position_embeddings
+        if max_length > limit:
+            raise ValueError(f"--max-length {max_length} exceeds the captioner's max_position_embeddings ({limit})")
+        max_text_len = min(max_text_len, filt.model.config.text_config.max_position_embeddings)
+        self.prompt, self.threshold, self.max_text_len = prompt, threshold, max_text_len
+        self.gen = dict(do_sample=True, top_p=top_p, repetition_penalty=repetition_penalty, max_length=max_length,
+                        min_length=min_length, num_beams=1)
+        # the same checkpoint: one ViT for both (the filter's is the captioner's)
+        self.shared_vit = captioner.source == filt.source
+        if self.shared_vit:
+            filt.model.vision_model = captioner.model.vision_model
+        p = next(captioner.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def _pixels(self, part: BlipPart, images) -> torch.Tensor:
+        px = part.processor(images=images, return_tensors="pt")["pixel_values"]
+        return px.to(self.device, self.dtype)
+
+    def pixels(self, images) -> tuple:
+        """(captioner's, filter's) pixel_values of PIL images (each model's own processor)."""
+        cap = self._pixels(self.cap, images)
+        return cap, (cap if self.shared_vit else self._pixels(self.filt, images))
+
+    @torch.no_grad()
+    def image_embeds(self, cap_pixels: torch.Tensor, filt_pixels: torch.Tensor) -> tuple:
+        """(captioner's, filter's) ViT tokens of the images (one ViT pass when they share it)."""
+        cap = self.cap.model.vision_model(pixel_values=cap_pixels).last_hidden_state
+        if self.shared_vit:
+            return cap, cap
+        return cap, self.filt.model.vision_model(pixel_values=filt_pixels).last_hidden_state
+
+    @torch.no_grad()
+    def caption(self, image_embeds: torch.Tensor) -> list:
+        """One sampled caption per image (HF ``BlipForConditionalGeneration.generate`` with a prompt, as BLIP)."""
+        tok, cfg = self.cap.tokenizer, self.cap.model.config.text_config
+        b = image_embeds.shape[0]
+        ids = tok([self.prompt] * b, return_tensors="pt")["input_ids"].to(self.device)
+        ids[:, 0] = cfg.bos_token_id
+        ids = ids[:, :-1]  # without [SEP]
+        out = self.cap.model.text_decoder.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=cfg.sep_token_id,
+            pad_token_id=cfg.pad_token_id, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long, device=self.device), **self.gen)
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        return [t[len(self.prompt):].strip() if t.startswith(self.prompt.strip()) else t.strip() for t in texts]
+
+    @torch.no_grad()
+    def itm(self, image_embeds: torch.Tensor, texts: list, owner: torch.Tensor) -> torch.Tensor:
+        """p(match) [N] of texts[i] with image owner[i] (the filter's ITM head on [ENC]; image K/V once per image)."""
+        from .data.annotations import pre_caption
+
+        tok = self.filt.tokenizer
+        enc = tok([pre_caption(t, 30) for t in texts], padding="longest", truncation=True,
+                  max_length=self.max_text_len, return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        ids[:, 0] = self.filt.enc_token_id
+        te = self.filt.model.text_encoder
+        h = te(ids, attention_mask=enc["attention_mask"].to(self.device), encoder_kv=te.image_kv(image_embeds),
+               kv_index=owner.to(self.device)).last_hidden_state
+        return self.filt.model.itm_head(h[:, 0]).float().softmax(-1)[:, 1]
+
+    def process(self, images: list, web: list) -> list:
+        """Per image: [{"caption", "source", "itm", "keep"}] for its web texts (``web[i]``) and one synthetic."""
+        return self.process_pixels(*self.pixels(images), web)
+
+    def process_pixels(self, cap_pixels: torch.Tensor, filt_pixels: torch.Tensor, web: list) -> list:
+        """:meth:`process` on preprocessed images."""
+        cap_embeds, filt_embeds = self.image_embeds(cap_pixels, filt_pixels)
+        synthetic = self.caption(cap_embeds)
+        texts, owner, source = [], [], []
+        for i, (ws, syn) in enumerate(zip(web, synthetic)):
+            for t in ws:
+                texts.append(t)
+                owner.append(i)
+                source.append("web")
+            texts.append(syn)
+            owner.append(i)
+            source.append("synthetic")
+        p = self.itm(filt_embeds, texts, torch.tensor(owner)).tolist()
+        out = [[] for _ in web]
+        for t, i, s, pi in zip(texts, owner, source, p):
+            out[i].append({"caption": t, "source": s, "itm": round(pi, 6), "keep": pi >= self.threshold})
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def side_paths(out: str) -> tuple:
+    stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else out
+    return stem + ".scores.jsonl", stem + ".summary.json"
+
+
+def _read_log(path: str) -> dict:
+    """image -> texts of the complete rows of a scores log; a partial last line (a crash mid-write) is cut off."""
+    done: dict = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path, "rb") as fh:
+        data = fh.read()
+    good = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            row = json.loads(line)
+            done[row["image"]] = row["texts"]
+        except (ValueError, KeyError, TypeError):
+            break
+        good += len(line)
+    if good != len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+    return done
+
+
+def _out_rows(image: str, texts: list) -> list:
+    return [json.dumps({"image": image, "caption": t["caption"], "source": t["source"], "itm": t["itm"]}) + "\n"
+            for t in texts if t["keep"]]
+
+
+def _append(fh, lines: list) -> None:
+    fh.write("".join(lines))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def summarize(done: dict, unreadable: list, threshold: float) -> dict:
+    counts = {s: {"kept": 0, "removed": 0} for s in ("web", "synthetic")}
+    for texts in done.values():
+        for t in texts:
+            counts[t["source"]]["kept" if t["keep"] else "removed"] += 1
+    return {"images": len(done), "unreadable": sorted(unreadable), **counts, "threshold": threshold}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except ValueError as exc:
+        print(f"blipfast capfilt: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .data.annotations import read_annotations
+    from .data.vision import ImageReadError, load_image
+
+    t0 = time.perf_counter()
+    for name in ("batch_size", "max_length", "max_text_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    ann = read_annotations(args.data, args.images, check_images=True)
+    for msg in ann.bad[:10]:
+        print(f"blipfast capfilt: {msg}", file=sys.stderr)
+    web: dict = {}
+    for p, raw in enumerate(ann.raw):
+        web.setdefault(ann.images[ann.image_index[p]], []).append(raw)
+    keys = list(web)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cap = load_blip(args.captioner, "captioner", args.tokenizer, device, dtype)
+    filt = load_blip(args.filter, "filter", args.tokenizer, device, dtype)
+    pipe = CapFilt(cap, filt, prompt=args.prompt, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   max_length=args.max_length, min_length=args.min_length, max_text_len=args.max_text_len,
+                   threshold=args.threshold)
+
+    log_path, summary_path = side_paths(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    done = _read_log(log_path)
+    if done or not os.path.isfile(args.out):  # OUT follows the log (repairs a crash between the two writes)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(line for image, texts in done.items() for line in _out_rows(image, texts))
+        os.replace(tmp, args.out)
+    else:  # an OUT without its log: its images count as done
+        with open(args.out) as fh:
+            for line in fh:
+                if line.strip():
+                    done.setdefault(json.loads(line)["image"], [])
+    todo = [k for k in keys if k not in done]
+    unreadable: list = []
+    n_new = 0
+    bar = tqdm(total=len(todo), desc="capfilt", unit="img", file=sys.stderr, disable=not args.progress)
+    with open(log_path, "a") as log, open(args.out, "a") as out:
+        for b in range(0, len(keys), args.batch_size):
+            if args.max_images is not None and n_new >= args.max_images:
+                break
+            chunk = [k for k in keys[b:b + args.batch_size] if k not in done]
+            images, names = [], []
+            for k in chunk:
+                try:
+                    images.append(load_image(os.path.join(args.images, k)))
+                    names.append(k)
+                except ImageReadError as exc:
+                    print(f"blipfast capfilt: {exc} (skipped)", file=sys.stderr, flush=True)
+                    unreadable.append(k)
+            if images:
+                torch.manual_seed((args.seed * 1_000_003 + b // args.batch_size) % 2**63)
+                results = pipe.process(images, [web[k] for k in names])
+                _append(log, [json.dumps({"image": k, "texts": r}) + "\n" for k, r in zip(names, results)])
+                _append(out, [line for k, r in zip(names, results) for line in _out_rows(k, r)])
+                done.update(zip(names, results))
+            n_new += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    summary = summarize(done, unreadable, args.threshold)
+    with open(summary_path, "w") as fh:
+        json.dump({**summary, "captioner": args.captioner, "filter": args.filter, "seed": args.seed}, fh, indent=1)
+    rows = sum(t["keep"] for texts in done.values() for t in texts)
+    left = len([k for k in keys if k not in done]) - len(unreadable)
+    w, s = summary["web"], summary["synthetic"]
+    print(f"blipfast capfilt: {summary['images']} images" + (f" ({len(unreadable)} unreadable, skipped)" if unreadable
+                                                             else "")
+          + f"; web texts {w['kept']} kept, {w['removed']} removed; synthetic {s['kept']} kept, {s['removed']} "
+          f"removed -> {args.out} ({rows} rows) in {time.perf_counter() - t0:.1f} s"
+          + (f"; {left} images left (run again to continue)" if left > 0 else ""), flush=True)
+    return 0
