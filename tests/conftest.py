@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 
 import pytest
 import torch
@@ -183,3 +184,10 @@ def replay_captured_step(train_step, replays: int, on_captured=None):
         outs.append(out.clone())
     torch.cuda.synchronize()
     return torch.stack(outs)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

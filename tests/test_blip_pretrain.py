@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from blipfast.bench.blip_pretrain_baseline import blip_pretrain_forward
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.ops import sample_hard_negatives_from_gathered
-from tests.conftest import assert_within_rounding, assert_within_torch_error
+from tests.conftest import assert_within_rounding, assert_within_torch_error, replay_captured_step
 
 F64 = torch.float64
 LOSSES = ("loss_itc", "loss_itm", "loss_lm")
@@ -438,27 +438,9 @@ def test_training_step_captures_in_a_cuda_graph():
         opt.step()
         return loss.detach()
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            train_step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.graph(graph):
-            loss = train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    ptr0 = int(model.queue_ptr)
-    losses = []
-    for _ in range(20):
-        graph.replay()
-        losses.append(loss.clone())
-    torch.cuda.synchronize()
-    assert int(model.queue_ptr) == (ptr0 + 20 * 8) % 40
-    losses = torch.stack(losses)
+    ptr = {}
+    losses = replay_captured_step(train_step, 20, on_captured=lambda: ptr.setdefault("0", int(model.queue_ptr)))
+    assert int(model.queue_ptr) == (ptr["0"] + 20 * 8) % 40
     assert torch.isfinite(losses).all() and losses[-5:].mean() < losses[:5].mean(), losses
 
 

@@ -10,7 +10,6 @@ sampled indices, the fetched rows, and the gradients routed back to the owners.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from blipfast import distributed as bd
 from blipfast.ops import itc_loss, itc_loss_ref, sample_hard_negatives
-from tests.conftest import assert_close
+from tests.conftest import assert_close, free_port
 
 B, Q, E, T = 3, 4, 8, 5  # per-rank batch, queries, embedding, text length
 SEED = 20241123
@@ -92,12 +91,6 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _expected_fetch(rows_all, req, cap, world):
     """What rank-local fetches of ``req`` (one list per rank) return with per-pair capacity ``cap``."""
     out = []
@@ -118,7 +111,7 @@ def _expected_fetch(rows_all, req, cap, world):
 @pytest.mark.distributed
 def test_distributed_equals_single_process(tmp_path):
     """One spawn of 4 gloo processes: the default group (W = 4) and two subgroups of 2 (W = 2)."""
-    mp.spawn(_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
     for world, tag in ((4, 0), (2, 0), (2, 1)):
         res = [torch.load(tmp_path / f"w{world}-t{tag}-rank{r}.pt", weights_only=False) for r in range(world)]
         _check_world(res, world, tag)

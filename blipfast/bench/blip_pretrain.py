@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .common import Case
+from .common import Case, captions
 from .counting import Cost, count_step, counting_gpu_path, format_cost_table
 
 BASELINE = "BLIP step (eager, SDPA)"
@@ -31,11 +31,7 @@ CAPFILT_GROUP = "blip_pretrain capfilt"
 
 def _batch(b: int, t: int, size: int, vocab: int, device, generator=None):
     px = torch.randn(b, 3, size, size, device=device, generator=generator)
-    ids = torch.randint(1000, min(vocab, 30000), (b, t), device=device, generator=generator)
-    ids[:, 0] = 101
-    lengths = torch.randint(t // 3, t + 1, (b,), device=device, generator=generator)
-    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
-    return px, ids * mask, mask
+    return (px, *captions(b, t, 1000, min(vocab, 30000), t // 3, device, generator))
 
 
 def counted(batch: int = 64, text_len: int = 30, config=None) -> list[tuple[str, Cost]]:

@@ -232,3 +232,13 @@ def write_plot(results: list[Result], json_path: str) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def captions(b: int, t: int, low: int, high: int, min_len: int, device, generator=None):
+    """``(input_ids, attention_mask)`` [b, t] of [CLS]-started (101) captions with token ids in [low, high) and
+    lengths drawn from [min_len, t], right-padded with 0 (as a BERT tokenizer pads to max_length)."""
+    ids = torch.randint(low, high, (b, t), device=device, generator=generator)
+    ids[:, 0] = 101
+    lengths = torch.randint(min_len, t + 1, (b,), device=device, generator=generator)
+    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask

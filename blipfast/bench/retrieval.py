@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import Case
+from .common import Case, captions
 from .counting import Cost, count_step, counting_gpu_path, format_cost_table
 
 BASELINE = "HF loop (LAVIS compute_sim_matrix)"
@@ -74,12 +74,9 @@ def hf_rerank_loop(hf, image_tokens, input_ids, attention_mask, candidates) -> t
 
 def _inputs(n_images, n_texts, k, device, dtype=torch.float32, generator=None):
     img = torch.randn(n_images, N_TOKENS, WIDTH, device=device, dtype=dtype, generator=generator)
-    ids = torch.randint(1, 30000, (n_texts, TEXT_LEN), device=device, generator=generator)
-    ids[:, 0] = 101
-    lengths = torch.randint(8, TEXT_LEN + 1, (n_texts,), device=device, generator=generator)
-    mask = (torch.arange(TEXT_LEN, device=device)[None] < lengths[:, None]).long()
+    ids, mask = captions(n_texts, TEXT_LEN, 1, 30000, 8, device, generator)
     cand = torch.stack([torch.randperm(n_texts, generator=generator)[:k] for _ in range(n_images)]).to(device)
-    return img, ids * mask, mask, cand
+    return img, ids, mask, cand
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .common import Case
+from .common import Case, captions
 from .counting import Cost, count_step, counting_gpu_path, format_cost_table
 
 BASELINE = "LAVIS step (eager, SDPA)"
@@ -27,11 +27,7 @@ TARGETS = {"flops": 0.75, "saved_bytes": 0.6, "ops": 0.5}
 def _inputs(b: int, t: int, n_img: int, width: int, vocab: int, device, generator=None):
     """Image features, [CLS]-started token ids and a mask with a quarter to half of the text padded."""
     img = torch.randn(b, n_img, width, device=device, generator=generator)
-    ids = torch.randint(1, vocab - 1, (b, t), device=device, generator=generator)
-    ids[:, 0] = 101
-    lengths = torch.randint(t // 2, t + 1, (b,), device=device, generator=generator)
-    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
-    return img, ids * mask, mask
+    return (img, *captions(b, t, 1, vocab - 1, t // 2, device, generator))
 
 
 def counted(batch: int = 8, text_len: int = 32, config=None) -> list[tuple[str, Cost]]:
