@@ -175,6 +175,8 @@ def format_cost_table(rows: list[tuple[str, Cost]], base: str) -> str:
     lines = [head, "-" * len(head)]
     for name, c in rows:
         r = c.ratio(ref)
+        # a ratio against nothing (e.g. saved bytes of an inference pass, where both are 0) prints as "-"
+        x = {k: f"{r[k]:>5.3f}x" if getattr(ref, k) else f"{'-':>6}" for k in ("flops", "saved_bytes", "ops")}
         lines.append(f"{name[:34]:<34} {c.flops / 1e9:>10.1f} {c.saved_bytes / 2**20:>10.1f} {c.ops:>8d} "
-                     f"{c.host_syncs:>6d}   {r['flops']:>5.3f}x {r['saved_bytes']:>5.3f}x {r['ops']:>5.3f}x")
+                     f"{c.host_syncs:>6d}   {x['flops']} {x['saved_bytes']} {x['ops']}")
     return "\n".join(lines)
