@@ -12,8 +12,8 @@ computed in the tile.
 dq kernel (only when the keys span several blocks): one program per row tile, like the forward; loops
 over key blocks, writes dQ and D_i (read afterwards by the dkdv kernel).
 
-Recomputation: P = exp2(S * log2e - lse * log2e) with the forward's lse (-inf for an empty row: every
-key of it is masked, so P = 0 there and no gradient flows); dS = P * (dP' - D_i) with dP' = dO V^T
+Recomputation: P = exp2(((S - hi) - lo) * log2e) with the forward's fp64 lse split into fp32 hi + lo
+(_lse_split; -inf for an empty row: every key of it is masked, so P = 0 there and no gradient flows); dS = P * (dP' - D_i) with dP' = dO V^T
 times the dropout keep-scale. The dropout mask is regenerated from the forward's Philox rule
 (_attention_common._dropout_keep: one tl.randint4x per 4 scores; the transposed S^T tiles of the dkdv
 kernel generate it in [rows, keys] orientation and transpose it).
@@ -40,6 +40,7 @@ from ._attention_common import (
     _dropout_rowgrp,
     _load_kpm,
     _load_tile,
+    _lse_split,
     _store_tile,
     _tile_rows,
 )
@@ -53,7 +54,8 @@ def _probs_and_dp(q, k, v, do, lse, di, pos, row_ok, j0, j, kpm_j, seed, rowgrp,
     without the softmax scale)."""
     s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale
     allowed = _allowed(pos, row_ok, j, Lk, NQ, kpm_j, MODE, HAS_KPM)
-    p = tl.where(allowed, tl.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+    hi, lo = _lse_split(lse)
+    p = tl.where(allowed, tl.exp2(((s - hi[:, None]) - lo[:, None]) * LOG2E), 0.0)
     dp = _dot(do, tl.trans(v), DOT_PREC)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, rowgrp, j0, threshold, BLOCK_N)
@@ -113,7 +115,8 @@ def _dkdv_one_head(Q, K, V, O, DO, LSE, DI, DQ, DK, DV, KPM, PERM, IMGTAB, seed,
         # transposed scores S^T = K Q^T [keys, rows]: only loaded tiles are transposed (no register shuffles)
         st = _dot(k, tl.trans(q), DOT_PREC) * qk_scale
         allowed = _allowed_t(pos, row_ok, j, Lk, NQ, kpm_j, MODE, HAS_KPM)
-        pt = tl.where(allowed, tl.exp2(st - (lse * LOG2E)[None, :]), 0.0)
+        hi, lo = _lse_split(lse)
+        pt = tl.where(allowed, tl.exp2(((st - hi[None, :]) - lo[None, :]) * LOG2E), 0.0)
         dpt = _dot(v, tl.trans(do), DOT_PREC)
         if HAS_DROPOUT:
             keep = _dropout_keep_t(seed, _dropout_rowgrp(n64, h, i, H, Lq, Lk, OFFS64), j0, threshold, BLOCK_N)

@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 LOG2E_F = 1.4426950408889634
+
+
 # globals read inside @triton.jit code must be constexprs
 LOG2E = tl.constexpr(LOG2E_F)
-LN2 = tl.constexpr(0.6931471805599453)
 # the score an ALLOWED key with a -inf score gets (the most negative float32): a row max of -inf then means
 # "no allowed key" (output 0, as the reference), a row max of SCORE_FLOOR "every allowed score is -inf"
 # (inf in q or k; PyTorch's softmax gives NaN there)
@@ -98,6 +99,25 @@ def _tile_rows(IDS, first, cnt, mb, Lq, BLOCK_M: tl.constexpr, G: tl.constexpr, 
     else:
         n = first + s
     return n.to(tl.int64), i, ok
+
+
+@triton.jit
+def _row_lse(m, l):
+    """The saved log-sum-exp of a row, fp64: m (the row max, natural units, rounded at the scores' magnitude but
+    exact) + log l (l = sum exp(s - m), in [1, Lk]). fp32 would round lse at |lse|, which costs every probability
+    the backward recomputes |lse| * eps of relative error; fp64 keeps m + log l to ~2^-48."""
+    return m.to(tl.float64) + tl.log(l).to(tl.float64)
+
+
+@triton.jit
+def _lse_split(lse):
+    """The rows' fp64 lse as the fp32 pair (hi, lo), hi + lo = lse: the backward's P = exp2(((S - hi) - lo) * log2 e),
+    where S - hi is exact near the row max and log2 e scales the small difference. -inf (no allowed key) gives
+    (-inf, 0), NaN gives NaN."""
+    hi = lse.to(tl.float32)
+    exact = hi == lse  # also +-inf: no inf - inf evaluated
+    lo = (tl.where(exact, 0.0, lse) - tl.where(exact, 0.0, hi.to(tl.float64))).to(tl.float32)
+    return hi, lo
 
 
 @triton.jit

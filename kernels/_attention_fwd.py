@@ -6,8 +6,10 @@ are computed once and reused by every head). When the group's keys fit one BLOCK
 self-attention: 32 + 64 tokens) the softmax is a single pass with no running-max rescale; otherwise
 (cross-attention over 257 / 677 image tokens) an online-softmax loop streams K/V blocks.
 
-Scores live in the log2 domain (qk_scale = scale * log2 e). A row with no allowed key gets out = 0 and
-lse = -inf, as the reference.
+Scores are in natural units (qk_scale = the softmax scale; exact for a power-of-two scale, as D = 16 or 64 have),
+and the log2 e of exp2 multiplies s - m, after the subtraction: scaling the scores by log2 e first would round
+them at their own magnitude, |s| * eps of relative error in every probability. The saved lse is fp64 (see
+_row_lse). A row with no allowed key gets out = 0 and lse = -inf, as the reference.
 
 Non-finite input follows PyTorch's semantics (the reference): NaN reaches the output through the
 probabilities (never through the row max, which some Triton versions compute NaN-dropping) and the
@@ -25,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._attention_common import (
-    LN2,
+    LOG2E,
     NO_SPECIALIZE,
     SCORE_FLOOR,
     _allowed,
@@ -36,6 +38,7 @@ from ._attention_common import (
     _dropout_rowgrp,
     _load_kpm,
     _load_tile,
+    _row_lse,
     _masked_scores,
     _store_tile,
 )
@@ -66,7 +69,7 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
         s = _masked_scores(s, allowed)
         m_i = tl.max(s, 1)
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
         l_i = tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rowgrp, 0, threshold, BLOCK_N)
@@ -88,8 +91,8 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
             s = _masked_scores(s, allowed)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2((m_i - m_safe) * LOG2E)
+            p = tl.exp2((s - m_safe[:, None]) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, rowgrp, start_n, threshold, BLOCK_N)
@@ -103,7 +106,7 @@ def _fwd_one_head(Q, K, V, O, LSE, KPM, seed, h, img64, n64, i, row_ok, kpm_all,
     lost = m_i == SCORE_FLOOR  # every allowed score -inf: NaN (and a NaN lse: NaN gradients), as the reference
     out = tl.where(lost[:, None], float("nan"), acc / l_safe[:, None])
     _store_tile(O, n64 * sob + i * sol + h * soh, row_ok, d, out, HEAD_DIM, BLOCK_D)
-    lse = tl.where(empty, float("-inf"), tl.where(lost, float("nan"), (m_safe + tl.log2(l_safe)) * LN2))
+    lse = tl.where(empty, float("-inf"), tl.where(lost, float("nan"), _row_lse(m_safe, l_safe)))
     tl.store(LSE + (n64 * H + h) * Lq + i, lse, mask=row_ok)
 
 

@@ -10,7 +10,8 @@ Entry points (called by the ops' custom ops when backend == "triton"; contracts 
         -> (dq, dk, dv)
 
 q/k/v are [B, L, H, D] views whose last dim is contiguous (strides are passed, nothing is copied); out
-and the gradients are contiguous in the inputs' dtypes; lse is fp32 [B, H, Lq] with -inf for a row
+and the gradients are contiguous in the inputs' dtypes; lse is fp64 [B, H, Lq] (natural log; fp64 so that the
+backward's probabilities keep fp32 precision at any score magnitude) with -inf for a row
 that has no allowed key. A kv_index value outside [0, M) (which the op rejects first) is skipped by the
 row-set tables: its row-set's out, lse and dq rows are left unwritten and its K/V get no gradient, and
 nothing is read or written out of bounds. Every entry point also takes ``config=`` (a dict of block
@@ -41,7 +42,7 @@ import torch
 import triton
 
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
-from ._attention_common import LOG2E_F, build_rowset_tables
+from ._attention_common import build_rowset_tables
 from ._constants import dropout_threshold
 from ._attention_fwd import attn_fwd_kernel
 
@@ -302,7 +303,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _scalars(g: _Geom) -> tuple:
     thr = dropout_threshold(g.dropout_p) if g.dropout_p > 0.0 else 0
     keep = 1.0 / (1.0 - g.dropout_p)
-    return g.h, g.lq, g.lk, g.nq, g.seq_off, thr, keep, g.scale * LOG2E_F
+    return g.h, g.lq, g.lk, g.nq, g.seq_off, thr, keep, g.scale
 
 
 def _fwd_meta(g: _Geom, cfg: dict, has_kpm: bool) -> tuple[dict, dict]:
@@ -398,7 +399,7 @@ def _check_dropout(dropout_p: float, seed) -> None:
 def _fwd(g: _Geom, q, k, v, kpm, seed, kv_index, config):
     _check_dropout(g.dropout_p, seed)
     out = torch.empty((g.n, g.lq, g.h, g.d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((g.n, g.h, g.lq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((g.n, g.h, g.lq), dtype=torch.float64, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if g.h % (config or {}).get("HPP", 1):
