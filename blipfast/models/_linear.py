@@ -120,16 +120,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp_min(1).to(acc)
         lse = torch.empty(n, dtype=acc, device=x.device)
         total = torch.zeros((), dtype=acc, device=x.device)
+        dt = x.dtype  # the GEMM's dtype: autocast's where it is on (the backward repeats it in that dtype)
         for r in range(0, n, chunk):
-            logits = F.linear(x[r:r + chunk], w, b).to(acc)
+            logits = F.linear(x[r:r + chunk], w, b)
+            dt = logits.dtype
+            logits = logits.to(acc)
             tgt = targets[r:r + chunk]
             lse_c = torch.logsumexp(logits, dim=1)
             lse[r:r + chunk] = lse_c
             z_t = logits.gather(1, tgt.clamp_min(0).unsqueeze(1)).squeeze(1)
             row = lse_c - (1.0 - label_smoothing) * z_t - label_smoothing * logits.mean(dim=1)
             total = total + torch.where(valid[r:r + chunk], row, 0.0).sum()
-        ctx.save_for_backward(x, w, b if b is not None else x.new_empty(0), targets, lse, count)
-        ctx.has_bias, ctx.ls, ctx.chunk = b is not None, label_smoothing, chunk
+        ctx.save_for_backward(x.to(dt), w, b if b is not None else x.new_empty(0), targets, lse, count)
+        ctx.has_bias, ctx.ls, ctx.chunk, ctx.x_dtype = b is not None, label_smoothing, chunk, x.dtype
         return total / count
 
     @staticmethod
@@ -139,13 +142,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ls, n, v = ctx.ls, x.shape[0], w.shape[0]
         acc = lse.dtype
         scale = g.to(acc) / count
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dt = x.dtype  # the forward's GEMM dtype (autocast's, or the inputs')
+        wc, bc = w.to(dt), (None if b is None else b.to(dt))
+        gx = torch.empty(x.shape, dtype=ctx.x_dtype, device=x.device) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
         gb = torch.zeros(v, dtype=acc, device=w.device) if ctx.has_bias and ctx.needs_input_grad[2] else None
         for r in range(0, n, ctx.chunk):
             xc = x[r:r + ctx.chunk]
-            logits = F.linear(xc, w, b)
-            dt = logits.dtype
+            logits = F.linear(xc, wc, bc)
             tgt = targets[r:r + ctx.chunk]
             grad = torch.exp(logits.to(acc) - lse[r:r + ctx.chunk].unsqueeze(1)) - ls / v
             grad.scatter_add_(1, tgt.clamp_min(0).unsqueeze(1),
@@ -153,9 +157,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = grad * torch.where(tgt != -100, scale, 0.0).unsqueeze(1)
             gl = grad.to(dt)
             if gx is not None:
-                gx[r:r + ctx.chunk] = (gl @ w.to(dt)).to(x.dtype)
+                gx[r:r + ctx.chunk] = (gl @ wc).to(ctx.x_dtype)
             if gw is not None:
-                gw += (gl.t() @ xc.to(dt)).to(acc)
+                gw += (gl.t() @ xc).to(acc)
             if gb is not None:
                 gb += grad.sum(0)
         return (gx, None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(b.dtype), None, None, None)
@@ -166,7 +170,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias, targets: t
     """``F.cross_entropy(F.linear(x, weight, bias), targets, ignore_index=-100, label_smoothing=...)`` (the mean over
     the rows with a target; 0 when there is none) without keeping the [rows, vocab] logits or log-probabilities for
     the backward: x [N, d], targets [N]. The logits are made ``chunk`` rows at a time, in the forward and again in
-    the backward (one extra GEMM of the LM head, instead of N x vocab floats of memory)."""
+    the backward (one extra GEMM of the LM head, instead of N x vocab floats of memory). Under autocast both GEMMs
+    run in the autocast dtype (the backward runs outside autocast: the input is saved in that dtype)."""
     if x.dim() != 2 or targets.shape != (x.shape[0],):
         raise ValueError(f"linear_cross_entropy: x must be [N, d] and targets [N], got {list(x.shape)} and "
                          f"{list(targets.shape)}")
