@@ -191,3 +191,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def autocast(fn, device: str, dtype):
+    """``fn`` run under ``device``'s autocast in ``dtype`` (the backward outside it, as a training loop does)."""
+    def run(*args, **kwargs):
+        with torch.autocast(device, dtype=dtype):
+            return fn(*args, **kwargs)
+    return run
+
+
+# (device, dtype) of the mixed-precision model tests: bf16 autocast on the CPU (the torch backends: what the ops and
+# the model layer do under autocast), bf16 and fp16 (LAVIS trains in fp16) on CUDA (the kernels)
+AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+            pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
+            pytest.param("cuda", torch.float16, id="cuda-fp16", marks=pytest.mark.gpu)]

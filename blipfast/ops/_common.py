@@ -9,6 +9,7 @@ also accepts CPU tensors (that is how CI tests the kernels).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Iterable, Sequence
@@ -278,3 +279,17 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     bias = None if attn_mask is None else attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p)[0]
+
+
+
+def no_autocast():
+    """A context that turns autocast off, for a custom op's implementation. Autocast passes custom ops through with
+    their inputs as they are, but the torch ops inside an implementation would be autocast again (the reference
+    backend's einsum and matmuls in bf16 where the kernels compute in fp32): with it, the op computes in its own
+    accumulation dtype on every backend, as its contract says. A null context when autocast is off."""
+    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+        return stack
+    return contextlib.nullcontext()

@@ -46,13 +46,14 @@ def cross_attention_ref(q, k, v, *, kv_index=None, key_padding_mask=None, dropou
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: Optional[torch.Tensor],
          key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float, scale: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from ..kernels import attention as kern
+    with C.no_autocast():
+        if backend == "triton":
+            from ..kernels import attention as kern
 
-        return kern.cross_attention_fwd(q, k, v, kv_index, key_padding_mask, seed, dropout_p, scale)
-    ke, ve, allowed = _expand(k, v, kv_index, key_padding_mask, q.shape[1])
-    out, lse = attention_fwd_ref(q, ke, ve, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
-    return out.contiguous(), lse
+            return kern.cross_attention_fwd(q, k, v, kv_index, key_padding_mask, seed, dropout_p, scale)
+        ke, ve, allowed = _expand(k, v, kv_index, key_padding_mask, q.shape[1])
+        out, lse = attention_fwd_ref(q, ke, ve, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
+        return out.contiguous(), lse
 
 
 @_fwd.register_fake
@@ -67,17 +68,18 @@ def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
          lse: torch.Tensor, kv_index: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
          seed: Optional[torch.Tensor], dropout_p: float, scale: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from ..kernels import attention as kern
+    with C.no_autocast():
+        if backend == "triton":
+            from ..kernels import attention as kern
 
-        return kern.cross_attention_bwd(grad_out, q, k, v, out, lse, kv_index, key_padding_mask, seed, dropout_p,
-                                        scale)
-    ke, ve, allowed = _expand(k, v, kv_index, key_padding_mask, q.shape[1])
-    dq, dk, dv = attention_bwd_ref(grad_out, q, ke, ve, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
-    if kv_index is not None:
-        dk = torch.zeros(k.shape, dtype=dk.dtype, device=dk.device).index_add_(0, kv_index, dk)
-        dv = torch.zeros(v.shape, dtype=dv.dtype, device=dv.device).index_add_(0, kv_index, dv)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+            return kern.cross_attention_bwd(grad_out, q, k, v, out, lse, kv_index, key_padding_mask, seed, dropout_p,
+                                            scale)
+        ke, ve, allowed = _expand(k, v, kv_index, key_padding_mask, q.shape[1])
+        dq, dk, dv = attention_bwd_ref(grad_out, q, ke, ve, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
+        if kv_index is not None:
+            dk = torch.zeros(k.shape, dtype=dk.dtype, device=dk.device).index_add_(0, kv_index, dk)
+            dv = torch.zeros(v.shape, dtype=dv.dtype, device=dv.device).index_add_(0, kv_index, dv)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd.register_fake

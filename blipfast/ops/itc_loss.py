@@ -74,26 +74,27 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
     positive mask; row_stats [5, B] = (R_i2t, R_t2i, log l_i2t, log l_t2i, positives per row) with the rows'
     log-sum-exp = R + log l (R the row max) and
     dloss_dtemp (0-d) are saved for the backward."""
-    if backend == "triton":
-        from ..kernels import itc as kern
+    with C.no_autocast():
+        if backend == "triton":
+            from ..kernels import itc as kern
 
-        return kern.itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing)
-    s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
-    tgt = _targets(pos, label_smoothing, s_i2t.dtype)
-    # per element first, then sums: lse - sum(tgt * s) would cancel two sums of size ~1/temp (4 bits lost in fp32);
-    # a row with +inf or nothing but -inf has a NaN log-softmax, hence a NaN loss and gradient, as the reference
-    logp = torch.stack([torch.log_softmax(s_i2t, 1), torch.log_softmax(s_t2i, 1)])  # [2, B, BW]
-    s = torch.stack([s_i2t, s_t2i])
-    b = img.shape[0]
-    loss = -(tgt * logp).sum() / (2 * b)
-    dloss_dtemp = -((torch.exp(logp) - tgt) * s).sum() / (2 * b) / temp.to(s_i2t.dtype)
-    # row statistics in the kernels' layout (R, log l with lse = R + log l): the torch backward reads only npos
-    big_r = torch.nan_to_num(s.amax(2), nan=0.0, posinf=0.0, neginf=0.0)
-    log_l = torch.logsumexp(s - big_r.unsqueeze(2), 2)
-    stats = torch.cat([big_r, log_l, pos.sum(1, dtype=s_i2t.dtype).unsqueeze(0)])
-    q = img.shape[1]
-    return (loss, s_i2t, s_t2i, a_i2t.to(argmax_dtype(q)), a_t2i.to(argmax_dtype(q)), stats,
-            dloss_dtemp.reshape(()))
+            return kern.itc_loss_fwd(img, txt, img_all, txt_all, temp, pos, label_smoothing)
+        s_i2t, s_t2i, a_i2t, a_t2i = _similarities(img, txt, img_all, txt_all, temp)
+        tgt = _targets(pos, label_smoothing, s_i2t.dtype)
+        # per element first, then sums: lse - sum(tgt * s) would cancel two sums of size ~1/temp (4 bits lost in fp32);
+        # a row with +inf or nothing but -inf has a NaN log-softmax, hence a NaN loss and gradient, as the reference
+        logp = torch.stack([torch.log_softmax(s_i2t, 1), torch.log_softmax(s_t2i, 1)])  # [2, B, BW]
+        s = torch.stack([s_i2t, s_t2i])
+        b = img.shape[0]
+        loss = -(tgt * logp).sum() / (2 * b)
+        dloss_dtemp = -((torch.exp(logp) - tgt) * s).sum() / (2 * b) / temp.to(s_i2t.dtype)
+        # row statistics in the kernels' layout (R, log l with lse = R + log l): the torch backward reads only npos
+        big_r = torch.nan_to_num(s.amax(2), nan=0.0, posinf=0.0, neginf=0.0)
+        log_l = torch.logsumexp(s - big_r.unsqueeze(2), 2)
+        stats = torch.cat([big_r, log_l, pos.sum(1, dtype=s_i2t.dtype).unsqueeze(0)])
+        q = img.shape[1]
+        return (loss, s_i2t, s_t2i, a_i2t.to(argmax_dtype(q)), a_t2i.to(argmax_dtype(q)), stats,
+                dloss_dtemp.reshape(()))
 
 
 @_fwd.register_fake
@@ -111,29 +112,30 @@ def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all:
          a_t2i: torch.Tensor, row_stats: torch.Tensor, dloss_dtemp: torch.Tensor, label_smoothing: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d image_feats, d text_feats, d temp)."""
-    if backend == "triton":
-        from ..kernels import itc as kern
+    with C.no_autocast():
+        if backend == "triton":
+            from ..kernels import itc as kern
 
-        return kern.itc_loss_bwd(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i,
-                                 row_stats, dloss_dtemp, label_smoothing)
-    acc = s_i2t.dtype
-    b, q, e = img.shape
-    tgt = _targets(pos, label_smoothing, acc)
-    g = grad_loss.to(acc) / (2 * b)
-    ds_i2t = (torch.softmax(s_i2t, 1) - tgt) * g  # d loss / d s (softmax of the saved logits: exact rounding)
-    ds_t2i = (torch.softmax(s_t2i, 1) - tgt) * g
-    t = temp.to(acc)
-    dtemp = grad_loss.to(acc) * dloss_dtemp
-    # s_i2t[b, j] = <img[b, a_i2t[b, j]], txt_all[j]> / t: scatter over the arg-max query
-    w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
-    w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
-    dimg = torch.einsum("bqj,je->bqe", w, txt_all.to(acc))
-    # s_t2i[b, j] = <txt[b], img_all[j, a_t2i[b, j]]> / t: the same scatter, then a product with every query
-    # (as autograd of the reference: 0 times an infinite query that was not the arg-max is NaN there too)
-    w2 = torch.zeros(b, ds_t2i.shape[1], q, dtype=acc, device=img.device)
-    w2.scatter_(2, a_t2i.long().unsqueeze(2), (ds_t2i / t).unsqueeze(2))
-    dtxt = torch.einsum("bjq,jqe->be", w2, img_all.to(acc))
-    return dimg.to(img.dtype), dtxt.to(txt.dtype), dtemp.to(temp.dtype).reshape(temp.shape)
+            return kern.itc_loss_bwd(grad_loss, img, txt, img_all, txt_all, temp, pos, s_i2t, s_t2i, a_i2t, a_t2i,
+                                     row_stats, dloss_dtemp, label_smoothing)
+        acc = s_i2t.dtype
+        b, q, e = img.shape
+        tgt = _targets(pos, label_smoothing, acc)
+        g = grad_loss.to(acc) / (2 * b)
+        ds_i2t = (torch.softmax(s_i2t, 1) - tgt) * g  # d loss / d s (softmax of the saved logits: exact rounding)
+        ds_t2i = (torch.softmax(s_t2i, 1) - tgt) * g
+        t = temp.to(acc)
+        dtemp = grad_loss.to(acc) * dloss_dtemp
+        # s_i2t[b, j] = <img[b, a_i2t[b, j]], txt_all[j]> / t: scatter over the arg-max query
+        w = torch.zeros(b, q, ds_i2t.shape[1], dtype=acc, device=img.device)
+        w.scatter_(1, a_i2t.long().unsqueeze(1), (ds_i2t / t).unsqueeze(1))
+        dimg = torch.einsum("bqj,je->bqe", w, txt_all.to(acc))
+        # s_t2i[b, j] = <txt[b], img_all[j, a_t2i[b, j]]> / t: the same scatter, then a product with every query
+        # (as autograd of the reference: 0 times an infinite query that was not the arg-max is NaN there too)
+        w2 = torch.zeros(b, ds_t2i.shape[1], q, dtype=acc, device=img.device)
+        w2.scatter_(2, a_t2i.long().unsqueeze(2), (ds_t2i / t).unsqueeze(2))
+        dtxt = torch.einsum("bjq,jqe->be", w2, img_all.to(acc))
+        return dimg.to(img.dtype), dtxt.to(txt.dtype), dtemp.to(temp.dtype).reshape(temp.shape)
 
 
 @_bwd.register_fake

@@ -75,13 +75,14 @@ def qformer_attention_ref(q, k, v, *, num_query, mode, key_padding_mask=None, dr
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
          seed: Optional[torch.Tensor], num_query: int, mode: str, dropout_p: float, scale: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from ..kernels import attention as kern
+    with C.no_autocast():
+        if backend == "triton":
+            from ..kernels import attention as kern
 
-        return kern.qformer_attention_fwd(q, k, v, key_padding_mask, seed, num_query, mode, dropout_p, scale)
-    allowed = allowed_mask(num_query, mode, q.shape[1], k.shape[1], q.device, key_padding_mask)
-    out, lse = attention_fwd_ref(q, k, v, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
-    return out.contiguous(), lse
+            return kern.qformer_attention_fwd(q, k, v, key_padding_mask, seed, num_query, mode, dropout_p, scale)
+        allowed = allowed_mask(num_query, mode, q.shape[1], k.shape[1], q.device, key_padding_mask)
+        out, lse = attention_fwd_ref(q, k, v, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
+        return out.contiguous(), lse
 
 
 @_fwd.register_fake
@@ -95,14 +96,15 @@ def _fwd_fake(q, k, v, key_padding_mask, seed, num_query, mode, dropout_p, scale
 def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
          lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], num_query: int,
          mode: str, dropout_p: float, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from ..kernels import attention as kern
+    with C.no_autocast():
+        if backend == "triton":
+            from ..kernels import attention as kern
 
-        return kern.qformer_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, seed, num_query, mode,
-                                          dropout_p, scale)
-    allowed = allowed_mask(num_query, mode, q.shape[1], k.shape[1], q.device, key_padding_mask)
-    dq, dk, dv = attention_bwd_ref(grad_out, q, k, v, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+            return kern.qformer_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, seed, num_query, mode,
+                                              dropout_p, scale)
+        allowed = allowed_mask(num_query, mode, q.shape[1], k.shape[1], q.device, key_padding_mask)
+        dq, dk, dv = attention_bwd_ref(grad_out, q, k, v, allowed, dropout_p=dropout_p, scale=scale, seed=seed)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd.register_fake
