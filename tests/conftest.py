@@ -131,16 +131,25 @@ def count_calls(monkeypatch, module, *names: str) -> dict:
     return calls
 
 
+# A whole model's parameter gradients come out of long chains of cancelling sums: PyTorch's own fp32 error on them
+# is 10 to 60 units of their own scale (tests/test_blip2_stage2.py, tiny T5 BLIP-2, 20 seeds), and the fused path's,
+# rounded in other places and orders, was 1.0 to 4.5 times it (median about 2; 2x failed 1 seed in 12). Model
+# gradient dicts are therefore held to 4x PyTorch's error + the floor; a wrong gradient (half of it, a term missing)
+# is off by millions of units. Single ops and kernels keep the factor 2 of DESIGN.md.
+MODEL_GRAD_FACTOR = 4.0
+
+
 def assert_grads_within_torch_error(fast: dict, ref64: dict, torch_lowp: dict) -> None:
-    """assert_within_torch_error for every gradient of a model ({name: grad}, the same names on each side). A
-    gradient whose float64 value is below 1e-9 of the model's largest gradient is 0 in exact arithmetic (e.g.
-    attention key biases: softmax is shift-invariant) and comes out of cancelling terms of the model's
-    gradient scale, so its fp32 values are rounding noise of that scale: its floor is taken at it."""
+    """assert_within_torch_error (factor MODEL_GRAD_FACTOR) for every gradient of a model ({name: grad}, the same
+    names on each side). A gradient whose float64 value is below 1e-9 of the model's largest gradient is 0 in exact
+    arithmetic (e.g. attention key biases: softmax is shift-invariant) and comes out of cancelling terms of the
+    model's gradient scale, so its fp32 values are rounding noise of that scale: its floor is taken at it."""
     assert fast.keys() == ref64.keys() == torch_lowp.keys()
     gmax = max((_scale_of(g) for g in ref64.values()), default=0.0)
     for name, g in ref64.items():
         zero = _scale_of(g) <= 1e-9 * gmax
-        assert_within_torch_error(fast[name], g, torch_lowp[name], name=name, magnitude=gmax if zero else None)
+        assert_within_torch_error(fast[name], g, torch_lowp[name], name=name, factor=MODEL_GRAD_FACTOR,
+                                  magnitude=gmax if zero else None)
 
 
 def assert_triton_matches_torch(monkeypatch, calls: dict, run) -> None:

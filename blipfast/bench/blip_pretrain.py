@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .common import Case, captions
+from .common import Case, captions, training_step
 from .counting import Cost, count_step, counting_gpu_path, format_cost_table
 
 BASELINE = "BLIP step (eager, SDPA)"
@@ -84,13 +84,7 @@ def _step_cases(device, dtype, batch: int) -> list[Case]:
     flops = {name: c.flops for name, c in counted(batch)}
 
     def step(loss_fn):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                loss = loss_fn()
-            loss.backward()
-            opt.step()
-        return run
+        return training_step(opt, amp, loss_fn)
 
     ours = lambda: model(px, ids, mask, alpha=alpha).loss  # noqa: E731
     base = lambda: blip_pretrain_forward(model, px, ids, mask, 0.4)["loss"]  # noqa: E731

@@ -242,3 +242,14 @@ def captions(b: int, t: int, low: int, high: int, min_len: int, device, generato
     lengths = torch.randint(min_len, t + 1, (b,), device=device, generator=generator)
     mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).long()
     return ids * mask, mask
+
+
+def training_step(opt, amp, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One timed training step: zero the gradients, ``loss_fn()`` under ``amp``, backward, ``opt.step()``."""
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+    return run

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .common import Case, captions
+from .common import Case, captions, training_step
 from .counting import Cost, count_step, counting_gpu_path, format_cost_table
 
 BASELINE = "LAVIS step (eager, SDPA)"
@@ -97,13 +97,7 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16, quick: bool
     flops = {name: c.flops for name, c in counted(batch, t)}  # FLOPs of each step, from the same code on meta
 
     def step(loss_fn):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                loss = loss_fn()
-            loss.backward()
-            opt.step()
-        return run
+        return training_step(opt, amp, loss_fn)
 
     ours = lambda: model(img, ids, mask).loss  # noqa: E731
     base = lambda: lavis_stage1_forward(model, img, ids, mask)["loss"]  # noqa: E731
