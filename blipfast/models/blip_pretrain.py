@@ -36,7 +36,6 @@ Weights: module names follow the HF key space of ``blipfast.convert`` for BLIP (
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -48,6 +47,7 @@ from transformers.utils import ModelOutput
 
 from .. import convert, ops
 from ..distributed import itm_batch_indices, itm_loss
+from ..ops._common import no_autocast
 from ..ops._dist import gather_no_grad, group_info
 from ._checks import check_index, check_text
 from ._linear import linear_cross_entropy
@@ -195,17 +195,10 @@ def _alpha(alpha, device) -> torch.Tensor:
     return torch.full((), float(alpha), dtype=torch.float64, device=device)
 
 
-def _no_autocast(device: torch.device):
-    """Autocast off on ``device`` (a no-op context where autocast does not exist, e.g. meta tensors)."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _features(h: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """normalize(proj(h)) in float32 (float64 stays), outside autocast: the ITC features."""
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    with _no_autocast(h.device):
+    with no_autocast(h.device):
         return F.normalize(F.linear(h.to(dt), proj.weight.to(dt), proj.bias.to(dt)), dim=-1)
 
 
@@ -318,7 +311,7 @@ class BlipPretrain(nn.Module):
         b = image_feat.shape[0]
         dt = image_feat.dtype
         temp = self.temp.to(dt)
-        with _no_autocast(image_feat.device), torch.no_grad():
+        with no_autocast(image_feat.device), torch.no_grad():
             img_all = torch.cat([image_feat_m, self.image_queue.t().to(dt)])  # [B + Q, E]
             txt_all = torch.cat([text_feat_m, self.text_queue.t().to(dt)])
             if image_ids is None:
@@ -330,7 +323,7 @@ class BlipPretrain(nn.Module):
             a = alpha.to(dt)
             t_i2t = a * F.softmax(image_feat_m @ txt_all.t() / temp, dim=1) + (1 - a) * pos
             t_t2i = a * F.softmax(text_feat_m @ img_all.t() / temp, dim=1) + (1 - a) * pos
-        with _no_autocast(image_feat.device):
+        with no_autocast(image_feat.device):
             s_i2t = (image_feat / temp) @ txt_all.t()
             s_t2i = (text_feat / temp) @ img_all.t()
             loss_i2t = -(F.log_softmax(s_i2t, dim=1) * t_i2t).sum(1).mean()

@@ -282,14 +282,12 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
 
 
 
-def no_autocast():
-    """A context that turns autocast off, for a custom op's implementation. Autocast passes custom ops through with
-    their inputs as they are, but the torch ops inside an implementation would be autocast again (the reference
-    backend's einsum and matmuls in bf16 where the kernels compute in fp32): with it, the op computes in its own
-    accumulation dtype on every backend, as its contract says. A null context when autocast is off."""
-    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        stack.enter_context(torch.autocast("cuda", enabled=False))
-        return stack
+def no_autocast(device: torch.device):
+    """A context with autocast off on ``device`` (a null context where it is off already, or where autocast does not
+    exist, e.g. meta tensors). For the custom ops' implementations: autocast passes a custom op through with its
+    inputs as they are, but the torch ops inside an implementation would be autocast again (the reference backend's
+    einsum and matmuls in bf16 where the kernels compute in fp32); with it an op computes in its own accumulation
+    dtype on every backend, as its contract says. The models use it for what must stay fp32 under autocast."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

@@ -46,7 +46,7 @@ def cross_attention_ref(q, k, v, *, kv_index=None, key_padding_mask=None, dropou
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: Optional[torch.Tensor],
          key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float, scale: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with C.no_autocast():
+    with C.no_autocast(q.device):
         if backend == "triton":
             from ..kernels import attention as kern
 
@@ -68,7 +68,7 @@ def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
          lse: torch.Tensor, kv_index: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
          seed: Optional[torch.Tensor], dropout_p: float, scale: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with C.no_autocast():
+    with C.no_autocast(q.device):
         if backend == "triton":
             from ..kernels import attention as kern
 

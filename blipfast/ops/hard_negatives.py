@@ -98,7 +98,7 @@ def sample_hard_negatives_ref(s_i2t, s_t2i, drawable, seed, row_offset=0, floor=
 @torch.library.custom_op("blipfast::sample_hard_negatives", mutates_args=())
 def _sample(s_i2t: torch.Tensor, s_t2i: torch.Tensor, drawable: torch.Tensor, seed: torch.Tensor,
             row_offset: int, backend: str, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    with C.no_autocast():
+    with C.no_autocast(s_i2t.device):
         log_norm = row_log_norm(s_i2t, s_t2i) if floor > 0 else None
         if backend == "cuda":
             if floor > 0:

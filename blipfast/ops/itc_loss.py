@@ -74,7 +74,7 @@ def _fwd(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor, txt_all: t
     positive mask; row_stats [5, B] = (R_i2t, R_t2i, log l_i2t, log l_t2i, positives per row) with the rows'
     log-sum-exp = R + log l (R the row max) and
     dloss_dtemp (0-d) are saved for the backward."""
-    with C.no_autocast():
+    with C.no_autocast(img.device):
         if backend == "triton":
             from ..kernels import itc as kern
 
@@ -112,7 +112,7 @@ def _bwd(grad_loss: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_all:
          a_t2i: torch.Tensor, row_stats: torch.Tensor, dloss_dtemp: torch.Tensor, label_smoothing: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d image_feats, d text_feats, d temp)."""
-    with C.no_autocast():
+    with C.no_autocast(img.device):
         if backend == "triton":
             from ..kernels import itc as kern
 

@@ -96,7 +96,7 @@ def _fwd(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, 
          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual [R, N] contiguous; weight, ln_bias, bias [N] fp32. Returns (y, z, stats) with stats [2, R] =
     (mean, rstd) of each row in the accumulation dtype (one output for autograd to save, not two)."""
-    with C.no_autocast():
+    with C.no_autocast(x.device):
         if backend == "cuda":
             return tuple(torch.ops.blipfast_C.ln_epilogue_fwd(x, bias, residual, weight, ln_bias, seed, eps, dropout_p))
         return _fwd_torch(x, bias, residual, weight, ln_bias, seed, eps, dropout_p)
@@ -112,7 +112,7 @@ def _fwd_fake(x, bias, residual, weight, ln_bias, seed, eps, dropout_p, backend)
 def _bwd(dy: torch.Tensor, z: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, seed: Optional[torch.Tensor],
          dropout_p: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dresidual, dweight, dln_bias, dbias); dx is empty when dropout_p == 0 (dx == dresidual)."""
-    with C.no_autocast():
+    with C.no_autocast(dy.device):
         if backend == "cuda":
             return tuple(torch.ops.blipfast_C.ln_epilogue_bwd(dy, z, stats, weight, seed, dropout_p))
         return _bwd_torch(dy, z, stats, weight, seed, dropout_p)

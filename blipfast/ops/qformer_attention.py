@@ -75,7 +75,7 @@ def qformer_attention_ref(q, k, v, *, num_query, mode, key_padding_mask=None, dr
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
          seed: Optional[torch.Tensor], num_query: int, mode: str, dropout_p: float, scale: float,
          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with C.no_autocast():
+    with C.no_autocast(q.device):
         if backend == "triton":
             from ..kernels import attention as kern
 
@@ -96,7 +96,7 @@ def _fwd_fake(q, k, v, key_padding_mask, seed, num_query, mode, dropout_p, scale
 def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
          lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], num_query: int,
          mode: str, dropout_p: float, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with C.no_autocast():
+    with C.no_autocast(q.device):
         if backend == "triton":
             from ..kernels import attention as kern
 
