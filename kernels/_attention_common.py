@@ -22,11 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E_F = 1.4426950408889634
-
-
 # globals read inside @triton.jit code must be constexprs
-LOG2E = tl.constexpr(LOG2E_F)
+LOG2E = tl.constexpr(1.4426950408889634)
 # the score an ALLOWED key with a -inf score gets (the most negative float32): a row max of -inf then means
 # "no allowed key" (output 0, as the reference), a row max of SCORE_FLOOR "every allowed score is -inf"
 # (inf in q or k; PyTorch's softmax gives NaN there)
