@@ -65,6 +65,18 @@ def _step(model, fn, px, ids, mask, kw, dtype):
     return out, grads, state
 
 
+def _check_step(fast, low, ref, dtype):
+    """(outputs, grads) of blipfast, of the restatement in the low precision and in float64 (extra items ignored):
+    each loss on its own, then every gradient as one vector, within the restatement's own error in ``dtype``."""
+    (fo, fg), (lo, lg), (ro, rg) = fast[:2], low[:2], ref[:2]
+    for k in LOSSES:
+        assert_within_torch_error(fo[k].float().cpu().reshape(1), ro[k].reshape(1), lo[k].float().cpu().reshape(1),
+                                  dtype=dtype, name=k)
+    names = sorted(rg)
+    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
+    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=dtype, name="all gradients")
+
+
 def _fast(m, x, i, mk, alpha=0.4, **kw):
     return m(x, i, mk, alpha=alpha, **kw)
 
@@ -143,12 +155,7 @@ def test_parity_with_blip_float32(name):
     runs = {}
     for tag, fn, dt in (("fast", _fast, torch.float32), ("base32", _base, torch.float32), ("ref", _base, F64)):
         runs[tag] = _step(copy.deepcopy(model).to(dt), fn, px, ids, mask, kw, dt)
-    (fo, fg, _), (lo, lg, _), (ro, rg, _) = runs["fast"], runs["base32"], runs["ref"]
-    for k in LOSSES:
-        assert_within_torch_error(fo[k].reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32, name=k)
-    names = sorted(rg)
-    cat = lambda g: torch.cat([g[n].double().flatten() for n in names])  # noqa: E731
-    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    _check_step(runs["fast"], runs["base32"], runs["ref"], torch.float32)
 
 
 def test_momentum_update_and_enqueue_by_hand():
@@ -376,12 +383,7 @@ def test_parity_on_gpu_kernels():
                        torch.float32)
     lo, lg, ls = _step(copy.deepcopy(model).float(), _base, px, ids, mask, kw, torch.float32)
     ro, rg, rs = _step(copy.deepcopy(model), _base, px, ids, mask, kw, F64)
-    for k in LOSSES:
-        assert_within_torch_error(fo[k].cpu().reshape(1), ro[k].reshape(1), lo[k].reshape(1), dtype=torch.float32,
-                                  name=k)
-    names = sorted(rg)
-    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
-    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=torch.float32, name="all gradients")
+    _check_step((fo, fg), (lo, lg), (ro, rg), torch.float32)
     for n in rs:
         assert_within_torch_error(fs[n].cpu().double(), rs[n].double(), ls[n].double(), dtype=torch.float32, name=n)
 
@@ -399,12 +401,7 @@ def test_autocast_step_within_the_baselines_autocast_error(device, dtype):
     lo, lg, _ = _step(copy.deepcopy(model).float().to(device), autocast(_base, device, dtype), *dev, dev_kw,
                       torch.float32)
     ro, rg, _ = _step(copy.deepcopy(model), _base, px, ids, mask, kw, F64)
-    for k in LOSSES:
-        assert_within_torch_error(fo[k].float().cpu().reshape(1), ro[k].reshape(1), lo[k].float().cpu().reshape(1),
-                                  dtype=dtype, name=k)
-    names = sorted(rg)
-    cat = lambda g: torch.cat([g[n].double().cpu().flatten() for n in names])  # noqa: E731
-    assert_within_torch_error(cat(fg), cat(rg), cat(lg), dtype=dtype, name="all gradients")
+    _check_step((fo, fg), (lo, lg), (ro, rg), dtype)
 
 
 @pytest.mark.gpu
