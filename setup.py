@@ -15,6 +15,7 @@ import subprocess
 import warnings
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"  # relative: setuptools wants extension sources relative to setup.py
@@ -156,11 +157,35 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+KERNELS = "kernels"  # the Triton sources: shipped as blipfast.kernels, never a top-level package
+
+
+def kernel_modules(root=ROOT):
+    """The Triton kernel modules of the top-level kernels/ folder, as (module name, path relative to root)."""
+    found = glob.glob(os.path.join(root, KERNELS, "*.py"))
+    return sorted((os.path.splitext(os.path.basename(f))[0], os.path.relpath(f, root)) for f in found)
+
+
+class build_py(_build_py):
+    """Adds kernels/*.py to the package blipfast.kernels (whose __init__.py lives in blipfast/kernels/).
+
+    kernels/ has no __init__.py on purpose: a checkout on sys.path must not shadow the installed ``kernels``
+    distribution that transformers imports. package_dir cannot map a package without __init__.py in an
+    editable install, so the wheel gets the modules copied here and a checkout finds them through
+    blipfast/kernels/__init__.py's search path.
+    """
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "blipfast.kernels":
+            modules += [(package, name, path) for name, path in kernel_modules()]
+        return modules
+
+
 if __name__ == "__main__":  # pip/build run setup.py as __main__; tests import the functions above
     ext_modules, cmdclass = cuda_extension()
     setup(
-        packages=find_packages(include=["blipfast", "blipfast.*"]) + ["blipfast.kernels"],
-        package_dir={"blipfast.kernels": "kernels"},
+        packages=find_packages(include=["blipfast", "blipfast.*"]),
         ext_modules=ext_modules,
-        cmdclass=cmdclass,
+        cmdclass={"build_py": build_py, **cmdclass},
     )

@@ -31,6 +31,8 @@ from blipfast.models.blip import CACHE_FIELD, blip_text_config, share_encoder_de
 from tests.conftest import HAS_CUDA, assert_triton_matches_torch, count_calls
 from tests.test_qformer_parity import GRAD_FLOOR, _check, _randomize, _seed_of
 
+pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
+
 TOKENS = dict(bos_token_id=1, eos_token_id=2, sep_token_id=3, pad_token_id=0)
 # name -> (BlipTextConfig fields, batch B, text T, image tokens Lk)
 CONFIGS = {

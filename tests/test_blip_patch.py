@@ -20,6 +20,8 @@ from blipfast.patch import apply_blipfast_to_blip, revert_blipfast
 from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
 from tests.test_qformer_parity import _randomize, _seed_of
 
+pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
+
 VOCAB = 60
 BOS, EOS, SEP, PAD = 1, 2, 3, 0
 

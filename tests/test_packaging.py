@@ -158,3 +158,93 @@ def test_every_declared_dependency_is_imported_by_blipfast():
               if not re.search(rf"^\s*(import|from)\s+{re.escape(modules.get(n, n).replace('-', '_'))}\b", code,
                                flags=re.M)]
     assert not unused, f"declared in pyproject.toml but never imported: {unused}"
+
+
+# ---- the checkout never shadows an installed top-level package (issue: `kernels` vs HF's `kernels`) ----------
+
+
+def _checkout_top_level_names() -> dict[str, pathlib.Path]:
+    """Names that ``import NAME`` resolves to a regular package or module of the checkout when the checkout is on
+    sys.path (``python -m ...`` and pytest run from the repository root put it there)."""
+    names = {}
+    for p in ROOT.iterdir():
+        if p.is_dir() and (p / "__init__.py").is_file():
+            names[p.name] = p
+        elif p.is_file() and p.suffix in (".py", ".so", ".pyd"):
+            names[p.name.split(".")[0]] = p
+    return names
+
+
+def test_no_top_level_package_of_the_checkout_shadows_an_installed_distribution():
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    names = _checkout_top_level_names()
+    assert "blipfast" in names
+    clash = {n: installed[n] for n in names if n != "blipfast" and n in installed}
+    assert not clash, f"the checkout's top-level {sorted(clash)} would shadow the installed {clash}"
+    # the Triton sources' folder is never a regular package, installed `kernels` distribution or not
+    assert (ROOT / "kernels" / "attention.py").is_file()
+    assert "kernels" not in names, "kernels/__init__.py makes the checkout shadow HF's `kernels` distribution"
+
+
+def _run_from(cwd, code, env=None):
+    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_from_the_checkout_root_kernels_is_the_installed_distribution_and_transformers_imports():
+    """``python -c``/``python -m`` from the repository root put it first on sys.path (as pytest does): ``import kernels``
+    must still find the installed distribution (transformers >= 5.25 imports it from transformers.activations), and
+    blipfast.kernels must hold the Triton kernels of kernels/."""
+    import importlib.util
+
+    out = _run_from(ROOT, "import kernels, transformers.activations, blipfast, blipfast.kernels.attention as a\n"
+                          "print(getattr(kernels, '__file__', None)); print(a.__file__)")
+    kernels_file, attention_file = out.strip().splitlines()
+    assert kernels_file == "None" or not pathlib.Path(kernels_file).resolve().is_relative_to(ROOT), kernels_file
+    if importlib.util.find_spec("kernels") is not None and kernels_file != "None":
+        assert "site-packages" in kernels_file or "dist-packages" in kernels_file, kernels_file
+    assert pathlib.Path(attention_file).resolve() == ROOT / "kernels" / "attention.py"
+
+
+def test_pytest_collects_from_the_checkout_root():
+    """The README's test command from the root: collection imports transformers through blipfast."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_patch.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A wheel built from a clean copy of the checkout with BLIPFAST_BUILD_CUDA=0 (pure Python)."""
+    src = _clean_copy(tmp_path_factory.mktemp("wsrc") / "blipfast")
+    out = tmp_path_factory.mktemp("wheel")
+    env = dict(os.environ, BLIPFAST_BUILD_CUDA="0")
+    code = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out / run.stdout.strip().splitlines()[-1]
+
+
+def test_the_wheel_ships_the_triton_kernels_as_blipfast_kernels_only(setup_py, wheel, tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(tmp_path / "site")
+    want = {f"blipfast/kernels/{m}.py" for m, _ in setup_py["kernel_modules"](str(ROOT))} | {
+        "blipfast/kernels/__init__.py"}
+    assert {"blipfast/kernels/attention.py", "blipfast/kernels/itc.py"} <= want
+    assert want <= set(names), f"the wheel lacks {sorted(want - set(names))}"
+    assert not [n for n in names if n.split("/")[0] in ("kernels", "tests", "benchmarks")], "top-level clutter"
+    # installed from the wheel (unpacked: a pure-Python wheel), imported away from the checkout
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    out = _run_from(tmp_path, "import blipfast.kernels as k, blipfast.kernels.attention as a, blipfast.kernels.itc\n"
+                              "print(a.__file__); print(list(k.__path__))", env=env)
+    attention_file, path = out.strip().splitlines()
+    assert pathlib.Path(attention_file).resolve() == (tmp_path / "site" / "blipfast" / "kernels" / "attention.py")
+    assert str(ROOT) not in path, path

@@ -12,6 +12,8 @@ import blipfast
 from blipfast.patch import apply_blipfast_to_blip2, revert_blipfast
 from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
 
+pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
+
 
 def _config():
     vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

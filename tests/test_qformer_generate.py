@@ -13,6 +13,8 @@ from blipfast.models.blip2_generate import QFormerCaptioner
 from tests.retrieval_tiny import VOCAB, jitter_, stage1_config
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
+pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
+
 F64 = torch.float64
 SEP = 102
 

@@ -24,6 +24,8 @@ import blipfast
 from blipfast import convert
 from tests.conftest import _SEED
 
+pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
+
 RTOL = 1e-5
 GRAD_FLOOR = 1e-7
 
