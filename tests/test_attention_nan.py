@@ -189,5 +189,11 @@ def test_finite_inputs_unchanged_by_the_nan_rules():
     ref64 = _run(lambda q, k, v: ops.qformer_attention(q, k, v, num_query=5, mode="causal", key_padding_mask=kpm,
                                                        backend="torch"), (q.double(), k.double(), v.double()),
                  do.double())
+    # A recomputing backward (FlashAttention's, these kernels') rebuilds P = exp(S - lse) from scores it computes
+    # again: a rounding of S (|S| * eps, with |S| ~ 150 here) moves a dominant P by that much relatively, where
+    # PyTorch's softmax of one S is insensitive to it. Whether the two S roundings coincide depends on the matmul
+    # (the interpreter's numpy on an AVX2 CPU: they differ, 10-30 x PyTorch's error on dK and dV). That term,
+    # 2 * eps * max|S| of the tensor's scale, is added to the floor; a wrong mask or lse errs by O(|ref|).
+    smax = (torch.einsum("blhd,bmhd->blhm", q.double(), k.double()).abs().max() / math.sqrt(q.shape[-1])).item()
     for name, f, r, l in zip(("out", "dq", "dk", "dv"), fast, ref64, ref32):
-        assert_within_torch_error(f, r, l, name=name)
+        assert_within_torch_error(f, r, l, name=name, magnitude=r.abs().max().item() * (1.0 + smax / 16.0))

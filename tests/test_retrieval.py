@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blipfast import Blip2Retrieval, Blip2Stage1, convert
-from tests.conftest import assert_within_torch_error
+from tests.conftest import assert_close, assert_within_torch_error
 from tests.retrieval_tiny import NQ, QCFG, VCFG, hf_retrieval_model, jitter_, stage1_config, texts
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
@@ -83,7 +83,8 @@ def test_image_embeds_path_and_itm_scores_of_any_pairs():
     pixels, ids, mask = _data(F64)
     pre = model.encode_images(pixels, batch_size=2)  # ViT tokens before ln_vision
     with torch.no_grad():
-        assert torch.equal(model.ln_vision(pre), hf.vision_model(pixels)[0])
+        # the same float64 computation up to the order of its reductions (HF picks its own attention kernel)
+        assert_close(model.ln_vision(pre), hf.vision_model(pixels)[0])
     a = model.score_matrices(pixel_values=pixels, input_ids=ids, attention_mask=mask, k=4)
     b = model.score_matrices(image_embeds=pre, input_ids=ids, attention_mask=mask, k=4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
