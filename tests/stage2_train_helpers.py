@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from tests import blip2_tiny as T
-from tests.train_helpers import COLORS, SHAPES, tiny_args
+from blipfast.testing import blip2 as T
+from blipfast.testing.data import COLORS, SHAPES
+from tests.train_helpers import tiny_args
 
 # the captions of train_helpers.write_images: "a {colour} {shape} on a {colour} background"
 WORDS = list(T.WORDS) + sorted({*COLORS, *SHAPES, "background"} - set(T.WORDS))

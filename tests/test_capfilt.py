@@ -1,5 +1,5 @@
 """``blipfast capfilt`` end to end on a CPU: tiny random HF BLIP captioner and ITM filter saved by the test
-(tests/blip_tiny.py), PNG images the test writes, list captions, a repeated image, a missing and a corrupt image.
+(blipfast/testing/blip.py), PNG images the test writes, list captions, a repeated image, a missing and a corrupt image.
 
 Checked: the rows and the keep rule, determinism under a seed, the synthetic captions and ITM scores against the
 unswapped HF models (HF's own ``generate`` with the same seed, HF's ITM head on [ENC]-first texts), resume after an
@@ -17,7 +17,7 @@ import torch
 from blipfast.capfilt import CapFilt, load_blip, side_paths
 from blipfast.cli import main
 from blipfast.data.annotations import pre_caption, read_annotations
-from tests.blip_tiny import write_demo
+from blipfast.testing.blip import write_demo
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -153,7 +153,8 @@ def test_salesforce_checkpoints_give_the_same_output(tiny, tmp_path, capsys):
 
 def test_a_blip_training_run_captions_and_filters(tiny, tmp_path, capsys):
     from tests.test_train_blip import TINY_BLIP, write_blip_vision
-    from tests.train_helpers import tiny_args, write_images, write_jsonl
+    from blipfast.testing.data import write_images, write_jsonl
+    from tests.train_helpers import tiny_args
 
     root = str(tmp_path / "train")
     data = write_jsonl(os.path.join(root, "ann.jsonl"), write_images(root, 8, seed=2))

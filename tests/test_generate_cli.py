@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from blipfast import cli
-from tests import blip2_tiny as T
+from blipfast.testing import blip2 as T
 
 Q = T.NUM_QUERY
 

@@ -10,7 +10,7 @@ import torch
 from blipfast import Blip2Stage1
 from blipfast.bench.stage1_baseline import _additive, _ln, _Pass, _text_embeds
 from blipfast.models.blip2_generate import QFormerCaptioner
-from tests.retrieval_tiny import VOCAB, jitter_, stage1_config
+from blipfast.testing.retrieval import VOCAB, jitter_, stage1_config
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported

@@ -1,6 +1,6 @@
 """blipfast.Blip2Retrieval against Hugging Face's Blip2ForImageTextRetrieval run as LAVIS' compute_sim_matrix runs it
 (a Python loop per query row: ITC from HF's forward, top k, HF's ITM forward over k repeated copies), feature
-extraction against HF's passes, loading, validation. Tiny random models built here (tests/retrieval_tiny.py)."""
+extraction against HF's passes, loading, validation. Tiny random models from blipfast.testing.retrieval."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from blipfast import Blip2Retrieval, Blip2Stage1, convert
 from tests.conftest import assert_close, assert_within_torch_error
-from tests.retrieval_tiny import NQ, QCFG, VCFG, hf_retrieval_model, jitter_, stage1_config, texts
+from blipfast.testing.retrieval import NQ, QCFG, VCFG, hf_retrieval_model, jitter_, stage1_config, texts
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 F64 = torch.float64
@@ -87,7 +87,8 @@ def test_image_embeds_path_and_itm_scores_of_any_pairs():
         assert_close(model.ln_vision(pre), hf.vision_model(pixels)[0])
     a = model.score_matrices(pixel_values=pixels, input_ids=ids, attention_mask=mask, k=4)
     b = model.score_matrices(image_embeds=pre, input_ids=ids, attention_mask=mask, k=4)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_close(a[0], b[0])  # the ViT ran at another batch size there: BLAS may order its sums differently
+    assert_close(a[1], b[1])
     # pairs in any order, repeated, images without pairs
     img = torch.tensor([3, 0, 3, 1, 0, 3, 3])
     txt = torch.tensor([2, 11, 2, 0, 5, 7, 1])

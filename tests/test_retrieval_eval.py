@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from blipfast import Blip2Retrieval, Blip2Stage1, cli, convert
 from blipfast.retrieval import format_metrics, load_features, pre_caption, read_annotations, recall_at_k, tokenize
-from tests.retrieval_tiny import VCFG, hf_retrieval_model, stage1_config, write_gallery, write_tokenizer
+from blipfast.testing.retrieval import VCFG, hf_retrieval_model, stage1_config, write_gallery, write_tokenizer
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
 

@@ -15,8 +15,8 @@ from blipfast import Blip2Stage1, Blip2Stage1Config
 from blipfast.cli import main
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file
-from tests.train_helpers import (NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights, write_images,
-                                 write_jsonl, write_vision)
+from blipfast.testing.data import write_images, write_jsonl, write_vision
+from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 
 @pytest.fixture(scope="module")

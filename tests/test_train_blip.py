@@ -14,7 +14,8 @@ from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.train.config import read_config_file, resolve
 from blipfast.train.adapter_blip import BlipPretrainAdapter
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
-from tests.train_helpers import read_log, tiny_args, weights, write_images, write_jsonl
+from blipfast.testing.data import write_images, write_jsonl
+from tests.train_helpers import read_log, tiny_args, weights
 
 TINY_BLIP = {"name": "blip", "embed_dim": 16, "queue_size": 32,
              "text": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -117,7 +118,7 @@ def test_recipe_defaults_alpha_ramp_and_refusals(dataset, tmp_path, capsys):
     out = str(tmp_path / "refused")
     assert main(_args(out, dataset, 2, ("--features", str(tmp_path)))) == 2
     assert "--features cannot be used with --model blip" in capsys.readouterr().err
-    from tests.train_helpers import write_vision
+    from blipfast.testing.data import write_vision
 
     vit2 = write_vision(str(tmp_path / "vit2"))
     args = tiny_args(out, dataset["data"], dataset["root"], vit2, steps=2, model=TINY_BLIP)

@@ -12,7 +12,7 @@ from blipfast.data import (FeatureCache, GlobalBatchSampler, cache_features, loa
                            pre_caption, read_annotations, tokenize, train_wordpiece)
 from blipfast.ops import sample_hard_negatives
 from blipfast.train.optim import WarmupCosine, param_groups
-from tests.train_helpers import write_images, write_jsonl, write_vision
+from blipfast.testing.data import write_images, write_jsonl, write_vision
 
 # ----------------------------------------------------------------------------------------------
 # annotations

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from blipfast.cli import main
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights, write_images, \
-    write_jsonl, write_vision
+from blipfast.testing.data import write_images, write_jsonl, write_vision
+from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 
 @pytest.mark.distributed

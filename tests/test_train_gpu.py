@@ -13,8 +13,8 @@ import torch
 from blipfast.cli import main
 from blipfast.train.config import OPTIONS
 from blipfast.train.loop import Trainer
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights, write_images, \
-    write_jsonl, write_vision
+from blipfast.testing.data import write_images, write_jsonl, write_vision
+from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 pytestmark = pytest.mark.gpu
 

@@ -19,7 +19,8 @@ from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file, resolve
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture: bit-identical runs, a 2-core CI)
 from tests.stage2_train_helpers import stage2_args, write_lavis_stage1, write_llm
-from tests.train_helpers import read_log, tiny_args, weights, write_images, write_jsonl, write_vision
+from blipfast.testing.data import write_images, write_jsonl, write_vision
+from tests.train_helpers import read_log, tiny_args, weights
 
 NO_DROPOUT = json.dumps({"qformer": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}})
 

@@ -4,7 +4,7 @@ filter saved as model folders (with the tokenizer and an image processor), their
 twins, and a small web set (PNG images, list captions, a repeated image, a missing and a corrupt image).
 
 Heads are 64 wide and the ViT's LayerNorm eps is timm's 1e-6, so that the sizes read back from a ``.pth`` give
-the same models. ``python -m tests.blip_tiny OUT_DIR`` writes everything into OUT_DIR."""
+the same models. ``python -m blipfast.testing.blip OUT_DIR`` writes everything into OUT_DIR."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from tests.train_helpers import write_images
+from .data import write_images
 
 IMAGE_SIZE = 16
 PROMPT_WORDS = "a picture of"
@@ -128,7 +128,7 @@ def write_demo(root: str) -> dict:
     return paths
 
 
-if __name__ == "__main__":  # python -m tests.blip_tiny OUT_DIR
+if __name__ == "__main__":  # python -m blipfast.testing.blip OUT_DIR
     import sys
 
     print(json.dumps(write_demo(sys.argv[1]), indent=1))

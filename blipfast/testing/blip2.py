@@ -149,7 +149,7 @@ def write_demo(out) -> None:
                                                  for i, (p, q) in enumerate(zip(paths, questions))))
 
 
-if __name__ == "__main__":  # python -m tests.blip2_tiny OUT_DIR
+if __name__ == "__main__":  # python -m blipfast.testing.blip2 OUT_DIR
     import sys
 
     write_demo(sys.argv[1] if len(sys.argv) > 1 else "tiny-blip2")
