@@ -113,8 +113,8 @@ def spice_unavailable_reason() -> Optional[str]:
     lib = os.path.join(_toolkit_dir(), "spice", "lib")
     missing = [j for j in SPICE_JARS if not os.path.isfile(os.path.join(lib, j))]
     if missing:
-        return (f"Stanford CoreNLP 3.6.0 ({', '.join(missing)}) is not in {lib}; fetch it once (online) with "
-                "`python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`")
+        return (f"Stanford CoreNLP 3.6.0 ({', '.join(missing)}) is not in {lib}; fetch it once, online: python -c "
+                "'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'")
     return None
 
 
@@ -207,5 +207,5 @@ def format_captions(scores: CaptionScores) -> str:
     """The metric table ``blipfast eval caption`` prints (the toolkit's three decimals)."""
     lines = [f"{'metric':<10}{'score':>8}"] + [f"{k:<10}{v:>8.3f}" for k, v in scores.metrics.items()]
     if "SPICE" not in scores.metrics:
-        lines.append(f"{'SPICE':<10}{'-':>8}  ({scores.spice if scores.spice != 'off' else 'not run'})")
+        lines.append("SPICE: skipped" if scores.spice == "off" else f"SPICE: unavailable: {scores.spice}")
     return "\n".join(lines)

@@ -48,8 +48,8 @@ def add_arguments(p) -> None:
                    "[{\"questionId\", \"prediction\"}]) JSON, or `blipfast vqa` JSON lines")
     g.add_argument("--references", required=True, help="GQA question JSON, or LAVIS' testdev_balanced_questions.json")
     g.add_argument("--normalize", choices=("both", "predictions", "none"), default="both",
-                   help="which side gets the VQA normalisation (both: LAVIS today; predictions: LAVIS before "
-                   "December 2023; none: GQA's eval.py)")
+                   help="which side gets the VQA normalisation (both: LAVIS since December 2023; predictions: "
+                   "LAVIS from February 2023; none: GQA's eval.py)")
     _common(g)
     n = sub.add_parser("nlvr2", help="NLVR2 accuracy and consistency")
     n.add_argument("--predictions", required=True, help="NLVR2's CSV (identifier,prediction) or JSON rows with "
@@ -63,6 +63,10 @@ def add_arguments(p) -> None:
     r.add_argument("--data", required=True, help="the retrieval annotation the scores are of (LAVIS' list of "
                    "{\"image\", \"caption\": [...]})")
     _common(r, missing=False)
+
+
+def _table(metrics: dict) -> str:
+    return "\n".join(f"{k:<12}{v:>8.2f}" for k, v in metrics.items())
 
 
 def _coverage_line(cov: dict) -> str:
@@ -99,7 +103,7 @@ def _gqa(args) -> tuple:
     refs = read_gqa_references(args.references)
     res = gqa_accuracy(read_answer_predictions(args.predictions), refs, normalize=args.normalize,
                        allow_missing=args.allow_missing)
-    return {"accuracy": res["accuracy"]}, res["coverage"], f"accuracy {res['accuracy']:.2f}"
+    return {"accuracy": res["accuracy"]}, res["coverage"], _table({"accuracy": res["accuracy"]})
 
 
 def _nlvr2(args) -> tuple:
@@ -109,7 +113,7 @@ def _nlvr2(args) -> tuple:
     res = nlvr2_accuracy(read_nlvr2_predictions(args.predictions), read_nlvr2_references(args.references),
                          allow_missing=args.allow_missing)
     metrics = {k: v for k, v in res.items() if k != "coverage"}
-    return metrics, res["coverage"], "\n".join(f"{k:<12}{v:>8.2f}" for k, v in metrics.items())
+    return metrics, res["coverage"], _table(metrics)
 
 
 def _retrieval(args) -> tuple:

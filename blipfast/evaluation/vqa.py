@@ -5,7 +5,8 @@ of 10 human answers per question), quirks included; GQA's exact match after the 
 Two versions of the official tool differ, so both are here (``rule``):
 
 - ``"lavis"`` (default): the official ``vqaEval.py`` of 2017 (VQA v2.0), which LAVIS ships as
-  ``lavis/common/vqa_tools/vqa_eval.py`` and which scored BLIP / BLIP-2's VQAv2 validation and OK-VQA numbers. The
+  ``lavis/common/vqa_tools/vqa_eval.py`` and runs for its local VQAv2 and OK-VQA scores (BLIP-2's VQAv2
+  validation and OK-VQA numbers). The
   prediction is fully normalised (newlines and tabs to spaces, stripped, punctuation, periods that are not part
   of a number, lower case, number words to digits, articles dropped, the contraction table); the human answers get
   only the punctuation step, and only when they are not all equal. So a human "Two" never matches (the
@@ -221,8 +222,8 @@ def gqa_accuracy(predictions: Mapping, answers: Mapping, *, normalize: str = "bo
     :func:`process_punctuation` then :func:`process_digit_article`. Every question needs a prediction unless
     ``allow_missing``.
 
-    LAVIS changed which side it normalises: since December 2023 both (``normalize="both"``, the default), before
-    that only the prediction (``"predictions"``: an answer such as "t-shirt" could then never be matched); GQA's
+    LAVIS changed which side it normalises: since December 2023 both (``normalize="both"``, the default), from
+    February to December 2023 only the prediction (``"predictions"``: an answer such as "t-shirt" could then never be matched); GQA's
     own ``eval.py`` compares the strings as they are (``"none"``). GQA's other official metrics (consistency,
     validity, plausibility, distribution) need its scene graphs and are not computed here."""
     if normalize not in GQA_MODES:

@@ -87,7 +87,7 @@ def test_eval_gqa_and_nlvr2(tmp_path, capsys):
                                             {"questionId": "20968158", "prediction": "yes"}])
     out = tmp_path / "g.json"
     assert cli.main(["eval", "gqa", "--predictions", preds, "--references", refs, "--out", str(out)]) == 0
-    assert json.loads(out.read_text()) == {"accuracy": 50.0} and "accuracy 50.00" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == {"accuracy": 50.0} and "accuracy       50.00" in capsys.readouterr().out
     assert cli.main(["eval", "gqa", "--predictions", preds, "--references", refs, "--normalize", "none",
                      "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == {"accuracy": 0.0}
