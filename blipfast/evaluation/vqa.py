@@ -5,12 +5,11 @@ of 10 human answers per question), quirks included; GQA's exact match after the 
 Two versions of the official tool differ, so both are here (``rule``):
 
 - ``"lavis"`` (default): the official ``vqaEval.py`` of 2017 (VQA v2.0), which LAVIS ships as
-  ``lavis/common/vqa_tools/vqa_eval.py`` and runs for its local VQAv2 and OK-VQA scores (BLIP-2's VQAv2
-  validation and OK-VQA numbers). The
-  prediction is fully normalised (newlines and tabs to spaces, stripped, punctuation, periods that are not part
-  of a number, lower case, number words to digits, articles dropped, the contraction table); the human answers get
-  only the punctuation step, and only when they are not all equal. So a human "Two" never matches (the
-  prediction "two" became "2"), while "two" matches a prediction "2" only if the humans disagreed somewhere.
+  ``lavis/common/vqa_tools/vqa_eval.py`` and runs for its local VQAv2 and OK-VQA scores (BLIP-2's VQAv2 validation and
+  OK-VQA numbers). The prediction is fully normalised (newlines and tabs to spaces, stripped, punctuation, periods
+  that are not part of a number, lower case, number words to digits, articles dropped, the contraction table); the
+  human answers get only the punctuation step, and only when they are not all equal. So a human "Two" never matches
+  (the prediction "two" became "2"), while "two" matches a prediction "2" only if the humans disagreed somewhere.
 - ``"official"``: the official repository after its 2021 fix ("Fixed processing answers bug"): newlines, tabs and
   outer spaces are cleaned from both sides; then, only when the humans are not all equal, both sides get the full
   normalisation; when they all agree neither side is normalised.
@@ -223,9 +222,9 @@ def gqa_accuracy(predictions: Mapping, answers: Mapping, *, normalize: str = "bo
     ``allow_missing``.
 
     LAVIS changed which side it normalises: since December 2023 both (``normalize="both"``, the default), from
-    February to December 2023 only the prediction (``"predictions"``: an answer such as "t-shirt" could then never be matched); GQA's
-    own ``eval.py`` compares the strings as they are (``"none"``). GQA's other official metrics (consistency,
-    validity, plausibility, distribution) need its scene graphs and are not computed here."""
+    February to December 2023 only the prediction (``"predictions"``: an answer such as "t-shirt" could then never
+    be matched); GQA's own ``eval.py`` compares the strings as they are (``"none"``). GQA's other official metrics
+    (consistency, validity, plausibility, distribution) need its scene graphs and are not computed here."""
     if normalize not in GQA_MODES:
         raise ValueError(f"normalize must be one of {GQA_MODES}, got {normalize!r}")
     ids, coverage = select(predictions, answers, allow_missing=allow_missing)
