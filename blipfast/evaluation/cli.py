@@ -16,53 +16,50 @@ import json
 import sys
 from pathlib import Path
 
-def _common(p, *, missing: bool = True) -> None:
+def _task(sub, name: str, help_: str, **required):
+    """A subcommand with its required file flags (``--flag``: help) and ``--out`` / ``--allow-missing``."""
+    p = sub.add_parser(name, help=help_, description=help_)
+    for flag, text in required.items():
+        p.add_argument(f"--{flag}", required=True, help=text)
     p.add_argument("--out", help="write the metrics to this JSON file")
-    if missing:
+    if name != "retrieval":
         p.add_argument("--allow-missing", action="store_true", help="score only the references that have a "
                        "prediction and report the coverage (default: a missing prediction is an error)")
+    return p
 
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    c = sub.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE (pycocoevalcap, as LAVIS runs it)")
-    c.add_argument("--predictions", required=True, help="COCO results JSON [{\"image_id\", \"caption\"}] or the "
-                   "JSON lines of `blipfast caption`")
-    c.add_argument("--references", required=True, help="COCO caption annotation JSON, or a Karpathy-split list "
-                   "(coco_karpathy_test.json, flickr30k_test.json, nocaps_val.json)")
+    c = _task(sub, "caption", "BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE (pycocoevalcap, as LAVIS runs it)",
+              predictions="COCO results JSON [{\"image_id\", \"caption\"}] or the JSON lines of `blipfast caption`",
+              references="COCO caption annotation JSON, or a Karpathy-split list (coco_karpathy_test.json, "
+              "flickr30k_test.json, nocaps_val.json)")
     c.add_argument("--per-image", help="also write {image_id: {metric: score}} to this JSON file")
     c.add_argument("--no-spice", action="store_true", help="skip SPICE (default: run it when Stanford CoreNLP "
                    "3.6.0 is installed for pycocoevalcap)")
-    _common(c)
-    v = sub.add_parser("vqa", help="VQA accuracy (VQAv2, OK-VQA, VizWiz): the official tool's rule")
-    v.add_argument("--predictions", required=True, help="VQA results JSON [{\"question_id\", \"answer\"}] or the "
-                   "JSON lines of `blipfast vqa` (with a question_id field)")
-    v.add_argument("--annotations", required=True, help="official annotation JSON ({\"annotations\": [...]}) or "
-                   "LAVIS' vqa_val_eval.json / okvqa_val_eval.json list")
+    v = _task(sub, "vqa", "VQA accuracy (VQAv2, OK-VQA, VizWiz): the official tool's rule",
+              predictions="VQA results JSON [{\"question_id\", \"answer\"}] or the JSON lines of `blipfast vqa` "
+              "(with a question_id field)",
+              annotations="official annotation JSON ({\"annotations\": [...]}) or LAVIS' vqa_val_eval.json / "
+              "okvqa_val_eval.json list")
     v.add_argument("--questions", help="official question JSON: checked to hold the annotations' questions")
     v.add_argument("--rule", choices=("lavis", "official"), default="lavis", help="lavis (default): the official "
                    "tool of 2017 that LAVIS ships; official: the official repository after its 2021 fix")
-    _common(v)
-    g = sub.add_parser("gqa", help="GQA accuracy: exact match after the VQA normalisation (LAVIS)")
-    g.add_argument("--predictions", required=True, help="[{\"question_id\", \"answer\"}] (or GQA's "
-                   "[{\"questionId\", \"prediction\"}]) JSON, or `blipfast vqa` JSON lines")
-    g.add_argument("--references", required=True, help="GQA question JSON, or LAVIS' testdev_balanced_questions.json")
+    g = _task(sub, "gqa", "GQA accuracy: exact match after the VQA normalisation (LAVIS)",
+              predictions="[{\"question_id\", \"answer\"}] (or GQA's [{\"questionId\", \"prediction\"}]) JSON, "
+              "or `blipfast vqa` JSON lines",
+              references="GQA question JSON, or LAVIS' testdev_balanced_questions.json")
     g.add_argument("--normalize", choices=("both", "predictions", "none"), default="both",
                    help="which side gets the VQA normalisation (both: LAVIS since December 2023; predictions: "
                    "LAVIS from February 2023; none: GQA's eval.py)")
-    _common(g)
-    n = sub.add_parser("nlvr2", help="NLVR2 accuracy and consistency")
-    n.add_argument("--predictions", required=True, help="NLVR2's CSV (identifier,prediction) or JSON rows with "
-                   "\"identifier\" (or \"instance_id\") and \"prediction\"")
-    n.add_argument("--references", required=True, help="NLVR2 JSON lines (dev.json, test1.json) or the BLIP / "
-                   "LAVIS list")
-    _common(n)
-    r = sub.add_parser("retrieval", help="recall@1/5/10 of saved score matrices (blipfast retrieval's)")
-    r.add_argument("--scores", required=True, help="safetensors file with score_i2t [N_img, N_txt] and score_t2i "
-                   "[N_txt, N_img] (`blipfast retrieval` writes OUT/scores.safetensors)")
-    r.add_argument("--data", required=True, help="the retrieval annotation the scores are of (LAVIS' list of "
-                   "{\"image\", \"caption\": [...]})")
-    _common(r, missing=False)
+    _task(sub, "nlvr2", "NLVR2 accuracy and consistency",
+          predictions="NLVR2's CSV (identifier,prediction) or JSON rows with \"identifier\" (or \"instance_id\") "
+          "and \"prediction\"",
+          references="NLVR2 JSON lines (dev.json, test1.json) or the BLIP / LAVIS list")
+    _task(sub, "retrieval", "recall@1/5/10 of saved score matrices (blipfast retrieval's)",
+          scores="safetensors file with score_i2t [N_img, N_txt] and score_t2i [N_txt, N_img] (`blipfast "
+          "retrieval` writes OUT/scores.safetensors)",
+          data="the retrieval annotation the scores are of (LAVIS' list of {\"image\", \"caption\": [...]})")
 
 
 def _table(metrics: dict) -> str:
