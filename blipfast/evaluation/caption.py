@@ -1,0 +1,211 @@
+"""Caption metrics as the COCO caption toolkit (``pycocoevalcap``) computes them when LAVIS' captioning task runs
+it: BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D) and SPICE when it can run.
+
+The steps are pycocoevalcap's own (``COCOEvalCap.evaluate``): the references, then the predictions, through the
+PTB tokenizer (Stanford CoreNLP 3.4.1, Java; lower case, punctuation tokens dropped: brackets survive as
+``-lrb-``); then its scorers on ``{image: [tokenized captions]}``: BLEU (``closest`` reference length) and METEOR
+at corpus level, ROUGE-L and SPICE as means of per-image scores, CIDEr-D (sigma 6, x10) with document frequencies
+from the references of the images scored (scoring a subset changes every image's CIDEr). Numbers are the
+toolkit's fractions (CIDEr 1.05, not 105).
+
+What differs, and why:
+
+- captions are sanitised first: the line and record separators (``\\n \\r \\x0b \\x0c \\x1c-\\x1e \\x85 U+2028
+  U+2029``) become spaces. The tokenizer reads one caption per line and Java splits lines at ``\\r``, ``\\x0b``,
+  ``\\x0c`` and U+2028/9 (pycocoevalcap only replaces ``\\n``), so one such caption shifts every later caption
+  onto the wrong image; a raw newline that reached METEOR would stall its line protocol.
+- the tokenizer is run here with pycocoevalcap's command, jar and punctuation list, but with its input file in a
+  temporary folder (pycocoevalcap writes it next to the jar, which fails in a read-only environment) and a check
+  that one line came back per caption.
+- SPICE runs only when Stanford CoreNLP 3.6.0 is already in pycocoevalcap's ``spice/lib`` (pycocoevalcap would
+  download it, which hangs or fails offline); otherwise, or when it fails, it is reported as unavailable and the
+  other metrics stand. Per-image SPICE is matched to the images in the order SPICE returns them (pycocoevalcap's
+  ``COCOEvalCap`` pairs its sorted order with the unsorted ids).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from .formats import select
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+_SEPARATORS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+JAVA_HELP = ("the COCO caption toolkit (pycocoevalcap: its PTB tokenizer and METEOR) needs a Java runtime, and "
+             "{problem}. Install a headless JRE with the system package manager, e.g. `sudo apt-get install -y "
+             "default-jre-headless` (Debian / Ubuntu), `sudo dnf install -y java-17-openjdk-headless` (Fedora / "
+             "RHEL), `brew install openjdk` (macOS) or `conda install -c conda-forge openjdk`, so that `java` is on "
+             "PATH")
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+class ScorerUnavailableError(RuntimeError):
+    """The caption toolkit cannot run here (no Java runtime, or pycocoevalcap not installed); the message says
+    how to fix it."""
+
+
+def sanitize_caption(text: str) -> str:
+    """``text`` with every line or record separator replaced by a space."""
+    return _SEPARATORS.sub(" ", text)
+
+
+def check_java() -> str:
+    """The ``java`` that will run, or ScorerUnavailableError telling how to install one."""
+    java = shutil.which("java")
+    if java is None:
+        raise ScorerUnavailableError(JAVA_HELP.format(problem="`java` is not on PATH"))
+    try:
+        r = subprocess.run([java, "-version"], stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ScorerUnavailableError(JAVA_HELP.format(problem=f"`{java} -version` failed ({e})")) from None
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+        raise ScorerUnavailableError(JAVA_HELP.format(problem=f"`{java} -version` failed ({' '.join(msg[:2])})"))
+    return java
+
+
+def _toolkit_dir() -> str:
+    try:
+        from pycocoevalcap.tokenizer import ptbtokenizer
+    except ImportError:
+        raise ScorerUnavailableError("caption metrics need pycocoevalcap: pip install 'blipfast[eval]' (or pip "
+                                     "install pycocoevalcap)") from None
+    return os.path.dirname(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)))
+
+
+def ptb_tokenize(captions: Mapping) -> dict:
+    """``{key: [tokenized captions]}`` of ``{key: [captions]}``: pycocoevalcap's ``PTBTokenizer.tokenize`` (same
+    Java command, jar and punctuation list) on sanitised captions."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_3_4_1_JAR
+
+    jar = os.path.join(_toolkit_dir(), "tokenizer", STANFORD_CORENLP_3_4_1_JAR)
+    keys = [k for k, caps in captions.items() for _ in caps]
+    lines = [sanitize_caption(c) for caps in captions.values() for c in caps]
+    if not lines:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="blipfast-ptb-") as tmp:
+        path = os.path.join(tmp, "captions.txt")
+        with open(path, "wb") as fh:
+            fh.write("\n".join(lines).encode())
+        cmd = [check_java(), "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+               path]
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"the PTB tokenizer failed (exit {r.returncode}): {r.stderr.decode(errors='replace')}")
+    out = r.stdout.decode().split("\n")
+    if len(out) != len(lines):
+        raise RuntimeError(f"the PTB tokenizer returned {len(out)} lines for {len(lines)} captions")
+    result: dict = {}
+    for k, line in zip(keys, out):
+        result.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
+    return result
+
+
+def spice_unavailable_reason() -> Optional[str]:
+    """None when SPICE can run without downloading, else why not."""
+    lib = os.path.join(_toolkit_dir(), "spice", "lib")
+    missing = [j for j in SPICE_JARS if not os.path.isfile(os.path.join(lib, j))]
+    if missing:
+        return (f"Stanford CoreNLP 3.6.0 ({', '.join(missing)}) is not in {lib}; fetch it once, online: python -c "
+                "'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'")
+    return None
+
+
+@dataclass
+class CaptionScores:
+    """``metrics``: the corpus scores (keys of :data:`METRICS`, plus ``SPICE`` when it ran); ``per_image``:
+    ``{image_id: {metric: score}}``; ``spice``: ``"ran"``, ``"off"`` or why it did not run; ``coverage``:
+    ``{"scored", "references"}``."""
+
+    metrics: dict
+    per_image: dict = field(default_factory=dict)
+    spice: str = "off"
+    coverage: dict = field(default_factory=dict)
+
+
+def _meteor(gts: dict, res: dict):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return meteor.compute_score(gts, res)
+    except (OSError, ValueError) as e:  # the Java process died (memory, a broken jar): its stderr says why
+        meteor.meteor_p.kill()
+        err = meteor.meteor_p.stderr.read().decode(errors="replace").strip()
+        raise RuntimeError(f"METEOR failed ({e}): {err[-2000:]}") from None
+    finally:
+        if meteor.meteor_p.poll() is None:
+            meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        if meteor.lock.locked():  # released by compute_score unless it failed; its __del__ takes it again
+            meteor.lock.release()
+
+
+def _spice(gts: dict, res: dict):
+    from pycocoevalcap.spice.spice import Spice
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Spice().compute_score(gts, res)
+
+
+def score_captions(predictions: Mapping, references: Mapping, *, spice: Optional[bool] = None,
+                   allow_missing: bool = False) -> CaptionScores:
+    """Score ``predictions`` (image id -> caption) against ``references`` (image id -> [captions]) the LAVIS way
+    (see the module doc). Every reference image needs exactly one prediction and every prediction an image
+    (ValueError), unless ``allow_missing``: then the predicted images are scored (CIDEr's document frequencies
+    from their references only, as LAVIS scores a subset) and ``coverage`` tells how many.
+
+    ``spice``: None runs it when it can, False skips it, True requires it (RuntimeError when it cannot run).
+    Raises :class:`ScorerUnavailableError` when Java or pycocoevalcap is missing."""
+    ids, coverage = select(predictions, references, allow_missing=allow_missing)
+    for i in ids:
+        if not isinstance(predictions[i], str):
+            raise TypeError(f"the prediction of image {i!r} must be a string, got {type(predictions[i]).__name__}")
+        refs = references[i]
+        if isinstance(refs, str) or not refs or not all(isinstance(c, str) for c in refs):
+            raise ValueError(f"the references of image {i!r} must be a non-empty list of strings")
+    _toolkit_dir()
+    check_java()
+    status = "off" if spice is False else (spice_unavailable_reason() or "ran")
+    if spice and status != "ran":
+        raise RuntimeError(f"SPICE cannot run: {status}")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    # the scorers see positions 0..n-1 as image keys: one key type, SPICE's sorted order is the images' order
+    gts = ptb_tokenize({n: list(references[i]) for n, i in enumerate(ids)})
+    res = ptb_tokenize({n: [predictions[i]] for n, i in enumerate(ids)})
+    metrics, per = {}, {}
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for k in range(4):
+        metrics[f"Bleu_{k + 1}"], per[f"Bleu_{k + 1}"] = bleu[k], bleu_each[k]
+    metrics["METEOR"], per["METEOR"] = _meteor(gts, res)
+    for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+        metrics[name], per[name] = scorer.compute_score(gts, res)
+    if status == "ran":
+        try:
+            metrics["SPICE"], each = _spice(gts, res)
+            per["SPICE"] = [s["All"]["f"] for s in each]
+        except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
+            if spice:
+                raise RuntimeError(f"SPICE failed: {e}") from None
+            status = f"SPICE failed: {e}"
+    metrics = {k: float(v) for k, v in metrics.items()}
+    per_image = {i: {k: float(per[k][n]) for k in per} for n, i in enumerate(ids)}
+    return CaptionScores(metrics=metrics, per_image=per_image, spice=status, coverage=coverage)
+
+
+def format_captions(scores: CaptionScores) -> str:
+    """The metric table ``blipfast eval caption`` prints (the toolkit's three decimals)."""
+    lines = [f"{'metric':<10}{'score':>8}"] + [f"{k:<10}{v:>8.3f}" for k, v in scores.metrics.items()]
+    if "SPICE" not in scores.metrics:
+        lines.append("SPICE: skipped" if scores.spice == "off" else f"SPICE: unavailable: {scores.spice}")
+    return "\n".join(lines)
