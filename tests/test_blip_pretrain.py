@@ -446,19 +446,3 @@ def test_training_step_captures_in_a_cuda_graph():
     losses = replay_captured_step(train_step, 20, on_captured=lambda: ptr.setdefault("0", int(model.queue_ptr)))
     assert int(model.queue_ptr) == (ptr["0"] + 20 * 8) % 40
     assert torch.isfinite(losses).all() and losses[-5:].mean() < losses[:5].mean(), losses
-
-
-def test_readme_example_prints_what_the_readme_shows(capsys):
-    import pathlib
-    import re
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## BLIP (v1) pre-training"):]
-    code, shown = re.search(r"```python\n(.*?)```\n```\n(.*?)```", section, flags=re.S).groups()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        exec(compile(code, "README.md:BlipPretrain", "exec"), {})
-    finally:
-        torch.set_num_threads(n)
-    assert capsys.readouterr().out.strip() == shown.strip()

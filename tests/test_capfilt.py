@@ -196,32 +196,3 @@ def test_capfilt_on_cuda(tiny, tmp_path, dtype):
         web = lambda lg: [t["itm"] for r in lg for t in r["texts"] if t["source"] == "web"]  # noqa: E731
         torch.testing.assert_close(torch.tensor(web(log)), torch.tensor(web(_read(side_paths(str(cpu))[0]))),
                                    rtol=0, atol=1e-4)
-
-
-def test_readme_capfilt_example_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
-    import pathlib
-    import re
-    import shlex
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## CapFilt: `blipfast capfilt`"):]
-    cmd, shown = re.search(r"```bash\n(.*?)```\n```\n(.*?)```", section, flags=re.S).groups()
-    capfilt_cmd, head = cmd.replace("\\\n", " ").split("&&")
-    write_demo(str(tmp_path / "tiny"))
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    assert main(shlex.split(capfilt_cmd)[1:]) == 0
-    got = capsys.readouterr()
-    lines = (got.err + got.out).splitlines() + pathlib.Path("capfilt.jsonl").read_text().splitlines()[:4]
-    strip = lambda t: re.sub(r" in [0-9.]+ s$", "", t)  # noqa: E731  (the seconds)
-    shown = shown.strip().splitlines()
-    assert len(lines) == len(shown)
-    for got_line, want_line in zip(lines, shown):
-        if got_line.startswith("{"):  # a row: the same fields; its ITM probability within float32 reduction order
-            got_row, want_row = json.loads(got_line), json.loads(want_line)
-            assert got_row.keys() == want_row.keys()
-            assert got_row["itm"] == pytest.approx(want_row["itm"], abs=1e-5), (got_line, want_line)
-            assert {**got_row, "itm": 0} == {**want_row, "itm": 0}
-        else:
-            assert strip(got_line) == strip(want_line)
-    assert head.strip() == "head -4 capfilt.jsonl"

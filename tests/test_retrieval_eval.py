@@ -203,23 +203,3 @@ def test_cli_end_to_end(tmp_path, capsys):
     (tmp_path / "feats" / "index.json").write_text(json.dumps(missing))
     assert cli.main(argv + ["--features", str(tmp_path / "feats")]) == 2
     assert "not in the feature cache" in capsys.readouterr().err
-
-
-def test_readme_retrieval_output(tmp_path, capsys, monkeypatch):
-    """The README's `blipfast retrieval` example prints what the README shows (the tiny gallery built here)."""
-    import pathlib
-    import re
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    shown = re.search(r"```\n(blipfast retrieval: 20 images.*?)```", readme, flags=re.S).group(1).splitlines()
-    torch.manual_seed(0)
-    write_gallery(tmp_path, 20, [5])
-    hf = hf_retrieval_model()
-    hf.save_pretrained(tmp_path / "blip2-itm-tiny")
-    write_tokenizer(tmp_path / "blip2-itm-tiny")
-    monkeypatch.chdir(tmp_path)
-    cmd = re.search(r"```bash\n(blipfast retrieval --data ann.json[^\n]*)\n```", readme).group(1)
-    assert cli.main(cmd.split()[1:] + ["--no-progress", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[:5] == shown[:5]  # header and recall table (the last line has this machine's seconds)
-    assert printed[5].startswith("wrote retrieval_out/scores.safetensors and retrieval_out/metrics.json")

@@ -211,17 +211,6 @@ def test_help_documents_every_option(capsys):
     assert "--shard-size" in capsys.readouterr().out
 
 
-def test_readme_config_example_is_a_valid_config(tmp_path):
-    import pathlib
-    import re
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "features:" in b)
-    (tmp_path / "run.yaml").write_text("\n".join(line.strip() for line in block.splitlines()))
-    cfg = read_config_file(str(tmp_path / "run.yaml"))
-    assert cfg["lr"] == 1e-4 and cfg["model"]["qformer"]["num_hidden_layers"] == 12
-
-
 @pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint(dataset, tmp_path):
     import signal

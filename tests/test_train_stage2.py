@@ -201,20 +201,3 @@ def test_stage2_torchrun_two_gloo_processes_equal_one_process_with_the_global_ba
     assert ws.keys() == wm.keys()
     for k in ws:
         torch.testing.assert_close(wm[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
-
-
-def test_readme_stage2_commands_parse():
-    """Every command of the README's "Training (stage 2)" section is a valid `blipfast train` command line."""
-    import pathlib
-    import re
-    import shlex
-
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Training (stage 2)")[1].split("\n## ")[0]
-    lines = [ln for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for ln in b.splitlines()]
-    assert len(lines) == 4
-    for line in lines:
-        argv = shlex.split(line)
-        argv = argv[argv.index("train"):]
-        args = build_parser().parse_args(argv)
-        assert args.resume or (args.stage == 2 and args.llm and args.init and args.data), line

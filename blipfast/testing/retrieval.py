@@ -89,3 +89,21 @@ def write_gallery(folder: Path, n_images: int, captions_per_image, size: int = 3
         ann.append({"image": name, "caption": caps})
     (folder / "ann.json").write_text(json.dumps(ann))
     return folder / "ann.json", folder / "images"
+
+
+def write_demo(out) -> None:
+    """The retrieval example's inputs under ``out``: a gallery of 20 random images with 5 captions each (ann.json,
+    images/) and blip2-itm-tiny/ (an HF Blip2ForImageTextRetrieval folder with its BERT tokenizer)."""
+    out = Path(out)
+    torch.manual_seed(0)
+    write_gallery(out, 20, [5])
+    hf_retrieval_model().save_pretrained(out / "blip2-itm-tiny")
+    write_tokenizer(out / "blip2-itm-tiny")
+
+
+if __name__ == "__main__":  # python -m blipfast.testing.retrieval OUT_DIR
+    import sys
+
+    out = sys.argv[1] if len(sys.argv) > 1 else "tiny-retrieval"
+    write_demo(out)
+    print(f"wrote a tiny random BLIP-2 retrieval model and gallery to {out}")
