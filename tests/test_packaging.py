@@ -88,6 +88,7 @@ def test_sdist_carries_every_source_and_header_of_the_extension(setup_py, sdist_
     for s in sources:
         needed |= _local_includes(ROOT / s)
     assert "csrc/philox.cuh" in needed  # the header the sdist used to miss
+    assert "csrc/layernorm_epilogue.cuh" in needed  # shared by the epilogue's forward, backward and registration
     # everything else the build or its checks read: the standalone CMake build, README (pyproject's readme)
     needed |= {"setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in"}
     needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "kernels").glob("*.py")}
