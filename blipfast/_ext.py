@@ -1,24 +1,37 @@
 """The optional compiled extension ``blipfast._C`` (CUDA C++ kernels from csrc/).
 
-Importing blipfast never fails because the extension is missing: ``cuda_extension_available()`` says
-whether it was built and loads, ``build_info()`` what it was built for.
+Importing blipfast never fails because the extension is missing or broken: ``cuda_extension_available()``
+says whether it was built and loads, ``load_error()`` why not (the exception text), ``build_info()`` what
+was built. ``blipfast info`` prints build_info() and, when the extension does not load, the error on stderr.
+The tests that need the extension fail (instead of skipping) where a CUDA device is visible and the build
+was not switched off: tests/conftest.py's ``require_extension``.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import os
-import warnings
+import sys
+
+NAME = "blipfast._C"
+REBUILD_HINT = ("rebuild it against the installed torch: `pip install -e . --no-build-isolation` on a machine with "
+                "an nvcc of torch's CUDA major version (BLIPFAST_BUILD_CUDA=1 makes a failed build an error)")
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
+    """(module, None) or (None, why): disabled, not built, or built but failing to load (e.g. an ABI mismatch with
+    the installed torch: an undefined symbol)."""
     if os.environ.get("BLIPFAST_DISABLE_C", "0") == "1":
         return None, "disabled by BLIPFAST_DISABLE_C=1"
     try:
-        mod = importlib.import_module("blipfast._C")
-    except ImportError as exc:  # not built (CPU-only install) or built against another torch
-        return None, f"{type(exc).__name__}: {exc}"
+        mod = importlib.import_module(NAME)
+    except ModuleNotFoundError as exc:
+        if exc.name != NAME:  # the library exists but needs a module that does not
+            return None, f"does not load: {type(exc).__name__}: {exc}"
+        return None, f"not built ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - any failure to load is reported, never raised at `import blipfast`
+        return None, f"does not load: {type(exc).__name__}: {exc}"
     return mod, None
 
 
@@ -27,13 +40,28 @@ def extension():
     return _load()[0]
 
 
+def load_error() -> str | None:
+    """Why ``blipfast._C`` is not available (the exception text of the failed import), or None when it loads."""
+    return _load()[1]
+
+
+def switched_off() -> str | None:
+    """The setting that deliberately leaves the extension out (BLIPFAST_BUILD_CUDA=0 at build time or
+    BLIPFAST_DISABLE_C=1 at run time), or None."""
+    if os.environ.get("BLIPFAST_BUILD_CUDA", "auto").strip().lower() == "0":
+        return "BLIPFAST_BUILD_CUDA=0"
+    if os.environ.get("BLIPFAST_DISABLE_C", "0") == "1":
+        return "BLIPFAST_DISABLE_C=1"
+    return None
+
+
 def cuda_extension_available() -> bool:
     """True when ``blipfast._C`` was built and loads (its kernels still need a CUDA device to run)."""
     return _load()[0] is not None
 
 
 def build_info() -> dict:
-    """What was built: extension presence, CUDA archs, torch/CUDA versions, Triton availability."""
+    """What was built: extension presence (and its load error), CUDA archs, torch/CUDA versions, Triton."""
     import torch
 
     mod, err = _load()
@@ -56,25 +84,6 @@ def build_info() -> dict:
     return info
 
 
-def require_extension(what: str):
-    mod = extension()
-    if mod is None:
-        raise RuntimeError(
-            f"{what} needs the compiled extension blipfast._C, which is not available "
-            f"({_load()[1]}); reinstall with `pip install -e . --no-build-isolation` on a machine with nvcc"
-        )
-    return mod
-
-
-def warn_once(msg: str) -> None:
-    _warn_once(msg)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)
-
-
 # ``blipfast info``
 def add_arguments(parser) -> None:
     pass
@@ -83,5 +92,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
-    print(json.dumps(build_info(), indent=1))
+    info = build_info()
+    print(json.dumps(info, indent=1))
+    if info["extension_error"] is not None:
+        hint = "" if switched_off() else f"; {REBUILD_HINT}"
+        print(f"blipfast: {NAME} is not available: {info['extension_error']}{hint}", file=sys.stderr)
     return 0

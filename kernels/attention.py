@@ -30,12 +30,16 @@ candidate configurations and caches the fastest (``BLIPFAST_AUTOTUNE=0`` keeps t
 rows, keys and row-sets per image, exact heads and head dim, dtype, mode, index, dropout on/off - so a
 training run with varying text lengths tunes once per bucket, and a configuration chosen for one member
 is valid for every member. Timing is impossible while a CUDA graph is captured: a bucket first seen
-then gets the heuristic configuration, recorded so that later eager calls use the graph's tiling.
+then gets the heuristic configuration, recorded so that later eager calls use the graph's tiling. A
+candidate that fails while being timed (e.g. out of shared memory on this device) is skipped with an
+``AutotuneWarning`` naming the kernels, the configuration and the error (once per configuration); when
+every candidate fails, the call raises a RuntimeError listing each failure.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -246,7 +250,8 @@ def _tuning_possible(device: torch.device) -> bool:
 def _choose(g: _Geom, kind: str, candidates: list[dict], run, device: torch.device) -> dict:
     """The configuration of g's tuning bucket: cached, else timed on first use (CUDA only), else the
     heuristic (candidates[0], a function of the bucket). Under CUDA-graph capture nothing is timed; a
-    bucket first seen there records the heuristic, so eager calls reuse the graph's tiling."""
+    bucket first seen there records the heuristic, so eager calls reuse the graph's tiling. A candidate that
+    fails is skipped with an AutotuneWarning; none that runs is a RuntimeError listing every failure."""
     key = g.key(kind)
     if key in _TUNED:
         return _TUNED[key]
@@ -257,16 +262,49 @@ def _choose(g: _Geom, kind: str, candidates: list[dict], run, device: torch.devi
         return candidates[0]
     from triton.testing import do_bench
 
-    best, best_ms = candidates[0], float("inf")
+    best, best_ms, failures = None, float("inf"), []
     for cfg in candidates:
         try:
             ms = do_bench(lambda: run(cfg), warmup=3, rep=20)
-        except Exception:  # e.g. a config that runs out of shared memory on this device
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on this device: reported, not raised
+            failures.append((cfg, exc))
+            _report_failure(g, kind, cfg, exc)
             continue
-        if ms < best_ms:
+        if best is None or ms < best_ms:
             best, best_ms = cfg, ms
+    if best is None:
+        listed = "\n".join(f"  {_describe(cfg)}: {type(exc).__name__}: {exc}" for cfg, exc in failures)
+        raise RuntimeError(f"blipfast.kernels.attention: no configuration of {_kernel_names(g, kind, candidates[0])} "
+                           f"runs for the tuning bucket {key}; every candidate failed:\n{listed}") from failures[-1][1]
     _TUNED[key] = best
     return best
+
+
+class AutotuneWarning(UserWarning):
+    """A candidate configuration failed while autotuning (the others still compete)."""
+
+
+_REPORTED: set = set()  # (kernels, configuration) already warned about: one warning per failing configuration
+
+
+def _describe(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+
+
+def _kernel_names(g: _Geom, kind: str, cfg: dict) -> str:
+    """The Triton kernels a configuration of kind ``fwd`` / ``bwd`` launches (kernel_plan's choice)."""
+    if kind == "fwd":
+        return "attn_fwd_kernel"
+    return "attn_bwd_dq_kernel + attn_bwd_dkdv_kernel" if g.lk > cfg.get("BLOCK_N", g.lk) else "attn_bwd_dkdv_kernel"
+
+
+def _report_failure(g: _Geom, kind: str, cfg: dict, exc: Exception) -> None:
+    names = _kernel_names(g, kind, cfg)
+    if (names, _describe(cfg)) in _REPORTED:
+        return
+    _REPORTED.add((names, _describe(cfg)))
+    warnings.warn(f"blipfast.kernels.attention: autotuning {names}: the configuration {_describe(cfg)} failed and is "
+                  f"skipped ({type(exc).__name__}: {exc})", AutotuneWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Shared test plumbing: the tolerance rule of DESIGN.md, GPU skipping, per-run random seeds.
+"""Shared test plumbing: the tolerance rule of DESIGN.md, GPU skipping, the extension rule (require_extension),
+per-run random seeds.
 
 Inputs are fresh random each run: the seed comes from BLIPFAST_TEST_SEED or is drawn at start-up and
 printed in pytest's header, so a failure can be replayed with BLIPFAST_TEST_SEED=<seed>.
@@ -39,6 +40,33 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_report_header(config):
     return f"blipfast test seed: {_SEED} (replay with BLIPFAST_TEST_SEED={_SEED})"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extension: needs the compiled extension blipfast._C (require_extension: "
+                                       "skips without it on a machine without a CUDA device, fails with a CUDA device)")
+
+
+def require_extension():
+    """The loaded ``blipfast._C``; when it is missing or does not load: FAIL where a CUDA device is visible and the
+    extension was not switched off (BLIPFAST_BUILD_CUDA=0, BLIPFAST_DISABLE_C=1), so that a GPU run never passes
+    with no CUDA kernel tested; else skip with the reason. Tests marked ``extension`` call it before they run."""
+    from blipfast import _ext
+
+    err = _ext.load_error()
+    if err is None:
+        return _ext.extension()
+    off = _ext.switched_off()
+    if torch.cuda.is_available() and off is None:
+        pytest.fail(f"{_ext.NAME} is needed on a machine with a CUDA device and is not available: {err}; "
+                    f"{_ext.REBUILD_HINT}, or set BLIPFAST_BUILD_CUDA=0 to test without it", pytrace=False)
+    where = f"switched off by {off}" if off else "no CUDA device on this machine"
+    pytest.skip(f"{_ext.NAME} is not available ({err}{'' if off and off in err else '; ' + where})")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("extension") is not None:
+        require_extension()
 
 
 def pytest_collection_modifyitems(config, items):

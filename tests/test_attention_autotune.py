@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
 import triton.testing
+from triton.runtime.errors import OutOfResources
 
 from blipfast import ops
 from blipfast.kernels import attention as kern
@@ -24,8 +26,9 @@ class FakeTimer:
     """do_bench stand-in that times nothing: within each tuning round (one ``_choose`` call) it reports the
     candidate at position ``fastest`` as the fastest, so the test decides the winner."""
 
-    def __init__(self, fastest: int):
+    def __init__(self, fastest: int, failing=()):
         self.fastest = fastest
+        self.failing = set(failing)  # positions whose launch fails (as Triton does for a tile too big for the GPU)
         self.calls = {"fwd": 0, "bwd": 0}
         self.kind, self.pos = None, 0
 
@@ -35,6 +38,8 @@ class FakeTimer:
     def __call__(self, fn, warmup=None, rep=None):
         self.calls[self.kind] += 1
         self.pos += 1
+        if self.pos - 1 in self.failing:
+            raise OutOfResources(262144, 232448, "shared memory")
         return 1.0 if self.pos - 1 == self.fastest else 2.0
 
 
@@ -43,6 +48,7 @@ def tuning(monkeypatch):
     """Tuning switched on for CPU tensors, an empty cache, a recorder of the configurations launched
     (kind, cfg), and a factory of fake timers."""
     monkeypatch.setattr(kern, "_TUNED", {})
+    monkeypatch.setattr(kern, "_REPORTED", set())
     monkeypatch.setattr(kern, "_tuning_possible", lambda device: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     launched, timers = [], []
@@ -61,8 +67,8 @@ def tuning(monkeypatch):
 
     monkeypatch.setattr(kern, "_choose", choose)
 
-    def timer(fastest):
-        t = FakeTimer(fastest)
+    def timer(fastest, failing=()):
+        t = FakeTimer(fastest, failing)
         timers.append(t)
         monkeypatch.setattr(triton.testing, "do_bench", t)
         return t
@@ -195,3 +201,56 @@ def test_bucket_key_ignores_exact_lengths_but_not_what_matters():
     for change in other:
         assert kern._Geom(**{**base.__dict__, **change}).key("fwd") != base.key("fwd"), change
     assert base.key("fwd") != base.key("bwd")
+
+
+def test_a_failing_candidate_is_reported_once_and_the_others_compete(tuning):
+    """The candidate that would win fails (here the heuristic): a warning names the kernel, the configuration's
+    parameters and the error; the fastest working candidate is chosen and runs right (_cross checks the result)."""
+    launched, timer = tuning
+    timer(fastest=0, failing={0})
+    with pytest.warns(kern.AutotuneWarning) as caught:
+        g = _cross(6, 3, 5, 37)
+    fwd, bwd = kern._fwd_candidates(g), kern._bwd_candidates(g)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 2, msgs  # forward and backward: one failing configuration each
+    for msg, kernel, cfg in zip(msgs, ("attn_fwd_kernel", "attn_bwd_dkdv_kernel"), (fwd[0], bwd[0])):
+        assert kernel in msg and "out of resource: shared memory" in msg, msg
+        assert all(f"{k}={v}" in msg for k, v in cfg.items()), msg
+    # every failure costs its position: the fastest of the rest (all 2.0: the first of them) wins
+    assert kern._TUNED[g.key("fwd")] == fwd[1] and kern._TUNED[g.key("bwd")] == bwd[1]
+    assert _last(launched, "fwd") == fwd[1] and _last(launched, "bwd") == bwd[1]
+
+
+def test_the_same_failing_configuration_warns_once(tuning):
+    """A configuration that failed once is not reported again when it fails in a later tuning round."""
+    _, timer = tuning
+    timer(fastest=1, failing={0})
+    g = kern._Geom(n=6, m=3, h=2, lq=5, lk=37, d=16, mode=0, nq=0, seq_off=0, has_index=True, dropout_p=0.0,
+                   scale=0.25, dtype=torch.float16)
+    cands = kern._fwd_candidates(g)
+    with pytest.warns(kern.AutotuneWarning, match="attn_fwd_kernel"):
+        assert kern._choose(g, "fwd", cands, lambda cfg: None, torch.device("cpu")) == cands[1]
+    kern._TUNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kern.AutotuneWarning)
+        assert kern._choose(g, "fwd", cands, lambda cfg: None, torch.device("cpu")) == cands[1]
+
+
+def test_no_working_configuration_is_an_error_listing_every_failure(tuning):
+    """Every candidate fails: a RuntimeError listing each configuration with its error (never a silent fallback
+    to a configuration that cannot run), and nothing is cached for the bucket."""
+    _, timer = tuning
+    g = kern._Geom(n=6, m=3, h=2, lq=5, lk=37, d=16, mode=0, nq=0, seq_off=0, has_index=True, dropout_p=0.0,
+                   scale=0.25, dtype=torch.float16)
+    cands = kern._bwd_candidates(g)
+    assert len(cands) > 1
+    timer(fastest=0, failing=range(len(cands)))
+    with pytest.warns(kern.AutotuneWarning), pytest.raises(RuntimeError, match="no configuration") as err:
+        kern._choose(g, "bwd", cands, lambda cfg: None, torch.device("cpu"))
+    msg = str(err.value)
+    assert "attn_bwd_dq_kernel + attn_bwd_dkdv_kernel" in msg or "attn_bwd_dkdv_kernel" in msg
+    assert msg.count("out of resource: shared memory") == len(cands)
+    for cfg in cands:
+        assert kern._describe(cfg) in msg
+    assert isinstance(err.value.__cause__, OutOfResources)
+    assert g.key("bwd") not in kern._TUNED

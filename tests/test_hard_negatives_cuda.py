@@ -4,7 +4,8 @@ The draw is a function of (logits, drawable mask, seed, global row): the CUDA ke
 the same C++ code (csrc/hard_negatives.cu) must return the reference's indices exactly. Statistics:
 chi-square of many draws against the masked softmax (fixed seed, so the test is deterministic).
 The C++ CPU kernel is part of blipfast._C (built by `pip install -e .`); on a machine without the
-extension those tests skip, unless BLIPFAST_TEST_OPS_LIB names a library that registers blipfast_C ops.
+extension those tests skip (or fail where a CUDA device is visible: tests/conftest.py require_extension), unless
+BLIPFAST_TEST_OPS_LIB names a library that registers blipfast_C ops.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from blipfast.ops import sample_hard_negatives, sample_hard_negatives_from_gathered, sample_hard_negatives_ref
 from blipfast.ops.hard_negatives import drawable_mask
+from tests.conftest import require_extension
 
 
 def _cpp_op():
@@ -29,6 +31,16 @@ def _cpp_op():
         return torch.ops.blipfast_C.sample_hard_negatives
     except (AttributeError, RuntimeError):
         return None
+
+
+def _cpp_op_or_skip():
+    """_cpp_op(); without it the test skips (no CUDA device) or fails (a CUDA device is visible):
+    tests/conftest.py's require_extension."""
+    op = _cpp_op()
+    if op is None:
+        require_extension()
+        pytest.fail("blipfast._C loads but registers no blipfast_C::sample_hard_negatives")
+    return op
 
 
 def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -175,23 +187,17 @@ def check_matches_reference(op, device, dtypes=(torch.float32, torch.bfloat16, t
 
 
 def test_cpp_cpu_matches_reference_bit_for_bit():
-    op = _cpp_op()
-    if op is None:
-        pytest.skip("blipfast._C is not built here (pip install -e . builds it)")
+    op = _cpp_op_or_skip()
     check_matches_reference(op, "cpu")
 
 
 def test_cpp_cpu_chi_square():
-    op = _cpp_op()
-    if op is None:
-        pytest.skip("blipfast._C is not built here (pip install -e . builds it)")
+    op = _cpp_op_or_skip()
     _chi_square_check(lambda s1, s2, d, seed: op(s1, s2, d, seed, 0), "cpu")
 
 
 def test_cpp_validation():
-    op = _cpp_op()
-    if op is None:
-        pytest.skip("blipfast._C is not built here (pip install -e . builds it)")
+    op = _cpp_op_or_skip()
     s = torch.randn(2, 4)
     d = torch.ones(2, 4, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="drawable"):
@@ -206,10 +212,7 @@ def test_cpp_validation():
 # CUDA
 
 
-def _cuda_op():
-    op = _cpp_op()
-    assert op is not None, "blipfast._C is not built: run `pip install -e . --no-build-isolation` first"
-    return op
+_cuda_op = _cpp_op_or_skip  # the name the CUDA tests (and tests/test_mutations.py) use
 
 
 @pytest.mark.gpu

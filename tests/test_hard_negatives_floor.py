@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from blipfast.ops import sample_hard_negatives, sample_hard_negatives_from_gathered, sample_hard_negatives_ref
 from blipfast.ops.hard_negatives import drawable_mask, gumbel_noise, row_log_norm
-from tests.test_hard_negatives_cuda import _chi_square_pvalue, _cpp_op, _repeated_rows
+from tests.test_hard_negatives_cuda import _chi_square_pvalue, _cpp_op_or_skip, _repeated_rows
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -179,10 +179,7 @@ def _cases(device, dtype):
 
 
 def _need_cpp():
-    op = _cpp_op()
-    if op is None:
-        pytest.skip("blipfast._C is not built here (pip install -e . builds it)")
-    return op
+    return _cpp_op_or_skip()
 
 
 @pytest.mark.parametrize("floor", [1e-4, 0.3])
@@ -222,8 +219,7 @@ def test_cpp_floor_validation():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_reference_index_for_index(dtype):
-    op = _cpp_op()
-    assert op is not None, "blipfast._C is not built"
+    op = _cpp_op_or_skip()
     cases = _cases("cuda", dtype)
     b, bw = 128, 8192
     cases.append(((torch.randn(b, bw, device="cuda") * 5).to(dtype), (torch.randn(b, bw, device="cuda") * 5).to(dtype),
@@ -241,8 +237,7 @@ def test_cuda_matches_reference_index_for_index(dtype):
 
 @pytest.mark.gpu
 def test_cuda_chi_square_nonfinite_and_no_sync():
-    op = _cpp_op()
-    assert op is not None, "blipfast._C is not built"
+    op = _cpp_op_or_skip()
     _chi_square(lambda s1, s2, d, seed, f: op(s1, s2, d, seed, 0, f, row_log_norm(s1, s2)), "cuda", 0.02)
     for dtype in DTYPES:
         s1, s2, d = _nonfinite_case(dtype)

@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from blipfast.ops import bias_dropout_add_layernorm, bias_dropout_add_layernorm_ref
-from tests.conftest import HAS_CUDA, assert_within_torch_error
-from tests.test_layernorm_epilogue import EXT, check_against_reference, make_inputs, run
+from tests.conftest import assert_within_torch_error
+from tests.test_layernorm_epilogue import check_against_reference, make_inputs, run
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = ["torch", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    HAS_CUDA and EXT is None, reason="blipfast._C is not built")])]
+BACKENDS = ["torch", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.extension])]
 
 
 def _dev(backend):
@@ -190,7 +189,7 @@ def test_eps_at_the_float32_limits_and_float64():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(HAS_CUDA and EXT is None, reason="blipfast._C is not built")
+@pytest.mark.extension
 def test_cuda_op_rejects_eps_below_float32():
     x = torch.randn(4, 8, device="cuda")
     w, lb = torch.ones(8, device="cuda"), torch.zeros(8, device="cuda")

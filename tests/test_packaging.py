@@ -46,9 +46,9 @@ def _clean_copy(dst: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def sdist_names(tmp_path_factory):
-    """Member names of an sdist built from a clean copy with BLIPFAST_BUILD_CUDA=0 (no ext_modules then, so
-    only MANIFEST.in brings csrc/ in), relative to its top folder."""
+def sdist(tmp_path_factory):
+    """An sdist built from a clean copy with BLIPFAST_BUILD_CUDA=0 (no ext_modules then, so only MANIFEST.in
+    brings csrc/ in)."""
     src = _clean_copy(tmp_path_factory.mktemp("src") / "blipfast")
     out = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, BLIPFAST_BUILD_CUDA="0")
@@ -56,8 +56,13 @@ def sdist_names(tmp_path_factory):
     run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    name = run.stdout.strip().splitlines()[-1]
-    with tarfile.open(out / name) as tar:
+    return out / run.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def sdist_names(sdist):
+    """Member names of the sdist, relative to its top folder."""
+    with tarfile.open(sdist) as tar:
         return {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
 
 
@@ -83,6 +88,7 @@ def test_sdist_carries_every_source_and_header_of_the_extension(setup_py, sdist_
     for s in sources:
         needed |= _local_includes(ROOT / s)
     assert "csrc/philox.cuh" in needed  # the header the sdist used to miss
+    assert "csrc/layernorm_epilogue.cuh" in needed  # shared by the epilogue's forward, backward and registration
     # everything else the build or its checks read: the standalone CMake build, README (pyproject's readme)
     needed |= {"setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in"}
     needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "kernels").glob("*.py")}
@@ -188,8 +194,8 @@ def test_no_top_level_package_of_the_checkout_shadows_an_installed_distribution(
     assert "kernels" not in names, "kernels/__init__.py makes the checkout shadow HF's `kernels` distribution"
 
 
-def _run_from(cwd, code, env=None):
-    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+def _run_from(cwd, code, env=None, args=()):
+    run = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
                          env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
@@ -248,3 +254,47 @@ def test_the_wheel_ships_the_triton_kernels_as_blipfast_kernels_only(setup_py, w
     attention_file, path = out.strip().splitlines()
     assert pathlib.Path(attention_file).resolve() == (tmp_path / "site" / "blipfast" / "kernels" / "attention.py")
     assert str(ROOT) not in path, path
+
+
+# ---- one version string: blipfast/__init__.py's __version__, which pyproject.toml reads -------------------------
+
+
+def _metadata_version(text: str) -> str:
+    return re.search(r"^Version: (\S+)$", text, flags=re.M).group(1)
+
+
+def test_the_wheel_and_the_sdist_carry_blipfast_version(wheel, sdist):
+    import zipfile
+
+    import blipfast
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", blipfast.__version__), blipfast.__version__
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        assert _metadata_version(zf.read(meta).decode()) == blipfast.__version__
+    with tarfile.open(sdist) as tar:
+        pkg_info = next(m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO"))
+        assert _metadata_version(tar.extractfile(pkg_info).read().decode()) == blipfast.__version__
+    assert f"-{blipfast.__version__}" in wheel.name and f"-{blipfast.__version__}." in sdist.name
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"], "pyproject.toml holds a second version string"
+
+
+def test_setuptools_reads_the_version_without_importing_blipfast_or_torch(tmp_path):
+    """pyproject.toml's dynamic version is read statically from the literal in blipfast/__init__.py: a metadata
+    build imports neither blipfast (which imports torch) nor torch."""
+    import blipfast
+
+    src = _clean_copy(tmp_path / "src")
+    code = ("import sys; from setuptools import build_meta as b; out = sys.argv[1]; "  # setup.py's run resets sys.argv
+            "d = b.prepare_metadata_for_build_wheel(out); "
+            "print('IMPORTED', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'blipfast'})); "
+            "print(open(f'{out}/{d}/METADATA').read())")
+    out = _run_from(src, code, env=dict(os.environ, BLIPFAST_BUILD_CUDA="0"), args=[str(tmp_path)])
+    imported = re.search(r"^IMPORTED (.*)$", out, flags=re.M).group(1)
+    assert imported == "[]", f"reading the version imported {imported}"
+    assert _metadata_version(out) == blipfast.__version__
