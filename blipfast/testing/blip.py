@@ -109,7 +109,8 @@ def write_web(root: str, n: int = 7, seed: int = 1) -> dict:
     data = os.path.join(root, "web.jsonl")
     with open(data, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in out)
-    return {"data": data, "images": root, "captions": [c for r in out for c in r["caption"]]}
+    captions = [c for r in out for c in (r["caption"] if isinstance(r["caption"], list) else [r["caption"]])]
+    return {"data": data, "images": root, "captions": captions}
 
 
 def write_demo(root: str) -> dict:
