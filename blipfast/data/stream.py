@@ -34,6 +34,7 @@ uninterrupted one, in the same order, with the same ``num_workers``.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -83,7 +84,7 @@ class _Worker:
         n, G = len(stream.urls), stream.logical_workers
         self.n_g = len(range(g, n, G))
         self.size = stream.shuffle_buffer if stream.shuffle else 1
-        self.pass_, self.rng = 0, _seeded(stream.seed, "buffer", g, 0)
+        self.pass_, self.rng = 0, _seeded(stream.seed, "buffer", g)
         self.reader = (0, 0)  # the position of the next sample to read
         self.buf: list = []  # (s, offset, raw sample)
         self.emitted = self.bad = 0
@@ -167,7 +168,6 @@ class _Worker:
                 while self.buf:
                     yield self._pick()
                 self.pass_ += 1
-                self.rng = _seeded(self.st.seed, "buffer", self.g, self.pass_)
             self.buf.append((s, off, raw))
             self.reader = (s, off + 1)
             if len(self.buf) >= self.size:
@@ -212,8 +212,6 @@ class ShardStream(IterableDataset):
 
     def config(self) -> dict:
         """What a resumed stream must share with the recorded one."""
-        import hashlib
-
         digest = hashlib.sha1("\n".join(u.rsplit("/", 1)[-1] for u in self.urls).encode()).hexdigest()
         return {"shards": len(self.urls), "shard_names": digest, "batch_size": self.batch_size, "rank": self.rank,
                 "world": self.world, "num_workers": max(1, self.num_workers), "seed": self.seed,
