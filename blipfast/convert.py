@@ -358,13 +358,15 @@ class Loaded:
     absent: list
 
 
-def to_hf(state_dict: Mapping[str, torch.Tensor]) -> tuple[Conversion, str]:
-    """(``state_dict`` in HF names, its format as :func:`detect_format` tells it; "hf" when it cannot tell):
-    LAVIS and Salesforce BLIP names are mapped, blipfast's ``ln_vision.*`` becomes HF's post_layernorm."""
-    try:
-        fmt = detect_format(state_dict)
-    except ValueError:
-        fmt = "hf"
+def to_hf(state_dict: Mapping[str, torch.Tensor], fmt: Optional[str] = None) -> tuple[Conversion, str]:
+    """(``state_dict`` in HF names, its format ``fmt``, by default as :func:`detect_format` tells it, "hf" when it
+    cannot tell): LAVIS and Salesforce BLIP names are mapped, blipfast's ``ln_vision.*`` becomes HF's
+    post_layernorm."""
+    if fmt is None:
+        try:
+            fmt = detect_format(state_dict)
+        except ValueError:
+            fmt = "hf"
     if fmt == "lavis":
         return lavis_to_hf(state_dict), fmt
     if fmt == "salesforce":
@@ -430,15 +432,23 @@ def load_into(module: torch.nn.Module, source, *, prefix: str = "", ignore=(), w
         sd = sd or load_state_dict(weights)
     except (OSError, TypeError) as exc:
         raise ValueError(f"{what}: {exc}") from None
-    conv, fmt = to_hf(sd)
     skip = [re.compile(p) for p in ignore]
     own = {k: v for k, v in module.state_dict(keep_vars=True).items() if not _DROPPED.match(k)}
+
+    def fitting(c: Conversion) -> int:
+        return sum(k.startswith(prefix) and _module_key(k[len(prefix):], own) in own for k in c.state_dict)
+
+    conv, fmt = to_hf(sd)
+    if fmt != "hf":  # names that already fit the module as they are (a partial dict can look LAVIS-named)
+        plain = to_hf(sd, "hf")
+        if fitting(plain[0]) > fitting(conv):
+            conv, fmt = plain
 
     def ignored(*names) -> bool:
         return any(p.match(n) for p in skip for n in names)
 
     unexpected = [k for k in conv.unmapped if not ignored(k)]
-    loaded, origin, shapes = {}, {}, []
+    loaded, origin, shapes, seen = {}, {}, [], set()
     for hf_key, t in conv.state_dict.items():
         name = conv.origin.get(hf_key, hf_key)
         if not hf_key.startswith(prefix):
@@ -449,6 +459,7 @@ def load_into(module: torch.nn.Module, source, *, prefix: str = "", ignore=(), w
                 unexpected.append(name)
         elif tuple(t.shape) != tuple(own[key].shape):
             shapes.append(f"{name} {list(t.shape)} in the checkpoint, {list(own[key].shape)} in the model")
+            seen.add(key)
         else:
             loaded[key], origin[key] = t, name
     groups: dict = {}
@@ -459,7 +470,7 @@ def load_into(module: torch.nn.Module, source, *, prefix: str = "", ignore=(), w
         have = [k for k in keys if k in loaded]
         if len(have) > 1 and not all(torch.equal(loaded[have[0]], loaded[k]) for k in have[1:]):
             tied.append(" / ".join(origin[k] for k in have))
-        if not have:
+        if not have and not seen.intersection(keys):
             for k in keys:
                 (absent if ignored(k, prefix + k) else missing).append(k)
     problems = []
