@@ -6,6 +6,6 @@ from .features import FeatureCache, cache_features
 from .tokenizer import load_tokenizer, tokenize, train_wordpiece
 from .vision import ImageReadError, VisionTower, load_image, load_vision_tower
 
-__all__ = ["Annotations", "FeatureCache", "Gallery", "read_gallery", "FeatureTextDataset", "GlobalBatchSampler", "ImageReadError",
+__all__ = ["Annotations", "FeatureCache", "FeatureTextDataset", "Gallery", "GlobalBatchSampler", "ImageReadError",
            "ImageTextDataset", "VisionTower", "cache_features", "collate", "load_image", "load_tokenizer",
-           "load_vision_tower", "pre_caption", "read_annotations", "tokenize", "train_wordpiece"]
+           "load_vision_tower", "pre_caption", "read_annotations", "read_gallery", "tokenize", "train_wordpiece"]

@@ -22,8 +22,8 @@ import shutil
 
 import torch
 
-from ..convert import CHECKPOINT_DIR as _NAME
-from ..convert import list_checkpoints
+from ..sources import CHECKPOINT_DIR as _NAME
+from ..sources import list_checkpoints
 
 __all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 

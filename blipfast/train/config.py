@@ -35,7 +35,8 @@ OPTIONS: dict = {
              "names) or blip-pretrain (what --model blip names); see blipfast.train.tasks"),
     "stage": (int, 1, "1: BLIP-2 stage 1 (ITC + ITM + ITG of the Q-Former, blipfast.Blip2Stage1); 2: stage 2 "
               "(blipfast.Blip2Stage2: the Q-Former bridged to the frozen LLM of --llm by an LM loss on the "
-              "captions; needs --init, a stage-1 checkpoint)"),
+              "captions; needs --init, a stage-1 checkpoint); the older spelling of --task blip2-stage1 / "
+              "blip2-stage2"),
     "llm": (str, None, "stage 2: local Hugging Face LLM folder (decoder-only such as OPT, or seq2seq such as "
             "Flan-T5) with its tokenizer; frozen"),
     "llm_dtype": (str, "auto", "stage 2: dtype the frozen LLM runs in: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 "
@@ -77,11 +78,12 @@ OPTIONS: dict = {
               "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'; stage 2: the stage-1 "
               "checkpoint's {\"qformer\": {QFormerConfig fields}, \"ln_vision_eps\": x} over what its run folder "
               "or config.json says (e.g. dropout). `blip` (or {\"name\": \"blip\", ...BlipPretrainConfig fields}) "
-              "trains BLIP (v1) pre-training instead (ITC with momentum queues, ITM, LM; the ViT trains)"),
+              "trains BLIP (v1) pre-training instead (--task blip-pretrain: ITC with momentum queues, ITM, LM; the "
+              "ViT trains; BlipPretrainConfig fields)"),
     "init": (str, None, "stage 1: start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a "
-             "blipfast checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a blipfast "
-             "run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. --model "
-             "blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast checkpoint"),
+             "blipfast run or checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a "
+             "blipfast run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. "
+             "--model blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast run or checkpoint"),
     # optimisation (SPEC.md section 3)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),

@@ -36,7 +36,29 @@ run records), ``spelling`` (how messages name the task).
 The defaults of ``tokenizer`` / ``tokenize`` / ``save`` / ``load`` / ``init_weights`` are those of a
 BERT-tokenised model saved whole (BLIP-2 stage 1, BLIP): a new task of that kind implements ``build`` and
 ``step_loss`` and declares its class attributes. Model configurations come from :data:`PRESETS` (``--preset``)
-< ``--model`` < what the data fixes, through :func:`model_config`.
+< ``--model`` < what the data fixes, through :func:`model_config`; ``--init`` goes through :meth:`Task.init_weights`
+(:func:`blipfast.convert.load_into`). A sketch (``blipfast/train/tasks/blip_caption.py``)::
+
+    @register
+    class BlipCaptionTask(Task):
+        name, title, losses = "blip-caption", "BLIP captioning", ("loss",)
+        trains_vision, vision_kind, spelling = True, "blip", "--task blip-caption"
+        defaults = {"lr": 1e-5, "batch_size": 32}                        # the paper's recipe
+
+        def image_processor(self, cfg, dist):                            # trains_vision: the pixels' processor
+            return default_blip_processor(384)
+
+        def build(self, cfg, tok, width, device, fresh):
+            mcfg = model_config(BlipCaptionConfig, "blip", cfg, [({"text": {"vocab_size": len(tok)}}, "the tokenizer")],
+                                nested={"text": ("BlipTextConfig", TEXT_FIELDS)})
+            model = BlipCaptioner(mcfg).to(device).train()
+            if cfg["init"] is not None and fresh:
+                self.init_weights(model, cfg["init"])
+            return model, mcfg.to_dict()
+
+        def step_loss(self, model, pixel_values, inp, seed):
+            loss = model(pixel_values, inp["input_ids"], inp["attention_mask"]).loss
+            return loss, loss.detach().float().reshape(1)
 """
 from __future__ import annotations
 
