@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
 
 
 def add_arguments(p) -> None:
@@ -68,8 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (per batch; default 0)")
     p.add_argument("--max-images", type=int, help="stop after this many images in this invocation (whole batches; "
                    "run again to continue)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_device_argument(p)
+    add_dtype_argument(p, "model dtype")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
 
 
@@ -101,45 +101,28 @@ def _tokenizer(path: str, where: str):
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _run_dir(path: str) -> Optional[tuple]:
-    """(run folder, checkpoint folder) when ``path`` is a blipfast train run (or one of its checkpoints)."""
-    from .train.checkpoint import find_checkpoint
-
-    for run in (path, os.path.dirname(os.path.normpath(path))):
-        if os.path.isfile(os.path.join(run, "config.yaml")):
-            try:
-                return find_checkpoint(path)
-            except ValueError:
-                return None
-    return None
-
-
-def _from_run(run_dir: str, ckpt: str, where: str):
-    """(HF-named state dict, BlipPretrainConfig, tokenizer, processor) of a ``blipfast train --model blip`` run."""
-    import yaml
-    from safetensors.torch import load_model
+def _from_run(src, where: str):
+    """(HF-named state dict, BlipPretrainConfig, tokenizer, processor) of a ``blipfast train --model blip`` run (a
+    resolved :class:`blipfast.convert.Source` of kind "run" or "checkpoint")."""
     from transformers import AutoImageProcessor
 
-    from .models.blip_pretrain import BlipPretrain, BlipPretrainConfig
+    from . import convert
     from .data.vision import default_blip_processor
+    from .models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 
-    with open(os.path.join(run_dir, "config.yaml")) as fh:
-        cfg = yaml.safe_load(fh)
-    model = (cfg or {}).get("model") or {}
+    if src.run_config is None:
+        raise ValueError(f"{where}: {src.path!r} is a checkpoint folder without its run's config.yaml beside it")
+    model = src.run_config.get("model") or {}
     if model.get("name") != "blip":
-        raise ValueError(f"{where}: {run_dir!r} is a BLIP-2 run; capfilt needs BLIP (v1) models (blipfast train "
+        raise ValueError(f"{where}: {src.run_dir!r} is a BLIP-2 run; capfilt needs BLIP (v1) models (blipfast train "
                          f"--model blip, an HF BLIP folder or a Salesforce BLIP .pth)")
     mcfg = BlipPretrainConfig(**{k: v for k, v in model.items() if k != "name"})
     net = BlipPretrain(mcfg)
-    missing, unexpected = load_model(net, os.path.join(ckpt, "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{where}: {ckpt!r} does not fit the run's model (missing {sorted(missing)[:8]}, unexpected "
-                         f"{sorted(unexpected)[:8]})")
-    sd = net.state_dict()
-    proc_dir = os.path.join(run_dir, "image_processor")
+    convert.load_into(net, src, what=where, into="the run's model")
+    proc_dir = os.path.join(src.run_dir, "image_processor")
     processor = AutoImageProcessor.from_pretrained(proc_dir) if os.path.isdir(proc_dir) else \
         default_blip_processor(mcfg.vision.image_size)
-    return sd, mcfg, _tokenizer(cfg["tokenizer"], where), processor
+    return net.state_dict(), mcfg, _tokenizer(src.run_config["tokenizer"], where), processor
 
 
 def _layers(sd, prefix: str) -> int:
@@ -185,6 +168,7 @@ def _hf_model(role: str, text, vision, embed_dim: int, sd: dict, where: str):
     import torch.nn as nn
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
+    from . import convert
     from .data.vision import quiet_transformers
 
     cfg = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=embed_dim)
@@ -195,11 +179,8 @@ def _hf_model(role: str, text, vision, embed_dim: int, sd: dict, where: str):
         if w in sd and e in sd and not torch.equal(sd[w], sd[e]):
             head = model.text_decoder.cls.predictions.decoder
             head.weight = nn.Parameter(head.weight.detach().clone())
-    own = {k for k in model.state_dict() if not k.endswith("position_ids")}
-    missing = sorted(k for k in own if k not in sd)
-    if missing:
-        raise ValueError(f"{where}: the checkpoint lacks {len(missing)} weight(s) of the {role}: {missing[:8]}")
-    model.load_state_dict({k: sd[k] for k in own}, strict=False)
+    own = model.state_dict()
+    convert.load_into(model, {k: v for k, v in sd.items() if k in own}, what=where, into=f"the {role}")
     return model
 
 
@@ -209,22 +190,19 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
     from transformers import AutoImageProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from . import convert
-    from .data.vision import quiet_transformers
+    from .data.vision import default_blip_processor, quiet_transformers
     from .models.blip_vision import fuse_vision_model
     from .patch import apply_blipfast_to_blip
-    from .data.vision import default_blip_processor
 
     where = f"--{role}"
-    if not isinstance(path, str) or not os.path.exists(path):
-        raise ValueError(f"{where}: {path!r} does not exist")
-    run = _run_dir(path) if os.path.isdir(path) else None
-    if run is not None:
-        sd, mcfg, tok, processor = _from_run(*run, where)
+    src = convert.resolve_source(path, what=where)
+    if src.kind in ("run", "checkpoint"):
+        sd, mcfg, tok, processor = _from_run(src, where)
         if tokenizer is not None:
             tok = _tokenizer(tokenizer, "--tokenizer")
         model = _hf_model(role, mcfg.text, mcfg.vision, mcfg.embed_dim, sd, where)
-        source = os.path.abspath(run[1])
-    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        source = src.checkpoint
+    elif src.kind == "hf":
         cls = BlipForConditionalGeneration if role == "captioner" else BlipForImageTextRetrieval
         with quiet_transformers():
             try:
@@ -233,20 +211,20 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
             except Exception as exc:  # transformers raises many kinds for a folder it cannot read
                 raise ValueError(f"{where}: cannot load a {cls.__name__} from {path!r}: {exc}") from None
         tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else where)
-        source = os.path.abspath(path)
-    elif os.path.isfile(path):
+        source = src.path
+    elif os.path.isfile(src.weights):
         if tokenizer is None:
             raise ValueError(f"{where}: {path!r} is a checkpoint file; give --tokenizer (a local BERT tokenizer "
                              f"folder, e.g. bert-base-uncased: BLIP adds [DEC] and [ENC] to it)")
         try:
-            sd = convert.load_checkpoint(path, to="hf").state_dict
+            sd = convert.load_checkpoint(src.weights, to="hf").state_dict
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: {exc}") from None
         tok = _tokenizer(tokenizer, "--tokenizer")
         text, vision, embed = _infer_configs(sd, role, tok, where)
         model = _hf_model(role, text, vision, embed, sd, where)
         processor = default_blip_processor(vision.image_size)
-        source = os.path.abspath(path)
+        source = src.path
     else:
         raise ValueError(f"{where}: {path!r} is neither an HF BLIP folder (config.json), a blipfast train run nor a "
                          f"checkpoint file")
@@ -440,8 +418,8 @@ def _run(args) -> int:
         web.setdefault(ann.images[ann.image_index[p]], []).append(raw)
     keys = list(web)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     cap = load_blip(args.captioner, "captioner", args.tokenizer, device, dtype)
     filt = load_blip(args.filter, "filter", args.tokenizer, device, dtype)
     pipe = CapFilt(cap, filt, prompt=args.prompt, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

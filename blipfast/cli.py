@@ -4,14 +4,17 @@
 GPU when one is visible, else the CPU), prints one table and writes the JSON under benchmarks/results/.
 
 Each command lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-``COMMANDS`` maps the command name to that module and its one-line help. Modules are imported only when
-their command runs (or when ``--help`` lists them), so ``blipfast info`` stays fast.
+``COMMANDS`` maps the command name to that module and its one-line help. :func:`main` imports only the module of
+the command it runs (``blipfast --help`` lists the commands from ``COMMANDS`` without importing any), so
+``blipfast info`` stays fast; ``build_parser()`` without a command builds every command's flags (it imports them
+all).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Iterable, Optional
 
 # command -> (module exposing add_arguments/run, help)
 COMMANDS = {
@@ -33,17 +36,23 @@ def _module(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The ``blipfast`` parser; the flags of ``commands`` (their modules imported; None: every command) are added,
+    the others are listed with their help only."""
+    wanted = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="blipfast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        _module(name).add_arguments(p)
+        if name in wanted:
+            _module(name).add_arguments(p)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level takes no option but --help
+    args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     return int(_module(args.cmd).run(args) or 0)
 
 

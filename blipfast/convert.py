@@ -28,7 +28,11 @@ Buffers named ``position_ids`` (and a nonzero key third of the ViT's fused qkv b
 dropped on purpose and listed in ``Conversion.dropped``. Every other key that
 has no counterpart (the LLM's weights, unknown ViT variants, ...) is returned in ``Conversion.unmapped``, never
 silently dropped; ``strict=True`` turns them into a ValueError.
-Loading never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+
+Loading: :func:`load_state_dict` reads any of these files (or takes a state dict); :func:`load_into` is the one
+loader of the package: any key space into a module, every key mapped or reported in one error format;
+:func:`resolve_source` (:mod:`blipfast.sources`) says what a path a user passed is. Loading never unpickles code:
+safetensors, or ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -36,9 +40,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
+
+from .sources import CHECKPOINT_DIR, Source, list_checkpoints, resolve_source  # noqa: F401 (the one resolver)
 
 LM_HEAD_PREFIX = "qformer_lm_head."  # blipfast's name for LAVIS ``Qformer.cls.predictions.``
 
@@ -133,6 +139,7 @@ class Conversion:
     state_dict: dict = field(default_factory=dict)
     unmapped: dict = field(default_factory=dict)
     dropped: list = field(default_factory=list)
+    origin: dict = field(default_factory=dict)  # converted key -> the source key it came from
 
     def check(self) -> "Conversion":
         """Raise ValueError if any key could not be mapped; return self otherwise."""
@@ -155,7 +162,9 @@ def _rename(sd: Mapping, rules, special: Callable[[str, torch.Tensor, Conversion
         for pat, tmpl in rules:
             m = pat.match(key)
             if m:
-                res.state_dict[tmpl.format(**m.groupdict())] = val
+                new = tmpl.format(**m.groupdict())
+                res.state_dict[new] = val
+                res.origin[new] = key
                 break
         else:
             res.unmapped[key] = val
@@ -180,10 +189,12 @@ def lavis_to_hf(state_dict: Mapping[str, torch.Tensor], *, strict: bool = False)
             q, v = (val, o) if which == "q_bias" else (o, val)
             fused = torch.cat((q, torch.zeros_like(q), v))  # HF's q | k | v bias; EVA has no key bias
             res.state_dict[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = fused
+            res.origin[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = f"visual_encoder.blocks.{i}.attn.q_bias"
             return True
         m = _LAVIS_LM_PROJ.match(key)
         if m:
             res.state_dict[f"language_projection.{m.group(2)}"] = val
+            res.origin[f"language_projection.{m.group(2)}"] = key
             return True
         return False
 
@@ -258,52 +269,62 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
 # loading and saving
 
 
-def _torch_load(path: Path) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
+def _unwrap(obj):
+    """The state dict of a checkpoint dict that keeps it under "model", "state_dict" or "module" (LAVIS, BLIP)."""
+    if isinstance(obj, Mapping):
         for wrapper in ("model", "state_dict", "module"):
-            if isinstance(obj.get(wrapper), dict) and obj[wrapper] and all(
-                    isinstance(v, torch.Tensor) for v in obj[wrapper].values()):
-                return dict(obj[wrapper])
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
     return obj
 
 
-def _load_index(index: Path) -> dict:
+def _load_index(index: Path, prefix: Optional[str]) -> dict:
     weight_map = json.loads(index.read_text())["weight_map"]
+    wanted = {k for k in weight_map if prefix is None or k.startswith(prefix)}
     out = {}
-    for shard in sorted(set(weight_map.values())):
-        out.update(load_state_dict(index.parent / shard))
-    missing = sorted(set(weight_map) - set(out))
+    for shard in sorted({weight_map[k] for k in wanted}):
+        out.update(load_state_dict(index.parent / shard, prefix=prefix))
+    missing = sorted(wanted - set(out))
     if missing:
         raise ValueError(f"{index}: the index lists keys that no shard holds: {missing[:10]}")
     return out
 
 
-def load_state_dict(path) -> dict:
+def _load_safetensors(path: Path, prefix: Optional[str]) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys() if prefix is None or k.startswith(prefix)}
+
+
+def load_state_dict(source, *, prefix: Optional[str] = None) -> dict:
     """Read a state dict (CPU tensors) from an HF directory (``model.safetensors``, sharded
     ``model.safetensors.index.json``, or ``pytorch_model.bin`` [.index.json]), a ``.safetensors`` file, an
     index ``.json`` or a torch file (LAVIS ``.pth``: a dict whose "model" entry is the state dict), read with
-    ``weights_only=True``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                     "pytorch_model.bin"):
-            if (path / name).is_file():
-                return load_state_dict(path / name)
-        raise FileNotFoundError(f"{path}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.name.endswith(".json"):
-        sd = _load_index(path)
-    elif path.suffix == ".safetensors":
-        sd = load_file(str(path), device="cpu")
+    ``weights_only=True``. ``source`` may also be a state dict (a ``{"model": state_dict}`` checkpoint is
+    unwrapped). ``prefix``: only the tensors whose names start with it (a safetensors file reads no other)."""
+    if isinstance(source, Mapping):
+        sd, path = _unwrap(source), "the state dict"
     else:
-        sd = _torch_load(path)
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        path = Path(source)
+        if path.is_dir():
+            for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                         "pytorch_model.bin"):
+                if (path / name).is_file():
+                    return load_state_dict(path / name, prefix=prefix)
+            raise FileNotFoundError(f"{path}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.name.endswith(".json"):
+            return _load_index(path, prefix)
+        if path.suffix == ".safetensors":
+            return _load_safetensors(path, prefix)
+        sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in sd.items()):
         raise TypeError(f"{path}: does not hold a state dict (a dict of name -> tensor, or one under 'model')")
-    return sd
+    return {k: v for k, v in sd.items() if prefix is None or k.startswith(prefix)}
 
 
 def load_checkpoint(path, *, to: str = "hf", strict: bool = False) -> Conversion:
@@ -324,6 +345,155 @@ def load_checkpoint(path, *, to: str = "hf", strict: bool = False) -> Conversion
     if v1:
         return blip_to_hf(sd, strict=strict) if to == "hf" else hf_to_blip(sd, strict=strict)
     return lavis_to_hf(sd, strict=strict) if to == "hf" else hf_to_lavis(sd, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------
+# one loader: any key space into a module, every key accounted for
+
+# (blipfast name, HF name) of the tensors blipfast models keep under their own names
+_ALIASES = (("ln_vision.", "vision_model.post_layernorm."), ("queue_ptr", "ptr_queue"))
+
+
+@dataclass
+class Loaded:
+    """What :func:`load_into` did: ``keys`` (the module's keys it filled) and ``absent`` (the module's keys that
+    ``ignore`` let the source lack; they keep their values)."""
+
+    keys: list
+    absent: list
+
+
+def to_hf(state_dict: Mapping[str, torch.Tensor], fmt: Optional[str] = None) -> tuple[Conversion, str]:
+    """(``state_dict`` in HF names, its format ``fmt``, by default as :func:`detect_format` tells it, "hf" when it
+    cannot tell): LAVIS and Salesforce BLIP names are mapped, blipfast's ``ln_vision.*`` becomes HF's
+    post_layernorm."""
+    if fmt is None:
+        try:
+            fmt = detect_format(state_dict)
+        except ValueError:
+            fmt = "hf"
+    if fmt == "lavis":
+        return lavis_to_hf(state_dict), fmt
+    if fmt == "salesforce":
+        return blip_to_hf(state_dict), fmt
+    res = Conversion()
+    for k, v in state_dict.items():
+        if _DROPPED.match(k):
+            res.dropped.append(k)
+            continue
+        new = _ALIASES[0][1] + k[len(_ALIASES[0][0]):] if k.startswith(_ALIASES[0][0]) else k
+        res.state_dict[new], res.origin[new] = v, k
+    return res, fmt
+
+
+def _listing(names: list, n: int = 10) -> str:
+    names = sorted(names)
+    return f"{names[:n]}" + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _source_names(keys: list, fmt: str, tensors: Mapping) -> list:
+    """The names ``keys`` (HF names) have in the source's key space ``fmt``, for messages."""
+    back = {"lavis": hf_to_lavis, "salesforce": hf_to_blip}.get(fmt)
+    out = []
+    for k in keys:
+        try:
+            names = list(back({k: tensors[k]}).state_dict) if back is not None else []
+        except Exception:  # noqa: BLE001 - a name for a message; the HF name does as well
+            names = []
+        out += names or [k]
+    return out
+
+
+def _module_key(key: str, own: Mapping) -> str:
+    """``key`` (HF name) as ``own`` (a module's state dict) names it: itself, or its blipfast alias."""
+    if key in own:
+        return key
+    for a, b in _ALIASES:
+        for x, y in ((b, a), (a, b)):
+            if key.startswith(x) and y + key[len(x):] in own:
+                return y + key[len(x):]
+    return key
+
+
+def load_into(module: torch.nn.Module, source, *, prefix: str = "", ignore=(), what: str = "weights",
+              into: Optional[str] = None) -> Loaded:
+    """Load ``source`` into ``module`` in place, every key mapped or reported.
+
+    ``source``: a path (safetensors file or folder, sharded index, ``.pth`` read with ``weights_only=True``, a
+    :class:`Source`) or a state dict; HF, LAVIS and Salesforce BLIP names are mapped to HF's (the module's key
+    space; blipfast's ``ln_vision`` / ``queue_ptr`` are aliases of HF's post_layernorm / BLIP's ``ptr_queue``).
+    ``prefix``: the part of the source the module is (e.g. "vision_model."): only its keys count, without it.
+    ``ignore``: regular expressions (matched at the start of a key, in any of its names) of keys the source may
+    lack or hold beyond the module. ``position_ids`` buffers never count. Tensors that share one parameter (tied
+    weights) need one of their keys, and equal values when the source holds several.
+
+    Anything else is a ValueError naming ``what`` (e.g. "--init") and ``into`` (default: the module's class):
+    the keys the source lacks and the keys that do not map (in the source's names), and those of another shape.
+    Returns :class:`Loaded`."""
+    weights = source.weights if isinstance(source, Source) else source
+    shown = "the state dict" if isinstance(weights, Mapping) else repr(str(weights))
+    try:
+        sd = load_state_dict(weights, prefix=prefix or None) if prefix and not isinstance(weights, Mapping) else {}
+        sd = sd or load_state_dict(weights)
+    except (OSError, TypeError) as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    skip = [re.compile(p) for p in ignore]
+    own = {k: v for k, v in module.state_dict(keep_vars=True).items() if not _DROPPED.match(k)}
+
+    def fitting(c: Conversion) -> int:
+        return sum(k.startswith(prefix) and _module_key(k[len(prefix):], own) in own for k in c.state_dict)
+
+    conv, fmt = to_hf(sd)
+    if fmt != "hf":  # names that already fit the module as they are (a partial dict can look LAVIS-named)
+        plain = to_hf(sd, "hf")
+        if fitting(plain[0]) > fitting(conv):
+            conv, fmt = plain
+
+    def ignored(*names) -> bool:
+        return any(p.match(n) for p in skip for n in names)
+
+    unexpected = [k for k in conv.unmapped if not ignored(k)]
+    loaded, origin, shapes, seen = {}, {}, [], set()
+    for hf_key, t in conv.state_dict.items():
+        name = conv.origin.get(hf_key, hf_key)
+        if not hf_key.startswith(prefix):
+            continue
+        key = _module_key(hf_key[len(prefix):], own)
+        if key not in own:
+            if not ignored(name, hf_key, key):
+                unexpected.append(name)
+        elif tuple(t.shape) != tuple(own[key].shape):
+            shapes.append(f"{name} {list(t.shape)} in the checkpoint, {list(own[key].shape)} in the model")
+            seen.add(key)
+        else:
+            loaded[key], origin[key] = t, name
+    groups: dict = {}
+    for k, t in own.items():
+        groups.setdefault(id(t), []).append(k)
+    missing, absent, tied = [], [], []
+    for keys in groups.values():
+        have = [k for k in keys if k in loaded]
+        if len(have) > 1 and not all(torch.equal(loaded[have[0]], loaded[k]) for k in have[1:]):
+            tied.append(" / ".join(origin[k] for k in have))
+        if not have and not seen.intersection(keys):
+            for k in keys:
+                (absent if ignored(k, prefix + k) else missing).append(k)
+    problems = []
+    if missing:
+        a, b = _ALIASES[0]  # blipfast's ln_vision back to HF's name, then to the source's
+        hf = {prefix + (b + k[len(a):] if k.startswith(a) else k): own[k].detach() for k in missing}
+        problems.append(f"the checkpoint lacks {len(missing)} key(s): {_listing(_source_names(list(hf), fmt, hf))}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint key(s) do not map to it: {_listing(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} key(s) have another shape: {_listing(shapes, 4)}")
+    if tied:
+        problems.append(f"tied key(s) hold different values: {_listing(tied, 4)}")
+    if problems:
+        raise ValueError(f"{what}: the weights of {shown} do not fit {into or type(module).__name__}: "
+                         + "; ".join(problems))
+    module.load_state_dict(loaded, strict=False)
+    return Loaded(keys=sorted(loaded), absent=sorted(absent))
 
 
 def _sub(state_dict: Mapping, prefix: str) -> dict:

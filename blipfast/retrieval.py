@@ -4,26 +4,28 @@ behind ``blipfast retrieval``.
 - :func:`recall_at_k`: LAVIS' ``_report_metrics`` (txt_r1/5/10, img_r1/5/10, their means, r_mean, agg_metrics) for
   galleries with several captions per image; ties are counted against the ground truth, NaN scores give NaN.
 - :func:`read_annotations`: LAVIS' retrieval annotation (a JSON list, or JSON lines, of
-  ``{"image": path, "caption": str | [str, ...]}``) as image paths, captions, ``img2txt`` and ``txt2img`` in
-  LAVIS' order; :func:`pre_caption` is LAVIS' caption processor.
-- :func:`load_images` (LAVIS' eval transform: bicubic resize, CLIP mean/std) and :func:`load_features` (image
-  tokens before ``ln_vision`` from safetensors shards + an index JSON, as ``blipfast cache-features`` writes them).
+  ``{"image": path, "caption": str | [str, ...]}``) as a :class:`Gallery` (image paths, captions, ``img2txt`` and
+  ``txt2img`` in LAVIS' order): :func:`blipfast.data.read_gallery`, the reader of the training annotations seen as a
+  gallery; :func:`pre_caption` is LAVIS' caption processor and :func:`tokenize` LAVIS' retrieval tokenisation, both
+  :mod:`blipfast.data`'s.
+- :func:`load_images` (the images through an image processor of :mod:`blipfast.data.vision`: by default BLIP's
+  eval transform, LAVIS' ``blip_image_eval``) and :func:`load_features` (image tokens before ``ln_vision`` from a
+  ``blipfast cache-features`` cache).
 - :func:`evaluate`: score matrices (``Blip2Retrieval.score_matrices``) and metrics, with the seconds each stage took.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .data.annotations import Gallery, pre_caption
+from .data.annotations import read_gallery as read_annotations
 from .models.blip2_retrieval import Blip2Retrieval
 
 __all__ = ["Blip2Retrieval", "recall_at_k", "read_annotations", "pre_caption", "load_images", "load_features",
@@ -31,8 +33,6 @@ __all__ = ["Blip2Retrieval", "recall_at_k", "read_annotations", "pre_caption", "
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean",
                "agg_metrics")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,88 +119,33 @@ def format_metrics(metrics: dict) -> str:
 # data
 
 
-def pre_caption(caption: str, max_words: int = 50) -> str:
-    """LAVIS' ``BlipCaptionProcessor.pre_caption``: lower case, ``.!"()*#:;~`` to spaces, single spaces, at most
-    ``max_words`` words."""
-    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
-    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
-    words = caption.split(" ")
-    return " ".join(words[:max_words]) if len(words) > max_words else caption
-
-
-@dataclass
-class Gallery:
-    """A retrieval gallery in LAVIS' order: image paths, captions, ``img2txt`` (caption indices per image) and
-    ``txt2img`` (the image of each caption)."""
-
-    images: list
-    texts: list
-    img2txt: list = field(default_factory=list)
-    txt2img: list = field(default_factory=list)
-
-
-def read_annotations(path, max_words: int = 50) -> Gallery:
-    """LAVIS' retrieval annotation file (JSON list or JSON lines of ``{"image": ..., "caption": str | list}``),
-    captions through :func:`pre_caption`."""
-    path = Path(path)
-    text = path.read_text()
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty list of {{\"image\": ..., \"caption\": ...}} entries")
-    g = Gallery([], [])
-    for n, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("image"), str) or "caption" not in e:
-            raise ValueError(f"{path}: entry {n} needs an \"image\" path and a \"caption\" (a string or a list)")
-        caps = [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
-        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-            raise ValueError(f"{path}: entry {n}: \"caption\" must be a string or a list of strings")
-        g.img2txt.append(list(range(len(g.texts), len(g.texts) + len(caps))))
-        g.txt2img += [len(g.images)] * len(caps)
-        g.texts += [pre_caption(c, max_words) for c in caps]
-        g.images.append(e["image"])
-    if not g.texts:
-        raise ValueError(f"{path}: no captions")
-    return g
-
-
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
-    """LAVIS' retrieval tokenisation (truncation at ``max_length`` = 35), padded to the longest caption."""
-    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    """LAVIS' retrieval tokenisation (truncation at ``max_length`` = 35), padded to the longest caption:
+    :func:`blipfast.data.tokenize` with ``longest=True``."""
+    from .data.tokenizer import tokenize as _tokenize
+
+    return _tokenize(tokenizer, list(texts), max_length, longest=True)
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths, size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths, processor):
+        self.paths, self.processor = paths, processor
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return image_tensor(self.paths[i], self.size)
+        from .data.vision import load_image, preprocess
 
-
-def image_tensor(path, size: int) -> torch.Tensor:
-    """LAVIS' ``blip_image_eval`` transform: RGB, bicubic resize to ``size`` x ``size``, [0, 1], CLIP mean/std."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    x = x.permute(2, 0, 1).float() / 255.0
-    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+        return preprocess(self.processor, load_image(str(self.paths[i])))
 
 
 def load_images(model: Blip2Retrieval, folder, paths: Sequence[str], *, batch_size: int = 64, workers: int = 4,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, processor=None) -> torch.Tensor:
     """The vision model's tokens before ``ln_vision`` [N, L, width] of the images ``folder / path``, read by
-    ``workers`` processes and encoded ``batch_size`` at a time on the model's device."""
+    ``workers`` processes through ``processor`` (default: BLIP's eval transform at the vision model's size,
+    :func:`blipfast.data.vision.default_blip_processor`, which is LAVIS' ``blip_image_eval``) and encoded
+    ``batch_size`` at a time on the model's device."""
     if model.vision_model is None:
         raise ValueError("--images needs a model with its vision model (an HF Blip2ForImageTextRetrieval folder, "
                          "or a LAVIS checkpoint with --vision-config); use --features otherwise")
@@ -209,8 +154,11 @@ def load_images(model: Blip2Retrieval, folder, paths: Sequence[str], *, batch_si
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) not found, e.g. {missing[:3]}")
-    size = model.vision_model.config.image_size
-    loader = torch.utils.data.DataLoader(_ImageFiles(files, size), batch_size=batch_size, num_workers=workers,
+    if processor is None:
+        from .data.vision import default_blip_processor
+
+        processor = default_blip_processor(model.vision_model.config.image_size)
+    loader = torch.utils.data.DataLoader(_ImageFiles(files, processor), batch_size=batch_size, num_workers=workers,
                                          pin_memory=model.device.type == "cuda")
     out = [model.encode_images(x.to(model.device, non_blocking=True), batch_size)
            for x in tqdm(loader, desc="images", unit="batch", disable=not progress)]
@@ -237,16 +185,17 @@ def load_features(folder, paths: Sequence[str]) -> torch.Tensor:
 
 def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None, features=None, k: int = 128,
              batch_size: int = 1024, image_batch_size: int = 64, max_txt_len: int = 35, workers: int = 4,
-             progress: bool = False) -> dict:
-    """Score matrices and metrics of a gallery: ``images`` (a folder, with the model's vision model) or
-    ``features`` (a feature cache folder). Returns ``{"score_i2t", "score_t2i", "metrics", "seconds"}``."""
+             progress: bool = False, processor=None) -> dict:
+    """Score matrices and metrics of a gallery: ``images`` (a folder, with the model's vision model, through
+    ``processor``: see :func:`load_images`) or ``features`` (a feature cache folder). Returns ``{"score_i2t",
+    "score_t2i", "metrics", "seconds"}``."""
     if (images is None) == (features is None):
         raise ValueError("evaluate: give images (a folder) or features (a feature cache), exactly one")
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     if images is not None:
         embeds = load_images(model, images, gallery.images, batch_size=image_batch_size, workers=workers,
-                             progress=progress)
+                             progress=progress, processor=processor)
     else:
         embeds = load_features(features, gallery.images)
     ids, mask = tokenize(tokenizer, gallery.texts, max_txt_len)

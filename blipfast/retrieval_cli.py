@@ -8,9 +8,11 @@ Prints the recall table; writes ``OUT/scores.safetensors`` (``score_i2t`` [N_img
 [N_txt, N_img], float32) and ``OUT/metrics.json`` (the metrics, k, sizes, seconds per stage).
 
 ``--model``: an HF ``Blip2ForImageTextRetrieval`` folder (``save_pretrained``; its vision model reads --images),
-a LAVIS checkpoint (``.pth``; ``--vision-config`` builds its EVA ViT for --images), or a ``blipfast.Blip2Stage1``
-state dict (``.safetensors`` / ``.pt``). ``--config``: the ``Blip2Stage1Config`` of the last two as JSON
-(``config.to_dict()``; default BLIP-2's). The tokenizer comes from ``--tokenizer`` or the model's folder.
+a LAVIS checkpoint (``.pth``; ``--vision-config`` builds its EVA ViT for --images), a ``blipfast.Blip2Stage1``
+state dict (``.safetensors`` / ``.pt``), or a ``blipfast train`` stage-1 run or checkpoint folder (its config and
+tokenizer are the run's). ``--config``: the ``Blip2Stage1Config`` of the LAVIS / blipfast checkpoints as JSON
+(``config.to_dict()``; default: the run's, else BLIP-2's). The tokenizer comes from ``--tokenizer``, the run or the
+model's folder.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from .options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
 
 
 def add_arguments(p) -> None:
@@ -39,8 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument("--image-batch-size", type=int, default=64, help="images per ViT pass and per K/V group")
     p.add_argument("--max-txt-len", type=int, default=35, help="caption tokens kept (LAVIS: 35)")
     p.add_argument("--workers", type=int, default=4, help="image-reading processes")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_device_argument(p)
+    add_dtype_argument(p, "model dtype")
     p.add_argument("--out", default="retrieval_out", help="folder for scores.safetensors and metrics.json")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -55,22 +59,34 @@ def load_model(path, config=None, vision_config=None):
     from .models.blip2 import Blip2Stage1, Blip2Stage1Config
     from .models.blip2_retrieval import Blip2Retrieval
 
-    path = Path(path)
+    src = convert.resolve_source(path, what="--model")
+    if config is None and src.run_config is not None:
+        config = src.run_config.get("model")
     cfg = None if config is None else Blip2Stage1Config(**config)
-    if path.is_dir() and (path / "config.json").is_file():
+    if src.kind == "hf":
         from transformers import Blip2ForImageTextRetrieval
 
-        return Blip2Retrieval.from_hf(Blip2ForImageTextRetrieval.from_pretrained(str(path)).eval(), cfg)
-    sd = convert.load_state_dict(path)
+        return Blip2Retrieval.from_hf(Blip2ForImageTextRetrieval.from_pretrained(src.weights).eval(), cfg)
+    sd = convert.load_state_dict(src.weights)
     if "ln_vision.weight" in sd and any(k.startswith("qformer.") for k in sd):  # blipfast's own key space
         stage1 = Blip2Stage1(cfg)
-        missing, unexpected = stage1.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("qformer_lm_head.")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: not a Blip2Stage1 state dict of this config (missing {missing[:10]}, "
-                             f"unexpected {unexpected[:10]})")
+        convert.load_into(stage1, sd, ignore=(r"qformer_lm_head\.",), what="--model")  # retrieval needs no LM head
         return Blip2Retrieval.from_stage1(stage1.eval())
     return Blip2Retrieval.from_lavis(sd, cfg, vision_config).eval()
+
+
+def _tokenizer_dir(args):
+    """``--tokenizer``, else the run's tokenizer (a ``blipfast train`` run or checkpoint), else the model's folder."""
+    from . import convert
+
+    if args.tokenizer is not None:
+        return args.tokenizer
+    src = convert.resolve_source(args.model, what="--model")
+    if src.run_config is not None and src.run_config.get("tokenizer"):
+        return src.run_config["tokenizer"]
+    if src.kind == "hf" or Path(args.model).is_dir():
+        return args.model
+    raise ValueError("--tokenizer is needed when --model is a file")
 
 
 def run(args) -> int:
@@ -79,16 +95,12 @@ def run(args) -> int:
 
     from .retrieval import evaluate, format_metrics, read_annotations
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
         gallery = read_annotations(args.data)
         model = load_model(args.model, _json(args.config), _json(args.vision_config)).to(device=device, dtype=dtype)
-        tok_dir = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
-        if tok_dir is None:
-            raise ValueError("--tokenizer is needed when --model is a file")
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(args))
         print(f"blipfast retrieval: {len(gallery.images)} images, {len(gallery.texts)} captions, k = {args.k}, "
               f"{device.type} {str(dtype).replace('torch.', '')}", flush=True)
         res = evaluate(model, gallery, tokenizer, images=args.images, features=args.features, k=args.k,

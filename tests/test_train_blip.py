@@ -12,7 +12,7 @@ import torch
 from blipfast.cli import main
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.train.config import read_config_file, resolve
-from blipfast.train.adapter_blip import BlipPretrainAdapter
+from blipfast.train.tasks.blip_pretrain import BlipPretrainTask as BlipPretrainAdapter
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 from blipfast.testing.data import write_images, write_jsonl
 from tests.train_helpers import read_log, tiny_args, weights

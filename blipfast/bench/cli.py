@@ -11,15 +11,16 @@ import sys
 
 import torch
 
+from ..options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
+
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
 SUITES = ("stage1", "qformer", "attention", "itc", "retrieval", "train_data", "blip_pretrain")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--only", help=f"comma-separated suites among {','.join(SUITES)} (default: all)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="activation dtype on CUDA (autocast for the models; CPU runs fp32)")
+    add_device_argument(p)
+    add_dtype_argument(p, "activation dtype on CUDA, autocast for the models", default="bf16", note="CPU runs fp32")
     p.add_argument("--quick", action="store_true", help="small shapes and few iterations (smoke run)")
     p.add_argument("--iters", type=int, default=0, help="timed iterations per case (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON (empty string: do not write)")
@@ -28,8 +29,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .common import device_name, failure, format_table, run_cases, write_json, write_plot
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"blipfast bench: {exc}", file=sys.stderr)
+        return 2
+    dtype = resolve_dtype(args.dtype, device)
     wanted = SUITES if args.only is None else tuple(s.strip() for s in args.only.split(","))
     unknown = [s for s in wanted if s not in SUITES]
     if unknown:

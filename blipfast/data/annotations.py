@@ -1,4 +1,5 @@
-"""Image-caption annotation files: JSONL rows or the JSON list LAVIS and BLIP use, with bad rows reported.
+"""Image-caption annotation files: JSONL rows or the JSON list LAVIS and BLIP use, read as training pairs with bad
+rows reported (:func:`read_annotations`) or as a retrieval gallery (:func:`read_gallery`).
 
 Accepted formats (detected from the first non-blank character):
 
@@ -114,25 +115,45 @@ def _jsonl_items(text: str) -> Iterator[tuple]:
             yield n, ValueError(f"not valid JSON ({exc.msg})")
 
 
-def read_annotations(path: str, images_dir: Optional[str] = None, check_images: bool = True,
-                     max_words: int = MAX_WORDS) -> Annotations:
-    """Read ``path`` (JSONL or a JSON list); with ``check_images`` rows whose image file is missing under
-    ``images_dir`` are skipped. See the module docstring."""
+def _rows(path) -> tuple[str, Iterator[tuple]]:
+    """(path, its rows as (line, object or exception)): JSONL or a JSON list, told by the first character."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"read_annotations: path must be a path, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"--data: annotation file {path!r} does not exist")
-    if check_images and images_dir is not None and not os.path.isdir(images_dir):
-        raise ValueError(f"--images: image folder {images_dir!r} does not exist")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"--data: cannot read {path!r}: {exc}") from None
-    stripped = text.lstrip()
-    items = _json_list_items(text, path) if stripped.startswith("[") else _jsonl_items(text)
+    return path, (_json_list_items(text, path) if text.lstrip().startswith("[") else _jsonl_items(text))
 
+
+def _image_and_captions(obj) -> tuple:
+    """(image path, [captions]) of a row, or (None, why it cannot be used)."""
+    if isinstance(obj, Exception):
+        return None, str(obj)
+    if not isinstance(obj, dict):
+        return None, f"expected an object with 'image' and 'caption', got {type(obj).__name__}"
+    image, caption = obj.get("image"), obj.get("caption")
+    if not isinstance(image, str) or not image.strip():
+        return None, "no 'image' path" if image is None else f"'image' must be a non-empty string, got {image!r}"
+    if caption is None:
+        return None, "no 'caption'"
+    captions = caption if isinstance(caption, list) else [caption]
+    if not captions or not all(isinstance(c, str) for c in captions):
+        return None, f"'caption' must be a string or a list of strings, got {caption!r:.80}"
+    return image, captions
+
+
+def read_annotations(path: str, images_dir: Optional[str] = None, check_images: bool = True,
+                     max_words: int = MAX_WORDS) -> Annotations:
+    """Read ``path`` (JSONL or a JSON list) as image-text pairs for training; with ``check_images`` rows whose
+    image file is missing under ``images_dir`` are skipped. See the module docstring."""
+    path, items = _rows(path)
+    if check_images and images_dir is not None and not os.path.isdir(images_dir):
+        raise ValueError(f"--images: image folder {images_dir!r} does not exist")
     ann = Annotations(path=path, images=[], image_index=[], image_id=[], captions=[], lines=[], bad=[], rows=0)
     image_pos: dict = {}
     ident_pos: dict = {}
@@ -143,22 +164,9 @@ def read_annotations(path: str, images_dir: Optional[str] = None, check_images: 
         def bad(msg, line=line):
             ann.bad.append(f"{path}:{line}: {msg} (skipped)")
 
-        if isinstance(obj, Exception):
-            bad(str(obj))
-            continue
-        if not isinstance(obj, dict):
-            bad(f"expected an object with 'image' and 'caption', got {type(obj).__name__}")
-            continue
-        image, caption = obj.get("image"), obj.get("caption")
-        if not isinstance(image, str) or not image.strip():
-            bad("no 'image' path" if image is None else f"'image' must be a non-empty string, got {image!r}")
-            continue
-        if caption is None:
-            bad("no 'caption'")
-            continue
-        captions = caption if isinstance(caption, list) else [caption]
-        if not captions or not all(isinstance(c, str) for c in captions):
-            bad(f"'caption' must be a string or a list of strings, got {caption!r:.80}")
+        image, captions = _image_and_captions(obj)
+        if image is None:
+            bad(captions)
             continue
         key = os.path.normpath(image)
         if check_images and images_dir is not None:
@@ -194,6 +202,36 @@ def read_annotations(path: str, images_dir: Optional[str] = None, check_images: 
         raise ValueError(f"--data: {path!r} has no usable image-text pair ({ann.rows} rows"
                          + (f"; {shown}" if shown else "") + ")")
     return ann
+
+
+@dataclasses.dataclass
+class Gallery:
+    """A retrieval gallery in LAVIS' order: image paths (as the file writes them), captions, ``img2txt`` (caption
+    indices per image) and ``txt2img`` (the image of each caption)."""
+
+    images: list
+    texts: list
+    img2txt: list = dataclasses.field(default_factory=list)
+    txt2img: list = dataclasses.field(default_factory=list)
+
+
+def read_gallery(path, max_words: int = MAX_WORDS) -> Gallery:
+    """The same files as a retrieval gallery, as LAVIS' retrieval evaluation reads them (``RetrievalEvalDataset``):
+    one image per row, every caption through :func:`pre_caption` and kept (an empty one too). Unlike
+    :func:`read_annotations`, a row that cannot be used is a ValueError: an evaluation never drops data."""
+    path, items = _rows(path)
+    g = Gallery([], [])
+    for line, obj in items:
+        image, captions = _image_and_captions(obj)
+        if image is None:
+            raise ValueError(f"--data: {path}:{line}: {captions}")
+        g.img2txt.append(list(range(len(g.texts), len(g.texts) + len(captions))))
+        g.txt2img += [len(g.images)] * len(captions)
+        g.texts += [pre_caption(c, max_words) for c in captions]
+        g.images.append(image)
+    if not g.texts:
+        raise ValueError(f"--data: {path!r} has no captions")
+    return g
 
 
 def keep_pairs(ann: Annotations, keep: list, reason_of: dict) -> Annotations:

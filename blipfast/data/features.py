@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..options import DTYPES, add_device_argument, add_dtype_argument, dtype_name, resolve_device, resolve_dtype
+
 FORMAT = "blipfast-features"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAME = {v: k for k, v in DTYPES.items()}
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -116,15 +116,14 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
     from .annotations import read_annotations
     from .vision import describe, load_vision_tower
 
+    dtype = dtype_name(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     for name, v in (("--batch-size", batch_size), ("--shard-size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vdt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, **DTYPES}.get(vision_dtype)
-    if vdt is None:
-        raise ValueError(f"--vision-dtype must be auto or one of {sorted(DTYPES)}, got {vision_dtype!r}")
+    dev = resolve_device(device)
+    vdt = resolve_dtype(vision_dtype, dev, flag="--vision-dtype")
     ann = read_annotations(data, images)
     for msg in ann.bad:
         log(f"  {msg}")
@@ -211,12 +210,12 @@ def add_arguments(p) -> None:
                    "CLIPVisionModel, SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint, or any AutoModel "
                    "tower) with its preprocessor_config.json")
     p.add_argument("--out", required=True, help="cache folder (created; an existing cache is continued)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the stored tokens (default bf16)")
-    p.add_argument("--vision-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                   help="dtype the vision model runs in (autocast; default bf16 on CUDA, fp32 on CPU)")
+    add_dtype_argument(p, "dtype of the stored tokens", default="bf16")
+    add_dtype_argument(p, "dtype the vision model runs in, under autocast", flag="--vision-dtype", default="auto",
+                       auto=True)
     p.add_argument("--batch-size", type=int, default=64, help="images per vision forward (default 64)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add_device_argument(p)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding DataLoader workers (default: min(4, CPU cores))")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")

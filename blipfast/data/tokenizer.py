@@ -89,9 +89,10 @@ def train_wordpiece(captions, vocab_size: int = 30522, min_frequency: int = 1):
     return _check_bert_style(hf, "train_wordpiece")
 
 
-def tokenize(tok, captions, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tok, captions, max_len: int, *, longest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids int32 [P, max_len], attention_mask bool [P, max_len]) of all captions, padded to ``max_len``
-    and truncated as LAVIS does (``padding="max_length", truncation=True``)."""
+    and truncated as LAVIS does (``padding="max_length", truncation=True``). ``longest``: cut to the longest
+    caption instead (what ``padding="longest"`` gives, as LAVIS' retrieval evaluation tokenises)."""
     ids = torch.empty(len(captions), max_len, dtype=torch.int32)
     mask = torch.empty(len(captions), max_len, dtype=torch.bool)
     chunk = 4096
@@ -100,4 +101,7 @@ def tokenize(tok, captions, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
                   return_tensors="pt")
         ids[s:s + chunk] = enc["input_ids"]
         mask[s:s + chunk] = enc["attention_mask"].bool()
+    if longest and len(captions):
+        width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 0
+        ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
     return ids, mask

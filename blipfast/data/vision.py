@@ -96,29 +96,11 @@ class VisionTower(nn.Module):
 
 
 def _load_prefixed(model: nn.Module, folder: str, prefix: str) -> None:
-    """Load the ``prefix``-ed tensors of a (sharded) safetensors checkpoint into ``model`` (strict)."""
-    from safetensors import safe_open
+    """Load the ``prefix``-ed tensors of a (sharded) checkpoint folder into ``model`` (every key accounted for;
+    a safetensors checkpoint reads no other tensor)."""
+    from .. import convert
 
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
-    else:
-        files = [f for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")]
-    if not files:
-        raise ValueError(f"--vision: {folder!r} has no safetensors weights for {prefix}*")
-    sd = {}
-    for f in files:
-        with safe_open(os.path.join(folder, f), framework="pt") as st:
-            for k in st.keys():
-                if k.startswith(prefix):
-                    sd[k[len(prefix):]] = st.get_tensor(k)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"--vision: the {prefix}* weights of {folder!r} do not fit {type(model).__name__}: missing "
-                         f"{missing[:8]}, unexpected {unexpected[:8]}")
+    convert.load_into(model, folder, prefix=prefix, what="--vision", into=f"{type(model).__name__} ({prefix}*)")
 
 
 def load_vision_tower(path: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
@@ -181,11 +163,15 @@ def describe(path: str) -> dict:
 
 
 def default_blip_processor(size: int):
-    """BLIP's evaluation transform as an HF image processor: bicubic resize to size x size, CLIP's mean/std."""
-    from transformers import BlipImageProcessor
+    """BLIP's evaluation transform (LAVIS' ``blip_image_eval``, BLIP's ``transform_test``) as an HF image processor:
+    RGB, PIL's bicubic resize to size x size, [0, 1], CLIP's mean/std. transformers' PIL backend
+    (``BlipImageProcessorPil``, where transformers has one) resizes with PIL as BLIP's torchvision transforms do on PIL
+    images; its default backend with torchvision installed resizes tensors, which need not give the same pixels."""
+    import transformers
 
+    cls = getattr(transformers, "BlipImageProcessorPil", None) or transformers.BlipImageProcessor
     with quiet_transformers():
-        return BlipImageProcessor(size={"height": size, "width": size})
+        return cls(size={"height": size, "width": size})
 
 
 def load_blip_vision(path: str):

@@ -10,9 +10,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -89,10 +89,8 @@ class Generator:
         from ..models.blip2_stage2 import Blip2Stage2
 
         model_dir = Path(model_dir)
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.dtype = dtype
+        self.device = resolve_device(device)
+        self.dtype = dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
         self.model = Blip2Stage2.from_hf(model_dir, dtype=dtype, attn_implementation=attn_implementation,
                                          device=self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -148,9 +146,8 @@ def add_common_arguments(p, *, prompt: str, defaults: dict, questions: bool) -> 
     p.add_argument("--min-new-tokens", type=int, default=defaults["min_new_tokens"])
     p.add_argument("--generate-kwargs", default="{}", help="JSON object of further transformers generate() "
                    "arguments (they win over the flags above), e.g. '{\"length_penalty\": -1, \"do_sample\": true}'")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the ViT and the LLM (default: bf16 on CUDA, "
-                   "fp32 on CPU; the Q-Former stays fp32)")
+    add_device_argument(p)
+    add_dtype_argument(p, "dtype of the ViT and the LLM", note="the Q-Former stays fp32")
     p.add_argument("--attn-implementation", default="auto", choices=("auto", "flash_attention_2", "sdpa", "eager"),
                    help="the LLM's attention (auto: FlashAttention-2 when flash-attn is installed and usable)")
 
@@ -182,8 +179,7 @@ def run_task(args, *, task: str) -> int:
             raise ValueError(f"--prompt must contain {{}} for the question, got {args.prompt!r}")
         items = read_items(images=getattr(args, "images", None), data=args.data, image_root=args.image_root,
                            need_question=vqa)
-        dtype = DTYPES[args.dtype] if args.dtype else None
-        gen = Generator(args.model, device=args.device, dtype=dtype, attn_implementation=args.attn_implementation)
+        gen = Generator(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
     except ValueError as e:
         print(f"blipfast {task}: {e}", file=sys.stderr)
         return 2

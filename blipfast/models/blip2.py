@@ -345,45 +345,18 @@ class Blip2Stage1(nn.Module):
         return convert.hf_to_lavis(self._hf_space(), strict=True).state_dict
 
     def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load LAVIS-named weights; every key must map to this model (ValueError naming those that do not, and
-        the model's parameters the checkpoint lacks). ``visual_encoder.*`` (the frozen ViT, not part of this
-        model) and ``position_ids`` buffers are ignored."""
-        sd = {k: v for k, v in state_dict.items() if not k.startswith("visual_encoder.")}
-        conv = convert.lavis_to_hf(sd)
-        own = self._hf_space()
-        mapped = conv.state_dict
-        unknown = sorted([k for k in conv.unmapped] + [k for k in mapped if k not in own])
-        if unknown:
-            raise ValueError(f"Blip2Stage1.from_lavis: {len(unknown)} checkpoint key(s) do not map to Blip2Stage1: "
-                             f"{unknown[:20]}")
-        tied = "qformer_lm_head.decoder.weight"
-        if tied in mapped and "embeddings.word_embeddings.weight" in mapped and not torch.equal(
-                mapped[tied], mapped["embeddings.word_embeddings.weight"]):
-            raise ValueError("Blip2Stage1.from_lavis: Qformer.cls.predictions.decoder.weight differs from the word "
-                             "embeddings it is tied to")
-        optional = {tied, "qformer_lm_head.decoder.bias"}  # the tied aliases of other keys
-        missing = sorted(k for k in own if k not in mapped and k not in optional)
-        if missing:
-            lavis = convert.hf_to_lavis({k: own[k] for k in missing}).state_dict
-            raise ValueError(f"Blip2Stage1.from_lavis: the checkpoint lacks {len(missing)} key(s): {sorted(lavis)[:20]}")
-        with torch.no_grad():
-            for k, v in mapped.items():
-                dst = own[k]
-                if dst.shape != v.shape:
-                    raise ValueError(f"Blip2Stage1.from_lavis: {k} has shape {list(v.shape)} in the checkpoint but "
-                                     f"{list(dst.shape)} in the model (check the config)")
-                dst.copy_(v)
+        """Load LAVIS-named weights (HF / blipfast names work too) with :func:`blipfast.convert.load_into`: every
+        key must map to this model and every parameter be there (a ValueError names the keys, in the
+        checkpoint's names); the LM head's decoder weight and bias are the tied word embeddings and bias.
+        ``visual_encoder.*`` (the frozen ViT, not part of this model) and ``position_ids`` buffers are ignored."""
+        convert.load_into(self, state_dict, ignore=(r"visual_encoder\.",), what="Blip2Stage1.from_lavis")
 
     @classmethod
     def from_lavis(cls, checkpoint, config: Any = None) -> "Blip2Stage1":
         """A model from a LAVIS stage-1 checkpoint: a ``.pth`` path (read with ``weights_only=True``), a dict with
         key ``"model"``, or a plain state dict with LAVIS names."""
-        if isinstance(checkpoint, Mapping):
-            sd = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
-        else:
-            sd = convert.load_state_dict(checkpoint)
         model = cls(config)
-        model.load_lavis_state_dict(sd)
+        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
         return model
 
     @classmethod

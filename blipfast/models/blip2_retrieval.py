@@ -149,10 +149,7 @@ class Blip2Retrieval(nn.Module):
         LAVIS-named state dict), as ``Blip2Stage1.from_lavis`` reads it. With ``vision_config`` (an HF
         ``Blip2VisionConfig`` or its dict) the checkpoint's EVA ViT (``visual_encoder.*``) becomes the
         ``vision_model`` (HF layout, as transformers' conversion maps it)."""
-        if isinstance(checkpoint, Mapping):
-            sd = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
-        else:
-            sd = convert.load_state_dict(checkpoint)
+        sd = convert.load_state_dict(checkpoint)
         stage1 = Blip2Stage1.from_lavis(sd, config)
         vision = None if vision_config is None else _lavis_vision_model(sd, vision_config, stage1.ln_vision)
         return cls.from_stage1(stage1, vision)
@@ -429,15 +426,7 @@ def _lavis_vision_model(sd: Mapping, vision_config: Any, ln_vision: nn.LayerNorm
     vit = {k: v for k, v in sd.items() if k.startswith("visual_encoder.")}
     if not vit:
         _err("from_lavis: vision_config was given but the checkpoint has no visual_encoder.* weights")
-    conv = convert.lavis_to_hf(vit)
-    if conv.unmapped:
-        _err(f"from_lavis: {len(conv.unmapped)} visual_encoder key(s) have no HF counterpart: "
-             f"{sorted(conv.unmapped)[:10]}")
-    weights = {k[len("vision_model."):]: v for k, v in conv.state_dict.items()}
-    weights.update({f"post_layernorm.{k}": v for k, v in ln_vision.state_dict().items()})
+    vit.update({f"ln_vision.{k}": v for k, v in ln_vision.state_dict().items()})  # LAVIS' name of post_layernorm
     model = Blip2VisionModel(vision_config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        _err(f"from_lavis: the visual_encoder weights do not fit vision_config (missing {sorted(missing)[:10]}, "
-             f"unexpected {sorted(unexpected)[:10]})")
+    convert.load_into(model, vit, prefix="vision_model.", what="Blip2Retrieval.from_lavis", into="vision_config")
     return model.eval()

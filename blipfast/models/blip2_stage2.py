@@ -25,7 +25,6 @@ the image prefix as ``inputs_embeds`` (LAVIS' way, no image placeholder tokens n
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -36,12 +35,12 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import ModelOutput
 
 from .. import convert
-from ..patch import apply_blipfast_to_blip2
+from .hf_swap import apply_blipfast_to_blip2
 from .instructblip import InstructBlipQFormer
 from .llm import configure_attention, load_llm
 
 _LN = "vision_model.post_layernorm."
-_TEXT_FFN = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.")
+_TEXT_FFN = r"encoder\.layer\.\d+\.(intermediate|output)\."  # the stage-1 text FFN: no part of stage 2
 _BATCH_KEYS = frozenset({"pixel_values", "image_embeds", "input_ids", "attention_mask", "labels", "decoder_input_ids",
                          "decoder_attention_mask", "qformer_input_ids", "qformer_attention_mask"})
 IGNORE_INDEX = -100
@@ -153,12 +152,8 @@ class Blip2Stage2(nn.Module):
         vm.post_layernorm.load_state_dict({"weight": ln_w, "bias": sd[_LN + "bias"]})
         model.vision_model = vm
         qformer = Blip2QFormerModel(qcfg)
-        qsd = {k[8:]: v for k, v in sd.items() if k.startswith("qformer.") and not _TEXT_FFN.match(k[8:])}
-        try:
-            qformer.load_state_dict(qsd, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"stage1: the Q-Former weights do not fit qformer_config ({qcfg.hidden_size} wide, "
-                             f"{qcfg.num_hidden_layers} layers): {e}") from None
+        convert.load_into(qformer, sd, prefix="qformer.", ignore=(_TEXT_FFN,), what="stage1",
+                          into=f"qformer_config ({qcfg.hidden_size} wide, {qcfg.num_hidden_layers} layers)")
         model.qformer = qformer
         model.query_tokens = nn.Parameter(sd["query_tokens"].detach().clone().float())
         model.language_projection = nn.Linear(qcfg.hidden_size, lm.get_input_embeddings().embedding_dim)
@@ -323,7 +318,7 @@ class Blip2Stage2(nn.Module):
     def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> list:
         """Copy trained tensors in place (HF or LAVIS names; the parameter objects stay, so an optimizer stays
         valid). ``strict``: the keys must be exactly :meth:`trainable_state_dict`'s. Returns the keys loaded."""
-        sd = _normalise_names(dict(state_dict))
+        sd = convert.to_hf(state_dict)[0].state_dict
         params = dict(self.trainable_parameters())
         missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
         if strict and (missing or unexpected):
@@ -420,13 +415,6 @@ def _check_like(name: str, t, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} must have the shape of its ids {list(ref.shape)}, got {_shape(t)}")
 
 
-def _normalise_names(sd: dict) -> dict:
-    """HF/blipfast names; LAVIS checkpoints are mapped, blipfast's ``ln_vision.*`` becomes HF's post_layernorm."""
-    if any(k.startswith(("Qformer.", "visual_encoder.", "opt_proj.", "t5_proj.", "llm_proj.")) for k in sd):
-        sd = convert.lavis_to_hf(sd).state_dict
-    return {(_LN + k[len("ln_vision."):] if k.startswith("ln_vision.") else k): v for k, v in sd.items()}
-
-
 def read_stage1(stage1) -> tuple:
     """(state dict in HF names, a Q-Former config hint or None, the default ``ln_vision`` epsilon) of a stage-1
     checkpoint given as a path, a state dict or a module (a :class:`blipfast.Blip2Stage1` gives its own config).
@@ -442,20 +430,18 @@ def read_stage1(stage1) -> tuple:
     elif isinstance(stage1, Mapping):
         sd = dict(stage1)
     elif isinstance(stage1, (str, Path)):
-        path = Path(stage1)
-        sd = convert.load_state_dict(path)
-        cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text())
-            if cfg.get("model_type") in ("blip-2", "instructblip"):
-                qcfg_hint = cfg.get("qformer_config")
-                eps_hint = (cfg.get("vision_config") or {}).get("layer_norm_eps")
+        src = convert.resolve_source(stage1, what="stage1")
+        sd = convert.load_state_dict(src.weights)
+        cfg = src.hf_config or {}
+        if cfg.get("model_type") in ("blip-2", "instructblip"):
+            qcfg_hint = cfg.get("qformer_config")
+            eps_hint = (cfg.get("vision_config") or {}).get("layer_norm_eps")
     else:
         raise TypeError(f"stage1 must be a path, a state dict or a module, got {type(stage1).__name__}")
     if eps_hint is None:
         hf_named = _LN + "weight" in sd and not any(k.startswith(("Qformer.", "visual_encoder.")) for k in sd)
         eps_hint = 1e-6 if hf_named else 1e-5
-    sd = _normalise_names(sd)
+    sd = convert.to_hf(sd)[0].state_dict
     missing = [k for k in ("query_tokens", _LN + "weight", _LN + "bias", "qformer.layernorm.weight") if k not in sd]
     if missing:
         raise ValueError(f"stage1: the checkpoint lacks {missing} (needs the Q-Former, query_tokens and ln_vision)")
@@ -515,15 +501,12 @@ def _vision_model(vision, sd: Mapping, dtype) -> Optional[nn.Module]:
             raise TypeError(f"vision: expected an HF Blip2VisionModel, got {type(vision).__name__}")
         vm = vision
     elif hasattr(vision, "patch_size") and hasattr(vision, "hidden_size"):  # a Blip2VisionConfig
-        vsd = {k[13:]: v for k, v in sd.items() if k.startswith("vision_model.") and not k.startswith(_LN)}
-        if not vsd:
+        if not any(k.startswith("vision_model.") and not k.startswith(_LN) for k in sd):
             raise ValueError("vision: a config was given but the checkpoint holds no ViT weights; pass a folder")
         vm = Blip2VisionModel(vision)
-        missing, unexpected = vm.load_state_dict(vsd, strict=False)
-        missing = [k for k in missing if not k.startswith("post_layernorm.")]
-        if missing or unexpected:
-            raise ValueError(f"vision: the checkpoint's ViT does not fit the config (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+        vsd = {k: v for k, v in sd.items() if not k.startswith(_LN)}  # ln_vision is set by the caller
+        convert.load_into(vm, vsd, prefix="vision_model.", ignore=(r"post_layernorm\.",), what="vision",
+                          into="the vision config")
     else:
         raise TypeError(f"vision must be None, a folder, a Blip2VisionModel or a Blip2VisionConfig, got "
                         f"{type(vision).__name__}")

@@ -432,54 +432,25 @@ class BlipPretrain(nn.Module):
 
     def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a Salesforce BLIP / LAVIS BLIP state dict (pre-training, retrieval or ITM checkpoints; HF BLIP
-        names work too). Every key must map to this model (ValueError naming those that do not). Absent momentum
-        copies start from the online modules (BLIP's ``copy_params``), an absent index queue holds -100, absent
-        queues stay random; every other parameter must be there. ``ptr_queue`` (BLIP_Retrieval) is the pointer."""
-        conv = convert.blip_to_hf({k: v for k, v in state_dict.items()})
-        mapped = {("queue_ptr" if k == "ptr_queue" else k): v for k, v in conv.state_dict.items()}
-        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.endswith("position_ids")}
-        unknown = sorted(list(conv.unmapped) + [k for k in mapped if k not in own])
-        if unknown:
-            raise ValueError(f"BlipPretrain.load_lavis_state_dict: {len(unknown)} checkpoint key(s) do not map to "
-                             f"BlipPretrain: {unknown[:20]}")
+        names work too) with :func:`blipfast.convert.load_into`: every key must map to this model (a ValueError
+        names those that do not). Absent momentum copies start from the online modules (BLIP's ``copy_params``),
+        an absent index queue holds -100, absent queues stay random; every other parameter must be there.
+        ``ptr_queue`` (BLIP_Retrieval) is the pointer."""
         momentum = ("vision_model_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
-        has_m = any(k.startswith(momentum) for k in mapped)
-        optional = {"image_queue", "text_queue", "idx_queue", "queue_ptr"}
-        missing = sorted(k for k in own if k not in mapped and k not in optional
-                         and not (not has_m and k.startswith(momentum)) and not self._aliased(k, mapped))
-        if missing:
-            names = convert.hf_to_blip({k: own[k] for k in missing}).state_dict
-            raise ValueError(f"BlipPretrain.load_lavis_state_dict: the checkpoint lacks {len(missing)} key(s): "
-                             f"{sorted(names)[:20]}")
-        with torch.no_grad():
-            for k, v in mapped.items():
-                dst = own[k]
-                if dst.shape != v.shape:
-                    raise ValueError(f"BlipPretrain.load_lavis_state_dict: {k} has shape {list(v.shape)} in the "
-                                     f"checkpoint but {list(dst.shape)} in the model (check the config)")
-                dst.copy_(v)
-            if "idx_queue" not in mapped:
+        has_m = any(k.startswith(momentum + ("visual_encoder_m.",)) for k in state_dict)
+        optional = [r"(image|text|idx)_queue\Z", r"queue_ptr\Z"] + ([] if has_m else [m.replace(".", r"\.")
+                                                                                      for m in momentum])
+        done = convert.load_into(self, state_dict, ignore=optional, what="BlipPretrain.load_lavis_state_dict")
+        if "idx_queue" not in done.keys:
+            with torch.no_grad():
                 self.idx_queue.fill_(-100)
         if not has_m:
             self.copy_params()
-
-    def _aliased(self, key: str, mapped: Mapping) -> bool:
-        """Whether ``key`` names a Parameter that another mapped key fills (shared encoder/decoder weights,
-        the LM head's tied bias)."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        if key not in params:
-            return False
-        p = params[key]
-        return any(k in params and params[k] is p for k in mapped)
 
     @classmethod
     def from_lavis(cls, checkpoint, config: Any = None) -> "BlipPretrain":
         """A model from a Salesforce BLIP checkpoint: a ``.pth`` path (``weights_only=True``), a dict with key
         ``"model"``, or a plain state dict."""
-        if isinstance(checkpoint, Mapping):
-            sd = checkpoint["model"] if isinstance(checkpoint.get("model"), Mapping) else checkpoint
-        else:
-            sd = convert.load_state_dict(checkpoint)
         model = cls(config)
-        model.load_lavis_state_dict(sd)
+        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
         return model

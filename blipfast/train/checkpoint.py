@@ -4,7 +4,7 @@ Each folder holds
 
 - ``model.safetensors``: stage 1, the :class:`blipfast.Blip2Stage1` weights (``safetensors.torch.save_model``: the
   LM head's decoder weight is tied to the word embeddings and stored once); stage 2, only the trained tensors of
-  :class:`blipfast.Blip2Stage2`, with a ``config.json`` (see :mod:`blipfast.train.adapters`, which writes them);
+  :class:`blipfast.Blip2Stage2`, with a ``config.json`` (the task's ``save`` writes them: :mod:`blipfast.train.tasks`);
 - ``state.pt``: optimizer, learning-rate schedule, GradScaler, every rank's RNG states (torch CPU and CUDA,
   Python, NumPy), the step and the data position (micro-batches consumed); plain tensors and containers, read
   with ``torch.load(weights_only=True)``;
@@ -18,25 +18,14 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
-from typing import Optional
 
 import torch
 
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+from ..sources import CHECKPOINT_DIR as _NAME
+from ..sources import list_checkpoints
 
-
-def list_checkpoints(run_dir: str) -> list:
-    """Complete checkpoint folders of ``run_dir``, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = []
-    for name in os.listdir(run_dir):
-        m = _NAME.match(name)
-        if m and os.path.isfile(os.path.join(run_dir, name, "state.pt")):
-            found.append((int(m.group(1)), os.path.join(run_dir, name)))
-    return [p for _, p in sorted(found)]
+__all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
 def rng_state() -> dict:
@@ -95,29 +84,3 @@ def load_checkpoint(ckpt: str, read_weights) -> dict:
     """``read_weights(ckpt)`` loads the weights; returns the training state of ``state.pt``."""
     read_weights(ckpt)
     return torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
-
-
-def load_init_weights(path: str, model) -> None:
-    """``--init``: a LAVIS .pth / state dict file, a blipfast checkpoint folder or a model.safetensors file."""
-    from safetensors.torch import load_model
-
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(path):
-        raise ValueError(f"--init: {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        missing, unexpected = load_model(model, path, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"--init: {path!r} does not fit the model (missing {sorted(missing)[:8]}, unexpected "
-                             f"{sorted(unexpected)[:8]})")
-        return
-    from .. import convert
-
-    sd = convert.load_state_dict(path)
-    sd = sd["model"] if isinstance(sd.get("model"), dict) else sd
-    model.load_lavis_state_dict(sd)
-
-
-def latest_step(run_dir: str) -> Optional[int]:
-    found = list_checkpoints(run_dir)
-    return int(_NAME.match(os.path.basename(found[-1])).group(1)) if found else None

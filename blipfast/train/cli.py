@@ -1,5 +1,7 @@
-"""``blipfast train``: BLIP-2 pre-training on a frozen vision encoder: stage 1 (ITC + ITM + ITG of the Q-Former)
-or, with --stage 2, the stage-1 Q-Former bridged to a frozen LLM (LM loss on the captions).
+"""``blipfast train``: train a task (--task NAME, see blipfast.train.tasks): BLIP-2 stage 1 on a frozen vision
+encoder (blip2-stage1, the default: ITC + ITM + ITG of the Q-Former), stage 2 (blip2-stage2, or --stage 2: the
+stage-1 Q-Former bridged to a frozen LLM by an LM loss on the captions) or BLIP pre-training (blip-pretrain, or
+--model blip).
 
 Examples:
   blipfast train                                               # synthetic set, tiny model, CPU-sized
@@ -10,6 +12,7 @@ Examples:
   blipfast train --resume runs/c
   blipfast train --stage 2 --llm OPT_DIR --init runs/c --data ann.jsonl --features feats --out runs/d
   blipfast train --stage 2 --llm T5_DIR --init blip2.pth --data ann.jsonl --images IMG --vision VIT --out runs/e
+  blipfast train --task blip-pretrain --data ann.jsonl --images IMG --out runs/f
 """
 from __future__ import annotations
 

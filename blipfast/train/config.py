@@ -1,17 +1,18 @@
 """The options of ``blipfast train``: one table gives the command-line flags, the config-file keys, their types,
 defaults and help, and the resolved ``config.yaml`` written into every run folder.
 
-Precedence: built-in defaults < the stage-2 defaults (``--stage 2``: LAVIS' ``pretrain_stage2`` recipe) or BLIP's
-(``--model blip``: Salesforce BLIP's ``configs/pretrain.yaml``) < the synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config
+Precedence: built-in defaults < the task's recipe (:attr:`Task.defaults <blipfast.train.tasks.base.Task>`: LAVIS'
+``pretrain_stage2`` for ``blip2-stage2``, Salesforce BLIP's ``configs/pretrain.yaml`` for ``blip-pretrain``) < the
+synthetic set's defaults (only without ``--data``) < ``--config FILE`` < flags given on the command line. A config
 file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with the flags' names as keys (``batch_size`` or
-``batch-size``); an unknown key or a value of the wrong type is refused before anything starts. ``model`` is a
-mapping of :class:`blipfast.Blip2Stage1Config` fields (with a nested ``qformer`` mapping of
-:class:`blipfast.QFormerConfig` fields) over the ``preset``; the fields that follow from the tokenizer and the
-vision model (``vocab_size``, ``pad_token_id``, ``bos_token_id``, ``encoder_hidden_size``) and ``max_txt_len`` are
-filled in by the trainer. With ``--stage 2`` ``model`` holds the stage-1 checkpoint's ``qformer`` fields and
-``ln_vision_eps`` (over what the checkpoint's own run folder or files say; see :mod:`blipfast.train.adapters`).
-``--model blip`` (or a mapping with ``"name": "blip"`` and :class:`blipfast.BlipPretrainConfig` fields, nested
-``text`` and ``vision``) trains BLIP (v1) instead (:mod:`blipfast.train.adapter_blip`).
+``batch-size``); an unknown key or a value of the wrong type is refused before anything starts.
+
+``task`` names what is trained (:mod:`blipfast.train.tasks`); ``--stage 2`` and ``--model blip`` are the older
+spellings of ``blip2-stage2`` and ``blip-pretrain`` and keep working (:func:`task_of`); the resolved task and its
+``stage`` are recorded. ``model`` is a mapping of the task's model configuration fields over the ``preset``
+(stage 1: :class:`blipfast.Blip2Stage1Config` fields with a nested ``qformer`` mapping of
+:class:`blipfast.QFormerConfig` fields; the fields that follow from the tokenizer and the vision model and
+``max_txt_len`` are filled in by the task); the run's ``config.yaml`` records the configuration the task resolved.
 """
 from __future__ import annotations
 
@@ -21,13 +22,21 @@ import json
 import os
 from typing import Any
 
+from ..options import DTYPES
+from .tasks import task_class, task_names
+
+DTYPE_NAMES = tuple(sorted(DTYPES))
+
 # name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
 # None as default: unset (derived or optional).
 OPTIONS: dict = {
     # what is trained
+    "task": (str, None, "what is trained: blip2-stage1 (BLIP-2 stage 1, the default), blip2-stage2 (what --stage 2 "
+             "names) or blip-pretrain (what --model blip names); see blipfast.train.tasks"),
     "stage": (int, 1, "1: BLIP-2 stage 1 (ITC + ITM + ITG of the Q-Former, blipfast.Blip2Stage1); 2: stage 2 "
               "(blipfast.Blip2Stage2: the Q-Former bridged to the frozen LLM of --llm by an LM loss on the "
-              "captions; needs --init, a stage-1 checkpoint)"),
+              "captions; needs --init, a stage-1 checkpoint); the older spelling of --task blip2-stage1 / "
+              "blip2-stage2"),
     "llm": (str, None, "stage 2: local Hugging Face LLM folder (decoder-only such as OPT, or seq2seq such as "
             "Flan-T5) with its tokenizer; frozen"),
     "llm_dtype": (str, "auto", "stage 2: dtype the frozen LLM runs in: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 "
@@ -69,11 +78,12 @@ OPTIONS: dict = {
               "'{\"num_query_tokens\": 16, \"qformer\": {\"num_hidden_layers\": 6}}'; stage 2: the stage-1 "
               "checkpoint's {\"qformer\": {QFormerConfig fields}, \"ln_vision_eps\": x} over what its run folder "
               "or config.json says (e.g. dropout). `blip` (or {\"name\": \"blip\", ...BlipPretrainConfig fields}) "
-              "trains BLIP (v1) pre-training instead (ITC with momentum queues, ITM, LM; the ViT trains)"),
+              "trains BLIP (v1) pre-training instead (--task blip-pretrain: ITC with momentum queues, ITM, LM; the "
+              "ViT trains; BlipPretrainConfig fields)"),
     "init": (str, None, "stage 1: start from these weights: a LAVIS stage-1 .pth (Blip2Stage1.from_lavis) or a "
-             "blipfast checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a blipfast "
-             "run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. --model "
-             "blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast checkpoint"),
+             "blipfast run or checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a "
+             "blipfast run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. "
+             "--model blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast run or checkpoint"),
     # optimisation (SPEC.md section 3)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
@@ -112,13 +122,6 @@ OPTIONS: dict = {
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
                   "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
 
-# LAVIS' stage-2 recipe (lavis/projects/blip2/train/pretrain_stage2.yaml): lr 1e-4 -> 1e-5 cosine, warm-up from
-# 1e-6 over 2000 steps, weight decay 0.05, batch 64 per GPU; the other defaults are stage 1's
-STAGE2_DEFAULTS = {"batch_size": 64, "warmup_steps": 2000}
-# Salesforce BLIP's configs/pretrain.yaml (ViT-B): AdamW lr 3e-4, warm-up from 1e-6 over 3000 steps, down to 1e-6,
-# weight decay 0.05, batch 75 per GPU, 20 epochs, captions of 30 tokens; no image ids (BLIP_Pretrain has none)
-BLIP_DEFAULTS = {"lr": 3e-4, "warmup_lr": 1e-6, "warmup_steps": 3000, "min_lr": 1e-6, "batch_size": 75,
-                 "epochs": 20.0, "max_txt_len": 30, "image_ids": False}
 MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
 
 
@@ -129,20 +132,28 @@ def model_name(model) -> str:
         raise ValueError(f"--model: unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     return name
 
+
+def task_of(options: dict) -> str:
+    """The task ``options`` train: ``task``, or what its older spellings say (``stage`` 2: blip2-stage2, a
+    ``model`` named blip: blip-pretrain), else blip2-stage1; ValueError when they contradict each other."""
+    stage, blip = options.get("stage"), model_name(options.get("model")) == "blip"
+    if stage == 2 and blip:
+        raise ValueError("--model blip is BLIP (v1) pre-training; --stage 2 is BLIP-2's")
+    legacy = "blip2-stage2" if stage == 2 else "blip-pretrain" if blip else None
+    task = options.get("task")
+    if task is not None and legacy is not None and task != legacy:
+        raise ValueError(f"--task {task} contradicts {'--stage 2' if stage == 2 else '--model blip'} (the task "
+                         f"{legacy})")
+    return task or legacy or "blip2-stage1"
+
+
 # defaults that change without --data: the synthetic set trains a tiny model for a couple of minutes on a CPU
 SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 2e-3, "min_lr": 1e-4,
                       "vocab_size": 256, "max_txt_len": 16, "save_every": 0, "log_every": 5, "plot_every": 20}
 
-CHOICES = {"stage": (1, 2), "feature_dtype": ("bf16", "fp16", "fp32"), "vision_dtype": ("auto", "bf16", "fp16", "fp32"),
-           "llm_dtype": ("auto", "bf16", "fp16", "fp32"),
-           "preset": ("auto", "base", "tiny"), "precision": ("auto", "fp32", "bf16", "fp16")}
-
-PRESETS = {
-    "base": {},  # Blip2Stage1Config defaults: LAVIS stage 1
-    "tiny": {"num_query_tokens": 8, "embed_dim": 64,
-             "qformer": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
-                         "num_hidden_layers": 2, "max_position_embeddings": 64}},
-}
+CHOICES = {"stage": (1, 2), "feature_dtype": DTYPE_NAMES, "vision_dtype": ("auto", *DTYPE_NAMES),
+           "llm_dtype": ("auto", *DTYPE_NAMES), "preset": ("auto", "base", "tiny"),
+           "precision": ("auto", *DTYPE_NAMES), "task": task_names()}
 
 
 def _flag(name: str) -> str:
@@ -272,14 +283,13 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     cfg = {k: v[1] for k, v in OPTIONS.items()}
     chosen = {**from_file, **given}
-    if chosen.get("stage") == 2:
-        cfg.update(STAGE2_DEFAULTS)
-    if model_name(chosen.get("model")) == "blip":
-        cfg.update(BLIP_DEFAULTS)
+    task = task_class(task_of(chosen))
+    cfg.update(task.defaults)
     if chosen.get("data") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
     cfg.update(from_file)
     cfg.update(given)
+    cfg["task"], cfg["stage"] = task.name, task.stage
     return cfg, {**from_file, **given}
 
 
@@ -301,28 +311,10 @@ def validate(cfg: dict) -> None:
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
-    if model_name(cfg["model"]) == "blip":
-        need(cfg["stage"] == 1, "--model blip is BLIP (v1) pre-training; --stage 2 is BLIP-2's")
-        need(cfg["features"] is None, "--features cannot be used with --model blip: its ViT trains, so the image "
-             "tokens change every step and cannot be cached; give --images DIR (the ViT's weights come from "
-             "--vision VIT_DIR or --init CKPT)")
-        need(cfg["data"] is None or cfg["images"] is not None, "--data needs --images DIR with --model blip")
-    elif cfg["data"] is not None:
-        need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
-             "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
+    task_class(task_of(cfg)).check_options(cfg)
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")
     need(not (cfg["features"] and cfg["data"] is None), "--features needs --data (the captions)")
-    if cfg["stage"] == 2:
-        need(cfg["llm"] is not None, "--stage 2 needs --llm LLM_DIR (a local Hugging Face LLM folder)")
-        need(os.path.isdir(cfg["llm"]), f"--llm: {cfg['llm']!r} is not a folder (a local Hugging Face LLM folder)")
-        need(cfg["init"] is not None, "--stage 2 needs --init STAGE1_CKPT (the stage-1 Q-Former, queries and "
-             "ln_vision)")
-        need(not cfg["cuda_graph"], "--cuda-graph is for stage 1 (the HF LLM's mask checks synchronise with the "
-             "host); use --compile")
-    else:
-        need(cfg["llm"] is None and not cfg["prompt"] and cfg["text_suffix"] is None,
-             "--llm, --prompt and --text-suffix are options of --stage 2")
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")

@@ -1,8 +1,10 @@
 """The trainer behind ``blipfast train``: set-up (processes, data, tokenizer, model, optimizer, checkpoint) and
-the loop (steps, log rows, plot, checkpoints). What is trained (stage 1 or stage 2, or BLIP v1 pre-training:
-tokenizer, model, loss, checkpoint weights) comes from an adapter of :mod:`blipfast.train.adapters`; the rest is
-shared. An adapter whose model trains its own ViT (``trains_vision``: BLIP) gets the pixels, and per-step inputs
-(``step_inputs``: BLIP's alpha ramp) travel with each batch.
+the loop (steps, log rows, plot, checkpoints). What is trained (BLIP-2 stage 1 or stage 2, BLIP v1 pre-training,
+...: tokenizer, model, loss, checkpoint weights) comes from a task of :mod:`blipfast.train.tasks`, whose contract
+(:class:`blipfast.train.tasks.Task`) lists every hook called here; the rest is shared. A task whose model trains
+its own ViT (``trains_vision``: BLIP) gets the pixels, and per-step inputs (``step_inputs``: BLIP's alpha ramp)
+travel with each batch. What a task derives (the tokenizer folder, the resolved model configuration) it returns,
+and the trainer records it in ``config.yaml``.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
 cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
@@ -29,9 +31,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
-from .adapters import DTYPES, make_adapter, model_config
-from .config import RESUME_MUTABLE, read_run_config, validate, write_config
+from .config import RESUME_MUTABLE, read_run_config, task_of, validate, write_config
+from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
 from .optim import WarmupCosine, make_optimizer
 from .step import GraphStepper, Stepper
@@ -53,12 +56,10 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = device_opt if device_opt != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if want.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible")
-        if want == "cuda":
-            want = f"cuda:{self.local_rank}" if self.world > 1 else "cuda"
-        self.device = torch.device(want)
+        dev = resolve_device(device_opt)
+        if dev.type == "cuda" and dev.index is None and self.world > 1:
+            dev = torch.device("cuda", self.local_rank)
+        self.device = dev
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.owns_group = False
@@ -114,6 +115,8 @@ class Trainer:
             raise ValueError("--cuda-graph needs one process on a CUDA device")
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
+        cfg["task"] = task_of(cfg)
+        self.task = task_class(cfg["task"])(cfg)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = cfg["out"] or os.path.abspath(os.path.join("runs", stamp))
         out = cfg["out"] = d.broadcast(out)
@@ -128,7 +131,7 @@ class Trainer:
                 created = True
             self._setup(cfg, resume)
             if resume is not None:
-                state = ckpt.load_checkpoint(ck, lambda folder: self.adapter.load(self.core, folder))
+                state = ckpt.load_checkpoint(ck, lambda folder: self.task.load(self.core, folder))
                 self._restore(state)
         except BaseException:
             if created:
@@ -143,12 +146,11 @@ class Trainer:
             n_params = sum(p.numel() for p in self.core.parameters())
             n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
             trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
-            title = getattr(self.adapter, "title", f"stage {cfg['stage']}")
-            self.log(f"blipfast train: {title}, {self.ann.summary()}; {d.world} process(es) on "
+            self.log(f"blipfast train: {self.task.title}, {self.ann.summary()}; {d.world} process(es) on "
                      f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
                      f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
                      f"{trained}, {cfg['precision']}; run folder {cfg['out']}")
-        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"], losses=self.adapter.losses)
+        self.runlog = RunLog(out, d.main, self.total_steps, self.step, cfg["progress"], losses=self.task.losses)
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------
@@ -159,20 +161,19 @@ class Trainer:
                             load_vision_tower, read_annotations)
         from ..data.annotations import keep_pairs
 
-        d, dev, out = self.dist, self.dist.device, cfg["out"]
-        self.adapter = adapter = make_adapter(cfg)
+        d, dev, out, task = self.dist, self.dist.device, cfg["out"], self.task
         if cfg["preset"] == "auto":
             cfg["preset"] = "tiny" if cfg["data"] is None else "base"
         if cfg["data"] is None:  # the synthetic set, generated into the run folder
             from ..data.synthetic import make_synthetic
 
             paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"],
-                                   vision_kind=getattr(adapter, "vision_kind", "blip2")) if d.main else None
+                                   vision_kind=task.vision_kind) if d.main else None
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
         ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
-                               **({"max_words": adapter.max_words} if hasattr(adapter, "max_words") else {}))
+                               max_words=task.max_words)
         cache = tower = processor = width = None
         if feats:
             cache = FeatureCache(cfg["features"])
@@ -180,18 +181,19 @@ class Trainer:
             reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
             ann = keep_pairs(ann, set(cache.where), reasons)
             width = cache.width
-        elif getattr(adapter, "trains_vision", False):  # the ViT is the model's: no frozen tower
-            processor = adapter.image_processor(cfg, d)
+        elif task.trains_vision:  # the ViT is the model's: no frozen tower
+            processor = task.image_processor(cfg, d)
         else:
-            vdt = "bf16" if cfg["vision_dtype"] == "auto" and dev.type == "cuda" else cfg["vision_dtype"]
             tower, processor = load_vision_tower(cfg["vision"], device=dev,
-                                                 dtype=DTYPES.get(vdt, torch.float32))
+                                                 dtype=resolve_dtype(cfg["vision_dtype"], dev, flag="--vision-dtype"))
             width = tower.width
         self.ann = ann
-        self.tokenizer = tok = adapter.tokenizer(cfg, ann, d)
+        tok, cfg["tokenizer"] = task.tokenizer(cfg, ann, d)
+        self.tokenizer = tok
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-        self.core = model = adapter.build(cfg, tok, width, dev, fresh=resume is None)
-        text = adapter.tokenize(model, tok, ann.captions, cfg)
+        model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=resume is None)
+        self.core = model
+        text = task.tokenize(model, tok, ann.captions, cfg)
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
@@ -232,7 +234,7 @@ class Trainer:
             if tower is not None:
                 tower = torch.compile(tower, backend=cfg["compile_backend"])
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
-        self.stepper = cls(wrapped, self.optimizer, adapter.step_loss, device=dev, tower=tower, scaler=self.scaler,
+        self.stepper = cls(wrapped, self.optimizer, task.step_loss, device=dev, tower=tower, scaler=self.scaler,
                            amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
                            feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]])
         self.step = 0
@@ -274,12 +276,10 @@ class Trainer:
             self._iter = self._batches()
         acc = None
         n = self.cfg["grad_accum"]
-        extra = getattr(self.adapter, "step_inputs", None)
         for k in range(n):
             batch = next(self._iter)
-            if extra is not None:
-                batch.update({name: torch.tensor(v, dtype=torch.float32)
-                              for name, v in extra(self.micro_step, self.sampler.steps_per_epoch).items()})
+            batch.update({name: torch.tensor(v, dtype=torch.float32)
+                          for name, v in self.task.step_inputs(self.micro_step, self.sampler.steps_per_epoch).items()})
             m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
             self.micro_step += 1
             acc = m if acc is None else acc + m
@@ -301,8 +301,8 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
                      "step": self.step, "micro_step": self.micro_step, "world_size": d.world}
             path = ckpt.save_checkpoint(self.cfg["out"], self.step,
-                                        lambda folder: self.adapter.save(self.core, folder, self.step,
-                                                                         self.cfg["save_lavis"]),
+                                        lambda folder: self.task.save(self.core, folder, self.step,
+                                                                      self.cfg["save_lavis"]),
                                         state, self.cfg["keep"])
         d.barrier()
         return path
@@ -335,7 +335,7 @@ class Trainer:
                     vals = acc.tolist()  # the one host sync per log row
                     now = time.perf_counter()
                     row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
-                           **dict(zip(self.adapter.losses, vals)), "lr": self.schedule.value(s - 1),
+                           **dict(zip(self.task.losses, vals)), "lr": self.schedule.value(s - 1),
                            "images_per_s": global_batch * n_acc / max(now - t_last, 1e-9),
                            "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3)}
                     self.runlog.log(row)
@@ -373,4 +373,4 @@ def train(cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None,
         trainer.close()
 
 
-__all__ = ["Trainer", "train", "model_config", "mix_seed"]
+__all__ = ["Trainer", "train", "mix_seed"]

@@ -3,7 +3,7 @@
 
 A micro-step moves a batch to the device, runs the frozen vision tower when training from images (its tokens rounded
 to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers), then the
-model under autocast through the adapter's ``step_loss`` (:mod:`blipfast.train.adapters`), and back-propagates
+model under autocast through the task's ``step_loss`` (:mod:`blipfast.train.tasks`), and back-propagates
 ``loss / grad_accum``. It returns the logged losses as a detached device tensor: nothing in a step synchronises with
 the host (the trainer reads the losses once per log row). The hard-negative draw takes ``sample_seed`` from the host
 (a device fill, no copy): every rank passes the same seed, so W ranks draw what one process with the global batch
@@ -26,7 +26,7 @@ WARMUP = 3  # eager optimizer steps before the CUDA graphs are captured
 
 class Stepper:
     """Eager (or compiled) steps. ``model``: the module to call (maybe DDP- or compile-wrapped); ``step_loss``:
-    the adapter's ``(model, embeds, inp, seed) -> (loss, logged losses)``; ``tower``: the frozen vision tower when
+    the task's ``(model, embeds, inp, seed) -> (loss, logged losses)``; ``tower``: the frozen vision tower when
     the batches hold ``pixel_values``."""
 
     def __init__(self, model, optimizer, step_loss, *, device, tower=None, scaler=None, amp_dtype=None,

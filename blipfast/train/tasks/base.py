@@ -1,0 +1,271 @@
+"""The contract between the generic trainer (:mod:`blipfast.train.loop`) and what it trains: :class:`Task`.
+
+A task is ONE file ``blipfast/train/tasks/<name with _>.py`` holding one subclass of :class:`Task` decorated with
+:func:`register`; ``blipfast train --task NAME`` finds it by its file name (``blip-retrieval`` ->
+``blip_retrieval.py``), so adding a task touches no other file. The trainer owns everything else: processes
+(DDP), data reading, the frozen vision tower or feature cache, the optimizer and schedule, the step (eager,
+compiled or CUDA graphs), logs, checkpoint folders and ``--resume``.
+
+What the trainer calls, in order (every hook is declared on :class:`Task` with its default):
+
+1. ``check_options(cfg)`` (class method) before anything is written: refuse options the task cannot use;
+2. ``Task(cfg)``: the task of one run (it may keep state: the LLM's name, the alpha ramp, ...);
+3. ``image_processor(cfg, dist)`` when ``trains_vision`` (the ViT is part of the model: the batches hold pixels);
+4. ``tokenizer(cfg, ann, dist) -> (tokenizer, folder)``: the folder is recorded as the run's ``tokenizer``;
+5. ``build(cfg, tok, width, device, fresh) -> (model, model_config)``: the model on ``device`` in train mode,
+   its frozen parts frozen, from ``--init`` when ``fresh`` (not resuming); ``model_config`` (a dict) is recorded
+   as the run's ``model`` option in ``config.yaml``, so that the saved file rebuilds the same model. Hooks never
+   write into ``cfg``: what they derive, they return;
+6. ``tokenize(model, tok, captions, cfg) -> dict``: every caption's fixed-width tensors, one dict of [P, ...]
+   (fixed shapes: every step has the same shapes);
+7. per micro-step: ``step_inputs(micro_step, steps_per_epoch) -> dict`` of floats that travel with the batch as
+   0-d tensors (a compiled step or a CUDA graph never sees a Python number change), then
+   ``step_loss(model, embeds, inp, seed) -> (loss, logged)``: the loss to back-propagate and the detached float32
+   losses [len(losses)] of one micro-batch, on the device, without a host sync (``embeds``: the ViT tokens
+   before ``ln_vision``, or the pixels when ``trains_vision``; ``inp``: the batch, ``seed``: the int64 [1]
+   seed of the step's random draws, the same on every rank);
+8. ``save(model, folder, step, lavis)`` / ``load(model, folder)``: the weights of a checkpoint folder
+   (``lavis``: also a LAVIS / Salesforce-named ``lavis.pth``).
+
+Class attributes: ``name`` (the registry key), ``title`` (the log line), ``losses`` (the logged names; the first
+is optimised), ``trains_vision``, ``vision_kind`` (the ViT of the synthetic set: "blip2" or "blip"),
+``max_words`` (captions are cut to this many words), ``defaults`` (the task's recipe: option defaults over the
+built-in ones, under the synthetic set's, a config file's and the flags), ``stage`` (the ``--stage`` value the
+run records), ``spelling`` (how messages name the task).
+
+The defaults of ``tokenizer`` / ``tokenize`` / ``save`` / ``load`` / ``init_weights`` are those of a
+BERT-tokenised model saved whole (BLIP-2 stage 1, BLIP): a new task of that kind implements ``build`` and
+``step_loss`` and declares its class attributes. Model configurations come from :data:`PRESETS` (``--preset``)
+< ``--model`` < what the data fixes, through :func:`model_config`; ``--init`` goes through :meth:`Task.init_weights`
+(:func:`blipfast.convert.load_into`). A sketch (``blipfast/train/tasks/blip_caption.py``)::
+
+    @register
+    class BlipCaptionTask(Task):
+        name, title, losses = "blip-caption", "BLIP captioning", ("loss",)
+        trains_vision, vision_kind, spelling = True, "blip", "--task blip-caption"
+        defaults = {"lr": 1e-5, "batch_size": 32}                        # the paper's recipe
+
+        def image_processor(self, cfg, dist):                            # trains_vision: the pixels' processor
+            return default_blip_processor(384)
+
+        def build(self, cfg, tok, width, device, fresh):
+            mcfg = model_config(BlipCaptionConfig, "blip", cfg, [({"text": {"vocab_size": len(tok)}}, "the tokenizer")],
+                                nested={"text": ("BlipTextConfig", TEXT_FIELDS)})
+            model = BlipCaptioner(mcfg).to(device).train()
+            if cfg["init"] is not None and fresh:
+                self.init_weights(model, cfg["init"])
+            return model, mcfg.to_dict()
+
+        def step_loss(self, model, pixel_values, inp, seed):
+            loss = model(pixel_values, inp["input_ids"], inp["attention_mask"]).loss
+            return loss, loss.detach().float().reshape(1)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Iterable, Optional
+
+import torch
+
+from ...data.annotations import MAX_WORDS
+
+_REGISTRY: dict = {}
+
+# --preset NAME of each model family: fields over its config class's defaults
+PRESETS = {
+    "blip2": {  # Blip2Stage1Config
+        "base": {},  # LAVIS stage 1
+        "tiny": {"num_query_tokens": 8, "embed_dim": 64,
+                 "qformer": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
+                             "num_hidden_layers": 2, "max_position_embeddings": 64}},
+    },
+    "blip": {  # BlipPretrainConfig
+        "base": {},  # ViT-B/16 at 224 px, BERT-base MED, queue 57600
+        "tiny": {"embed_dim": 64, "queue_size": 1024,
+                 "text": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
+                          "num_hidden_layers": 2, "max_position_embeddings": 64},
+                 "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
+    },
+}
+
+
+def _need(cond, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def register(cls: type) -> type:
+    """Class decorator: make ``cls`` the task ``cls.name`` (its file must be ``<name with _>.py``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)) or not cls.name:
+        raise TypeError(f"register: expected a Task subclass with a name, got {cls!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` on top, nested mappings merged."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_model_fields(user: dict, fields: Iterable[str], nested: dict, owner: str) -> None:
+    """Refuse ``--model`` fields outside ``fields`` and the nested ``{name: (config class name, fields)}``."""
+    unknown = sorted(set(user) - set(fields) - set(nested) - {"name"})
+    for sub, (_, sub_fields) in nested.items():
+        unknown += sorted(f"{sub}.{k}" for k in set(user.get(sub) or {}) - set(sub_fields))
+    if unknown:
+        subs = ", ".join(f"{sub} ({label}: {sorted(f)})" for sub, (label, f) in nested.items())
+        raise ValueError(f"--model: unknown field(s) {unknown}; {owner} has {list(fields)} and {subs}")
+
+
+def _check_derived(user: dict, derived: dict, why: str, where: str = "") -> None:
+    for key, value in derived.items():
+        if isinstance(value, dict):
+            _check_derived(user.get(key) or {}, value, why, f"{where}{key}.")
+        elif user.get(key) is not None and user[key] != value:
+            raise ValueError(f"--model: {where}{key}={user[key]!r} contradicts {why} ({value!r}); leave it out")
+
+
+def qformer_fields() -> tuple:
+    """("QFormerConfig", its fields): the nested ``qformer`` entry of :func:`check_model_fields`."""
+    from ...models.qformer import QFormerConfig
+
+    return "QFormerConfig", tuple(QFormerConfig().to_dict())
+
+
+def model_config(config_cls: type, family: str, cfg: dict, derived: list, nested: dict):
+    """The model configuration of a run: ``PRESETS[family][--preset]`` < ``--model`` (``cfg["model"]``) < the
+    fields ``derived`` fixes, a list of ``(fields, why)`` (e.g. the tokenizer's vocabulary, the ViT's width);
+    ``nested``: ``{name: (config class name, fields)}`` of the nested configs. ValueError naming an unknown
+    field, or a ``--model`` field that contradicts a derived one."""
+    user = {k: v for k, v in (cfg["model"] or {}).items() if k != "name"}
+    check_model_fields(user, config_cls.FIELDS, nested, config_cls.__name__)
+    fixed: dict = {}
+    for fields, why in derived:
+        _check_derived(user, fields, why)
+        fixed = merge(fixed, fields)
+    try:
+        return config_cls(**merge(merge(PRESETS[family][cfg["preset"]], user), fixed))
+    except TypeError as exc:
+        raise ValueError(f"--model: {exc}") from None
+
+
+class Task:
+    """One thing ``blipfast train`` trains; see the module docstring for the contract. Subclasses implement
+    ``build`` and ``step_loss`` and override the hooks whose default does not fit."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    losses: ClassVar[tuple] = ("loss",)
+    trains_vision: ClassVar[bool] = False
+    vision_kind: ClassVar[str] = "blip2"
+    max_words: ClassVar[int] = MAX_WORDS
+    defaults: ClassVar[dict] = {}
+    stage: ClassVar[int] = 1
+    spelling: ClassVar[str] = ""
+
+    def __init__(self, cfg: dict):
+        self.image_ids = cfg["image_ids"]
+
+    # ------------------------------------------------------------------------------------------
+    # options
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        """Refuse (ValueError naming the flag) options this task cannot use. Default: a task that trains its ViT
+        takes images (never a feature cache); one with a frozen tower takes a feature cache or images and a
+        vision model; ``--llm``, ``--prompt`` and ``--text-suffix`` are stage 2's."""
+        cls.check_image_options(cfg)
+        _need(cfg["llm"] is None and not cfg["prompt"] and cfg["text_suffix"] is None,
+              "--llm, --prompt and --text-suffix are options of --stage 2")
+
+    @classmethod
+    def check_image_options(cls, cfg: dict) -> None:
+        """The image half of :meth:`check_options`."""
+        need = _need
+        if cls.trains_vision:
+            need(cfg["features"] is None, f"--features cannot be used with {cls.spelling}: its ViT trains, so the "
+                 f"image tokens change every step and cannot be cached; give --images DIR (the ViT's weights come "
+                 f"from --vision VIT_DIR or --init CKPT)")
+            need(cfg["data"] is None or cfg["images"] is not None, f"--data needs --images DIR with {cls.spelling}")
+        elif cfg["data"] is not None:
+            need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
+                 "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def image_processor(self, cfg: dict, dist):
+        """The image processor of the pixels (called only when ``trains_vision``)."""
+        raise NotImplementedError(f"{type(self).__name__} trains its ViT but has no image_processor")
+
+    def tokenizer(self, cfg: dict, ann, dist) -> tuple[Any, Optional[str]]:
+        """(tokenizer, its folder): ``--tokenizer`` (a BERT-style folder, [DEC] added as LAVIS does) or a
+        WordPiece vocabulary trained on the captions by rank 0 into ``RUN/tokenizer``."""
+        from ...data import load_tokenizer, train_wordpiece
+
+        if cfg["tokenizer"] is not None:
+            return load_tokenizer(cfg["tokenizer"]), cfg["tokenizer"]
+        folder = os.path.join(cfg["out"], "tokenizer")
+        if dist.main:
+            train_wordpiece(ann.captions, cfg["vocab_size"]).save_pretrained(folder)
+        dist.barrier()
+        return load_tokenizer(folder), folder
+
+    def build(self, cfg: dict, tok, width: Optional[int], device: torch.device, fresh: bool
+              ) -> tuple[torch.nn.Module, dict]:
+        """(the model on ``device`` in train mode, the ``model`` option to record); ``width``: the vision
+        tokens' width (None when ``trains_vision``)."""
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    def init_weights(self, model: torch.nn.Module, path: str) -> None:
+        """``--init PATH`` (see :func:`blipfast.convert.resolve_source`): blipfast's safetensors (a run, a
+        checkpoint, a file or folder) go in by :func:`blipfast.convert.load_into`, a LAVIS / Salesforce ``.pth``
+        through the model's ``load_lavis_state_dict``."""
+        from ... import convert
+
+        src = convert.resolve_source(path, what="--init")
+        if src.kind == "torch":
+            model.load_lavis_state_dict(convert.load_state_dict(src.weights))
+        else:
+            convert.load_into(model, src, what="--init")
+
+    def tokenize(self, model, tok, captions: list, cfg: dict) -> dict:
+        """``input_ids`` int32 and ``attention_mask`` bool [P, ``--max-txt-len``] of every caption."""
+        from ...data import tokenize
+
+        ids, mask = tokenize(tok, captions, cfg["max_txt_len"])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ------------------------------------------------------------------------------------------
+    # steps
+
+    def step_inputs(self, micro_step: int, steps_per_epoch: float) -> dict:
+        """Floats that enter micro-step ``micro_step`` as 0-d tensors (default: none)."""
+        return {}
+
+    def step_loss(self, model, embeds: torch.Tensor, inp: dict, seed: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, detached float32 logged losses [len(losses)]); no host sync."""
+        raise NotImplementedError(f"{type(self).__name__}.step_loss")
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self, model, folder: str, step: int, lavis: bool) -> None:
+        """``model.safetensors`` (every weight; tied ones once) and with ``lavis`` a ``lavis.pth`` of
+        ``model.to_lavis_state_dict()``."""
+        from safetensors.torch import save_model
+
+        save_model(model, os.path.join(folder, "model.safetensors"), metadata={"step": str(step), "format": "blipfast"})
+        if lavis:
+            torch.save({"model": model.to_lavis_state_dict(), "step": step}, os.path.join(folder, "lavis.pth"))
+
+    def load(self, model, folder: str) -> None:
+        """The weights :meth:`save` wrote (``--resume``)."""
+        from ... import convert
+
+        convert.load_into(model, os.path.join(folder, "model.safetensors"), what="--resume")
