@@ -4,7 +4,6 @@ real benchmarks: tests/gpu/device_session.sh --with-pytest-benchmark.)"""
 from __future__ import annotations
 
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,8 @@ import sys
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers.runtime import ROOT
+
 SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former", "stage1": "stage-1 step",
           "retrieval": "retrieval", "train_data": "train data path",
           "blip_pretrain": "BLIP pre-training"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from blipfast.bench import blip_pretrain
-from tests.test_blip_pretrain import tiny_config
+from tests.helpers.blip_pretrain import tiny_config
 
 
 def test_counted_step_on_a_tiny_config():

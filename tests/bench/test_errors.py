@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -19,8 +18,8 @@ import torch
 from blipfast import cli, ops
 from blipfast.bench import qformer as qformer_suite
 from blipfast.bench.common import Case
+from tests.helpers.runtime import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUP = "attention causal B=1 L=4"
 
 
@@ -124,7 +123,7 @@ def test_harness_fails_on_blipfast_error_and_skips_missing_optional_baseline(tmp
         import pytest
         from _harness import run_case
         from blipfast.bench.common import Case
-        from tests.test_bench_errors import GROUP, OPTIONAL, baseline_missing_library, blipfast_ok, blipfast_raises
+        from tests.bench.test_errors import GROUP, OPTIONAL, baseline_missing_library, blipfast_ok, blipfast_raises
 
         CASES = [Case(GROUP, "blipfast", blipfast_ok),
                  Case(GROUP, "blipfast (bad mode)", blipfast_raises),

@@ -18,7 +18,9 @@ from blipfast.capfilt import CapFilt, load_blip, side_paths
 from blipfast.cli import main
 from blipfast.data.annotations import pre_caption, read_annotations
 from blipfast.testing.blip import write_demo
-from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.runtime import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +154,8 @@ def test_salesforce_checkpoints_give_the_same_output(tiny, tmp_path, capsys):
 
 
 def test_a_blip_training_run_captions_and_filters(tiny, tmp_path, capsys):
-    from tests.test_train_blip import TINY_BLIP, write_blip_vision
     from blipfast.testing.data import write_images, write_jsonl
-    from tests.train_helpers import tiny_args
+    from tests.helpers.train import TINY_BLIP, tiny_args, write_blip_vision
 
     root = str(tmp_path / "train")
     data = write_jsonl(os.path.join(root, "ann.jsonl"), write_images(root, 8, seed=2))
@@ -203,7 +204,7 @@ def test_readme_capfilt_example_prints_what_the_readme_shows(tmp_path, monkeypat
     import re
     import shlex
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## CapFilt: `blipfast capfilt`"):]
     cmd, shown = re.search(r"```bash\n(.*?)```\n```\n(.*?)```", section, flags=re.S).groups()
     capfilt_cmd, head = cmd.replace("\\\n", " ").split("&&")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from blipfast import Blip2Retrieval, Blip2Stage1, cli, convert
 from blipfast.retrieval import format_metrics, load_features, pre_caption, read_annotations, recall_at_k, tokenize
 from blipfast.testing.retrieval import VCFG, hf_retrieval_model, stage1_config, write_gallery, write_tokenizer
-from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 
 def lavis_report_metrics(scores_i2t, scores_t2i, txt2img, img2txt):
@@ -207,10 +208,10 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_readme_retrieval_output(tmp_path, capsys, monkeypatch):
     """The README's `blipfast retrieval` example prints what the README shows (the tiny gallery built here)."""
-    import pathlib
     import re
+    from tests.helpers.runtime import ROOT
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     shown = re.search(r"```\n(blipfast retrieval: 20 images.*?)```", readme, flags=re.S).group(1).splitlines()
     torch.manual_seed(0)
     write_gallery(tmp_path, 20, [5])

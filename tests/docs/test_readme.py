@@ -1,10 +1,11 @@
 """The README's drop-in example runs as written, and its two set-up commands are where .ci/run finds them."""
 from __future__ import annotations
 
-import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+from tests.helpers.runtime import ROOT
+
+README = ROOT / "README.md"
 
 
 def _blocks(lang: str) -> list[str]:

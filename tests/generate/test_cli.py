@@ -148,11 +148,11 @@ def test_commands_are_registered_with_specs_defaults():
 
 def test_readme_stage2_and_generation_examples_run(tmp_path, monkeypatch, capsys):
     """The README's stage-2 example and its caption/vqa commands run as written on the demo files."""
-    import pathlib
     import re
     import shlex
+    from tests.helpers.runtime import ROOT
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     T.write_demo(tmp_path / "tiny")
     monkeypatch.chdir(tmp_path)
     example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "from_pretrained_parts" in b)

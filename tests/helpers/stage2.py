@@ -7,9 +7,9 @@ import torch
 
 from blipfast.testing import blip2 as T
 from blipfast.testing.data import COLORS, SHAPES
-from tests.train_helpers import tiny_args
+from tests.helpers.train import tiny_args
 
-# the captions of train_helpers.write_images: "a {colour} {shape} on a {colour} background"
+# the captions of blipfast.testing.data.write_images: "a {colour} {shape} on a {colour} background"
 WORDS = list(T.WORDS) + sorted({*COLORS, *SHAPES, "background"} - set(T.WORDS))
 
 
@@ -29,7 +29,7 @@ def write_llm(path, kind: str, seed: int = 0) -> str:
 
 def write_lavis_stage1(path, seed: int = 0) -> str:
     """A LAVIS-named stage-1 .pth (Q-Former 64 wide with one 64-wide head, so its config follows from the
-    shapes; ln_vision 24 wide, the width of train_helpers.write_vision's ViT)."""
+    shapes; ln_vision 24 wide, the width of blipfast.testing.data.write_vision's ViT)."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
     from blipfast import convert

@@ -1,9 +1,11 @@
-"""Shared pieces of the ``blipfast train`` tests: tiny model/optimizer flags and readers (the data
-writers are blipfast.testing.data's)."""
+"""Shared pieces of the ``blipfast train`` tests: tiny model/optimizer flags, run readers, the tiny BLIP (v1)
+model and ViT folder (the data writers are blipfast.testing.data's)."""
 from __future__ import annotations
 
 import json
 import os
+
+import torch
 
 # a Q-Former small enough for a CPU test step in tens of milliseconds
 TINY_MODEL = {"num_query_tokens": 4, "embed_dim": 16,
@@ -46,3 +48,22 @@ def merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+TINY_BLIP = {"name": "blip", "embed_dim": 16, "queue_size": 32,
+             "text": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "max_position_embeddings": 16, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+
+
+def write_blip_vision(path: str, seed: int = 0, image_size: int = 16) -> str:
+    """A tiny random BlipVisionModel + BlipImageProcessor saved like a Hugging Face model folder."""
+    from transformers import BlipImageProcessor, BlipVisionConfig, BlipVisionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipVisionModel(BlipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=2, image_size=image_size, patch_size=8,
+                                                 layer_norm_eps=1e-6))
+    model.save_pretrained(path)
+    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path

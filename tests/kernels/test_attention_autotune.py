@@ -17,7 +17,7 @@ import triton.testing
 from blipfast import ops
 from blipfast.kernels import attention as kern
 
-from .test_attention_triton import DEV, _cross_case
+from tests.helpers.attention import DEV, _cross_case
 
 
 class FakeTimer:

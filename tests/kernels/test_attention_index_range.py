@@ -23,7 +23,8 @@ from blipfast import ops
 from blipfast.kernels import _attention_common as common
 from blipfast.kernels import attention as kern
 
-from .conftest import HAS_CUDA, assert_within_torch_error
+from tests.helpers.runtime import HAS_CUDA
+from tests.helpers.tolerance import assert_within_torch_error
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 M = 3

@@ -22,7 +22,8 @@ import torch
 from blipfast import ops
 from blipfast.kernels import attention as kern
 
-from .conftest import HAS_CUDA, assert_within_torch_error
+from tests.helpers.runtime import HAS_CUDA
+from tests.helpers.tolerance import assert_within_torch_error
 
 # numpy (under the interpreter) warns about the NaN and inf these tests feed on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

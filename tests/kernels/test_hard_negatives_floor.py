@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from blipfast.ops import sample_hard_negatives, sample_hard_negatives_from_gathered, sample_hard_negatives_ref
 from blipfast.ops.hard_negatives import drawable_mask, gumbel_noise, row_log_norm
-from tests.test_hard_negatives_cuda import _chi_square_pvalue, _cpp_op, _repeated_rows
+from tests.helpers.hard_negatives import _chi_square_pvalue, _cpp_op, _repeated_rows
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

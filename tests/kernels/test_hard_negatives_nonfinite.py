@@ -12,7 +12,7 @@ import torch
 
 from blipfast.ops import sample_hard_negatives_from_gathered, sample_hard_negatives_ref
 from blipfast.ops.hard_negatives import drawable_mask
-from tests.test_hard_negatives_cuda import _cpp_op
+from tests.helpers.hard_negatives import _cpp_op
 
 NAN, INF = float("nan"), float("inf")
 B, BW, OFF = 7, 300, 0  # BW > 256: a CUDA block's threads hold strided slices of each row

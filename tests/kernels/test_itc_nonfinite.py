@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from blipfast.ops import itc_loss_from_gathered, itc_loss_ref
 from blipfast.ops.itc_loss import positive_mask
-from tests.conftest import HAS_CUDA, assert_within_torch_error
+from tests.helpers.runtime import HAS_CUDA
+from tests.helpers.tolerance import assert_within_torch_error
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 NAN, INF = float("nan"), float("inf")

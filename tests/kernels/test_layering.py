@@ -7,7 +7,9 @@ import pathlib
 import subprocess
 import sys
 
-KERNELS = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+from tests.helpers.runtime import ROOT
+
+KERNELS = ROOT / "kernels"
 
 
 def _blipfast_imports(path: pathlib.Path) -> list[str]:

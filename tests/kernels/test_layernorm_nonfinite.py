@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from blipfast.ops import bias_dropout_add_layernorm, bias_dropout_add_layernorm_ref
-from tests.conftest import HAS_CUDA, assert_within_torch_error
-from tests.test_layernorm_epilogue import EXT, check_against_reference, make_inputs, run
+from tests.helpers.layernorm import EXT, check_against_reference, make_inputs, run
+from tests.helpers.runtime import HAS_CUDA
+from tests.helpers.tolerance import assert_within_torch_error
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -28,18 +28,17 @@ from blipfast.ops import layernorm_epilogue as LE
 from blipfast.ops._attention_ref import attention_fwd_ref
 from blipfast.ops.hard_negatives import sample_hard_negatives_ref
 from blipfast.ops.qformer_attention import allowed_mask
-from tests import test_hard_negatives_cuda as HN
-from tests import test_layernorm_epilogue as LN
-from tests import test_model_integration as MI
-from tests.conftest import FLOOR, HAS_CUDA, assert_within_torch_error, count_calls
+from tests.helpers import hard_negatives as HN
+from tests.helpers import integration as MI
+from tests.helpers import layernorm as LN
+from tests.helpers.runtime import DEV, count_calls
+from tests.helpers.tolerance import FLOOR, assert_within_torch_error
 
 triton = pytest.importorskip("triton")
 from blipfast.kernels import attention as AK  # noqa: E402  (after the triton check)
 from blipfast.kernels import itc as IK  # noqa: E402
-from tests import test_attention_triton as AT  # noqa: E402
-from tests import test_itc_triton as IT  # noqa: E402
-
-DEV = "cuda" if HAS_CUDA else "cpu"
+from tests.helpers import attention as AT  # noqa: E402
+from tests.helpers import itc as IT  # noqa: E402
 
 
 class Mutant:

@@ -15,7 +15,8 @@ import blipfast.ops as O
 from blipfast import Blip2Stage1, Blip2Stage1Config, QFormerConfig
 from blipfast.bench.stage1_baseline import lavis_stage1_forward
 from blipfast.ops._philox import new_seed
-from tests.conftest import AUTOCAST, assert_within_torch_error, autocast, replay_captured_step
+from tests.helpers.runtime import AUTOCAST, autocast, replay_captured_step
+from tests.helpers.tolerance import assert_within_torch_error
 
 F64 = torch.float64
 LOSSES = ("loss_itc", "loss_itm", "loss_lm")

@@ -11,9 +11,9 @@ from blipfast import Blip2Stage1
 from blipfast.bench.stage1_baseline import _additive, _ln, _Pass, _text_embeds
 from blipfast.models.blip2_generate import QFormerCaptioner
 from blipfast.testing.retrieval import VOCAB, jitter_, stage1_config
-from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 
-pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
+# hf: compares with transformers' own models (CI also runs it on the lowest supported); one_thread: tiny models
+pytestmark = [pytest.mark.hf, pytest.mark.usefixtures("one_thread")]
 
 F64 = torch.float64
 SEP = 102

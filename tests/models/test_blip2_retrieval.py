@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from blipfast import Blip2Retrieval, Blip2Stage1, convert
-from tests.conftest import assert_close, assert_within_torch_error
 from blipfast.testing.retrieval import NQ, QCFG, VCFG, hf_retrieval_model, jitter_, stage1_config, texts
-from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.tolerance import assert_close, assert_within_torch_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 F64 = torch.float64
 N_IMG = 5

@@ -11,7 +11,7 @@ from blipfast import convert
 from blipfast.models import llm as llm_mod
 from blipfast.models.blip2_stage2 import Blip2Stage2
 from blipfast.testing import blip2 as T
-from tests.conftest import assert_close, assert_within_torch_error
+from tests.helpers.tolerance import assert_close, assert_within_torch_error
 
 pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
 

@@ -28,8 +28,9 @@ from transformers import BlipTextModel as HFText
 
 import blipfast
 from blipfast.models.blip import CACHE_FIELD, blip_text_config, share_encoder_decoder
-from tests.conftest import HAS_CUDA, assert_triton_matches_torch, count_calls
-from tests.test_qformer_parity import GRAD_FLOOR, _check, _randomize, _seed_of
+from tests.helpers.qformer import GRAD_FLOOR, _check, _randomize, _seed_of
+from tests.helpers.runtime import HAS_CUDA, count_calls
+from tests.helpers.tolerance import assert_triton_matches_torch
 
 pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
 

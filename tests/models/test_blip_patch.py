@@ -17,8 +17,8 @@ from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageT
 
 import blipfast
 from blipfast.patch import apply_blipfast_to_blip, revert_blipfast
-from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
-from tests.test_qformer_parity import _randomize, _seed_of
+from tests.helpers.qformer import _randomize, _seed_of
+from tests.helpers.tolerance import assert_grads_within_torch_error, assert_within_torch_error
 
 pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
 
@@ -186,10 +186,10 @@ def test_rejects_models_without_text_modules():
 
 
 def test_readme_example_runs():
-    import pathlib
     import re
+    from tests.helpers.runtime import ROOT
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "apply_blipfast_to_blip(" in b)
     scope: dict = {}
     exec(compile(example, "README.md:BLIP", "exec"), scope)

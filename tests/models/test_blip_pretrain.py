@@ -18,38 +18,12 @@ import torch.nn.functional as F
 from blipfast.bench.blip_pretrain_baseline import blip_pretrain_forward
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.ops import sample_hard_negatives_from_gathered
-from tests.conftest import (AUTOCAST, assert_within_rounding, assert_within_torch_error, autocast,
-                            replay_captured_step)
+from tests.helpers.blip_pretrain import VOCAB, make_batch, tiny_config
+from tests.helpers.runtime import AUTOCAST, autocast, replay_captured_step
+from tests.helpers.tolerance import assert_within_rounding, assert_within_torch_error
 
 F64 = torch.float64
 LOSSES = ("loss_itc", "loss_itm", "loss_lm")
-VOCAB, ENC, DEC, CLS, SEP = 60, 59, 58, 1, 2
-
-
-def tiny_config(**kw) -> BlipPretrainConfig:
-    text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                max_position_embeddings=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                bos_token_id=DEC, sep_token_id=SEP, eos_token_id=SEP, pad_token_id=0)
-    text.update(kw.pop("text", {}))
-    vision = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                  patch_size=8)
-    vision.update(kw.pop("vision", {}))
-    base = dict(embed_dim=8, queue_size=12, enc_token_id=ENC, bos_token_id=DEC)
-    base.update(kw)
-    return BlipPretrainConfig(text=text, vision=vision, **base)
-
-
-def make_batch(b, t, pad_rows=(), size=16):
-    px = torch.randn(b, 3, size, size)
-    ids = torch.randint(3, DEC, (b, t))
-    ids[:, 0] = CLS
-    mask = torch.ones(b, t, dtype=torch.long)
-    for r in pad_rows:
-        mask[r, t - 2:] = 0
-        ids[r, t - 2:] = 0
-    return px, ids, mask
-
-
 STATE = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "temp")
 
 
@@ -449,10 +423,10 @@ def test_training_step_captures_in_a_cuda_graph():
 
 
 def test_readme_example_prints_what_the_readme_shows(capsys):
-    import pathlib
     import re
+    from tests.helpers.runtime import ROOT
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## BLIP (v1) pre-training"):]
     code, shown = re.search(r"```python\n(.*?)```\n```\n(.*?)```", section, flags=re.S).groups()
     n = torch.get_num_threads()

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from blipfast.models.blip_pretrain import BlipPretrain
-from tests.conftest import free_port
-from tests.test_blip_pretrain import make_batch, tiny_config
+from tests.helpers.blip_pretrain import make_batch, tiny_config
+from tests.helpers.runtime import free_port
 
 B, T, STEPS, WORLD = 3, 6, 2, 2
 

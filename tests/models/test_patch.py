@@ -10,7 +10,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForIm
 
 import blipfast
 from blipfast.patch import apply_blipfast_to_blip2, revert_blipfast
-from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
+from tests.helpers.tolerance import assert_grads_within_torch_error, assert_within_torch_error
 
 pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_qformer_modes import B, LK, Q, T, _model
+from tests.helpers.qformer import B, LK, Q, T, _model
 
 GOOD = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
         torch.float32, torch.float64]

@@ -11,23 +11,8 @@ import pytest
 import torch
 
 import blipfast
-from blipfast import QFormer, QFormerConfig, QFormerEmbeddings
-
-RTOL = 1e-5
-CFG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, encoder_hidden_size=40,
-           use_qformer_text_input=True, vocab_size=50, max_position_embeddings=16)
-B, Q, T, LK = 3, 6, 7, 9
-
-
-def _model(**overrides) -> QFormer:
-    model = QFormer(QFormerConfig(**{**CFG, **overrides})).eval()
-    with torch.no_grad():  # random biases and LayerNorm affine, so that every parameter matters
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layernorm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02)
-    return model
+from blipfast import QFormerConfig, QFormerEmbeddings
+from tests.helpers.qformer import B, CFG, LK, Q, RTOL, T, _model
 
 
 def _close(name, got, ref):

@@ -22,12 +22,9 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerCo
 
 import blipfast
 from blipfast import convert
-from tests.conftest import _SEED
+from tests.helpers.qformer import GRAD_FLOOR, _check, _randomize, _seed_of
 
 pytestmark = pytest.mark.hf  # compares with transformers' own models: CI also runs it on the lowest supported
-
-RTOL = 1e-5
-GRAD_FLOOR = 1e-7
 
 # name -> (Blip2QFormerConfig overrides, batch B, queries Q, text T, image tokens Lk)
 CONFIGS = {
@@ -57,21 +54,6 @@ def _set_impl(model, impl):
         model.config._attn_implementation = impl
 
 
-def _randomize(model, gen, all_weights=False):
-    """Random biases and LayerNorm affine (HF initialises them to 0 / 1); other weights keep HF's N(0, 0.02)
-    init unless ``all_weights`` (the vision tower's init scale is 1e-10: its features would be near-constant)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name.lower() or "layer_norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
-            elif all_weights or name.endswith("bias") or p.dim() < 2:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-
-
-def _seed_of(*parts) -> int:
-    return (_SEED + sum(map(ord, "/".join(map(str, parts))))) % 2**31
-
-
 @functools.lru_cache(maxsize=1)
 def _pair(cfg_name: str, text_input: bool):
     cfg = Blip2QFormerConfig(use_qformer_text_input=text_input, **CONFIGS[cfg_name][0])
@@ -89,19 +71,6 @@ def test_state_dict_keys_equal_hf(cfg_name, text_input):
         hf_sd, bf_sd = Blip2QFormerModel(cfg).state_dict(), blipfast.QFormer(cfg).state_dict()
     assert list(bf_sd) == list(hf_sd)
     assert all(bf_sd[k].shape == hf_sd[k].shape for k in hf_sd)
-
-
-def _check(name, got, ref, floor=0.0):
-    if ref is None or got is None:  # unused on one side: must be unused (or exactly zero) on the other
-        other = got if ref is None else ref
-        assert other is None or not other.any(), f"{name}: gradient on one side only"
-        return 0.0
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    err = (got.double() - ref.double()).abs().max().item()
-    scale = ref.abs().max().item()
-    print(f"{name}: max error {err:.2e}, magnitude {scale:.2e}")  # shown with -rP / on failure
-    assert err <= RTOL * scale + floor, f"{name}: max error {err:.3e} > {RTOL} x {scale:.3e} + {floor:.1e}"
-    return err / max(scale, 1e-30)
 
 
 def _inputs(cfg_name, text_input, masked, path):

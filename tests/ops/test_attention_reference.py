@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from blipfast.ops import cross_attention, cross_attention_ref, qformer_attention, qformer_attention_ref
-from tests.conftest import assert_close as _assert_close
-from tests.conftest import assert_within_torch_error as _assert_within_torch_error
-from tests.test_philox import philox_words
+from tests.helpers.philox import philox_words
+from tests.helpers.tolerance import assert_close as _assert_close
+from tests.helpers.tolerance import assert_within_torch_error as _assert_within_torch_error
 
 F64 = torch.float64
 MODES = ("bidirectional", "causal", "unimodal")

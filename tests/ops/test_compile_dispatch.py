@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import blipfast.ops as O
 from blipfast import QFormer, QFormerConfig
 from blipfast.ops import _common as C
-from tests.conftest import assert_within_torch_error, replay_captured_step
+from tests.helpers.runtime import replay_captured_step
+from tests.helpers.tolerance import assert_within_torch_error
 
 CFG = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, encoder_hidden_size=48,
            use_qformer_text_input=True)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from blipfast import distributed as bd
 from blipfast.ops import itc_loss, itc_loss_ref, sample_hard_negatives
-from tests.conftest import assert_close, free_port
+from tests.helpers.runtime import free_port
+from tests.helpers.tolerance import assert_close
 
 B, Q, E, T = 3, 4, 8, 5  # per-rank batch, queries, embedding, text length
 SEED = 20241123

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from blipfast.ops import itc_loss, itc_loss_ref
-from tests.conftest import assert_close as _assert_close
-from tests.conftest import assert_within_torch_error as _assert_within_torch_error
+from tests.helpers.tolerance import assert_close as _assert_close
+from tests.helpers.tolerance import assert_within_torch_error as _assert_within_torch_error
 
 F64 = torch.float64
 

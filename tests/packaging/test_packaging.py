@@ -18,7 +18,7 @@ import tarfile
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers.runtime import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_from_the_checkout_root_kernels_is_the_installed_distribution_and_transf
 def test_pytest_collects_from_the_checkout_root():
     """The README's test command from the root: collection imports transformers through blipfast."""
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          "tests/test_patch.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "tests/models/test_patch.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
 
 

@@ -13,27 +13,10 @@ from blipfast.cli import main
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.train.config import read_config_file, resolve
 from blipfast.train.adapter_blip import BlipPretrainAdapter
-from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture)
 from blipfast.testing.data import write_images, write_jsonl
-from tests.train_helpers import read_log, tiny_args, weights
+from tests.helpers.train import TINY_BLIP, read_log, tiny_args, weights, write_blip_vision
 
-TINY_BLIP = {"name": "blip", "embed_dim": 16, "queue_size": 32,
-             "text": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2,
-                      "max_position_embeddings": 16, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
-
-
-def write_blip_vision(path: str, seed: int = 0, image_size: int = 16) -> str:
-    """A tiny random BlipVisionModel + BlipImageProcessor saved like a Hugging Face model folder."""
-    from transformers import BlipImageProcessor, BlipVisionConfig, BlipVisionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BlipVisionModel(BlipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                                                 num_attention_heads=2, image_size=image_size, patch_size=8,
-                                                 layer_norm_eps=1e-6))
-    model.save_pretrained(path)
-    BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

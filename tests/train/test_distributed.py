@@ -17,7 +17,7 @@ import torch
 
 from blipfast.cli import main
 from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 
 @pytest.mark.distributed

@@ -14,7 +14,7 @@ from blipfast.cli import main
 from blipfast.train.config import OPTIONS
 from blipfast.train.loop import Trainer
 from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 pytestmark = pytest.mark.gpu
 

@@ -17,10 +17,11 @@ from blipfast.cli import build_parser, main
 from blipfast.train import Trainer
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file, resolve
-from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture: bit-identical runs, a 2-core CI)
-from tests.stage2_train_helpers import stage2_args, write_lavis_stage1, write_llm
 from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.train_helpers import read_log, tiny_args, weights
+from tests.helpers.stage2 import stage2_args, write_lavis_stage1, write_llm
+from tests.helpers.train import read_log, tiny_args, weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical runs, a 2-core CI (tests/conftest.py)
 
 NO_DROPOUT = json.dumps({"qformer": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}})
 
@@ -205,11 +206,11 @@ def test_stage2_torchrun_two_gloo_processes_equal_one_process_with_the_global_ba
 
 def test_readme_stage2_commands_parse():
     """Every command of the README's "Training (stage 2)" section is a valid `blipfast train` command line."""
-    import pathlib
     import re
     import shlex
+    from tests.helpers.runtime import ROOT
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme.split("## Training (stage 2)")[1].split("\n## ")[0]
     lines = [ln for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for ln in b.splitlines()]
     assert len(lines) == 4

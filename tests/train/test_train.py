@@ -16,7 +16,7 @@ from blipfast.cli import main
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file
 from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +212,10 @@ def test_help_documents_every_option(capsys):
 
 
 def test_readme_config_example_is_a_valid_config(tmp_path):
-    import pathlib
     import re
+    from tests.helpers.runtime import ROOT
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "features:" in b)
     (tmp_path / "run.yaml").write_text("\n".join(line.strip() for line in block.splitlines()))
     cfg = read_config_file(str(tmp_path / "run.yaml"))
