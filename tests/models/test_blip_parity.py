@@ -2,7 +2,7 @@
 
 Every parameter of the HF model is randomised (biases and LayerNorm affine included), blipfast loads HF's
 state_dict with strict=True, both run in eval mode on the same inputs, and the outputs and the gradients of
-every parameter (by name) and of the inputs are compared with the tolerance rule of test_qformer_parity.py
+every parameter (by name) and of the inputs are compared with the tolerance rule of tests/helpers/qformer.py
 (1e-5 of the magnitude; gradient floor 1e-7 of the model's largest gradient). Modes: the image-grounded
 encoder (bidirectional, cross-attention in every layer), the image-grounded decoder (causal), the text-only
 encoder (ITC) and the LM head's label-smoothed loss; padding anywhere but position 0 (so every causal row keeps
@@ -136,7 +136,12 @@ def test_parity_with_hf(name, mode):
         # rows that are padding still compute (as in HF): compare every row
         _check("last_hidden_state", got.last_hidden_state, ref.last_hidden_state)
         _check("pooler_output", got.pooler_output, ref.pooler_output)
-        torch.testing.assert_close(got[0], got.last_hidden_state, rtol=0, atol=0)
+        # the tuple form (return_dict=False), in a call of its own: HF's (last_hidden_state, pooler_output)
+        with torch.no_grad():
+            got_t = bf(**kw, return_dict=False)
+        assert isinstance(got_t, tuple)
+        _check("return_dict=False [0]", got_t[0], ref.last_hidden_state)
+        _check("return_dict=False [1]", got_t[1], ref.pooler_output)
     assert set(got_g) == set(ref_g)
     gmax = max(g.abs().max().item() for g in ref_g.values() if g is not None)
     for n in ref_g:

@@ -168,10 +168,14 @@ def test_embeddings_and_output_forms():
     manual = emb.word_embeddings(ids) + emb.position_embeddings.weight[:T]
     assert torch.equal(x[:, Q:], manual)
     model = _model()
-    out = model(x, query_length=Q, encoder_hidden_states=torch.randn(B, LK, 40), output_hidden_states=True,
-                return_query_kv=True)
+    img = torch.randn(B, LK, 40)
+    out = model(x, query_length=Q, encoder_hidden_states=img, output_hidden_states=True, return_query_kv=True)
     assert len(out.hidden_states) == CFG["num_hidden_layers"] + 1
-    assert torch.equal(out.hidden_states[-1], out.last_hidden_state) and torch.equal(out[0], out.last_hidden_state)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    tup = model(x, query_length=Q, encoder_hidden_states=img, return_dict=False)  # a call of its own
+    assert isinstance(tup, tuple) and len(tup) == 2
+    _close("return_dict=False [0]", tup[0], out.last_hidden_state)
+    _close("return_dict=False [1]", tup[1], out.pooler_output)
     assert out.query_kv[0][0].shape == (B, Q, 4, 16)
     assert isinstance(blipfast.QFormer, type) and "QFormer" in blipfast.__all__
 

@@ -89,7 +89,7 @@ def _inputs(cfg_name, text_input, masked, path):
         kw["attention_mask"] = m
         if path == "queries":
             # transformers 5.x builds the cross-attention mask over all L rows, so a padded image mask only works
-            # for a query-only pass in HF; blipfast takes it with text too (tests/test_qformer_modes.py)
+            # for a query-only pass in HF; blipfast takes it with text too (tests/models/test_qformer_modes.py)
             em = (torch.rand(bsz, lk) > 0.35).long()
             em[:, -1] = 1
             kw["encoder_attention_mask"] = em
@@ -118,7 +118,12 @@ def test_parity_with_hf_qformer(case):
     assert got.last_hidden_state.dtype == torch.float32
     _check("last_hidden_state", got.last_hidden_state, ref.last_hidden_state)
     _check("pooler_output", got.pooler_output, ref.pooler_output)
-    torch.testing.assert_close(got[0], got.last_hidden_state, rtol=0, atol=0)
+    # the tuple form (return_dict=False), in calls of its own: HF's tuple, element for element
+    with torch.no_grad():
+        got_t, ref_t = qf(**kw, return_dict=False), hf(**kw, return_dict=False)
+    assert isinstance(got_t, tuple) and len(got_t) == len(ref_t) == 2, (len(got_t), len(ref_t))
+    for i, (g, r) in enumerate(zip(got_t, ref_t)):
+        _check(f"return_dict=False [{i}]", g, r)
     assert set(got_g) == set(ref_g)
     gmax = max(g.abs().max().item() for g in ref_g.values() if g is not None)
     for name in ref_g:
