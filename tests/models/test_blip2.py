@@ -16,7 +16,7 @@ from blipfast import Blip2Stage1, Blip2Stage1Config, QFormerConfig
 from blipfast.bench.stage1_baseline import lavis_stage1_forward
 from blipfast.ops._philox import new_seed
 from tests.helpers.runtime import AUTOCAST, autocast, replay_captured_step
-from tests.helpers.tolerance import assert_within_torch_error
+from tests.helpers.tolerance import assert_close, assert_within_torch_error
 
 F64 = torch.float64
 LOSSES = ("loss_itc", "loss_itm", "loss_lm")
@@ -407,20 +407,43 @@ def test_compiled_step_on_cuda_never_syncs():
 @pytest.mark.gpu
 def test_training_step_captures_in_a_cuda_graph():
     """Forward, backward and AdamW of a stage-1 step in one torch.cuda.CUDAGraph (static inputs; sampling and
-    dropout draw fresh seeds from the graph-safe CUDA generator at every replay)."""
+    dropout draw fresh seeds from the graph-safe CUDA generator at every replay), against eager steps from the
+    state the first replay starts from: the model after the warm-up steps, AdamW's state and the generators' states
+    (so every eager step draws the sampling and dropout seeds its replay drew). Every step's loss and every
+    parameter after the last AdamW update agree within same-precision rounding (assert_close): the step's kernels
+    are deterministic at this size (ITC's d text_feats takes fp32 atomics only when the gathered batch spans several
+    column tiles), while a replay that reused the captured seeds, skipped the optimizer or read stale buffers is off
+    by far more."""
     torch.manual_seed(0)
     model = Blip2Stage1(tiny_config()).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
     img, ids, mask = (t.cuda() for t in make_batch(8, 7, pad_rows=(1, 5)))
 
-    def train_step():
-        opt.zero_grad(set_to_none=False)
+    def train_step(m, o):
+        o.zero_grad(set_to_none=False)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(img, ids, mask).loss
+            loss = m(img, ids, mask).loss
         loss.backward()
-        opt.step()
+        o.step()
         return loss.detach()
 
-    losses = replay_captured_step(train_step, 20)
+    start = {}
+
+    def snapshot():  # after the warm-up and the capture (which runs nothing): where the first replay starts
+        start["model"], start["opt"] = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+        start["rng"] = torch.get_rng_state(), torch.cuda.get_rng_state()
+
+    losses = replay_captured_step(lambda: train_step(model, opt), 20, on_captured=snapshot)
     assert torch.isfinite(losses).all()
     assert losses[-5:].mean() < losses[:5].mean(), losses  # it trains on the fixed batch
+
+    eager = start["model"]
+    eager_opt = torch.optim.AdamW(eager.parameters(), lr=1e-3, capturable=True)
+    eager_opt.load_state_dict(start["opt"])
+    torch.set_rng_state(start["rng"][0])
+    torch.cuda.set_rng_state(start["rng"][1])
+    eager_losses = torch.stack([train_step(eager, eager_opt) for _ in range(len(losses))])
+    assert_close(losses, eager_losses, name="loss of each replay vs the eager step")
+    params = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p, params[name], name=f"{name} after {len(losses)} steps")
