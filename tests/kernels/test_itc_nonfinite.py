@@ -9,7 +9,7 @@ NaN in must give NaN out, with no NaN of the kernel's own making and no clean lo
   matrix product adds inf * 0, so rows are compared, not entries); d temp equals the reference's.
 Backends: "torch" (the custom op's PyTorch path, the CPU default) and "triton" (under the interpreter on
 CPU, where numpy's IEEE warnings are silenced but any other warning, e.g. the "All-NaN slice" of a NaN
-reduction, is an error). temp <= 0, inf or NaN is rejected by the public ops (tests/test_ops_validation.py),
+reduction, is an error). temp <= 0, inf or NaN is rejected by the public ops (tests/ops/test_validation.py),
 so NaN temp reaches the kernels through the custom op directly, as it does on CUDA where the check is an
 asynchronous device assert that fires after the kernels have run.
 """

@@ -327,7 +327,7 @@ def test_cuda_misaligned_inputs_take_the_scalar_path(dtype, n):
 
 def test_raw_op_check_runs_on_the_torch_implementation():
     """check_raw_op (the CUDA test below) runs on CPU with the torch implementation standing in for the
-    kernel, so the check itself is exercised here; tests/test_mutations.py shows it rejects wrong kernels."""
+    kernel, so the check itself is exercised here; tests/kernels/test_mutations.py shows it rejects wrong kernels."""
     for dtype in DTYPES:
         check_raw_op(LE._fwd_torch, LE._bwd_torch, dtype, 130, "cpu")
 

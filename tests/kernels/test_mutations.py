@@ -68,7 +68,7 @@ def assert_rejected(check, *mutants):
 
 
 # ----------------------------------------------------------------------------------------------
-# the tolerance rule itself (tests/conftest.py)
+# the tolerance rule itself (tests/helpers/tolerance.py)
 
 
 @pytest.mark.parametrize("magnitude", [1.3e-2, 1e-7, 1.0, 1e5])
@@ -94,7 +94,7 @@ def test_rule_on_an_all_zero_reference():
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/test_attention_triton.py: qformer_attention / cross_attention Triton kernels
+# tests/kernels/test_attention.py: qformer_attention / cross_attention Triton kernels
 
 
 def _shifted_causal_fwd(original, q, k, v, kpm, seed, nq, mode, p, scale, **kw):
@@ -229,11 +229,11 @@ def test_cross_attention_half_dk_with_forced_tiling_is_rejected(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/test_itc_triton.py: the fused ITC loss
+# tests/kernels/test_itc.py: the fused ITC loss
 
 
 def _itc(ls=0.0, dtype=torch.float32):
-    if ls:  # CASES of test_itc_triton.py
+    if ls:  # CASES of test_itc.py
         return lambda: IT._check_against_reference(3, 3, 2, 16, ls, True, dtype, DEV)
     return lambda: IT._check_against_reference(3, 4, 7, 40, ls, True, dtype, DEV)
 
@@ -293,7 +293,7 @@ def test_itc_public_op_check_rejects_half_gradient(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/test_layernorm_epilogue.py: the post-LN epilogue (CUDA kernel; its test's CPU path is the torch
+# tests/kernels/test_layernorm_epilogue.py: the post-LN epilogue (CUDA kernel; its test's CPU path is the torch
 # implementation of the same fused contract, which the custom op's "torch" backend calls)
 
 
@@ -377,7 +377,7 @@ def test_epilogue_raw_op_check_rejects_mutants(monkeypatch, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/test_hard_negatives_cuda.py: the sampler (CUDA kernel; on CPU its C++ build when compiled,
+# tests/kernels/test_hard_negatives.py: the sampler (CUDA kernel; on CPU its C++ build when compiled,
 # else the reference it must equal index for index)
 
 
@@ -432,7 +432,7 @@ def test_sampler_checks_accept_the_kernel():
 
 
 # ----------------------------------------------------------------------------------------------
-# tests/test_model_integration.py: the model-level paths
+# tests/models/test_integration.py: the model-level paths
 
 
 def test_itm_index_path_wrong_image_is_rejected(monkeypatch):

@@ -2,7 +2,7 @@
 and optimizer after the swap of their text encoder / decoder.
 
 Outputs and gradients of the patched fp32 model are held to the float64 model (a cast copy) with the unpatched
-fp32 model's error as the yardstick (tests/conftest.py: assert_within_torch_error). Generated tokens are
+fp32 model's error as the yardstick (tests/helpers/tolerance.py: assert_within_torch_error). Generated tokens are
 compared in fp64: a random tiny model can have two next-token scores within fp32 rounding of each other,
 where a legitimate 1-ulp difference would flip the argmax; in fp64 such a tie is
 out of reach, so identical tokens are a sharp test of the decoding path (cache, beams, reordering, masks).

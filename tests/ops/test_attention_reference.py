@@ -1,7 +1,7 @@
 """The attention references (qformer_attention, cross_attention; backend "torch" and the *_ref functions)
 against formulations written here: masks from SPEC.md section 2's table by explicit loops, attention
 by F.scaled_dot_product_attention or an explicit float64 softmax, dropout masks from the pure-Python
-Philox of tests/test_philox.py (the four words of a call serve four adjacent keys of a row)."""
+Philox of tests/helpers/philox.py (the four words of a call serve four adjacent keys of a row)."""
 from __future__ import annotations
 
 import math
