@@ -1,6 +1,7 @@
 """The layout of tests/: one folder per part of the package (its subpackages and modules, kernels/ and csrc/ under
 kernels, the command-line modules under cli), each a package (``tests.<folder>.<module>``, so basenames may repeat);
-what tests share lives in tests/helpers/ and no test module imports another test module or conftest.py."""
+what tests share lives in tests/helpers/: no module of tests/ imports another test module, conftest.py or a helper
+kept elsewhere."""
 from __future__ import annotations
 
 import ast
@@ -21,7 +22,8 @@ def _package(path) -> str:
 
 
 def _imported(source: str, package: str) -> list[str]:
-    """Absolute names of the modules ``source`` (a module of ``package``) imports, relative imports resolved."""
+    """Absolute names of what ``source`` (a module of ``package``) imports: ``import a.b`` gives a.b, ``from a import
+    b`` gives a.b, relative imports resolved."""
     names = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -29,13 +31,13 @@ def _imported(source: str, package: str) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             base = package.rsplit(".", node.level - 1)[0] if node.level else ""
             mod = ".".join(x for x in (base, node.module) if x)
-            names += [mod] + [f"{mod}.{a.name}" for a in node.names]
+            names += [f"{mod}.{a.name}" for a in node.names]
     return names
 
 
-def _is_test_module(name: str) -> bool:
-    parts = name.split(".")
-    return parts[0] == "tests" and (any(p.startswith("test_") for p in parts[1:]) or parts[-1] == "conftest")
+def _outside_helpers(name: str) -> bool:
+    """A name from tests/ that is not tests/helpers/'s: another test module, conftest.py, a helper kept elsewhere."""
+    return name.split(".")[0] == "tests" and not name.startswith("tests.helpers.")
 
 
 def test_every_test_module_sits_in_a_folder_that_mirrors_the_package():
@@ -47,16 +49,17 @@ def test_every_test_module_sits_in_a_folder_that_mirrors_the_package():
     assert not stray, f"folders of tests/ that mirror no part of blipfast: {stray}"
 
 
-def test_no_test_module_imports_another_test_module():
+def test_tests_import_from_tests_only_its_helpers():
     bad = [f"{p.relative_to(ROOT)}: {name}" for p in _modules()
-           for name in _imported(p.read_text(), _package(p)) if _is_test_module(name)]
-    assert not bad, f"shared test code belongs in tests/helpers/: {bad}"
+           for name in _imported(p.read_text(), _package(p)) if _outside_helpers(name)]
+    assert not bad, f"what tests share belongs in tests/helpers/ (fixtures: tests/conftest.py): {bad}"
 
 
 def test_the_import_scan_sees_each_form():
     for line in ("from tests.ops.test_compile import x", "from tests import test_x", "from .conftest import FLOOR",
                  "from .test_attention import DEV", "import tests.kernels.test_itc as t", "from ..conftest import F",
-                 "def f():\n    from tests.models.test_blip2 import make_batch\n"):
-        assert any(_is_test_module(n) for n in _imported(line + "\n", "tests.kernels")), line
-    ok = "from tests.helpers.runtime import ROOT\nfrom . import helpers\nfrom ..helpers import train\nimport torch\n"
-    assert not any(_is_test_module(n) for n in _imported(ok, "tests.kernels"))
+                 "def f():\n    from tests.models.test_blip2 import make_batch\n", "from .wds_helpers import x",
+                 "from tests import conftest"):
+        assert any(_outside_helpers(n) for n in _imported(line + "\n", "tests.kernels")), line
+    ok = "from tests.helpers.runtime import ROOT\nfrom ..helpers import train\nfrom tests.helpers import itc\nimport torch\n"
+    assert not any(_outside_helpers(n) for n in _imported(ok, "tests.kernels"))
