@@ -49,14 +49,14 @@ python -c 'import blipfast, json; print(json.dumps(blipfast.build_info()))' >>"$
 phase "pytest -m gpu" 150 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests -p no:cacheprovider -rfE
 # the attention hardening suites (NaN/inf, out-of-range kv_index) take the device's tensors when there is one
 phase "attention NaN + kv_index suites on CUDA" 60 "$OUT/pytest-gpu.log" python -m pytest -q -p no:cacheprovider -rfE \
-  tests/test_attention_nan.py tests/test_attention_index_range.py
+  tests/kernels/test_attention_nan.py tests/kernels/test_attention_index_range.py
 
 # 2. compute-sanitizer on the newest kernels: the Triton attention (itc_itg mode, masked kv_index tables) and
 #    the CUDA epilogue (its statistics now one [2, R] buffer)
 phase "sanitizer: attention" 60 "$OUT/sanitizer.log" bash tests/gpu/run_sanitizer_attention.sh
 phase "sanitizer: memcheck CUDA epilogue + sampler" 40 "$OUT/sanitizer.log" \
   compute-sanitizer --tool memcheck --error-exitcode 3 python -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_layernorm_epilogue.py tests/test_hard_negatives_cuda.py -k "raw_op_matches or index_for_index"
+  tests/kernels/test_layernorm_epilogue.py tests/kernels/test_hard_negatives.py -k "raw_op_matches or index_for_index"
 
 # 3. every benchmark suite (`blipfast bench` runs the cases of benchmarks/ too: `pytest benchmarks/ --benchmark`
 #    times the same ones under pytest-benchmark, in a later call if time is left)
