@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from .. import convert, ops
-from ..distributed import exchange_itm_negatives, itm_batch_indices, itm_loss
+from ..distributed import exchange_itm_negatives, itm_batch_indices
+from ..ops import linear_cross_entropy
 from ..ops._dist import group_info
 from ._checks import check_index, check_text
-from ._linear import linear_cross_entropy
+from .losses import itm_loss
 from .qformer import QFormer, QFormerConfig, QFormerEmbeddings, _activation, _init_weights
 
 # the Q-Former of stage 1: BERT-base with the [DEC] token (vocab 30523) and the text FFN

@@ -46,11 +46,11 @@ from transformers import BlipVisionConfig, BlipVisionModel
 from transformers.utils import ModelOutput
 
 from .. import convert, ops
-from ..distributed import itm_batch_indices, itm_loss
-from ..ops._common import no_autocast
+from ..distributed import itm_batch_indices
+from ..ops import linear_cross_entropy, no_autocast
 from ..ops._dist import gather_no_grad, group_info
 from ._checks import check_index, check_text
-from ._linear import linear_cross_entropy
+from .losses import itm_loss
 from .blip import BlipTextLMHeadModel, BlipTextModel, blip_text_config, share_encoder_decoder
 from .blip_vision import fuse_vision_model
 

@@ -6,7 +6,7 @@ probabilities (197 x 197 per head at 224 px, 577 x 577 at 384 px) and autograd k
 activations of the step. :func:`fuse_vision_model` switches every ``BlipAttention`` of a model to
 :class:`SdpaBlipAttention` (one ``F.scaled_dot_product_attention`` call: FlashAttention or the memory-efficient
 kernel on a GPU; it returns no attention probabilities, ``None`` where HF returns them) and every GELU ``BlipMLP``
-to :class:`RecomputeGeluBlipMLP` (``blipfast.models._linear.gelu_mlp``: the GELU is recomputed in the backward
+to :class:`RecomputeGeluBlipMLP` (``blipfast.ops.gelu_mlp``: the GELU is recomputed in the backward
 instead of kept). The modules keep their parameters, state dict keys and outputs: ``__class__`` is changed in
 place, nothing is copied. :func:`unfuse_vision_model` undoes it.
 """
@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
 
-from ..ops._common import sdpa
-from ._linear import gelu_mlp
+from ..ops import gelu_mlp, sdpa
 from .qformer import gelu_approximate
 
 

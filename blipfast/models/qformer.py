@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from .. import ops
-from ._linear import concat_linear, gelu_mlp
+from ..ops import concat_linear, gelu_mlp
 
 # activations by name without importing transformers.activations (slow to import); others come from ACT2FN
 _ACTIVATIONS = {

@@ -10,6 +10,7 @@ also accepts CPU tensors (that is how CI tests the kernels).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Iterable, Sequence
@@ -52,28 +53,8 @@ def triton_available() -> bool:
     return TRITON_OK
 
 
-# Set by ``dispatch_meta_as_cuda()``: meta tensors take the dispatch decisions of CUDA tensors (the custom ops'
-# fake implementations run instead of kernels), so that the cost of the GPU path can be counted without a GPU.
-_META_AS_CUDA = False
-
-
-class dispatch_meta_as_cuda:
-    """Context manager: ops on meta tensors resolve their backend as on a CUDA device with Triton and the
-    compiled extension (blipfast.bench.counting counts FLOPs, operators and saved bytes of the GPU path)."""
-
-    def __enter__(self):
-        global _META_AS_CUDA
-        self._prev, _META_AS_CUDA = _META_AS_CUDA, True
-        return self
-
-    def __exit__(self, *exc):
-        global _META_AS_CUDA
-        _META_AS_CUDA = self._prev
-        return False
-
-
 def _is_cuda(device: torch.device) -> bool:
-    return device.type == "cuda" or (_META_AS_CUDA and device.type == "meta")
+    return device.type == "cuda"
 
 
 def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
@@ -81,13 +62,35 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
         return True
     if dtype is not None and dtype not in FUSED_DTYPES:
         return False
-    if _META_AS_CUDA and device.type == "meta":
-        return True
     if backend == "triton":
         return TRITON_OK and (device.type == "cuda" or triton_interpret())
     if backend == "cuda":
         return device.type == "cuda" and EXTENSION_OK
     return False
+
+
+class dispatch_rules:
+    """Context manager: ``resolve_backend`` and ``dropout_seeds`` follow ``is_cuda(device)`` ("dispatch as on a
+    CUDA device") and ``runnable(backend, device, dtype)`` ("can this backend run here") instead of the two rules
+    above, until it exits. A normal run never installs one: the dispatch reads the device and the probes above
+    and nothing else. blipfast.bench.counting installs rules under which meta tensors dispatch as CUDA tensors,
+    to count the cost of the GPU path without a GPU. Each rule gets the default rule as ``default=``."""
+
+    def __init__(self, is_cuda, runnable):
+        self._rules = (is_cuda, runnable)
+
+    def __enter__(self):
+        global _is_cuda, _runnable
+        self._prev = (_is_cuda, _runnable)
+        is_cuda, runnable = self._rules
+        _is_cuda = functools.partial(is_cuda, default=self._prev[0])
+        _runnable = functools.partial(runnable, default=self._prev[1])
+        return self
+
+    def __exit__(self, *exc):
+        global _is_cuda, _runnable
+        _is_cuda, _runnable = self._prev
+        return False
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device, supported: Sequence[str],
@@ -179,6 +182,40 @@ def check_positive_float(op: str, name: str, x, allow_none: bool = True):
     return x
 
 
+def check_unit_interval(op: str, name: str, x) -> float:
+    """A float in [0, 1] (e.g. label smoothing)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1], got {x}")
+    return x
+
+
+def check_positive_int(op: str, name: str, x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__}")
+    if x < 1:
+        raise ValueError(f"{op}: {name} must be >= 1, got {x}")
+    return x
+
+
+def gemm_dtype(op: str, device: torch.device, **tensors) -> torch.dtype:
+    """The dtype that ``F.linear`` over ``tensors`` (None entries skipped) computes in: autocast's where autocast is
+    on for ``device`` (it casts every floating-point tensor but float64 to it), else the tensors' own, which must be
+    one. The linear ops (concat_linear, gelu_mlp, linear_cross_entropy) run their GEMMs, forward and backward, in it
+    and return each gradient in its input's dtype, as autocast's own ``linear`` does."""
+    on = device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
+    cast = torch.get_autocast_dtype(device.type) if on else None
+    given = {n: t.dtype for n, t in tensors.items() if t is not None}
+    got = {cast if cast is not None and d != torch.float64 else d for d in given.values()}
+    if len(got) > 1:
+        desc = ", ".join(f"{n}={str(d).replace('torch.', '')}" for n, d in given.items())
+        rule = " (autocast casts all but float64)" if on else " (or run under autocast)"
+        raise TypeError(f"{op}: {', '.join(given)} must share one dtype{rule}, got {desc}")
+    return got.pop()
+
+
 def as_key_padding_mask(op: str, name: str, mask, shape: Sequence[int], device: torch.device) -> torch.Tensor | None:
     """Validate a [.., Lk] bool or 0/1 integer/float mask (true = attend) and return it as bool."""
     if mask is None:
@@ -250,8 +287,10 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what: str) -> None:
-    """Every value of the integer tensor ``index`` must lie in [0, upper) (``what`` says what ``upper`` is).
+def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what: str,
+                      ignore: int | None = None) -> None:
+    """Every value of the integer tensor ``index`` must lie in [0, upper) (``what`` says what ``upper`` is), or
+    equal ``ignore`` where that is given (e.g. -100, the ignored target of a cross-entropy).
 
     Eager on a CPU tensor: a ValueError naming the argument and the first bad value. On CUDA, and whenever
     torch.compile traces the call, a ``torch._assert_async`` instead: no host synchronisation, valid under
@@ -260,18 +299,22 @@ def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what:
     if index.numel() == 0:
         return
     msg = f"{op}: {name} values must be in [0, {upper}) ({what})"
+    if ignore is not None:
+        msg += f" or {ignore}"
+    ok = (index >= 0) & (index < upper)
+    if ignore is not None:
+        ok = ok | (index == ignore)
     if index.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(index):
-        bad = (index < 0) | (index >= upper)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
+        if not bool(ok.all()):
+            pos = int((~ok).nonzero()[0, 0])
             raise ValueError(f"{msg}, got {int(index[pos])} at position {pos}")
         return
-    torch._assert_async(((index >= 0) & (index < upper)).all(), msg)
+    torch._assert_async(ok.all(), msg)
 
 
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
     """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors (counting the GPU path, see
-    ``dispatch_meta_as_cuda``) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise
+    blipfast.bench.counting) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise
     decompose into its math path there (materialised probabilities)."""
     import torch.nn.functional as F
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import blipfast
 from blipfast import ops
-from blipfast.distributed import itm_batch_indices, itm_loss
+from blipfast.distributed import itm_batch_indices
+from blipfast.models.losses import itm_loss
 from tests.helpers.tolerance import assert_triton_matches_torch, assert_within_torch_error
 
 Q, T, N_IMG = 4, 6, 9

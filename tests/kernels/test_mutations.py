@@ -18,6 +18,7 @@ Small shapes throughout: the Triton kernels run under the interpreter on CPU.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -31,6 +32,7 @@ from blipfast.ops.qformer_attention import allowed_mask
 from tests.helpers import hard_negatives as HN
 from tests.helpers import integration as MI
 from tests.helpers import layernorm as LN
+from tests.helpers import linear_ops as LO
 from tests.helpers.runtime import DEV, count_calls
 from tests.helpers.tolerance import FLOOR, assert_within_torch_error
 
@@ -39,6 +41,10 @@ from blipfast.kernels import attention as AK  # noqa: E402  (after the triton ch
 from blipfast.kernels import itc as IK  # noqa: E402
 from tests.helpers import attention as AT  # noqa: E402
 from tests.helpers import itc as IT  # noqa: E402
+
+# the modules of the linear ops (blipfast.ops.<name> is the op itself)
+CL, GM, LCE = (importlib.import_module(f"blipfast.ops.{m}")
+               for m in ("concat_linear", "gelu_mlp", "linear_cross_entropy"))
 
 
 class Mutant:
@@ -470,6 +476,85 @@ def test_qformer_on_triton_mutants_are_rejected(monkeypatch, mode_case, kernel):
         m = Mutant(monkeypatch, AK, "cross_attention_bwd", outputs(lambda dq, dk, dv: (dq, dk, dv / 2)))
     calls = count_calls(monkeypatch, AK, "qformer_attention_fwd", "cross_attention_fwd")
     assert_rejected(lambda: MI.check_qformer_on_triton(monkeypatch, mode_case, DEV, calls), m)
+
+
+# ----------------------------------------------------------------------------------------------
+# tests/ops/test_linear_cross_entropy.py, test_gelu_mlp.py, test_concat_linear.py: the implementations that the
+# custom ops run (_fwd_torch / _bwd_torch), replaced by wrong ones; each check passes on the real ones there
+
+
+def _lce_fwd_tail_chunk_dropped(f, x, w, b, t, ls, chunk):
+    t = t.clone()
+    t[t.shape[0] - t.shape[0] % chunk:] = -100  # the loop stops before the short last chunk
+    return f(x, w, b, t, ls, chunk)
+
+
+def _lce_fwd_mean_over_all_rows(f, x, w, b, t, ls, chunk):
+    loss, lse, count = f(x, w, b, t, ls, chunk)
+    return loss * count / t.shape[0], lse, count
+
+
+LCE_MUTANTS = {  # name: (module attribute, wrong implementation)
+    "label smoothing dropped": ("_fwd_torch", lambda f, x, w, b, t, ls, chunk: f(x, w, b, t, 0.0, chunk)),
+    "label smoothing dropped in the backward": ("_bwd_torch", lambda f, g, x, w, b, t, lse, n, ls, *a:
+                                                f(g, x, w, b, t, lse, n, 0.0, *a)),
+    "tail chunk dropped": ("_fwd_torch", _lce_fwd_tail_chunk_dropped),
+    "mean over all rows": ("_fwd_torch", _lce_fwd_mean_over_all_rows),
+    "backward reads the next chunk's lse": ("_bwd_torch", lambda f, g, x, w, b, t, lse, n, ls, chunk, *a:
+                                            f(g, x, w, b, t, lse.roll(-chunk), n, ls, chunk, *a)),
+    "ignored rows get a gradient": ("_bwd_torch", lambda f, g, x, w, b, t, *a: f(g, x, w, b, t.clamp_min(0), *a)),
+    "bias gradient dropped": ("_bwd_torch", outputs(lambda gx, gw, gb: (gx, gw, torch.zeros_like(gb)))),
+}
+
+
+@pytest.mark.parametrize("name", list(LCE_MUTANTS))
+def test_linear_cross_entropy_mutants_are_rejected(monkeypatch, name):
+    attr, wrong = LCE_MUTANTS[name]
+    m = Mutant(monkeypatch, LCE, attr, wrong)
+    assert_rejected(lambda: LO.linear_cross_entropy_check(torch.float32, n=37, chunk=8, label_smoothing=0.1), m)
+
+
+def _other_gelu(a):
+    return "tanh" if a == "none" else "none"
+
+
+GELU_MUTANTS = {
+    "other GELU in the backward": ("_bwd_torch", lambda f, gy, x, u, w1, w2, a, *r:
+                                   f(gy, x, u, w1, w2, _other_gelu(a), *r)),
+    "other GELU in the forward": ("_fwd_torch", lambda f, x, w1, b1, w2, a: f(x, w1, b1, w2, _other_gelu(a))),
+    "d w2 from the pre-activation": ("_bwd_torch", lambda f, gy, x, u, *r: (*f(gy, x, u, *r)[:3], gy.t() @ u)),
+    "bias gradient dropped": ("_bwd_torch", outputs(lambda gx, gw1, gb1, gw2: (gx, gw1, torch.zeros_like(gb1), gw2))),
+}
+
+
+@pytest.mark.parametrize("name", list(GELU_MUTANTS))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_mlp_mutants_are_rejected(monkeypatch, name, approximate):
+    attr, wrong = GELU_MUTANTS[name]
+    m = Mutant(monkeypatch, GM, attr, wrong)
+    assert_rejected(lambda: LO.gelu_mlp_check(torch.float32, approximate=approximate), m)
+
+
+def _blocks_reversed(gw, rows):
+    return torch.cat(gw.split(rows)[::-1])
+
+
+CONCAT_MUTANTS = {
+    "weight gradient not split per weight": ("_bwd_torch", lambda f, gy, x, ws, *r: (
+        lambda gx, gw, gb: (gx, _blocks_reversed(gw, [w.shape[0] for w in ws]), gb))(*f(gy, x, ws, *r))),
+    "d x from the weights in another order": ("_bwd_torch", lambda f, gy, x, ws, *r: (
+        lambda gx, gw, gb: (f(gy, x, ws[::-1], *r)[0], gw, gb))(*f(gy, x, ws, *r))),
+    "bias gradient dropped": ("_bwd_torch", outputs(lambda gx, gw, gb: (gx, gw, torch.zeros_like(gb)))),
+    "bias gradient one row off": ("_bwd_torch", outputs(lambda gx, gw, gb: (gx, gw, gb.roll(1)))),
+    "biases in another order": ("_fwd_torch", lambda f, x, ws, bs: f(x, ws, bs[::-1])),
+}
+
+
+@pytest.mark.parametrize("name", list(CONCAT_MUTANTS))
+def test_concat_linear_mutants_are_rejected(monkeypatch, name):
+    attr, wrong = CONCAT_MUTANTS[name]
+    m = Mutant(monkeypatch, CL, attr, wrong)
+    assert_rejected(lambda: LO.concat_linear_check(torch.float32, rows=(5, 12, 7)), m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,9 +66,11 @@ def test_qformer_forward_traces_fullgraph_with_gpu_backends():
 
         loss, calls = _compile_on_fake_cuda(fwd, params, x, img, mask)
     assert loss.device.type == "cuda"
-    # 2 layers: self-attention each, cross-attention in layer 0; epilogues: 2 self + 1 cross + 2 x 2 FFNs
+    # 2 layers: self-attention each, cross-attention in layer 0; epilogues: 2 self + 1 cross + 2 x 2 FFNs; the
+    # linear ops (one backend): a QKV GEMM per layer + the image K/V of every cross layer in one, 2 x 2 GELU FFNs
     assert calls == Counter({("qformer_attention_fwd", "triton"): 2, ("cross_attention_fwd", "triton"): 1,
-                             ("bias_dropout_add_layernorm_fwd", "cuda"): 7})
+                             ("bias_dropout_add_layernorm_fwd", "cuda"): 7, ("concat_linear_fwd", "torch"): 3,
+                             ("gelu_mlp_fwd", "torch"): 4})
 
 
 @pytest.mark.skipif(not C.TRITON_OK, reason="needs Triton")
@@ -88,6 +90,26 @@ def test_itc_and_negatives_trace_fullgraph_with_gpu_backends():
         (loss, neg_t, neg_i), calls = _compile_on_fake_cuda(fwd, img, txt, temp)
     assert neg_t.shape == (4,) and neg_t.device.type == "cuda"
     assert calls == Counter({("itc_loss_fwd", "triton"): 1, ("sample_hard_negatives", "cuda"): 1})
+
+
+def test_meta_dispatches_as_cuda_only_while_counting():
+    """The benchmark's GPU path on meta tensors is a dispatch rule that blipfast.bench.counting installs while it
+    counts; outside, a meta tensor dispatches as any non-CUDA tensor (the reference) and nothing else is read."""
+    from blipfast.bench.counting import counting_gpu_path
+
+    meta, sup = torch.device("meta"), ("cuda", "triton", "torch")
+    default_rules = (C._is_cuda, C._runnable)
+    assert C.resolve_backend("op", None, meta, sup, torch.float32) == "torch"
+    assert O.dropout_seeds(2, meta) == (None, None)
+    with pytest.raises(RuntimeError), counting_gpu_path():
+        assert C.resolve_backend("op", None, meta, sup, torch.float32) == "cuda"
+        assert C.resolve_backend("op", None, meta, ("triton", "torch"), torch.bfloat16) == "triton"
+        assert C.resolve_backend("op", None, meta, sup, torch.float64) == "torch"  # fused kernels take no fp64
+        assert C.resolve_backend("op", None, torch.device("cpu"), ("cuda", "torch"), torch.float32) == "torch"
+        assert all(s is not None and s.device == meta for s in O.dropout_seeds(2, meta))
+        raise RuntimeError("leaving the count by an exception restores the rules too")
+    assert (C._is_cuda, C._runnable) == default_rules
+    assert C.resolve_backend("op", None, meta, sup, torch.float32) == "torch"
 
 
 class _Record(TorchDispatchMode):

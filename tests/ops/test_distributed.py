@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from blipfast import distributed as bd
+from blipfast.models.losses import itm_loss
 from blipfast.ops import itc_loss, itc_loss_ref, sample_hard_negatives
 from tests.helpers.runtime import free_port
 from tests.helpers.tolerance import assert_close
@@ -199,8 +200,8 @@ def test_single_process_itm_indices_and_fetch():
     assert inp.batch.weight.tolist() == [1, 0, 0]
     logits = torch.randn(3, 2)
     expect = F.cross_entropy(logits[:1], torch.tensor([1]))
-    torch.testing.assert_close(bd.itm_loss(logits, inp.batch.labels, inp.batch.weight), expect)
-    full = bd.itm_loss(logits, torch.tensor([1, 0, 0]), torch.ones(3))
+    torch.testing.assert_close(itm_loss(logits, inp.batch.labels, inp.batch.weight), expect)
+    full = itm_loss(logits, torch.tensor([1, 0, 0]), torch.ones(3))
     torch.testing.assert_close(full, F.cross_entropy(logits, torch.tensor([1, 0, 0])))
 
 
