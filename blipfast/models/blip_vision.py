@@ -18,7 +18,7 @@ from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
 
 from ..ops._common import sdpa
 from ._linear import gelu_mlp
-from .qformer import gelu_approximate
+from .layers import gelu_approximate
 
 
 class SdpaBlipAttention(BlipAttention):
