@@ -48,7 +48,7 @@ from transformers.utils import ModelOutput
 from .. import convert, ops
 from ..distributed import itm_batch_indices, itm_loss
 from ..ops._common import no_autocast
-from ..ops._dist import gather_no_grad, group_info
+from ..distributed import gather_no_grad, group_info
 from ._checks import check_index, check_text
 from ._linear import linear_cross_entropy
 from .blip import BlipTextLMHeadModel, BlipTextModel, blip_text_config, share_encoder_decoder
@@ -153,15 +153,15 @@ class BlipPretrainConfig:
 
 @dataclass
 class BlipPretrainOutput(ModelOutput):
-    """``loss`` = ``loss_itc + loss_itm + loss_lm``; ``sim_i2t`` / ``sim_t2i`` [B, B]: the local block of the ITC
+    """``loss`` = ``loss_itc + loss_itm + loss_lm``; ``s_i2t`` / ``s_t2i`` [B, B]: the local block of the ITC
     logits the negatives were drawn from (detached); the negatives as local indices [B] (-1: nothing drawable)."""
 
     loss: Optional[torch.Tensor] = None
     loss_itc: Optional[torch.Tensor] = None
     loss_itm: Optional[torch.Tensor] = None
     loss_lm: Optional[torch.Tensor] = None
-    sim_i2t: Optional[torch.Tensor] = None
-    sim_t2i: Optional[torch.Tensor] = None
+    s_i2t: Optional[torch.Tensor] = None
+    s_t2i: Optional[torch.Tensor] = None
     neg_text_index: Optional[torch.Tensor] = None
     neg_image_index: Optional[torch.Tensor] = None
 
@@ -417,7 +417,7 @@ class BlipPretrain(nn.Module):
         loss_lm = self.lm_loss(h_dec, dec_ids)
 
         return BlipPretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm,
-                                  loss_lm=loss_lm, sim_i2t=s_i2t[:, :b].detach(), sim_t2i=s_t2i[:, :b].detach(),
+                                  loss_lm=loss_lm, s_i2t=s_i2t[:, :b].detach(), s_t2i=s_t2i[:, :b].detach(),
                                   neg_text_index=neg_text, neg_image_index=neg_image)
 
     # ------------------------------------------------------------------------------------------
