@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from .. import convert, ops
-from ..distributed import exchange_itm_negatives, itm_batch_indices
+from ..distributed import exchange_itm_negatives, group_info, itm_batch_indices
 from ..ops import linear_cross_entropy
-from ..ops._dist import group_info
 from ._checks import check_index, check_text
+from .layers import activation, init_weights
 from .losses import itm_loss
-from .qformer import QFormer, QFormerConfig, QFormerEmbeddings, _activation, _init_weights
+from .qformer import QFormer, QFormerConfig, QFormerEmbeddings
 
 # the Q-Former of stage 1: BERT-base with the [DEC] token (vocab 30523) and the text FFN
 _QFORMER_DEFAULTS = {"vocab_size": 30523, "use_qformer_text_input": True}
@@ -134,7 +134,7 @@ class QFormerLMHead(nn.Module):
         self.transform = _LMTransform(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.bias = self.decoder.bias
-        self._act = _activation(cfg.hidden_act)
+        self._act = activation(cfg.hidden_act)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         t = self.transform
@@ -198,7 +198,7 @@ class Blip2Stage1(nn.Module):
         self.itm_head = nn.Linear(d, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         for m in (self.ln_vision, self.qformer_lm_head, self.vision_projection, self.text_projection, self.itm_head):
-            _init_weights(m, q.initializer_range)
+            init_weights(m, q.initializer_range)
         with torch.no_grad():
             self.query_tokens.normal_(0.0, q.initializer_range)
         self.qformer_lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in LAVIS

@@ -17,7 +17,7 @@ import torch.nn as nn
 from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
 
 from ..ops import gelu_mlp, sdpa
-from .qformer import gelu_approximate
+from .layers import gelu_approximate
 
 
 class SdpaBlipAttention(BlipAttention):

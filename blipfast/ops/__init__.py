@@ -7,9 +7,10 @@ custom op with a fake implementation, so torch.compile(fullgraph=True) and CUDA 
 what they change is what the backward keeps in memory.
 
 Also here: ``dropout_seeds`` (the models' dropout seeds from one draw), ``no_autocast`` (a context with autocast
-off on a device) and ``sdpa`` (scaled-dot-product attention, counted as CUDA runs it on meta tensors).
+off on a device), ``sdpa`` (scaled-dot-product attention, counted as CUDA runs it on meta tensors) and
+``check_seed`` (a random-draw seed as the ops take it: an int or an int64 tensor, validated, as a [1] tensor).
 """
-from ._common import dropout_seeds, no_autocast, sdpa
+from ._common import check_seed, dropout_seeds, no_autocast, sdpa
 from .concat_linear import concat_linear, concat_linear_ref
 from .cross_attention import cross_attention, cross_attention_ref
 from .gelu_mlp import gelu_mlp, gelu_mlp_ref
@@ -23,6 +24,7 @@ __all__ = [
     "MODES",
     "bias_dropout_add_layernorm",
     "bias_dropout_add_layernorm_ref",
+    "check_seed",
     "concat_linear",
     "concat_linear_ref",
     "cross_attention",

@@ -170,7 +170,7 @@ def test_sampled_negatives_are_the_ops_draws_with_blips_floor():
     model = BlipPretrain(tiny_config()).eval()
     px, ids, mask = make_batch(6, 5)
     out = model(px, ids, mask, alpha=0.4, sample_seed=77)
-    nt, ni = sample_hard_negatives_from_gathered(out.sim_i2t, out.sim_t2i, seed=77, floor=1e-4)
+    nt, ni = sample_hard_negatives_from_gathered(out.s_i2t, out.s_t2i, seed=77, floor=1e-4)
     assert torch.equal(out.neg_text_index, nt) and torch.equal(out.neg_image_index, ni)
     assert bool((nt != torch.arange(6)).all()) and bool((ni != torch.arange(6)).all())
     ids_img = torch.tensor([0, 0, 1, 1, 2, 2])
