@@ -1,4 +1,4 @@
-"""``blipfast capfilt``: BLIP's CapFilt (SPEC.md section 5), caption-and-filter bootstrapping of a web dataset.
+"""``blipfast capfilt``: BLIP's CapFilt (docs/semantics.md#capfilt), caption-and-filter bootstrapping of a web dataset.
 
 For every image of a web annotation file (rows ``{"image": path under --images, "caption": text or [texts]}``):
 

@@ -1,5 +1,5 @@
-"""Hugging Face <-> LAVIS weight mapping for BLIP-2 (SPEC.md section 6), Hugging Face <-> Salesforce BLIP (v1)
-mapping, and safe checkpoint loading.
+"""Hugging Face <-> LAVIS weight mapping for BLIP-2 (docs/semantics.md#weight-names), Hugging Face <-> Salesforce BLIP
+(v1) mapping, and safe checkpoint loading.
 
 Key spaces:
 - HF: the state dict of ``Blip2ForImageTextRetrieval`` / ``Blip2ForConditionalGeneration`` (``qformer.*``,

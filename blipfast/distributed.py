@@ -1,4 +1,4 @@
-"""Distributed pieces of BLIP-2 stage 1 (SPEC.md section 3): gathers, the hard-negative exchange and the
+"""Distributed pieces of BLIP-2 stage 1 (docs/semantics.md#stage-1-losses): gathers, the hard-negative exchange and the
 index tensors of the ITM batch. Any torch.distributed backend (NCCL on GPUs, gloo on CPUs); without an
 initialised process group everything works on one process.
 
@@ -23,7 +23,7 @@ Negative exchange
   almost never overflows). ``capacity="auto"`` sizes the buffer to the largest count of this step at the
   price of one host sync (reading that count back), for bandwidth-bound multi-node runs.
 
-ITM batch (3B sequences, SPEC.md section 3; LAVIS order)
+ITM batch (3B sequences, docs/semantics.md#itm-hard-negatives; LAVIS order)
   texts  = [pos, pos, negative text of each image]     images = [pos, negative image of each text, pos]
   labels = [1]*B + [0]*2B. ``itm_batch_indices`` (one process, banks = the global batch) and
   ``exchange_itm_negatives`` (any world size, banks = [local rows; fetched negatives]) return index

@@ -1,4 +1,4 @@
-"""Fused in-batch image-text contrastive loss (BLIP-2 ITC, SPEC.md section 3) in Triton.
+"""Fused in-batch image-text contrastive loss (BLIP-2 ITC, docs/semantics.md#itc) in Triton.
 
 Forward (4 launches; never a [B, BW, Q] tensor; memory O(B * BW): the fp32 logits that the sampler
 needs anyway, a uint8 arg-max query per (row, column), tiny per-row partials):

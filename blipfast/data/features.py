@@ -1,6 +1,6 @@
 """``blipfast cache-features``: run the frozen vision encoder once over a data set's images and keep its tokens.
 
-BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (SPEC.md section 7): training for E
+BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (docs/semantics.md#cost-model): training for E
 epochs from images pays it E times, training from this cache once. The cache is a folder:
 
 - ``shard-00000.safetensors``, ...: one tensor ``features`` [n, N, width] each (``--dtype``, bf16 by default),

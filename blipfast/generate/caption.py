@@ -1,5 +1,6 @@
-"""``blipfast caption``: caption every image of a folder or a JSONL file with a BLIP-2 model (SPEC.md section 4:
-beam 5, at most 30 and at least 1 new tokens, no prompt), batched, one JSONL row per image."""
+"""``blipfast caption``: caption every image of a folder or a JSONL file with a BLIP-2 model
+(docs/semantics.md#generation: beam 5, at most 30 and at least 1 new tokens, no prompt), batched, one JSONL row per
+image."""
 from __future__ import annotations
 
 from .engine import add_common_arguments, run_task

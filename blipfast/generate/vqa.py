@@ -1,6 +1,6 @@
 """``blipfast vqa``: answer the question of every row of a JSONL file (``{"image": path, "question": text}``) with
-a BLIP-2 / InstructBLIP model (SPEC.md section 4: prompt "Question: {} Short answer:", beam 5, at most 10 and at
-least 1 new tokens), batched, one JSONL row per question."""
+a BLIP-2 / InstructBLIP model (docs/semantics.md#generation: prompt "Question: {} Short answer:", beam 5, at most 10
+and at least 1 new tokens), batched, one JSONL row per question."""
 from __future__ import annotations
 
 from .engine import add_common_arguments, run_task

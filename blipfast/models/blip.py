@@ -2,7 +2,7 @@
 
 Same configuration (an HF ``BlipTextConfig``, a ``BlipConfig`` (its ``text_config``), a dict or keywords), same
 ``state_dict`` keys (``load_state_dict(hf.state_dict(), strict=True)`` works), same forward arguments and
-outputs as transformers' classes. Per layer (SPEC.md section 5: cross-attention in EVERY layer):
+outputs as transformers' classes. Per layer (docs/semantics.md#blip-v1: cross-attention in EVERY layer):
 
 - self-attention: one GEMM against the concatenated q/k/v weights, ``ops.qformer_attention`` with
   ``num_query=0`` and mode "bidirectional" (encoder, ``is_decoder=False``) or "causal" (decoder);

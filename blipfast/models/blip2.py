@@ -1,4 +1,5 @@
-"""BLIP-2 stage 1 (ITC + ITM + ITG, LAVIS ``Blip2Qformer`` semantics, SPEC.md sections 1-3) as one fused step.
+"""BLIP-2 stage 1 (ITC + ITM + ITG, LAVIS ``Blip2Qformer`` semantics, docs/semantics.md#stage-1-losses) as one fused
+step.
 
 LAVIS runs a stage-1 step as four Q-Former passes (image, text, ITM over 3B sequences, ITG), computes every
 image's cross-attention K/V four times, builds dense masks and draws each hard negative with a host sync.
@@ -17,11 +18,11 @@ image's cross-attention K/V four times, builds dense masks and draws each hard n
    its last layer computes the query rows only (``query_output_only``: the ITM head reads nothing else).
 
 No dense mask, no host synchronisation: ``torch.compile(model, fullgraph=True)`` traces the whole step, and on
-CUDA the step (forward, backward, optimizer) can be captured in a CUDA graph (``torch.cuda.graphs``; see the
-README). Deliberate differences from LAVIS: a batch without any next-token target (T = 1) gives
-``loss_lm = 0`` where LAVIS' mean over no tokens is NaN; a global batch of one has no negatives, so ITM trains on
-the positive pair alone (LAVIS' sampler crashes there); the gathered ITC features are constants also in a single
-process (SPEC.md section 3).
+CUDA the step (forward, backward, optimizer) can be captured in a CUDA graph (``torch.cuda.graphs``; see
+docs/blip2-stage1.md#how-the-step-runs). Deliberate differences from LAVIS: a batch without any next-token target
+(T = 1) gives ``loss_lm = 0`` where LAVIS' mean over no tokens is NaN; a global batch of one has no negatives, so ITM
+trains on the positive pair alone (LAVIS' sampler crashes there); the gathered ITC features are constants also in a
+single process (docs/semantics.md#itc).
 
 Weights: the module names follow the HF key space of ``blipfast.convert`` (``qformer.*``, ``embeddings.*``,
 ``query_tokens``, ``vision_projection``, ``text_projection``, ``itm_head``, ``temp``, ``qformer_lm_head.*``) with

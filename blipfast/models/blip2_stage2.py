@@ -1,4 +1,4 @@
-"""Stage-2 BLIP-2 (SPEC.md section 4): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
+"""Stage-2 BLIP-2 (docs/semantics.md#stage-2): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
 
 :class:`Blip2Stage2` wraps a Hugging Face ``Blip2ForConditionalGeneration`` (or
 ``InstructBlipForConditionalGeneration``) whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for

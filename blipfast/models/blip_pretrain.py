@@ -1,4 +1,5 @@
-"""BLIP (v1) pre-training (Salesforce BLIP ``BLIP_Pretrain``, SPEC.md section 5) on blipfast's fused ops.
+"""BLIP (v1) pre-training (Salesforce BLIP ``BLIP_Pretrain``, docs/semantics.md#blip-pre-training) on blipfast's fused
+ops.
 
 A step computes BLIP's three losses with BLIP's semantics:
 

@@ -12,7 +12,7 @@ Same constructor argument (an HF ``Blip2QFormerConfig``, a dict or keywords), sa
 - query FFN on positions [0, Q), text FFN on [Q, L) (every row in a text-only pass, query_length = 0);
 - every post-LN epilogue is ``ops.bias_dropout_add_layernorm`` (the GEMM runs without bias, the epilogue adds it).
 
-Beyond HF (keyword-only): ``mode`` ("bidirectional" | "causal" | "unimodal", SPEC.md section 2),
+Beyond HF (keyword-only): ``mode`` ("bidirectional" | "causal" | "unimodal", docs/semantics.md#stage-1-attention-masks),
 ``return_query_kv`` (per-layer self-attention K/V of the query rows, not detached, for ITG; with
 ``past_query_kv``, the past K/V extended by the input rows': an incremental-decoding cache),
 ``past_query_kv`` (the ITG pass: T text rows over cached query K/V + their own K/V), ``encoder_kv`` /

@@ -1,4 +1,4 @@
-"""In-batch image-text contrastive loss of BLIP-2 stage 1 (SPEC.md section 3).
+"""In-batch image-text contrastive loss of BLIP-2 stage 1 (docs/semantics.md#itc).
 
 image_feats [B, Q, E] and text_feats [B, E] are already normalised; temp is a 0-d tensor (learnable).
 Both are gathered over the process group without gradient (img_all [BW, Q, E], txt_all [BW, E]) and

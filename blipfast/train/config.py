@@ -84,7 +84,7 @@ OPTIONS: dict = {
              "blipfast run or checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a "
              "blipfast run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. "
              "--model blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast run or checkpoint"),
-    # optimisation (SPEC.md section 3)
+    # optimisation (docs/semantics.md#stage-1-recipe)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
     "steps": (int, None, "optimizer steps (default: --epochs)"),

@@ -53,7 +53,8 @@ def _check_against_reference(b, world, q, e, ls, ids, dtype, device, scale=1.0, 
 
 
 def _check_outputs(fast, ref, low, dtype):
-    """DESIGN.md's rule for each of NAMES (fast, ref, low as _run returns them)."""
+    """The tolerance rule (docs/design.md#the-tolerance-rule) for each of NAMES (fast, ref, low as _run returns
+    them)."""
     for name, f, r, lo in zip(NAMES, fast, ref, low):
         assert f.dtype == (torch.float32 if name in ("loss", "s_i2t", "s_t2i") else dtype), name
         assert_within_torch_error(f.detach(), r.detach(), lo.detach(), dtype=dtype, name=name)

@@ -1,9 +1,9 @@
 """Triton kernels of qformer_attention / cross_attention (kernels/attention.py) against the reference.
 
 CPU (CI): the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it) on small, awkward shapes;
-every output and gradient is held to DESIGN.md's rule against the float64 reference, with the reference
-run in fp32 as PyTorch's yardstick. Several tests force block configurations so that the multi-block
-paths (online softmax, separate dQ kernel, stacked cross-attention row-sets, long row-sets split in row
+every output and gradient is held to the tolerance rule (docs/design.md#the-tolerance-rule) against the float64
+reference, with the reference run in fp32 as PyTorch's yardstick. Several tests force block configurations so that the
+multi-block paths (online softmax, separate dQ kernel, stacked cross-attention row-sets, long row-sets split in row
 blocks) run on tiny shapes. On a machine with CUDA the same tests run on the GPU.
 
 GPU (`pytest -m gpu`): real Q-Former shapes in fp16/bf16 with PyTorch's own computation in that dtype as

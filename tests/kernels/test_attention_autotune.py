@@ -77,8 +77,9 @@ def tuning(monkeypatch):
 
 
 def _cross(n, m, lq, lk, h=2, d=16):
-    """fp16 cross_attention through the op (Triton backend) with its gradients, held to DESIGN.md's rule
-    (fp32 has a single candidate configuration: nothing to tune); returns the call's geometry."""
+    """fp16 cross_attention through the op (Triton backend) with its gradients, held to the tolerance rule
+    (docs/design.md#the-tolerance-rule) (fp32 has a single candidate configuration: nothing to tune); returns the
+    call's geometry."""
     idx = torch.randint(0, m, (n,))
     _, (q, k, *_) = _cross_case(n, m, lq, lk, h, d, idx, "ragged", dtype=torch.float16, lowp="lowp")
     return kern._cross_geom(q, k, idx, 0.0, 1.0 / math.sqrt(d))

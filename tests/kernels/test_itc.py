@@ -1,8 +1,8 @@
 """The fused Triton ITC loss (kernels/itc.py) against the PyTorch reference.
 
 CPU (CI): the kernels run under TRITON_INTERPRET=1 (set by conftest before the kernel module loads);
-fp32 against the float64 ground truth with DESIGN.md's tolerance rule, for the loss, both logit
-matrices and the gradients of image features, text features and the temperature. The same launches
+fp32 against the float64 ground truth with the tolerance rule (docs/design.md#the-tolerance-rule), for the loss, both
+logit matrices and the gradients of image features, text features and the temperature. The same launches
 are also compiled for sm_90 (H100) with Triton's own compiler, which needs no GPU, so a kernel that
 only the GPU lowering rejects fails here too. GPU (`pytest -m gpu`): bf16/fp16/fp32 on CUDA, the
 benchmark shape, torch.compile.

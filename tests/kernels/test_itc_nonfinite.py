@@ -2,7 +2,8 @@
 
 NaN in must give NaN out, with no NaN of the kernel's own making and no clean loss from poisoned input:
 - NaN in features or temp: the loss, s_i2t, s_t2i and every gradient are NaN exactly where the float64
-  reference (itc_loss_ref, autograd) has NaN, and finite values agree with it by DESIGN.md's rule;
+  reference (itc_loss_ref, autograd) has NaN, and finite values agree with it by the tolerance rule
+  (docs/design.md#the-tolerance-rule);
 - +-inf in features: s_i2t / s_t2i equal the reference's (the same +-inf and NaN), the loss too (NaN or
   +inf), and the gradient of a row (a local image's [Q, E], a text's [E]) is non-finite exactly when the
   reference's is (which entries of such a row are inf rather than NaN depends on the order in which a

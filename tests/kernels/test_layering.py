@@ -1,5 +1,5 @@
-"""The house flows one way (DESIGN.md): blipfast.kernels (the kernels/ directory) imports nothing from blipfast,
-and importing the package or its shared rules does not need Triton."""
+"""The house flows one way (docs/design.md#import-rules): blipfast.kernels (the kernels/ directory) imports nothing
+from blipfast, and importing the package or its shared rules does not need Triton."""
 from __future__ import annotations
 
 import ast

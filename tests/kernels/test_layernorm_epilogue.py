@@ -1,8 +1,8 @@
 """bias_dropout_add_layernorm: y = LayerNorm(dropout(x + bias) + residual).
 
 CPU (always): the torch backend of the custom op against the pure reference and float64 ground truth
-(DESIGN.md's tolerance rule), the Philox dropout mask bit for bit, keep-rate statistics, every gradient
-(and gradcheck in float64), awkward shapes, validation, opcheck and torch.compile.
+(the tolerance rule, docs/design.md#the-tolerance-rule), the Philox dropout mask bit for bit, keep-rate statistics,
+every gradient (and gradcheck in float64), awkward shapes, validation, opcheck and torch.compile.
 Extension (when blipfast._C is built, on CPU too): op schemas, build_info, and the C++ Philox header
 (the CPU implementations of blipfast_C::philox_u32 / philox4_u32) against blipfast/ops/_philox.py.
 GPU (``-m gpu``): the CUDA kernels against the reference for fp32/fp16/bf16 on many shapes, identical

@@ -2,10 +2,10 @@
 
 NaN or inf in x, residual, bias, weight, ln_bias or the incoming gradient gives NaN exactly where PyTorch's
 F.layer_norm (the reference, autograd) gives it, in y and in every gradient; finite values agree with the
-float64 reference by DESIGN.md's rule. Finite input never gives a NaN of the op's own making: rows of one
-constant value (y = ln_bias exactly, as PyTorch's Welford statistics give it, also for eps = 1e-12 where a
-1-ulp error in the mean would otherwise be multiplied by 1 / sqrt(eps) = 1e6), N = 1, values whose squares
-overflow fp32 (right up to ~1e19, then y = ln_bias; PyTorch's own fp32 LayerNorm gives ln_bias from 1e18
+float64 reference by the tolerance rule (docs/design.md#the-tolerance-rule). Finite input never gives a NaN of the op's
+own making: rows of one constant value (y = ln_bias exactly, as PyTorch's Welford statistics give it, also for
+eps = 1e-12 where a 1-ulp error in the mean would otherwise be multiplied by 1 / sqrt(eps) = 1e6), N = 1, values whose
+squares overflow fp32 (right up to ~1e19, then y = ln_bias; PyTorch's own fp32 LayerNorm gives ln_bias from 1e18
 and NaN from ~1e25), and an eps that float32 cannot hold is rejected instead of turning into 0 (rsqrt(0) =
 inf, 0 * inf = NaN). z = x + bias + residual is stored in
 the activation dtype, so an fp16 sum beyond 65504 is inf there as in PyTorch's fp16 arithmetic (that row

@@ -1,6 +1,6 @@
 """The attention references (qformer_attention, cross_attention; backend "torch" and the *_ref functions)
-against formulations written here: masks from SPEC.md section 2's table by explicit loops, attention
-by F.scaled_dot_product_attention or an explicit float64 softmax, dropout masks from the pure-Python
+against formulations written here: masks from the table of docs/semantics.md#stage-1-attention-masks by explicit loops,
+attention by F.scaled_dot_product_attention or an explicit float64 softmax, dropout masks from the pure-Python
 Philox of tests/helpers/philox.py (the four words of a call serve four adjacent keys of a row)."""
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ MODES = ("bidirectional", "causal", "unimodal")
 
 
 def spec_allowed(mode: str, nq: int, lq: int, lk: int, kpm, batch: int) -> torch.Tensor:
-    """bool [B, Lq, Lk] straight from SPEC.md section 2's table. Row r is position i = Lk - Lq + r of
-    the sequence; kpm [B, Lk] (true = attend) pads any key, query keys included (DESIGN.md)."""
+    """bool [B, Lq, Lk] straight from the table of docs/semantics.md#stage-1-attention-masks. Row r is position
+    i = Lk - Lq + r of the sequence; kpm [B, Lk] (true = attend) pads any key, query keys included
+    (docs/ops.md#qformer_attention)."""
     keep = [[True] * lk for _ in range(batch)] if kpm is None else (kpm != 0).tolist()
     out = []
     for b in range(batch):
@@ -196,7 +197,8 @@ def test_itg_pass_equals_text_rows_of_full_causal_pass():
     full = qformer_attention(q, k, v, num_query=nq, mode="causal", key_padding_mask=kpm, backend="torch")
     itg = qformer_attention(q[:, nq:], k, v, num_query=nq, mode="causal", key_padding_mask=kpm, backend="torch")
     assert_close(itg, full[:, nq:], name="ITG rows")
-    # LAVIS' realisation (SPEC.md section 2): [ones over the Q query keys | lower-triangular over text] x padding
+    # LAVIS' realisation (docs/semantics.md#stage-1-attention-masks): [ones over the Q query keys | lower-triangular
+    # over text] x padding
     lavis = torch.cat([torch.ones(t, nq, dtype=torch.bool), torch.tril(torch.ones(t, t, dtype=torch.bool))], dim=1)
     lavis = lavis[None] & kpm[:, None, :]
     assert_close(itg, indep_attention(q[:, nq:], k, v, lavis), name="ITG vs LAVIS mask")

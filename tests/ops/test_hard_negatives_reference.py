@@ -183,7 +183,7 @@ def test_generator_and_seed_reproducibility():
 
 def test_streams_are_indexed_by_global_row():
     """Rank r holding rows [r*B, (r+1)*B) of the global [BW, BW] logits draws what one process holding
-    the whole batch draws for those rows under the same seed (DESIGN.md: distributed negatives equal the
+    the whole batch draws for those rows under the same seed (docs/design.md#testing: distributed negatives equal the
     single-process big-batch result); the ops pass row_offset = rank * B."""
     world, b = 3, 4
     bw = world * b

@@ -1,5 +1,5 @@
 """Every public op of blipfast.ops rejects bad input with ValueError/TypeError whose message names the
-offending argument (DESIGN.md: "validate shapes, dtypes, devices and contiguity in Python once")."""
+offending argument (docs/design.md#the-op-contract: "Validation happens once, in Python")."""
 from __future__ import annotations
 
 import pytest
