@@ -177,6 +177,11 @@ def test_eva_layer_ids_and_scales():
     assert by_name["visual_encoder.blocks.2.mlp.0.weight"] == 0.9 ** 1  # the last block: layer L
     assert by_name["visual_encoder.fc_norm.weight"] == 0.9 ** 1  # anything else: layer L too
     assert by_name["ln_vision.weight"] == 1 and by_name["temp"] == 1
+    # LAVIS tests `'visual_encoder' in name` and strips 'visual_encoder.' anywhere: under a wrapper (a DDP module.)
+    # every ViT parameter falls to "anything else", layer L
+    vit = G.ViTLayers("eva", 3)
+    assert vit("module.visual_encoder.blocks.0.norm1.weight") == 3 and vit("module.visual_encoder.cls_token") == 3
+    assert vit("visual_encoder.blocks.0.norm1.weight") == 1 and vit("ln_vision.weight") is None
 
 
 @pytest.mark.parametrize("lr_scale", [1, 0.5])
