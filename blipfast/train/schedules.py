@@ -47,7 +47,8 @@ def _rate(name: str, v) -> float:
 
 
 def linear_warmup(step: int, warmup_steps: int, start_lr: float, init_lr: float) -> float:
-    """LAVIS' ``warmup_lr_schedule``: ``min(init_lr, start_lr + (init_lr - start_lr) * step / max(warmup_steps, 1))``."""
+    """LAVIS' ``warmup_lr_schedule``: ``min(init_lr, start_lr + (init_lr - start_lr) * step / max(warmup_steps,
+    1))``."""
     return min(init_lr, start_lr + (init_lr - start_lr) * step / max(warmup_steps, 1))
 
 

@@ -1,5 +1,6 @@
 """blipfast.train.schedules step by step against the references' own scheduler code, restated below (LAVIS
-``lavis/common/optims.py``; Salesforce BLIP ``utils.py`` as ``pretrain.py`` and ``train_caption.py`` call it)."""
+``lavis/common/optims.py``, its two schedulers' shared epoch-0 branch factored out; Salesforce BLIP ``utils.py``
+as ``pretrain.py`` and ``train_caption.py`` call it)."""
 from __future__ import annotations
 
 import math
@@ -42,35 +43,38 @@ def step_lr_schedule(optimizer, epoch, init_lr, min_lr, decay_rate):
         param_group["lr"] = lr
 
 
-class LinearWarmupCosineLRScheduler:
-    def __init__(self, optimizer, max_epoch, min_lr, init_lr, warmup_steps=0, warmup_start_lr=-1, **kwargs):
-        self.optimizer, self.max_epoch, self.min_lr, self.init_lr = optimizer, max_epoch, min_lr, init_lr
-        self.warmup_steps = warmup_steps
-        self.warmup_start_lr = warmup_start_lr if warmup_start_lr >= 0 else init_lr
+class _LinearWarmup:
+    """The epoch-0 branch that LAVIS' LinearWarmupCosineLRScheduler and LinearWarmupStepLRScheduler share."""
 
     def step(self, cur_epoch, cur_step):
         if cur_epoch == 0:
             warmup_lr_schedule(step=cur_step, optimizer=self.optimizer, max_step=self.warmup_steps,
                                init_lr=self.warmup_start_lr, max_lr=self.init_lr)
         else:
-            cosine_lr_schedule(epoch=cur_epoch, optimizer=self.optimizer, max_epoch=self.max_epoch,
-                               init_lr=self.init_lr, min_lr=self.min_lr)
+            self.after_warmup(cur_epoch)
 
 
-class LinearWarmupStepLRScheduler:
+class LinearWarmupCosineLRScheduler(_LinearWarmup):
+    def __init__(self, optimizer, max_epoch, min_lr, init_lr, warmup_steps=0, warmup_start_lr=-1, **kwargs):
+        self.optimizer, self.max_epoch, self.min_lr, self.init_lr = optimizer, max_epoch, min_lr, init_lr
+        self.warmup_steps = warmup_steps
+        self.warmup_start_lr = warmup_start_lr if warmup_start_lr >= 0 else init_lr
+
+    def after_warmup(self, cur_epoch):
+        cosine_lr_schedule(epoch=cur_epoch, optimizer=self.optimizer, max_epoch=self.max_epoch,
+                           init_lr=self.init_lr, min_lr=self.min_lr)
+
+
+class LinearWarmupStepLRScheduler(_LinearWarmup):
     def __init__(self, optimizer, max_epoch, min_lr, init_lr, decay_rate=1, warmup_start_lr=-1, warmup_steps=0,
                  **kwargs):
         self.optimizer, self.max_epoch, self.min_lr, self.decay_rate = optimizer, max_epoch, min_lr, decay_rate
         self.init_lr, self.warmup_steps = init_lr, warmup_steps
         self.warmup_start_lr = warmup_start_lr if warmup_start_lr >= 0 else init_lr
 
-    def step(self, cur_epoch, cur_step):
-        if cur_epoch == 0:
-            warmup_lr_schedule(step=cur_step, optimizer=self.optimizer, max_step=self.warmup_steps,
-                               init_lr=self.warmup_start_lr, max_lr=self.init_lr)
-        else:
-            step_lr_schedule(epoch=cur_epoch, optimizer=self.optimizer, init_lr=self.init_lr, min_lr=self.min_lr,
-                             decay_rate=self.decay_rate)
+    def after_warmup(self, cur_epoch):
+        step_lr_schedule(epoch=cur_epoch, optimizer=self.optimizer, init_lr=self.init_lr, min_lr=self.min_lr,
+                         decay_rate=self.decay_rate)
 
 
 def lavis_run(scheduler, epochs, steps_per_epoch):
