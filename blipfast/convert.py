@@ -22,7 +22,8 @@ convert_blip_original_pytorch_to_hf.py maps it; ``text_encoder.*`` and ``text_de
 models (blipfast names, kept by the pre-training model): ``temp``, the momentum copies ``visual_encoder_m.*``
 (HF space ``vision_model_m.*``), ``text_encoder_m.*``, ``vision_proj_m``, ``text_proj_m``, and the queues
 ``image_queue``, ``text_queue``, ``idx_queue`` and the pointer (``queue_ptr`` in BLIP_Pretrain, ``ptr_queue`` in
-BLIP_Retrieval; each keeps its name).
+BLIP_Retrieval; each keeps its name); BLIP_NLVR's twin cross-attention (``crossattention.self0`` / ``self1``,
+``crossattention.output.dense0`` / ``dense1`` / ``merge_layer``) and ``cls_head`` keep their names too.
 
 Buffers named ``position_ids`` (and a nonzero key third of the ViT's fused qkv bias, see ``hf_to_lavis``) are
 dropped on purpose and listed in ``Conversion.dropped``. Every other key that
@@ -58,6 +59,8 @@ _PH = {
     # BLIP (v1): the text models (with their momentum copy), the momentum suffix, the queues
     "med": r"text_encoder|text_encoder_m|text_decoder\.bert", "m": r"|_m",
     "queue": r"image_queue|text_queue|idx_queue|ptr_queue|queue_ptr",
+    # BLIP NLVR2 (nlvr_encoder.py): the twin cross-attention, its merge layer, the classification head
+    "twin": r"self0|self1", "tdense": r"dense0|dense1|merge_layer", "ci": r"0|2",
 }
 # (LAVIS template, HF template): one-to-one renames; a placeholder {x} matches _PH[x] and is carried over
 _RENAMES = [
@@ -94,6 +97,10 @@ _BLIP_RENAMES = [
     ("{med}.encoder.layer.{i}.intermediate.dense.{wb}", "{med}.encoder.layer.{i}.intermediate.dense.{wb}"),
     ("{med}.encoder.layer.{i}.output.{dl}.{wb}", "{med}.encoder.layer.{i}.output.{dl}.{wb}"),
     ("{med}.pooler.dense.{wb}", "{med}.pooler.dense.{wb}"),
+    ("{med}.encoder.layer.{i}.crossattention.{twin}.{qkv}.{wb}", "{med}.encoder.layer.{i}.crossattention.{twin}.{qkv}.{wb}"),
+    ("{med}.encoder.layer.{i}.crossattention.output.{tdense}.{wb}",
+     "{med}.encoder.layer.{i}.crossattention.output.{tdense}.{wb}"),
+    ("cls_head.{ci}.{wb}", "cls_head.{ci}.{wb}"),
     ("text_decoder.cls.predictions.{head}", "text_decoder.cls.predictions.{head}"),
     ("vision_proj{m}.{wb}", "vision_proj{m}.{wb}"),
     ("text_proj{m}.{wb}", "text_proj{m}.{wb}"),
