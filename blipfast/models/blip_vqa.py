@@ -102,16 +102,22 @@ class BlipVQA(nn.Module):
         check_pixels("BlipVQA", pixel_values, self.config.vision.image_size)
         return vision_tokens(self.vision_model, pixel_values)
 
-    def question_states(self, image_embeds: torch.Tensor, question_ids: torch.Tensor,
-                        question_mask: torch.Tensor) -> torch.Tensor:
+    def question_states(self, image_embeds: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                        image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The image-grounded encoder's states [B, Tq, d] of the questions (``question_ids`` [B, Tq] BERT-tokenised,
-        [CLS] first: BLIP's [ENC] replaces it) over ``image_embeds`` [B, N, width] (video: the frames' tokens
-        concatenated)."""
-        self._check_question(image_embeds, question_ids, question_mask)
+        [CLS] first: BLIP's [ENC] replaces it) over ``image_embeds`` [M, N, width] (video: the frames' tokens
+        concatenated); ``image_index`` [B]: the image of each question when M != B (several questions of one
+        image share its K/V)."""
+        if image_index is None:
+            self._check_question(image_embeds, question_ids, question_mask)
+        else:
+            check_embeds("BlipVQA", image_embeds, self.config.vision.hidden_size)
+            check_text("BlipVQA", question_ids, question_mask, question_ids.shape[0],
+                       self.config.text.max_position_embeddings, image_embeds.device, "the image input")
         te = self.text_encoder
         kv = te.image_kv(image_embeds)
         return te(enc_ids(question_ids, self.config.enc_token_id), attention_mask=question_mask != 0,
-                  encoder_kv=kv).last_hidden_state
+                  encoder_kv=kv, kv_index=image_index).last_hidden_state
 
     def _image(self, pixel_values, image_embeds):
         if (pixel_values is None) == (image_embeds is None):

@@ -157,23 +157,19 @@ class Trainer:
     # set-up
 
     def _setup(self, cfg: dict, resume) -> None:
-        from ..data import (FeatureCache, FeatureTextDataset, GlobalBatchSampler, ImageTextDataset, collate,
-                            load_vision_tower, read_annotations)
+        from ..data import FeatureCache, FeatureTextDataset, GlobalBatchSampler, collate, load_vision_tower
         from ..data.annotations import keep_pairs
 
         d, dev, out, task = self.dist, self.dist.device, cfg["out"], self.task
         if cfg["preset"] == "auto":
             cfg["preset"] = "tiny" if cfg["data"] is None else "base"
         if cfg["data"] is None:  # the synthetic set, generated into the run folder
-            from ..data.synthetic import make_synthetic
-
-            paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"],
-                                   vision_kind=task.vision_kind) if d.main else None
+            paths = task.synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"]) \
+                if d.main else None
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
-        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
-                               max_words=task.max_words)
+        ann = task.read_data(cfg, feats)
         cache = tower = processor = width = None
         if feats:
             cache = FeatureCache(cfg["features"])
@@ -197,8 +193,7 @@ class Trainer:
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
-        ds = FeatureTextDataset(ann, cache, text) if feats else \
-            ImageTextDataset(ann, cfg["images"], processor, text, report_path=report)
+        ds = FeatureTextDataset(ann, cache, text) if feats else task.dataset(ann, cfg["images"], processor, text, report)
         self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
         self.steps_per_epoch = self.sampler.steps_per_epoch / cfg["grad_accum"]
         if cfg["steps"] is None:

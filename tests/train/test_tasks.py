@@ -24,7 +24,7 @@ def _parse(*argv):
 
 
 def test_registry_finds_each_task_by_its_file_name():
-    assert task_names() == ("blip-pretrain", "blip2-stage1", "blip2-stage2")
+    assert task_names() == ("blip-nlvr", "blip-pretrain", "blip-vqa", "blip2-stage1", "blip2-stage2")
     for name in task_names():
         cls = task_class(name)
         assert issubclass(cls, Task) and cls.name == name and cls.__module__.endswith(name.replace("-", "_"))
@@ -33,7 +33,7 @@ def test_registry_finds_each_task_by_its_file_name():
         task_class("blip3")
     with pytest.raises(TypeError):
         register(object)
-    assert set(PRESETS) == {"blip2", "blip"} and all(set(p) == {"base", "tiny"} for p in PRESETS.values())
+    assert set(PRESETS) == {"blip2", "blip", "blip-task"} and all(set(p) == {"base", "tiny"} for p in PRESETS.values())
 
 
 def test_every_hook_the_trainer_calls_is_declared_on_the_base_class():
@@ -43,7 +43,7 @@ def test_every_hook_the_trainer_calls_is_declared_on_the_base_class():
             and ((isinstance(n.value, ast.Name) and n.value.id == "task")
                  or (isinstance(n.value, ast.Attribute) and n.value.attr == "task"))}
     assert {"tokenizer", "build", "tokenize", "step_loss", "step_inputs", "save", "load", "losses", "title",
-            "trains_vision", "image_processor", "vision_kind", "max_words"} <= used
+            "trains_vision", "image_processor", "synthetic", "read_data", "dataset"} <= used
     assert all(hasattr(Task, name) for name in used), sorted(n for n in used if not hasattr(Task, n))
     assert "getattr(self.task" not in inspect.getsource(loop) and "hasattr(task" not in inspect.getsource(loop)
     assert Task({"image_ids": True}).step_inputs(3, 10.0) == {}

@@ -10,6 +10,9 @@ What the trainer calls, in order (every hook is declared on :class:`Task` with i
 
 1. ``check_options(cfg)`` (class method) before anything is written: refuse options the task cannot use;
 2. ``Task(cfg)``: the task of one run (it may keep state: the LLM's name, the alpha ramp, ...);
+   ``synthetic(folder, size, seed)`` (rank 0, without ``--data``) writes the synthetic set and returns the
+   options it fixes; ``read_data(cfg, features)`` reads ``--data`` (default: image-caption pairs; VQA reads
+   questions with answers, NLVR2 image pairs);
 3. ``image_processor(cfg, dist)`` when ``trains_vision`` (the ViT is part of the model: the batches hold pixels);
 4. ``tokenizer(cfg, ann, dist) -> (tokenizer, folder)``: the folder is recorded as the run's ``tokenizer``;
 5. ``build(cfg, tok, width, device, fresh) -> (model, model_config)``: the model on ``device`` in train mode,
@@ -17,7 +20,8 @@ What the trainer calls, in order (every hook is declared on :class:`Task` with i
    as the run's ``model`` option in ``config.yaml``, so that the saved file rebuilds the same model. Hooks never
    write into ``cfg``: what they derive, they return;
 6. ``tokenize(model, tok, captions, cfg) -> dict``: every caption's fixed-width tensors, one dict of [P, ...]
-   (fixed shapes: every step has the same shapes);
+   (fixed shapes: every step has the same shapes); then ``dataset(ann, images, processor, text, report_path)``
+   (default: one image per pair, :class:`blipfast.data.ImageTextDataset`; NLVR2: two);
 7. per micro-step: ``step_inputs(micro_step, steps_per_epoch) -> dict`` of floats that travel with the batch as
    0-d tensors (a compiled step or a CUDA graph never sees a Python number change), then
    ``step_loss(model, embeds, inp, seed) -> (loss, logged)``: the loss to back-propagate and the detached float32
@@ -83,6 +87,13 @@ PRESETS = {
         "base": {},  # ViT-B/16 at 224 px, BERT-base MED, queue 57600
         "tiny": {"embed_dim": 64, "queue_size": 1024,
                  "text": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
+                          "num_hidden_layers": 2, "max_position_embeddings": 64},
+                 "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
+    },
+    "blip-task": {  # BlipVQAConfig, BlipNLVRConfig (blipfast.models.blip_finetune.BlipTaskConfig)
+        "base": {},  # ViT-B/16 at the task's size (VQA 480 px, NLVR2 384 px), BERT-base MED
+        "tiny": {"text": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
                           "num_hidden_layers": 2, "max_position_embeddings": 64},
                  "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
@@ -196,6 +207,31 @@ class Task:
                  "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
 
     # ------------------------------------------------------------------------------------------
+    # data (defaults: image-caption pairs)
+
+    def synthetic(self, folder: str, size: int, seed: int) -> dict:
+        """Write the synthetic set of a run without ``--data`` into ``folder`` (rank 0 only); returns the option
+        values it fixes ({"data", "images"[, "vision"]})."""
+        from ...data.synthetic import make_synthetic
+
+        return make_synthetic(folder, size, seed, vision_kind=self.vision_kind)
+
+    def read_data(self, cfg: dict, features: bool):
+        """The training annotations of ``--data`` (image-caption pairs: :func:`blipfast.data.read_annotations`;
+        with ``features``, the images need not exist under ``--images``). A task of another data format returns
+        its own :class:`~blipfast.data.Annotations` subclass (``captions``: the texts a tokenizer is trained on)."""
+        from ...data import read_annotations
+
+        return read_annotations(cfg["data"], None if features else cfg["images"], check_images=not features,
+                                max_words=self.max_words)
+
+    def dataset(self, ann, images: str, processor, text: dict, report_path: Optional[str]):
+        """The training dataset over image files (:class:`blipfast.data.ImageTextDataset`: one image per pair)."""
+        from ...data import ImageTextDataset
+
+        return ImageTextDataset(ann, images, processor, text, report_path=report_path)
+
+    # ------------------------------------------------------------------------------------------
     # set-up
 
     def image_processor(self, cfg: dict, dist):
@@ -211,9 +247,13 @@ class Task:
             return load_tokenizer(cfg["tokenizer"]), cfg["tokenizer"]
         folder = os.path.join(cfg["out"], "tokenizer")
         if dist.main:
-            train_wordpiece(ann.captions, cfg["vocab_size"]).save_pretrained(folder)
+            train_wordpiece(self.tokenizer_texts(ann), cfg["vocab_size"]).save_pretrained(folder)
         dist.barrier()
         return load_tokenizer(folder), folder
+
+    def tokenizer_texts(self, ann) -> list:
+        """The texts a WordPiece vocabulary is trained on without ``--tokenizer`` (default: the captions)."""
+        return ann.captions
 
     def build(self, cfg: dict, tok, width: Optional[int], device: torch.device, fresh: bool
               ) -> tuple[torch.nn.Module, dict]:

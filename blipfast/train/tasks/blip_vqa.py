@@ -1,0 +1,200 @@
+"""``blip-vqa``: BLIP (v1) VQA fine-tuning, :class:`blipfast.BlipVQA` (Salesforce BLIP's ``train_vqa.py`` with
+``configs/vqa.yaml``; docs/blip-vqa-nlvr.md).
+
+- Data (:mod:`blipfast.data.vqa`): the VQAv2 and Visual Genome QA lists BLIP trains on (``--data
+  vqa_train.json,vqa_val.json,vg_qa.json``; one ``--images`` folder holding both image trees), each question with
+  its weighted answers. Questions are tokenised to ``--max-txt-len`` (BLIP: 35); the answers of each question fill
+  ``A`` fixed slots (``A``: the most answers any question has, 10 at most for VQAv2), unused slots with weight 0,
+  each answer padded to the longest answer of the data: every step has the same shapes.
+- The recipe (``configs/vqa.yaml``): 480 px, batch 16, AdamW lr 2e-5 with weight decay 0.05 on every parameter,
+  a cosine from 2e-5 to 0 per epoch without warm-up, 10 epochs, ``k_test`` 128; the ViT trains (stochastic depth
+  0.1, BLIP's VQA ViT), its position embeddings interpolated from a 224 px checkpoint.
+- ``--init``: a Salesforce BLIP pre-training (``model_base.pth``, ``model_base_capfilt_large.pth``) or VQA checkpoint
+  (``model_base_vqa_capfilt_large.pth``), or a blipfast run; ``--vision``: a BLIP ViT's weights only.
+- Evaluation (:meth:`BlipVQATask.evaluate`): rank inference over an answer list (BLIP's ``answer_list.json``) and the
+  official VQA accuracy, through :mod:`blipfast.vqa_nlvr`.
+
+:class:`BlipFinetuneTask` is what BLIP's task recipes share here (NLVR2 uses it too): the ViT at the task's size,
+BLIP's tokenizer with [ENC], the model configuration from the ``blip-task`` presets, the weights of ``--vision`` and
+``--init`` through the task model's BLIP loader.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import PRESETS, Task, merge, model_config, register
+
+
+class BlipFinetuneTask(Task):
+    """The parts BLIP's fine-tuning tasks share (see the module docstring); a task sets ``model_cls`` (a model
+    with ``config`` and ``load_lavis_state_dict``) and ``config_cls``."""
+
+    trains_vision = True
+    vision_kind = "blip"
+    recipe = "blip-finetune"  # train/schedules.py, train/param_groups.py: Salesforce BLIP's train_*.py recipes
+    model_cls = None
+    config_cls = None
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.vit = None
+        self.ann = None
+
+    def image_size(self, cfg: dict) -> int:
+        user = merge(PRESETS["blip-task"][cfg["preset"]], cfg["model"] or {})
+        return user.get("vision", {}).get("image_size", self.config_cls.IMAGE_SIZE)
+
+    def image_processor(self, cfg: dict, dist):
+        """BLIP's evaluation transform at the task's size (the train-time augmentation is wired by the trainer's
+        recipe); ``--vision`` gives the ViT's starting weights (kept for :meth:`build`)."""
+        from ...data.vision import default_blip_processor, load_blip_vision
+
+        if cfg["vision"] is not None:
+            self.vit, _ = load_blip_vision(cfg["vision"])
+        processor = default_blip_processor(self.image_size(cfg))
+        if dist.main:
+            processor.save_pretrained(os.path.join(cfg["out"], "image_processor"))
+        return processor
+
+    def tokenizer(self, cfg: dict, ann, dist):
+        from ...data.tokenizer import add_enc_token
+
+        tok, folder = super().tokenizer(cfg, ann, dist)
+        tok = add_enc_token(tok)
+        if cfg["tokenizer"] is None and dist.main:
+            tok.save_pretrained(folder)
+        return tok, folder
+
+    def build(self, cfg: dict, tok, width, device, fresh: bool):
+        from ...models.blip_finetune import load_task_checkpoint
+        from ...models.blip_pretrain import TEXT_FIELDS, VISION_FIELDS
+
+        sep = tok.sep_token_id
+        derived = [({"bos_token_id": tok.bos_token_id, "enc_token_id": tok.convert_tokens_to_ids("[ENC]"),
+                     "text": {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+                              "bos_token_id": tok.bos_token_id, "sep_token_id": sep, "eos_token_id": sep}},
+                    "the tokenizer")]
+        if self.vit is not None:  # --vision fixes the ViT but its size: the position embeddings are interpolated
+            derived.append(({"vision": {k: getattr(self.vit.config, k) for k in VISION_FIELDS if k != "image_size"}},
+                            "--vision"))
+        mcfg = model_config(self.config_cls, "blip-task", cfg, derived,
+                            nested={"text": ("BlipTextConfig", TEXT_FIELDS), "vision": ("BlipVisionConfig",
+                                                                                        VISION_FIELDS)})
+        if cfg["max_txt_len"] > mcfg.text.max_position_embeddings:
+            raise ValueError(f"--max-txt-len {cfg['max_txt_len']} exceeds the text model's max_position_embeddings "
+                             f"({mcfg.text.max_position_embeddings})")
+        model = self.model_cls(mcfg)
+        if self.vit is not None:
+            sd = {"vision_model." + k: v for k, v in self.vit.state_dict().items()}
+            load_task_checkpoint(model, sd, initialise=(r"(?!vision_model\.)",), what="--vision")
+            self.vit = None
+        model = model.to(device).train()
+        if cfg["init"] is not None and fresh:
+            self.init_weights(model, cfg["init"])
+        return model, mcfg.to_dict()
+
+    def init_weights(self, model, path: str) -> None:
+        """``--init``: a Salesforce BLIP checkpoint (pre-training or this task's) or a blipfast run, through the
+        model's BLIP loader (BLIP's ``load_checkpoint``: what the task has no place for is left out, what the
+        checkpoint lacks keeps its initialisation; both are printed)."""
+        from ... import convert
+
+        src = convert.resolve_source(path, what="--init")
+        rep = model.load_lavis_state_dict(convert.load_state_dict(src.weights), what="--init")
+        for label, keys in (("left out", rep.left_out), ("initialised (not in the checkpoint)", rep.initialised)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                print(f"blipfast train: --init {path}: {label}: {shown}", flush=True)
+
+
+@register
+class BlipVQATask(BlipFinetuneTask):
+    """:class:`blipfast.BlipVQA` fine-tuning (see the module docstring)."""
+
+    name = "blip-vqa"
+    title = "BLIP VQA fine-tuning"
+    spelling = "--task blip-vqa"
+    max_words = 50  # BLIP's pre_question(question, max_ques_words=50)
+    # Salesforce BLIP configs/vqa.yaml and train_vqa.py
+    defaults = {"lr": 2e-5, "warmup_lr": 2e-5, "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.05,
+                "batch_size": 16, "epochs": 10.0, "max_txt_len": 35, "image_ids": False}
+    k_test = 128
+    max_answer_tokens = 32  # an answer longer than this (never in VQAv2 / VG) is cut
+
+    @property
+    def model_cls(self):
+        from ...models.blip_vqa import BlipVQA
+
+        return BlipVQA
+
+    @property
+    def config_cls(self):
+        from ...models.blip_vqa import BlipVQAConfig
+
+        return BlipVQAConfig
+
+    def synthetic(self, folder: str, size: int, seed: int) -> dict:
+        from ...data.vqa import make_synthetic_vqa
+
+        paths = make_synthetic_vqa(folder, size, seed)
+        return {"data": paths["data"], "images": paths["images"]}
+
+    def read_data(self, cfg: dict, features: bool):
+        from ...data.vqa import read_vqa
+
+        self.ann = read_vqa(cfg["data"], cfg["images"], check_images=not features, max_words=self.max_words)
+        return self.ann
+
+    def dataset(self, ann, images, processor, text, report_path):
+        from ...data.vqa import VqaDataset
+
+        return VqaDataset(ann, images, processor, text, report_path=report_path)
+
+    def tokenizer_texts(self, ann) -> list:
+        return list(ann.captions) + [a for answers in ann.answers for a in answers]
+
+    def tokenize(self, model, tok, captions: list, cfg: dict) -> dict:
+        """The questions (``input_ids`` / ``attention_mask`` [P, --max-txt-len]) and each question's answers in
+        fixed slots (``answer_ids`` / ``answer_mask`` [P, A, Ta], ``answer_weight`` float32 [P, A])."""
+        from ...data import tokenize
+
+        ids, mask = tokenize(tok, captions, cfg["max_txt_len"])
+        answers = self.ann.answers
+        counts = torch.tensor([len(a) for a in answers])
+        flat = [a for row in answers for a in row]
+        limit = min(self.max_answer_tokens, model.config.text.max_position_embeddings)
+        a_ids, a_mask = tokenize(tok, flat, limit, longest=True)
+        p, slots, ta = len(answers), int(counts.max()), a_ids.shape[1]
+        row = torch.repeat_interleave(torch.arange(p), counts)
+        slot = torch.arange(len(flat)) - (torch.cumsum(counts, 0) - counts)[row]
+        s_ids = torch.full((p, slots, ta), tok.pad_token_id, dtype=torch.int32)
+        s_mask = torch.zeros(p, slots, ta, dtype=torch.bool)
+        s_ids[..., 0], s_mask[..., 0] = tok.cls_token_id, True  # an unused slot: [DEC] alone, weight 0
+        s_ids[row, slot], s_mask[row, slot] = a_ids, a_mask
+        weight = torch.zeros(p, slots, dtype=torch.float32)
+        weight[row, slot] = torch.tensor([w for row_w in self.ann.weights for w in row_w], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "answer_ids": s_ids, "answer_mask": s_mask,
+                "answer_weight": weight}
+
+    def step_loss(self, model, pixel_values, inp: dict, seed):
+        out = model(pixel_values, inp["input_ids"], inp["attention_mask"], inp["answer_ids"], inp["answer_mask"],
+                    inp["answer_weight"])
+        return out.loss, out.loss.detach().float().reshape(1)
+
+    def evaluate(self, model, tok, data: str, images: str, *, answer_list, k: int = None, batch_size: int = 32,
+                 max_txt_len: int = 35, inference: str = "rank") -> dict:
+        """Answer the questions of ``data`` (a VQA list with human answers, LAVIS' ``vqa_val_eval.json`` layout)
+        and score them with the official VQA accuracy; ``answer_list``: a path or a list of candidates."""
+        from ...data.vision import default_blip_processor
+        from ...data.vqa import read_answer_list, read_vqa
+        from ...vqa_nlvr import answer_questions, score_vqa
+
+        ann = read_vqa(data, images)
+        answers = read_answer_list(answer_list) if isinstance(answer_list, (str, os.PathLike)) else answer_list
+        unwrapped = getattr(model, "module", model)
+        proc = default_blip_processor(unwrapped.config.vision.image_size)
+        pred = answer_questions(unwrapped, tok, ann, images, proc, answer_list=answers, inference=inference,
+                                k=k or self.k_test, batch_size=batch_size, max_txt_len=max_txt_len)
+        return score_vqa(pred, ann)
