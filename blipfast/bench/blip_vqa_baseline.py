@@ -166,7 +166,9 @@ def blip_rank_answer(model, question_states, question_atts, answer_ids, answer_a
     per, _ = _decoder_loss(model, input_ids, input_atts, question_states, question_atts, targets_ids)
     log_probs_sum = (-per).view(num_ques, k)
     max_topk_ids = log_probs_sum.argmax(dim=1)
-    max_ids = topk_ids[max_topk_ids >= 0, max_topk_ids]
+    # BLIP: topk_ids[max_topk_ids >= 0, max_topk_ids]; a boolean index is a nonzero (a host sync) inside the index
+    # kernel, written out here so that the operator counter sees it
+    max_ids = topk_ids[(max_topk_ids >= 0).nonzero(as_tuple=True)[0], max_topk_ids]
     return max_ids, topk_ids, log_probs_sum
 
 

@@ -170,7 +170,7 @@ def task_vit(vision: BlipVisionConfig, drop_path_rate: float) -> BlipVisionModel
     drop_path_rate, depth)`` over its blocks (BLIP's ``VisionTransformer``)."""
     vit = fuse_vision_model(BlipVisionModel(vision))
     layers = vit.encoder.layers
-    rates = torch.linspace(0, drop_path_rate, len(layers)).tolist() if drop_path_rate > 0 else [0.0] * len(layers)
+    rates = torch.linspace(0, drop_path_rate, len(layers), device="cpu").tolist()  # BLIP's dpr (float32 steps)
     for layer, p in zip(layers, rates):
         if p > 0:
             layer.__class__ = DropPathBlipEncoderLayer
