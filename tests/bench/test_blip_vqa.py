@@ -4,10 +4,13 @@ fewer FLOPs (the question's decoder K/V once per question instead of once per ca
 question, no last position) with fewer operators. The timed suite needs CUDA."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from blipfast.bench import blip_vqa
 from tests.helpers.blip_tasks import vqa_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_counted_rank_inference_on_a_tiny_config():

@@ -13,7 +13,7 @@ from tests.helpers.tolerance import assert_close, assert_within_rounding, assert
 SIZE = 16
 
 
-def _parts(text=None, vision=None):
+def text_vision(text=None, vision=None):
     t = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
              max_position_embeddings=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
              bos_token_id=DEC, sep_token_id=SEP, eos_token_id=SEP, pad_token_id=0)
@@ -25,12 +25,12 @@ def _parts(text=None, vision=None):
 
 
 def vqa_config(text=None, vision=None, **kw) -> BlipVQAConfig:
-    t, v = _parts(text, vision)
+    t, v = text_vision(text, vision)
     return BlipVQAConfig(text=t, vision=v, **{"enc_token_id": ENC, "bos_token_id": DEC, "drop_path_rate": 0.0, **kw})
 
 
 def nlvr_config(text=None, vision=None, **kw) -> BlipNLVRConfig:
-    t, v = _parts(text, vision)
+    t, v = text_vision(text, vision)
     return BlipNLVRConfig(text=t, vision=v, **{"enc_token_id": ENC, "bos_token_id": DEC, "drop_path_rate": 0.0,
                                                "merge_from_layer": 1, **kw})
 

@@ -12,6 +12,8 @@ from blipfast.models.blip_vqa import BlipVQAConfig
 from tests.helpers.blip_tasks import vqa_config
 from tests.helpers.tolerance import assert_close
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
+
 
 def _timm_block(layer, x, p, training):
     """BLIP's vit.py ``Block.forward`` with timm 0.4.12's drop_path over an HF BlipEncoderLayer's parameters."""

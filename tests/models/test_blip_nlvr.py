@@ -17,6 +17,8 @@ from tests.helpers.blip_pretrain import tiny_config
 from tests.helpers.blip_tasks import SIZE, check_losses_and_grads, nlvr_config, tokens
 from tests.helpers.tolerance import assert_close
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread
+
 F64 = torch.float64
 
 
