@@ -62,6 +62,9 @@ class BlipCaptionConfig(BlipConfigBase):
         super()._validate()
         if self.min_length > self.max_length:
             self._err(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+        if self.prompt_length >= self.max_length:
+            self._err(f"max_length ({self.max_length}) counts the prompt's {self.prompt_length} tokens: it must "
+                      f"exceed them")
 
 
 @dataclass
@@ -135,8 +138,9 @@ class BlipCaptioner(nn.Module):
         if ids.dim() != 2 or ids.shape[0] != b or ids.shape[1] == 0:
             _err(f"input_ids must be the prompt's tokens [P] or [B={b}, P], got {list(input_ids.shape)}")
         max_length = cfg.max_length if max_length is None else max_length
-        if max_length > cfg.text.max_position_embeddings:
-            _err(f"max_length {max_length} exceeds max_position_embeddings ({cfg.text.max_position_embeddings})")
+        if not ids.shape[1] < max_length <= cfg.text.max_position_embeddings:
+            _err(f"max_length {max_length} must exceed the prompt's {ids.shape[1]} tokens and not exceed "
+                 f"max_position_embeddings ({cfg.text.max_position_embeddings})")
         image_embeds = self.vision_tokens(pixel_values.to(self.device))
         kw = dict(max_length=max_length, min_length=cfg.min_length if min_length is None else min_length,
                   eos_token_id=cfg.text.sep_token_id, pad_token_id=cfg.text.pad_token_id)

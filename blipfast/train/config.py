@@ -70,6 +70,11 @@ OPTIONS: dict = {
     "num_workers": (int, None, "DataLoader workers per process (default: 0 on CPU, min(8, cores / processes) "
                     "on CUDA)"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
+    "eval_data": (str, None, "annotation of the evaluation split (images under --images; e.g. BLIP's "
+                  "coco_karpathy_test.json: {'image', 'caption': [references]}) for --eval-every; without --data the "
+                  "synthetic set's annotation"),
+    "eval_every": (int, 0, "evaluate the model at the end of every N-th epoch (tasks with an evaluation: "
+                   "blip-retrieval, blip-caption), written to RUN/eval.jsonl; 0: never"),
     # model
     "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; --model "
                "blip: ViT-B/16 at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the "
@@ -120,7 +125,7 @@ OPTIONS: dict = {
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
-                  "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
+                  "num_workers", "compile", "compile_backend", "cuda_graph", "device", "eval_every", "eval_data"}
 
 MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
 
@@ -307,8 +312,10 @@ def validate(cfg: dict) -> None:
         need(cfg[name] is None or cfg[name] >= (0 if name == "num_workers" else 1),
              f"{_flag(name)} must be >= {0 if name == 'num_workers' else 1}, got {cfg[name]}")
     need(cfg["epochs"] is None or cfg["epochs"] > 0, f"--epochs must be > 0, got {cfg['epochs']}")
-    for name in ("lr", "warmup_lr", "min_lr", "eps"):
+    for name in ("lr", "warmup_lr", "eps"):
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
+    need(cfg["min_lr"] >= 0, f"--min-lr must be >= 0, got {cfg['min_lr']}")  # BLIP's fine-tuning decays to 0
+    need(cfg["eval_every"] >= 0, f"--eval-every must be >= 0, got {cfg['eval_every']}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
     task_class(task_of(cfg)).check_options(cfg)

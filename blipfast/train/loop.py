@@ -40,7 +40,7 @@ from .optim import WarmupCosine, make_optimizer
 from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
-PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out")
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out", "eval_data")
 
 
 def mix_seed(seed: int, k: int) -> int:
@@ -307,6 +307,23 @@ class Trainer:
         d.barrier()
         return path
 
+    def _evaluate_after(self, before: int) -> None:
+        """``--eval-every N``: the task's ``evaluate`` when this step ended an N-th epoch; rank 0 appends the
+        metrics to ``RUN/eval.jsonl`` and logs them."""
+        every, spe = self.cfg.get("eval_every") or 0, self.sampler.steps_per_epoch
+        epoch = self.micro_step // spe
+        if not every or epoch == before // spe or epoch % every:
+            return
+        metrics = self.task.evaluate(self.core, self.cfg, self.dist, epoch)
+        if metrics is not None and self.dist.main:
+            import json
+
+            with open(os.path.join(self.cfg["out"], "eval.jsonl"), "a") as fh:
+                fh.write(json.dumps({"step": self.step, "epoch": epoch, **metrics}) + "\n")
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            self.log(f"blipfast train: evaluation after epoch {epoch} (step {self.step}): {shown}")
+        self.dist.barrier()
+
     def _request_stop(self, signum, _frame):
         self.stop_requested = True
         self.log(f"blipfast train: signal {signum}: stopping after this step with a checkpoint")
@@ -324,7 +341,9 @@ class Trainer:
         acc, n_acc, t_last, saved_at = None, 0, time.perf_counter(), None
         try:
             while self.step < end and not self.stop_requested:
+                before = self.micro_step
                 m = self.train_step()
+                self._evaluate_after(before)
                 acc, n_acc = (m if acc is None else acc + m), n_acc + 1
                 s = self.step
                 if s % cfg["log_every"] == 0 or s == end or self.stop_requested:

@@ -25,7 +25,11 @@ What the trainer calls, in order (every hook is declared on :class:`Task` with i
    before ``ln_vision``, or the pixels when ``trains_vision``; ``inp``: the batch, ``seed``: the int64 [1]
    seed of the step's random draws, the same on every rank);
 8. ``save(model, folder, step, lavis)`` / ``load(model, folder)``: the weights of a checkpoint folder
-   (``lavis``: also a LAVIS / Salesforce-named ``lavis.pth``).
+   (``lavis``: also a LAVIS / Salesforce-named ``lavis.pth``);
+9. with ``--eval-every N``, at the end of every N-th epoch on every rank: ``evaluate(model, cfg, dist, epoch) ->
+   dict or None``: the metrics of the model (the unwrapped one, in train mode; the hook restores what it changes
+   and draws no training randomness); rank 0 appends ``{"step", "epoch", **metrics}`` to ``RUN/eval.jsonl`` and logs
+   it. Default: no evaluation.
 
 Class attributes: ``name`` (the registry key), ``title`` (the log line), ``losses`` (the logged names; the first
 is optimised), ``trains_vision``, ``vision_kind`` (the ViT of the synthetic set: "blip2" or "blip"),
@@ -251,6 +255,10 @@ class Task:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to back-propagate, detached float32 logged losses [len(losses)]); no host sync."""
         raise NotImplementedError(f"{type(self).__name__}.step_loss")
+
+    def evaluate(self, model, cfg: dict, dist, epoch: int) -> Optional[dict]:
+        """Metrics after epoch ``epoch`` (1-based) with ``--eval-every``, or None (see the module docstring)."""
+        return None
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
