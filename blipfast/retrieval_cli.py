@@ -1,17 +1,26 @@
-"""``blipfast retrieval``: LAVIS' BLIP-2 retrieval evaluation of a gallery (image -> text and text -> image
-recall@1/5/10 with ITC top-k + ITM re-ranking), on images or on cached image features.
+"""``blipfast retrieval``: image -> text and text -> image recall@1/5/10 of a gallery with ITC top-k + ITM
+re-ranking, on images or on cached image features: LAVIS' BLIP-2 evaluation, or Salesforce BLIP's
+(``train_retrieval.py``) with BLIP (v1) models.
 
     blipfast retrieval --data coco_karpathy_test.json --images coco/ --model blip2-itm-vit-g/ [--k 128]
     blipfast retrieval --data ann.json --features feats/ --model stage1.pth --config stage1.json
+    blipfast retrieval --data coco_karpathy_test.json --images coco/ --model model_base_retrieval_coco.pth \
+        --tokenizer bert-base-uncased/
 
 Prints the recall table; writes ``OUT/scores.safetensors`` (``score_i2t`` [N_img, N_txt], ``score_t2i``
 [N_txt, N_img], float32) and ``OUT/metrics.json`` (the metrics, k, sizes, seconds per stage).
 
-``--model``: an HF ``Blip2ForImageTextRetrieval`` folder (``save_pretrained``; its vision model reads --images),
-a LAVIS checkpoint (``.pth``; ``--vision-config`` builds its EVA ViT for --images), a ``blipfast.Blip2Stage1``
-state dict (``.safetensors`` / ``.pt``), or a ``blipfast train`` stage-1 run or checkpoint folder (its config and
-tokenizer are the run's). ``--config``: the ``Blip2Stage1Config`` of the LAVIS / blipfast checkpoints as JSON
-(``config.to_dict()``; default: the run's, else BLIP-2's). The tokenizer comes from ``--tokenizer``, the run or the
+``--model``, BLIP-2: an HF ``Blip2ForImageTextRetrieval`` folder (``save_pretrained``; its vision model reads
+--images), a LAVIS checkpoint (``.pth``; ``--vision-config`` builds its EVA ViT for --images), a
+``blipfast.Blip2Stage1`` state dict (``.safetensors`` / ``.pt``), or a ``blipfast train`` stage-1 run or checkpoint
+folder (its config and tokenizer are the run's). ``--config``: the ``Blip2Stage1Config`` of the LAVIS / blipfast
+checkpoints as JSON (``config.to_dict()``; default: the run's, else BLIP-2's).
+
+``--model``, BLIP (v1), scored by :class:`blipfast.models.blip_retrieval.BlipRetrieval` (``k`` defaults to its
+``k_test``, 256 as BLIP's COCO recipe): an HF ``BlipForImageTextRetrieval`` folder, a Salesforce BLIP ``.pth``
+(retrieval, ITM or pre-training checkpoints; sizes read from the weights, ``--config`` a ``BlipRetrievalConfig``
+JSON over them; ``--tokenizer`` the BERT tokenizer, to which BLIP's [DEC] and [ENC] are added), or a ``blipfast
+train`` run of ``blip-retrieval`` or ``blip-pretrain``. The tokenizer comes from ``--tokenizer``, the run or the
 model's folder.
 """
 from __future__ import annotations
@@ -32,13 +41,15 @@ def add_arguments(p) -> None:
     src.add_argument("--images", help="folder that the annotation's image paths are relative to")
     src.add_argument("--features", help="feature cache of the images written by `blipfast cache-features` (ViT tokens "
                      "before ln_vision)")
-    p.add_argument("--model", required=True, help="HF Blip2ForImageTextRetrieval folder, LAVIS .pth, or blipfast "
-                   "Blip2Stage1 state dict")
-    p.add_argument("--config", help="JSON file of the Blip2Stage1Config (LAVIS / blipfast checkpoints)")
+    p.add_argument("--model", required=True, help="HF Blip2ForImageTextRetrieval or BlipForImageTextRetrieval "
+                   "folder, LAVIS or Salesforce BLIP .pth, blipfast Blip2Stage1 state dict, or a blipfast train run")
+    p.add_argument("--config", help="JSON file of the Blip2Stage1Config (LAVIS / blipfast checkpoints) or of the "
+                   "BlipRetrievalConfig (Salesforce BLIP .pth; default: the sizes of its weights)")
     p.add_argument("--vision-config", help="JSON file of an HF Blip2VisionConfig: the LAVIS checkpoint's ViT, for "
                    "--images")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the --model folder)")
-    p.add_argument("--k", type=int, default=128, help="candidates re-ranked with ITM per query (LAVIS: 128)")
+    p.add_argument("--k", type=int, help="candidates re-ranked with ITM per query (default: LAVIS' 128 for BLIP-2, "
+                   "the model's k_test for BLIP: 256 as BLIP's COCO recipe)")
     p.add_argument("--batch-size", type=int, default=1024, help="image-text pairs per ITM pass")
     p.add_argument("--image-batch-size", type=int, default=64, help="images per ViT pass and per K/V group")
     p.add_argument("--max-txt-len", type=int, default=35, help="caption tokens kept (LAVIS: 35)")
@@ -53,8 +64,53 @@ def _json(path):
     return None if path is None else json.loads(Path(path).read_text())
 
 
-def load_model(path, config=None, vision_config=None):
-    """A ``Blip2Retrieval`` from ``path`` (see the module doc); ``config`` / ``vision_config`` as dicts."""
+def blip_source(path):
+    """(is a BLIP (v1) model, its state dict when ``path`` is a weights file that was read to tell, else None)."""
+    from . import convert
+
+    src = convert.resolve_source(path, what="--model")
+    if src.run_config is not None:
+        run = src.run_config
+        return run.get("task") in ("blip-retrieval", "blip-pretrain") or (run.get("model") or {}).get("name") == \
+            "blip", None
+    if src.kind == "hf":
+        return (src.hf_config or {}).get("model_type") == "blip", None
+    sd = convert.load_state_dict(src.weights)
+    return any(k.startswith(("text_encoder.", "text_decoder.")) for k in sd), sd
+
+
+def load_blip_model(path, tokenizer, config=None, state_dict=None):
+    """A ``BlipRetrieval`` from ``path`` (an HF ``BlipForImageTextRetrieval`` folder, a Salesforce BLIP ``.pth``, a
+    ``blip-retrieval`` or ``blip-pretrain`` run; ``state_dict``: its weights when already read); ``config``: a
+    ``BlipRetrievalConfig`` dict over what the run, the weights and the tokenizer (its [ENC]) tell."""
+    from . import convert
+    from .models.blip_retrieval import BlipRetrieval, BlipRetrievalConfig
+
+    src = convert.resolve_source(path, what="--model")
+    over = {"enc_token_id": tokenizer.convert_tokens_to_ids("[ENC]"), **(config or {})}
+    if src.kind == "hf":
+        from transformers import BlipForImageTextRetrieval
+
+        model = BlipRetrieval.from_hf(BlipForImageTextRetrieval.from_pretrained(src.weights))
+        model.config = BlipRetrievalConfig(**{**model.config.to_dict(), **over})  # fields read at run time
+        return model.eval()
+    sd = state_dict if state_dict is not None else convert.load_state_dict(src.weights)
+    if src.run_config is not None:  # the run's sizes (a blip-pretrain run's fields that retrieval has)
+        saved = src.run_config.get("model") or {}
+        cfg = {k: v for k, v in saved.items() if k in BlipRetrievalConfig.FIELDS + ("text", "vision")}
+    else:
+        ids = {"pad_token_id": tokenizer.pad_token_id, "sep_token_id": tokenizer.sep_token_id,
+               "bos_token_id": tokenizer.bos_token_id}
+        cfg = BlipRetrievalConfig.from_state_dict(convert.to_hf(sd)[0].state_dict, text=ids,
+                                                  enc_token_id=over["enc_token_id"]).to_dict()
+    model = BlipRetrieval(BlipRetrievalConfig(**{**cfg, **over}))
+    model.load_lavis_state_dict(sd)
+    return model.eval()
+
+
+def load_model(path, config=None, vision_config=None, state_dict=None):
+    """A ``Blip2Retrieval`` from ``path`` (see the module doc); ``config`` / ``vision_config`` as dicts;
+    ``state_dict``: its weights when already read."""
     from . import convert
     from .models.blip2 import Blip2Stage1, Blip2Stage1Config
     from .models.blip2_retrieval import Blip2Retrieval
@@ -67,7 +123,7 @@ def load_model(path, config=None, vision_config=None):
         from transformers import Blip2ForImageTextRetrieval
 
         return Blip2Retrieval.from_hf(Blip2ForImageTextRetrieval.from_pretrained(src.weights).eval(), cfg)
-    sd = convert.load_state_dict(src.weights)
+    sd = state_dict if state_dict is not None else convert.load_state_dict(src.weights)
     if "ln_vision.weight" in sd and any(k.startswith("qformer.") for k in sd):  # blipfast's own key space
         stage1 = Blip2Stage1(cfg)
         convert.load_into(stage1, sd, ignore=(r"qformer_lm_head\.",), what="--model")  # retrieval needs no LM head
@@ -99,11 +155,22 @@ def run(args) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         gallery = read_annotations(args.data)
-        model = load_model(args.model, _json(args.config), _json(args.vision_config)).to(device=device, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(args))
-        print(f"blipfast retrieval: {len(gallery.images)} images, {len(gallery.texts)} captions, k = {args.k}, "
+        blip, sd = blip_source(args.model)
+        if blip:
+            from .data.tokenizer import add_enc_token, load_tokenizer
+
+            tokenizer = add_enc_token(load_tokenizer(_tokenizer_dir(args)))
+            model = load_blip_model(args.model, tokenizer, _json(args.config), sd).to(device=device, dtype=dtype)
+            k = model.config.k_test if args.k is None else args.k
+            args.max_txt_len = min(args.max_txt_len, model.config.text.max_position_embeddings)
+        else:
+            model = load_model(args.model, _json(args.config), _json(args.vision_config), sd).to(device=device,
+                                                                                                    dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(args))
+            k = 128 if args.k is None else args.k
+        print(f"blipfast retrieval: {len(gallery.images)} images, {len(gallery.texts)} captions, k = {k}, "
               f"{device.type} {str(dtype).replace('torch.', '')}", flush=True)
-        res = evaluate(model, gallery, tokenizer, images=args.images, features=args.features, k=args.k,
+        res = evaluate(model, gallery, tokenizer, images=args.images, features=args.features, k=k,
                        batch_size=args.batch_size, image_batch_size=args.image_batch_size,
                        max_txt_len=args.max_txt_len, workers=args.workers, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
@@ -114,7 +181,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_file({"score_i2t": res["score_i2t"].float().contiguous(), "score_t2i": res["score_t2i"].float().contiguous()},
               str(out / "scores.safetensors"))
-    info = {"metrics": res["metrics"], "k": args.k, "images": len(gallery.images), "captions": len(gallery.texts),
+    info = {"metrics": res["metrics"], "k": k, "images": len(gallery.images), "captions": len(gallery.texts),
             "seconds": res["seconds"], "model": str(args.model), "data": str(args.data), "device": str(device),
             "dtype": str(dtype).replace("torch.", "")}
     (out / "metrics.json").write_text(json.dumps(info, indent=1))

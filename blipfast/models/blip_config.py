@@ -11,7 +11,7 @@ ValueError that names the config and the field; an unknown keyword is a TypeErro
 
 :meth:`BlipConfigBase.from_state_dict` reads the sizes of a checkpoint (HF names, :mod:`blipfast.convert`): the
 ViT's width, depth, patch and image size (from its position embeddings), the text model's width, depth, vocabulary
-and positions (heads of 64, as every BLIP checkpoint has them).
+and positions (heads of 64, as every BLIP checkpoint has them), the ITC width and the queue length.
 """
 from __future__ import annotations
 
@@ -169,4 +169,9 @@ class BlipConfigBase:
                        num_attention_heads=max(1, words.shape[1] // 64), num_hidden_layers=layers(t + "encoder.layer."),
                        intermediate_size=state_dict[t + "encoder.layer.0.intermediate.dense.weight"].shape[0],
                        max_position_embeddings=state_dict[t + "embeddings.position_embeddings.weight"].shape[0])
-        return cls(text={**sizes_t, **(text or {})}, vision={**sizes_v, **(vision or {})}, **fields)
+        heads = {}  # the ITC width and the queue length, where the model has them
+        if "embed_dim" in cls.FIELDS and "vision_proj.weight" in state_dict:
+            heads["embed_dim"] = state_dict["vision_proj.weight"].shape[0]
+        if "queue_size" in cls.FIELDS and "image_queue" in state_dict:
+            heads["queue_size"] = state_dict["image_queue"].shape[1]
+        return cls(text={**sizes_t, **(text or {})}, vision={**sizes_v, **(vision or {})}, **{**heads, **fields})

@@ -70,6 +70,10 @@ def test_run_evaluate_resume_bit_identically(task, dataset, tmp_path):
         assert {"txt_r1", "img_r10", "r_mean"} <= set(evals[0][0])
         model = BlipRetrieval.from_lavis(lavis, BlipRetrievalConfig(**cfg["model"]))
         assert int(a["ptr_queue"]) == (5 * 4) % 32
+        out = tmp_path / "scores"  # blipfast retrieval reads the run (its config and tokenizer)
+        assert main(["retrieval", "--data", dataset["test"], "--images", dataset["root"], "--model", full, "--device",
+                     "cpu", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["k"] == 4
     else:
         from blipfast.models.blip_caption import BlipCaptionConfig, BlipCaptioner
 
