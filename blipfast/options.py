@@ -64,10 +64,11 @@ def add_device_argument(p: argparse.ArgumentParser, *, help: str = DEVICE_HELP, 
 
 
 def add_dtype_argument(p: argparse.ArgumentParser, what: str, *, flag: str = "--dtype", default: Optional[str] = None,
-                       auto: bool = False, note: str = "") -> None:
-    """A dtype flag: ``what`` it sets, choices bf16 / fp16 / fp32 (plus ``auto`` with ``auto``; the long names
-    are accepted as the short ones), the default in the help (None or "auto": :data:`AUTO_HELP`)."""
-    choices = (["auto"] if auto else []) + sorted(DTYPES)
+                       auto: bool = False, note: str = "", extra: tuple = ()) -> None:
+    """A dtype flag: ``what`` it sets, choices bf16 / fp16 / fp32 (plus ``auto`` with ``auto`` and the names of
+    ``extra``, e.g. ``("fp8",)``; the long names are accepted as the short ones), the default in the help (None or
+    "auto": :data:`AUTO_HELP`)."""
+    choices = (["auto"] if auto else []) + sorted(DTYPES) + list(extra)
     shown = AUTO_HELP if default in (None, "auto") else default
     if auto and default == "auto":
         shown = f"auto: {AUTO_HELP}"

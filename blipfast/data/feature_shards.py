@@ -208,6 +208,20 @@ def write_index(out: str) -> dict:
     return index
 
 
+def is_feature_shards(path) -> bool:
+    """True when folder ``path`` holds feature shards (its ``index.json`` says :data:`INDEX_FORMAT`); False for
+    anything else, e.g. a cache of ``blipfast cache-features`` from an annotation file (format
+    ``blipfast-features``: :class:`blipfast.data.features.FeatureCache`)."""
+    index = os.path.join(path, "index.json") if isinstance(path, (str, os.PathLike)) else None
+    if index is None or not os.path.isfile(index):
+        return False
+    try:
+        with open(index) as fh:
+            return json.load(fh).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class FeatureShards:
     """A feature-shard folder's ``index.json``: ``dtype`` (name), ``tokens``, ``width``, ``meta``, ``images``,
     ``pairs`` and ``urls`` (the shard files, in order)."""

@@ -1,5 +1,9 @@
 """``blipfast cache-features``: run the frozen vision encoder once over a data set's images and keep its tokens.
 
+On WebDataset shards it writes feature shards, every ``torchrun`` rank its own (:mod:`blipfast.data.cache_shards`,
+:mod:`blipfast.data.feature_shards`: the captions inside, streamed sequentially by training, fp8 possible). On an
+annotation file it writes the cache below, which training reads with the same annotation file.
+
 BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (SPEC.md section 7): training for E
 epochs from images pays it E times, training from this cache once. The cache is a folder:
 
@@ -203,14 +207,18 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="annotation file: JSONL or a LAVIS/BLIP JSON list of "
-                   "{'image': relative path, 'caption': text or list}")
-    p.add_argument("--images", required=True, help="folder the annotation's image paths are relative to")
+    p.add_argument("--data", required=True, help="WebDataset shards ('shards/{00000..01743}.tar', a folder of .tar "
+                   "files, a list file, URLs or 'pipe:' commands; img2dataset's layout): feature shards that hold the "
+                   "captions, written by every torchrun rank; or an annotation file (JSONL or a LAVIS/BLIP JSON list "
+                   "of {'image': relative path, 'caption': text or list}, with --images): a feature cache read with "
+                   "that --data")
+    p.add_argument("--images", help="annotation file: the folder its image paths are relative to")
     p.add_argument("--vision", required=True, help="local Hugging Face vision model folder (Blip2VisionModel, "
                    "CLIPVisionModel, SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint, or any AutoModel "
                    "tower) with its preprocessor_config.json")
     p.add_argument("--out", required=True, help="cache folder (created; an existing cache is continued)")
-    add_dtype_argument(p, "dtype of the stored tokens", default="bf16")
+    add_dtype_argument(p, "dtype of the stored tokens", default="bf16",
+                       note="fp8: e4m3 with a per-token scale, half of bf16's disk, shards only", extra=("fp8",))
     add_dtype_argument(p, "dtype the vision model runs in, under autocast", flag="--vision-dtype", default="auto",
                        auto=True)
     p.add_argument("--batch-size", type=int, default=64, help="images per vision forward (default 64)")
@@ -218,11 +226,37 @@ def add_arguments(p) -> None:
     add_device_argument(p)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding DataLoader workers (default: min(4, CPU cores))")
+    p.add_argument("--image-key", default="jpg;png;webp", help="shards: the image is the first present of these "
+                   "';'-separated extensions (default: jpg;png;webp)")
+    p.add_argument("--caption-key", default="txt;json:caption", help="shards: the caption is the first present of "
+                   "these candidates, an extension's text or EXT:FIELD of a JSON file (default: txt;json:caption)")
+    p.add_argument("--gpu-decode", action="store_true", help="shards: decode the JPEGs on the device in batches "
+                   "(nvJPEG through torchvision.io.decode_jpeg) and run the image processor there, for when the CPU "
+                   "decoders cannot keep up with the vision model (on a CPU device: the same path on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args) -> int:
+    from .shards import looks_like_shards
+
     try:
+        if looks_like_shards(args.data):
+            if args.images is not None:
+                raise ValueError("--images is for annotation files: WebDataset shards hold their images")
+            from .cache_shards import cache_feature_shards
+
+            cache_feature_shards(args.data, args.vision, args.out, batch_size=args.batch_size,
+                                 shard_size=args.shard_size, dtype=args.dtype, device=args.device,
+                                 vision_dtype=args.vision_dtype, num_workers=args.num_workers,
+                                 image_key=args.image_key, caption_key=args.caption_key, gpu_decode=args.gpu_decode,
+                                 progress=not args.no_progress)
+            return 0
+        if args.images is None:
+            raise ValueError("--images DIR is needed with an annotation file (the folder its image paths are "
+                             "relative to)")
+        if args.dtype == "fp8" or args.gpu_decode:
+            raise ValueError(f"{'--dtype fp8' if args.dtype == 'fp8' else '--gpu-decode'} is for WebDataset shards "
+                             f"(feature shards); an annotation file's cache stores bf16, fp16 or fp32")
         cache_features(args.data, args.images, args.vision, args.out, batch_size=args.batch_size,
                        shard_size=args.shard_size, dtype=args.dtype, device=args.device,
                        vision_dtype=args.vision_dtype, num_workers=args.num_workers, progress=not args.no_progress)

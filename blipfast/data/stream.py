@@ -249,6 +249,7 @@ class ShardStream(IterableDataset):
         report, run, since, batch = BadSamples(), 0, 0, []
         decode, collate = self.source.decode, self.source.collate
         for s, off, raw in gen:
+            raw["__epoch__"], raw["__draw__"] = worker.pass_of(s), (worker.g, s, off)  # see image_stream
             try:
                 batch.append(decode(raw))
             except BadSample as exc:
@@ -325,12 +326,13 @@ class StreamLoader:
 
 
 def stream_loader(urls: Sequence[str], source, *, num_workers: int = 0, pin_memory: bool = False,
-                  with_keys: bool = False, **stream_args) -> StreamLoader:
+                  with_keys: bool = False, multiprocessing_context=None, **stream_args) -> StreamLoader:
     """A :class:`StreamLoader` over ``ShardStream(urls, source, num_workers=num_workers, **stream_args)``
-    (4 batches prefetched per worker)."""
+    (4 batches prefetched per worker; ``multiprocessing_context``: the DataLoader's, e.g. "fork" for a source
+    holding callables that do not pickle)."""
     stream = ShardStream(urls, source, num_workers=num_workers, **stream_args)
     return StreamLoader(stream, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                        with_keys=with_keys)
+                        with_keys=with_keys, multiprocessing_context=multiprocessing_context)
 
 
 class ShardReader(IterableDataset):

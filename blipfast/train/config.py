@@ -22,10 +22,12 @@ import json
 import os
 from typing import Any
 
+from ..data.shards import input_kind
 from ..options import DTYPES
 from .tasks import task_class, task_names
 
 DTYPE_NAMES = tuple(sorted(DTYPES))
+STREAMS = ("shards", "feature-shards")  # the input kinds (blipfast.data.shards.input_kind) that are streamed
 
 # name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
 # None as default: unset (derived or optional).
@@ -47,17 +49,34 @@ OPTIONS: dict = {
                     "EOS token; LAVIS' OPT recipe appends a newline)"),
     # data
     "data": (str, None, "annotation file: JSONL or the JSON list of LAVIS/BLIP, rows {'image': path relative to "
-             "--images, 'caption': text or list of texts}; without it a synthetic set is generated"),
+             "--images, 'caption': text or list of texts}; or WebDataset shards, streamed (img2dataset's layout: "
+             "'shards/{00000..01743}.tar', a folder of .tar files, a text file listing shards, URLs or 'pipe:' "
+             "commands; with --vision, or --model blip; needs --tokenizer); without it (and without feature shards) "
+             "a synthetic set is generated"),
     "images": (str, None, "folder the annotation's image paths are relative to (with --vision)"),
     "vision": (str, None, "local Hugging Face vision model folder (Blip2VisionModel, CLIPVisionModel, "
                "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
                "image processor config; frozen. With --model blip: a BlipVisionModel or BLIP folder whose weights "
                "start the trainable ViT (optional: without it the ViT starts from random weights or --init)"),
-    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision; not "
-                 "with --model blip, whose ViT trains)"),
+    "features": (str, None, "vision features written by `blipfast cache-features` (instead of --images/--vision; not "
+                 "with --model blip, whose ViT trains): feature shards (from shards: they hold the captions, no "
+                 "--data; streamed, needs --tokenizer) or the cache of an annotation file (with that --data)"),
     "tokenizer": (str, None, "stage 1: local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as "
                   "LAVIS does); default: train a WordPiece vocabulary on the captions and save it in the run folder. "
                   "Stage 2: the LLM's tokenizer (default: the --llm folder's)"),
+    "shuffle_buffer": (int, 1000, "shards and feature shards: samples in each loader worker's shuffle buffer "
+                       "(the shard order is shuffled every pass too; deterministic under --seed)"),
+    "samples_per_epoch": (int, None, "shards and feature shards: samples in an epoch (steps per epoch = this // "
+                          "(batch x processes)); default: what a sizes.json, __len__ or img2dataset's *_stats.json "
+                          "beside the shards says (feature shards: their pairs); required for a stream without them"),
+    "resampled": (bool, False, "shards and feature shards: draw the shards with replacement (as OpenCLIP's "
+                  "--dataset-resampled) instead of reading each once per pass"),
+    "image_key": (str, "jpg;png;webp", "WebDataset shards: the image is the first present of these ';'-separated "
+                  "extensions"),
+    "caption_key": (str, "txt;json:caption", "WebDataset shards: the caption is the first present of these "
+                    "';'-separated candidates (an extension's text, or EXT:FIELD, a field of a JSON file)"),
+    "log_keys": (bool, False, "write the sample keys of every micro-batch to RUN/keys-rank<R>.txt (an audit of "
+                 "the data order; pair numbers for an annotation file)"),
     "vocab_size": (int, 30522, "stage 1: WordPiece vocabulary size when training the tokenizer"),
     "max_txt_len": (int, 32, "caption tokens (padded/truncated; LAVIS: 32, BLIP: 30)"),
     "image_ids": (bool, True, "stage 1: pairs showing the same image (annotation 'image_id', else the image path) are "
@@ -68,7 +87,7 @@ OPTIONS: dict = {
     "vision_dtype": (str, "auto", "dtype the frozen vision model runs in: auto (bf16 on CUDA, fp32 on CPU), "
                      "bf16, fp16 or fp32"),
     "num_workers": (int, None, "DataLoader workers per process (default: 0 on CPU, min(8, cores / processes) "
-                    "on CUDA)"),
+                    "on CUDA; streams: at most shards / processes). A stream resumes exactly with the same number"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
     # model
     "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; --model "
@@ -120,7 +139,7 @@ OPTIONS: dict = {
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
-                  "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
+                  "num_workers", "log_keys", "compile", "compile_backend", "cuda_graph", "device"}
 
 MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
 
@@ -285,7 +304,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     chosen = {**from_file, **given}
     task = task_class(task_of(chosen))
     cfg.update(task.defaults)
-    if chosen.get("data") is None:
+    if chosen.get("data") is None and chosen.get("features") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
     cfg.update(from_file)
     cfg.update(given)
@@ -301,9 +320,9 @@ def validate(cfg: dict) -> None:
 
     for name in ("batch_size", "grad_accum", "max_txt_len", "vocab_size", "log_every", "keep", "synthetic_size"):
         need(cfg[name] >= 1, f"{_flag(name)} must be >= 1, got {cfg[name]}")
-    for name in ("warmup_steps", "save_every", "plot_every"):
+    for name in ("warmup_steps", "save_every", "plot_every", "shuffle_buffer"):
         need(cfg[name] >= 0, f"{_flag(name)} must be >= 0, got {cfg[name]}")
-    for name in ("steps", "stop_after", "num_workers"):
+    for name in ("steps", "stop_after", "num_workers", "samples_per_epoch"):
         need(cfg[name] is None or cfg[name] >= (0 if name == "num_workers" else 1),
              f"{_flag(name)} must be >= {0 if name == 'num_workers' else 1}, got {cfg[name]}")
     need(cfg["epochs"] is None or cfg["epochs"] > 0, f"--epochs must be > 0, got {cfg['epochs']}")
@@ -314,7 +333,16 @@ def validate(cfg: dict) -> None:
     task_class(task_of(cfg)).check_options(cfg)
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")
-    need(not (cfg["features"] and cfg["data"] is None), "--features needs --data (the captions)")
+    kind = input_kind(cfg["data"], cfg["features"])
+    need(not (cfg["features"] and kind == "synthetic"), f"--features {cfg['features']}: a feature cache of an "
+         f"annotation file needs that --data (the captions); feature shards (`blipfast cache-features` on "
+         f"WebDataset shards) hold their captions")
+    need(not (kind == "feature-shards" and cfg["data"] is not None), "--features: feature shards hold their "
+         "captions; leave out --data")
+    need(not (kind == "shards" and cfg["images"] is not None), "--images is for annotation files: WebDataset "
+         "shards hold their images")
+    need(kind in STREAMS or (cfg["samples_per_epoch"] is None and not cfg["resampled"]),
+         "--samples-per-epoch and --resampled are options of streamed data (WebDataset shards, feature shards)")
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")

@@ -6,8 +6,14 @@ its own ViT (``trains_vision``: BLIP) gets the pixels, and per-step inputs (``st
 travel with each batch. What a task derives (the tokenizer folder, the resolved model configuration) it returns,
 and the trainer records it in ``config.yaml``.
 
-Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
-cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
+Data: an annotation file (its captions tokenised once up front, a global batch order of
+:class:`blipfast.data.GlobalBatchSampler`), or a stream of WebDataset shards or feature shards
+(:mod:`blipfast.train.streams`: each rank reads its own shards, captions tokenised per batch in the loader workers,
+the checkpoint holds every rank's stream position). Every log row has ``data_wait_s`` (the time the steps waited
+for their batches) and, for a stream, ``bad_samples``.
+
+Set-up validates everything it can before it writes anything: the options, the annotation file or shards, the
+feature cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
 and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
@@ -33,7 +39,9 @@ import torch.distributed as dist
 
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
-from .config import RESUME_MUTABLE, read_run_config, task_of, validate, write_config
+from ..data.shards import input_kind
+from .config import RESUME_MUTABLE, STREAMS, read_run_config, task_of, validate, write_config
+from .streams import KeysLog, StreamInput
 from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
 from .optim import WarmupCosine, make_optimizer
@@ -146,7 +154,7 @@ class Trainer:
             n_params = sum(p.numel() for p in self.core.parameters())
             n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
             trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
-            self.log(f"blipfast train: {self.task.title}, {self.ann.summary()}; {d.world} process(es) on "
+            self.log(f"blipfast train: {self.task.title}, {(self.stream or self.ann).summary()}; {d.world} process(es) on "
                      f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
                      f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
                      f"{trained}, {cfg['precision']}; run folder {cfg['out']}")
@@ -162,9 +170,10 @@ class Trainer:
         from ..data.annotations import keep_pairs
 
         d, dev, out, task = self.dist, self.dist.device, cfg["out"], self.task
+        kind = input_kind(cfg["data"], cfg["features"])
         if cfg["preset"] == "auto":
-            cfg["preset"] = "tiny" if cfg["data"] is None else "base"
-        if cfg["data"] is None:  # the synthetic set, generated into the run folder
+            cfg["preset"] = "tiny" if kind == "synthetic" else "base"
+        if kind == "synthetic":  # the synthetic set, generated into the run folder
             from ..data.synthetic import make_synthetic
 
             paths = make_synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"],
@@ -172,18 +181,29 @@ class Trainer:
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
-        ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
-                               max_words=task.max_words)
-        cache = tower = processor = width = None
-        if feats:
+        workers = cfg["num_workers"]
+        if workers is None:
+            workers = 0 if dev.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
+        ann = cache = tower = processor = width = self.stream = None
+        feature_dtype = DTYPES[cfg["feature_dtype"]]
+        if kind in STREAMS:  # WebDataset or feature shards, streamed (blipfast.train.streams)
+            self.stream = StreamInput(kind, cfg, d, workers=workers, auto_workers=cfg["num_workers"] is None)
+            workers = self.stream.workers
+            if feats:  # fp8 is decoded on the device to --feature-dtype
+                width = self.stream.index.width
+                feature_dtype = DTYPES.get(self.stream.index.dtype, feature_dtype)
+        else:
+            ann = read_annotations(cfg["data"], None if feats else cfg["images"], check_images=not feats,
+                                   max_words=task.max_words)
+        if feats and self.stream is None:  # the feature cache of an annotation file
             cache = FeatureCache(cfg["features"])
             reasons = {k: f"image {k!r} not in the feature cache {cfg['features']!r}" for k in ann.images}
             reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
             ann = keep_pairs(ann, set(cache.where), reasons)
-            width = cache.width
-        elif task.trains_vision:  # the ViT is the model's: no frozen tower
+            width, feature_dtype = cache.width, cache.dtype
+        elif not feats and task.trains_vision:  # the ViT is the model's: no frozen tower
             processor = task.image_processor(cfg, d)
-        else:
+        elif not feats:
             tower, processor = load_vision_tower(cfg["vision"], device=dev,
                                                  dtype=resolve_dtype(cfg["vision_dtype"], dev, flag="--vision-dtype"))
             width = tower.width
@@ -193,22 +213,27 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
         model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=resume is None)
         self.core = model
-        text = task.tokenize(model, tok, ann.captions, cfg)
+        if self.stream is not None:  # captions tokenised per batch in the loader workers
+            self.stream.set_transforms(task, model, tok, processor)
+            self._stream_loader = self.stream.loader()
+            self.micro_per_epoch = self.stream.micro_per_epoch
+        else:
+            text = task.tokenize(model, tok, ann.captions, cfg)
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
-        ds = FeatureTextDataset(ann, cache, text) if feats else \
-            ImageTextDataset(ann, cfg["images"], processor, text, report_path=report)
-        self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
-        self.steps_per_epoch = self.sampler.steps_per_epoch / cfg["grad_accum"]
+        if self.stream is None:
+            ds = FeatureTextDataset(ann, cache, text) if feats else \
+                ImageTextDataset(ann, cfg["images"], processor, text, report_path=report)
+            self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
+            self.micro_per_epoch = self.sampler.steps_per_epoch
+            self.dataset, self._collate = ds, collate
+        self.steps_per_epoch = self.micro_per_epoch / cfg["grad_accum"]
         if cfg["steps"] is None:
             cfg["steps"] = max(1, math.ceil((cfg["epochs"] or 10) * self.steps_per_epoch))
         self.total_steps = cfg["steps"]
-        workers = cfg["num_workers"]
-        if workers is None:
-            workers = 0 if dev.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
-        self.dataset, self.workers, self._collate = ds, workers, collate
-        if d.main:
+        self.workers = workers
+        if d.main and ann is not None:
             with open(report, "w") as fh:
                 fh.writelines(m + "\n" for m in ann.bad)
             for m in ann.bad[:10]:
@@ -236,10 +261,11 @@ class Trainer:
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
         self.stepper = cls(wrapped, self.optimizer, task.step_loss, device=dev, tower=tower, scaler=self.scaler,
                            amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
-                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]])
+                           feature_dtype=feature_dtype)
         self.step = 0
         self.micro_step = 0
         self._iter = None
+        self._data_wait, self._keys = 0.0, None
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -256,10 +282,15 @@ class Trainer:
         elif self.dist.main:
             self.log(f"--resume: the checkpoint has RNG states of {len(rngs)} process(es), this run has "
                      f"{self.dist.world}: dropout continues from fresh seeds (the data order is unaffected)")
+        if self.stream is not None:  # each rank's stream position
+            self._stream_loader = self.stream.loader(self.stream.check_states(state.get("data_streams"),
+                                                                              self.micro_step))
 
     def _batches(self):
         from torch.utils.data import DataLoader
 
+        if self.stream is not None:
+            return iter(self._stream_loader)
         self.sampler.start = self.micro_step
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self._collate,
                             num_workers=self.workers, pin_memory=self.dist.device.type == "cuda",
@@ -277,9 +308,14 @@ class Trainer:
         acc = None
         n = self.cfg["grad_accum"]
         for k in range(n):
+            t = time.perf_counter()
             batch = next(self._iter)
+            self._data_wait += time.perf_counter() - t  # the time this step waited for its batch
+            keys = batch.pop("__key__", None)
+            if self._keys is not None:
+                self._keys.write(self.micro_step, keys if keys is not None else batch["index"].tolist())
             batch.update({name: torch.tensor(v, dtype=torch.float32)
-                          for name, v in self.task.step_inputs(self.micro_step, self.sampler.steps_per_epoch).items()})
+                          for name, v in self.task.step_inputs(self.micro_step, self.micro_per_epoch).items()})
             m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
             self.micro_step += 1
             acc = m if acc is None else acc + m
@@ -295,17 +331,37 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        streams = None
+        if self.stream is not None:  # every rank's stream position after the batches trained on
+            streams = [self._stream_loader.state_dict()]
+            if d.world > 1:
+                streams = [None] * d.world
+                dist.all_gather_object(streams, self._stream_loader.state_dict())
         path = None
         if d.main:
             state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
-                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world}
+                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world,
+                     **({"data_streams": streams} if streams is not None else {})}
             path = ckpt.save_checkpoint(self.cfg["out"], self.step,
                                         lambda folder: self.task.save(self.core, folder, self.step,
                                                                       self.cfg["save_lavis"]),
                                         state, self.cfg["keep"])
         d.barrier()
         return path
+
+    def _data_row(self) -> dict:
+        """The log row's data fields: ``data_wait_s``, the seconds the steps since the last row waited for their
+        batches (the mean over the ranks), and for a stream ``bad_samples``, the samples skipped since its start
+        (all ranks)."""
+        vals = [self._data_wait] + ([float(self._stream_loader.bad_samples)] if self.stream is not None else [])
+        self._data_wait = 0.0
+        if self.dist.world > 1:
+            t = torch.tensor(vals, dtype=torch.float64, device=self.dist.device)
+            dist.all_reduce(t)
+            vals = t.tolist()
+            vals[0] /= self.dist.world
+        return {"data_wait_s": round(vals[0], 4), **({"bad_samples": int(vals[1])} if len(vals) > 1 else {})}
 
     def _request_stop(self, signum, _frame):
         self.stop_requested = True
@@ -322,6 +378,8 @@ class Trainer:
                 except ValueError:  # not the main thread
                     pass
         acc, n_acc, t_last, saved_at = None, 0, time.perf_counter(), None
+        if cfg["log_keys"]:
+            self._keys = KeysLog(cfg["out"], d.rank, self.micro_step)
         try:
             while self.step < end and not self.stop_requested:
                 m = self.train_step()
@@ -334,10 +392,11 @@ class Trainer:
                         acc = acc / d.world
                     vals = acc.tolist()  # the one host sync per log row
                     now = time.perf_counter()
-                    row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
+                    row = {"step": s, "epoch": round(self.micro_step / self.micro_per_epoch, 4),
                            **dict(zip(self.task.losses, vals)), "lr": self.schedule.value(s - 1),
                            "images_per_s": global_batch * n_acc / max(now - t_last, 1e-9),
-                           "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3)}
+                           "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3),
+                           **self._data_row()}
                     self.runlog.log(row)
                     acc, n_acc, t_last = None, 0, now
                 if cfg["plot_every"] and s % cfg["plot_every"] == 0:
@@ -353,6 +412,8 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
             self.runlog.close()
+            if self._keys is not None:
+                self._keys.close()
         last = self.runlog.rows[-1] if self.runlog.rows else {}
         if d.main:
             done = "finished" if self.step >= self.total_steps else \
