@@ -47,7 +47,8 @@ def test_end_to_end_images_loss_goes_down(dataset, tmp_path):
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
     for r in rows:
-        assert set(r) >= {"step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr", "images_per_s", "memory_mb"}
+        assert set(r) >= {"step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr", "images_per_s", "memory_mb",
+                          "data_wait_s"}
         assert abs(r["loss"] - (r["loss_itc"] + r["loss_itm"] + r["loss_lm"])) < 1e-4
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5

@@ -70,7 +70,7 @@ def test_stage2_opt_loss_goes_down_llm_frozen_checkpoint_holds_the_trained_parts
         tr.close()
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
-    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "images_per_s", "memory_mb", "time_s"}
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "images_per_s", "memory_mb", "time_s", "data_wait_s"}
     first, last = (sum(r["loss"] for r in rows[a:b]) / 5 for a, b in ((0, 5), (25, 30)))
     assert last < first - 0.5, (first, last)
     with open(os.path.join(out, "loss.png"), "rb") as fh:

@@ -12,6 +12,7 @@ reported and left out (as a bad sample), never a crash.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -61,6 +62,11 @@ class BatchImageDecoder:
         """(the decoded uint8 [3, H, W] images of ``datas`` that decode, on the device; ``{index: why}``)."""
         if not isinstance(datas, (list, tuple)) or not all(isinstance(d, (bytes, bytearray)) for d in datas):
             raise TypeError("BatchImageDecoder: datas must be a list of encoded images (bytes)")
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's (a follow-up)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._decode(datas)
+
+    def _decode(self, datas):
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) if len(d) else None for d in datas]
         images: list = [None] * len(datas)
         errors: dict = {}

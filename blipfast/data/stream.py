@@ -311,8 +311,11 @@ class StreamLoader:
         from torch.utils.data import DataLoader
 
         self.stream.state = self.state_dict()
+        # a generator of its own: the DataLoader draws its workers' base seed from it, not from the global RNG
+        # (which a resumed trainer has just restored for dropout)
         loader = DataLoader(self.stream, batch_size=None, collate_fn=_same, num_workers=self.stream.num_workers,
-                            persistent_workers=False, **self.loader_args)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(self.stream.seed),
+                            **self.loader_args)
         for batch in loader:
             meta = batch.pop("__stream__")
             rec = self.workers[meta["worker"]]
