@@ -34,7 +34,8 @@ from .config import STREAMS
 
 
 def _tokenize(task, model, tok, cfg: dict, captions: list) -> dict:
-    return task.tokenize(model, tok, captions, cfg)
+    """The task's tokens of one batch, int64 as the annotation file's batches hold them (blipfast.data.datasets)."""
+    return {k: v.long() for k, v in task.tokenize(model, tok, captions, cfg).items()}
 
 
 def _preprocess(processor, image):
