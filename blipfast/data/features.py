@@ -226,10 +226,13 @@ def add_arguments(p) -> None:
     add_device_argument(p)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding DataLoader workers (default: min(4, CPU cores))")
-    p.add_argument("--image-key", default="jpg;png;webp", help="shards: the image is the first present of these "
-                   "';'-separated extensions (default: jpg;png;webp)")
-    p.add_argument("--caption-key", default="txt;json:caption", help="shards: the caption is the first present of "
-                   "these candidates, an extension's text or EXT:FIELD of a JSON file (default: txt;json:caption)")
+    from .image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
+
+    p.add_argument("--image-key", default=DEFAULT_IMAGE_KEY, help=f"shards: the image is the first present of "
+                   f"these ';'-separated extensions (default: {DEFAULT_IMAGE_KEY})")
+    p.add_argument("--caption-key", default=DEFAULT_CAPTION_KEY, help=f"shards: the caption is the first present "
+                   f"of these candidates, an extension's text or EXT:FIELD of a JSON file (default: "
+                   f"{DEFAULT_CAPTION_KEY})")
     p.add_argument("--gpu-decode", action="store_true", help="shards: decode the JPEGs on the device in batches "
                    "(nvJPEG through torchvision.io.decode_jpeg) and run the image processor there, for when the CPU "
                    "decoders cannot keep up with the vision model (on a CPU device: the same path on the CPU)")

@@ -13,6 +13,9 @@ Examples:
   blipfast train --stage 2 --llm OPT_DIR --init runs/c --data ann.jsonl --features feats --out runs/d
   blipfast train --stage 2 --llm T5_DIR --init blip2.pth --data ann.jsonl --images IMG --vision VIT --out runs/e
   blipfast train --task blip-pretrain --data ann.jsonl --images IMG --out runs/f
+  blipfast train --data "shards/{00000..01743}.tar" --vision VIT --tokenizer BERT --out runs/g
+  blipfast cache-features --data "shards/{00000..01743}.tar" --vision VIT --out feats --dtype fp8
+  blipfast train --features feats --tokenizer BERT --out runs/h
 """
 from __future__ import annotations
 

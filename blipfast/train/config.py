@@ -22,6 +22,7 @@ import json
 import os
 from typing import Any
 
+from ..data.image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
 from ..data.shards import input_kind
 from ..options import DTYPES
 from .tasks import task_class, task_names
@@ -71,9 +72,9 @@ OPTIONS: dict = {
                           "beside the shards says (feature shards: their pairs); required for a stream without them"),
     "resampled": (bool, False, "shards and feature shards: draw the shards with replacement (as OpenCLIP's "
                   "--dataset-resampled) instead of reading each once per pass"),
-    "image_key": (str, "jpg;png;webp", "WebDataset shards: the image is the first present of these ';'-separated "
-                  "extensions"),
-    "caption_key": (str, "txt;json:caption", "WebDataset shards: the caption is the first present of these "
+    "image_key": (str, DEFAULT_IMAGE_KEY, "WebDataset shards: the image is the first present of these "
+                  "';'-separated extensions"),
+    "caption_key": (str, DEFAULT_CAPTION_KEY, "WebDataset shards: the caption is the first present of these "
                     "';'-separated candidates (an extension's text, or EXT:FIELD, a field of a JSON file)"),
     "log_keys": (bool, False, "write the sample keys of every micro-batch to RUN/keys-rank<R>.txt (an audit of "
                  "the data order; pair numbers for an annotation file)"),
