@@ -48,8 +48,6 @@ def write_shards(folder: str, n_shards: int = 4, per_shard: int = 16, seed: int 
                  quality: int = 90) -> list:
     """``folder/00000.tar``, ... (img2dataset's layout, see the module docstring) of ``per_shard`` JPEG samples
     each; returns the shard paths. The same arguments write the same bytes."""
-    from PIL import Image  # noqa: F401 - (the drawing needs Pillow)
-
     from ..data.synthetic import _draw
 
     os.makedirs(folder, exist_ok=True)

@@ -13,8 +13,8 @@ the checkpoint holds every rank's stream position). Every log row has ``data_wai
 for their batches) and, for a stream, ``bad_samples``.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file or shards, the
-feature cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
-and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
+feature cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by
+rank 0), and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
 CPUs), builds the same model from the same seed, trains on its rows of each global batch
@@ -154,7 +154,8 @@ class Trainer:
             n_params = sum(p.numel() for p in self.core.parameters())
             n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
             trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
-            self.log(f"blipfast train: {self.task.title}, {(self.stream or self.ann).summary()}; {d.world} process(es) on "
+            data = (self.stream or self.ann).summary()
+            self.log(f"blipfast train: {self.task.title}, {data}; {d.world} process(es) on "
                      f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
                      f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
                      f"{trained}, {cfg['precision']}; run folder {cfg['out']}")

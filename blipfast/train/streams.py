@@ -4,8 +4,8 @@
 :class:`StreamInput` builds each process' loader (:func:`blipfast.data.image_stream.image_text_loader` or
 :func:`blipfast.data.feature_shards.feature_text_loader`): the shards split over the ``world x num_workers``
 logical workers, a shuffle buffer, batches of ``--batch-size`` made in the workers. There the images go through
-the vision model's processor (``pixel_values``; a per-sample augmentation can replace :attr:`StreamInput.image_transform`,
-see :class:`blipfast.data.image_stream.ImageTextSource`), the captions through LAVIS' ``pre_caption`` (at most the
+the vision model's processor (``pixel_values``; a per-sample augmentation can replace
+:attr:`StreamInput.image_transform`, see :class:`blipfast.data.image_stream.ImageTextSource`), the captions through LAVIS' ``pre_caption`` (at most the
 task's ``max_words``) and the task's ``tokenize`` (one batch at a time, fixed widths); feature shards give
 ``image_embeds`` as stored, and for fp8 ``image_scale``, decoded on the device by the step
 (:func:`blipfast.data.feature_shards.decode`). Nothing holds all captions or keys: host memory does not grow with

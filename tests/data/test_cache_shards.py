@@ -122,12 +122,10 @@ def test_an_interrupted_rank_resumes_per_shard(data, tmp_path, monkeypatch):
 def test_bad_samples_are_skipped_counted_and_named(data, tmp_path, capsys):
     folder = tmp_path / "bad"
     folder.mkdir()
-    good = open(data["paths"][0], "rb").read()  # noqa: SIM115 - a tar whose first member is a JPEG
     import tarfile
 
     with tarfile.open(data["paths"][0]) as tf:
         jpeg = tf.extractfile("000000000.jpg").read()
-    del good
     files = sample_files("k0", jpeg, "a good one", 32, 32) + [("k1.jpg", b"\xff\xd8\xffbroken"), ("k1.txt", b"x")]
     files += [("k2.jpg", jpeg)]  # no caption
     write_tar(str(folder / "00000.tar"), files)
