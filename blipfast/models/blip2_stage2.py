@@ -349,9 +349,11 @@ class Blip2Stage2(nn.Module):
         """Tokenise a batch as LAVIS does (host-side data preparation, not part of the step).
 
         Decoder-only: ``prompt + text + suffix`` (suffix default: the tokenizer's EOS; LAVIS uses "\\n" for OPT),
-        right-padded, truncated to ``max_length``; labels = ids with -100 on padding and on the prompt's tokens
-        (a non-empty prompt). Seq2seq: the prompts (default "") are the encoder's input, the texts the labels
-        (-100 on padding) with their ``decoder_attention_mask``. ``prompts``: None, one string or one per text."""
+        right-padded, truncated to ``max_length``; labels = ids with -100 on padding and on the tokens the prompt
+        contributes to that full text (:func:`prompt_token_counts`: LAVIS' ``prompt_length``, also with byte-level
+        BPE tokenizers, where a trailing space joins the caption's first word). Seq2seq: the prompts (default "")
+        are the encoder's input, the texts the labels (-100 on padding) with their ``decoder_attention_mask``.
+        ``prompts``: None, one string or one per text."""
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a non-empty sequence of strings")
@@ -371,12 +373,13 @@ class Blip2Stage2(nn.Module):
                         "labels": dec.input_ids.masked_fill(dec.attention_mask == 0, IGNORE_INDEX),
                         "decoder_attention_mask": dec.attention_mask}
             end = tokenizer.eos_token if suffix is None else suffix
-            enc = tokenizer([p + t + end for p, t in zip(prompts, texts)], **kw)
+            full = [p + t + end for p, t in zip(prompts, texts)]
+            offsets = bool(getattr(tokenizer, "is_fast", False)) and any(prompts)
+            enc = tokenizer(full, **kw, **({"return_offsets_mapping": True} if offsets else {}))
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
-            lengths = {p: len(tokenizer(p).input_ids) for p in set(prompts) if p}  # once per distinct prompt
-            for i, p in enumerate(prompts):
-                if p:
-                    labels[i, :lengths[p]] = IGNORE_INDEX
+            if any(prompts):
+                counts = prompt_token_counts(tokenizer, prompts, enc)
+                labels = labels.masked_fill(torch.arange(labels.shape[1]) < counts[:, None], IGNORE_INDEX)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
         finally:
             tokenizer.padding_side = side
@@ -413,6 +416,26 @@ def _check_ids(name: str, ids, bsz: int) -> None:
 def _check_like(name: str, t, ref: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
         raise ValueError(f"{name} must have the shape of its ids {list(ref.shape)}, got {_shape(t)}")
+
+
+def prompt_token_counts(tokenizer, prompts: Sequence[str], encoding) -> torch.Tensor:
+    """How many leading tokens of each tokenised ``prompt + text`` row the prompt contributes [B] (0 for an empty
+    prompt): LAVIS' ``prompt_length``, the tokens of its model prompt ("a photo of", special tokens included)
+    while its text processor puts "a photo of " in front of the caption.
+
+    With a fast tokenizer (``encoding`` holds ``offset_mapping``): the leading tokens whose characters start
+    inside the prompt without its trailing whitespace, so a byte-level BPE's "Ġa" (the space joined to the
+    caption's first word) is the caption's, for every tokenizer kind; otherwise LAVIS' own count, the length of
+    ``tokenizer(prompt.rstrip())``."""
+    ends = torch.tensor([len(p.rstrip()) for p in prompts])
+    if "offset_mapping" in encoding:
+        starts = encoding["offset_mapping"][..., 0]
+        inside = (starts < ends[:, None]) & (encoding["attention_mask"] == 1)
+        counts = inside.long().cumprod(1).sum(1)
+    else:
+        lengths = {p: len(tokenizer(p.rstrip()).input_ids) for p in set(prompts)}  # once per distinct prompt
+        counts = torch.tensor([lengths[p] for p in prompts])
+    return counts.masked_fill(ends == 0, 0)
 
 
 def read_stage1(stage1) -> tuple:
