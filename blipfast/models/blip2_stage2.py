@@ -37,7 +37,7 @@ from transformers.modeling_outputs import ModelOutput
 from .. import convert
 from .hf_swap import apply_blipfast_to_blip2
 from .instructblip import InstructBlipQFormer
-from .llm import configure_attention, load_llm
+from .llm import LAVIS_T5_ACTIVATION, configure_attention, load_llm
 
 _LN = "vision_model.post_layernorm."
 _TEXT_FFN = r"encoder\.layer\.\d+\.(intermediate|output)\."  # the stage-1 text FFN: no part of stage 2
@@ -87,7 +87,8 @@ class Blip2Stage2(nn.Module):
                 attn_implementation: Optional[str] = "auto", device=None, train_ln_vision: bool = True):
         """From an HF BLIP-2 / InstructBLIP conditional-generation model, or a local folder holding one
         (``save_pretrained``); the LLM gets the attention :func:`blipfast.models.llm.select_attn_implementation`
-        picks (FlashAttention-2 when usable)."""
+        picks (FlashAttention-2 when usable). The model's configuration is kept as it is (transformers' converted
+        BLIP-2 Flan-T5 folders already say LAVIS' ``dense_act_fn = "gelu"``)."""
         if not isinstance(model, nn.Module):
             model = load_hf_generation_model(model, dtype=dtype)
         if device is not None:
@@ -98,7 +99,8 @@ class Blip2Stage2(nn.Module):
     @classmethod
     def from_pretrained_parts(cls, stage1, llm, vision=None, *, qformer_config=None,
                               dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = "auto",
-                              device=None, train_ln_vision: bool = True, ln_vision_eps: Optional[float] = None):
+                              device=None, train_ln_vision: bool = True, ln_vision_eps: Optional[float] = None,
+                              t5_activation: Optional[str] = LAVIS_T5_ACTIVATION):
         """Stage 2 from a stage-1 checkpoint and a local LLM.
 
         - ``stage1``: a LAVIS ``.pth`` (``{"model": state_dict}``), an HF/blipfast-named safetensors file or folder,
@@ -108,6 +110,9 @@ class Blip2Stage2(nn.Module):
           ``nn.Linear`` (PyTorch's init, as LAVIS). The stage-1 text FFN, embeddings and ITC/ITM/LM heads are not
           used in stage 2.
         - ``llm``: a local folder (``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM`` after its config) or a model.
+          A T5 (Flan-T5) gets LAVIS' exact GELU in its feed-forwards (``t5_activation="gelu"``, LAVIS'
+          ``dense_act_fn``, where Flan-T5's config says ``gelu_new``; a module is changed in place; None keeps the
+          config's; :func:`blipfast.models.llm.set_t5_activation`). :meth:`from_hf` keeps the model's config.
         - ``vision``: None (features only: ``image_embeds`` in, no ViT), a ``Blip2VisionModel`` folder or module, or a
           ``Blip2VisionConfig`` whose weights the checkpoint holds (LAVIS ``visual_encoder.*``). Modules given for
           ``llm`` / ``vision`` are used, not copied: they get frozen, and the ViT gets the checkpoint's ln_vision.
@@ -121,7 +126,8 @@ class Blip2Stage2(nn.Module):
 
         sd, qcfg_hint, eps_hint = read_stage1(stage1)
         qcfg = stage2_qformer_config(qformer_config if qformer_config is not None else qcfg_hint, sd)
-        lm = load_llm(llm, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        lm = load_llm(llm, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                      t5_activation=t5_activation)
         vm = _vision_model(vision, sd, dtype)
         ln_w = sd[_LN + "weight"]
         if vm is not None and vm.config.hidden_size != ln_w.shape[0]:
