@@ -128,7 +128,10 @@ class Generator:
         return texts if n == 1 else [texts[i:i + n] for i in range(0, len(texts), n)]
 
 
-def add_common_arguments(p, *, prompt: str, defaults: dict, questions: bool) -> None:
+def add_common_arguments(p, *, settings: Sequence[str], questions: bool) -> None:
+    """The flags of ``blipfast caption`` / ``vqa``. The decoding defaults are LAVIS' ``--settings`` (the first of
+    ``settings`` by default) for the model's LLM kind (:meth:`blipfast.Blip2Stage2.decoding_settings`); each flag
+    given wins over them, ``--generate-kwargs`` over everything."""
     p.add_argument("--model", required=True, help="local folder of an HF Blip2ForConditionalGeneration or "
                    "InstructBlipForConditionalGeneration (save_pretrained), with its tokenizer and image processor")
     src = p.add_mutually_exclusive_group(required=True)
@@ -138,14 +141,20 @@ def add_common_arguments(p, *, prompt: str, defaults: dict, questions: bool) -> 
                      + ", ...} rows (other fields are copied to the output)")
     p.add_argument("--image-root", help="folder that relative image paths of --data are under (default: the JSONL's)")
     p.add_argument("--output", default="-", help="JSONL file to write (default: standard output)")
-    p.add_argument("--prompt", default=prompt, help=f"prompt{' template ({} = the question)' if questions else ''} "
-                   f"(default: {prompt!r})")
+    p.add_argument("--settings", default=settings[0], choices=tuple(settings),
+                   help=f"LAVIS' decoding settings, resolved for the model's LLM (default {settings[0]}; "
+                   "docs/blip2-stage2.md): prompt, beams, lengths as new-token counts, penalties")
+    p.add_argument("--prompt", default=None, help=f"prompt{' template ({} = the question)' if questions else ''} "
+                   "(default: the settings')")
     p.add_argument("--batch-size", type=int, default=16, help="images per generate call (default 16)")
-    p.add_argument("--num-beams", type=int, default=defaults["num_beams"])
-    p.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
-    p.add_argument("--min-new-tokens", type=int, default=defaults["min_new_tokens"])
+    p.add_argument("--num-beams", type=int, default=None, help="beam width (default: the settings', 5)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most new tokens (default: the settings')")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="fewest new tokens before the EOS (default: "
+                   "the settings')")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search's length penalty (default: "
+                   "the settings')")
     p.add_argument("--generate-kwargs", default="{}", help="JSON object of further transformers generate() "
-                   "arguments (they win over the flags above), e.g. '{\"length_penalty\": -1, \"do_sample\": true}'")
+                   "arguments (they win over the flags above), e.g. '{\"repetition_penalty\": 1.15}'")
     add_device_argument(p)
     add_dtype_argument(p, "dtype of the ViT and the LLM", note="the Q-Former stays fp32")
     p.add_argument("--attn-implementation", default="auto", choices=("auto", "flash_attention_2", "sdpa", "eager"),
@@ -153,19 +162,26 @@ def add_common_arguments(p, *, prompt: str, defaults: dict, questions: bool) -> 
 
 
 def _generate_kwargs(args) -> dict:
-    for name in ("batch_size", "num_beams", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.min_new_tokens < 0:
-        raise ValueError(f"--min-new-tokens must be >= 0, got {args.min_new_tokens}")
+    """The generate arguments the flags give (None: not given) and ``--generate-kwargs``, checked."""
+    for name, low in (("batch_size", 1), ("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
     try:
         extra = json.loads(args.generate_kwargs)
     except json.JSONDecodeError as e:
         raise ValueError(f"--generate-kwargs is not JSON ({e.msg})") from None
     if not isinstance(extra, dict):
         raise ValueError("--generate-kwargs must be a JSON object")
-    return {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-            "min_new_tokens": args.min_new_tokens, **extra}
+    flags = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty")}
+    return {**{k: v for k, v in flags.items() if v is not None}, **extra}
+
+
+def decoding(gen: Generator, args) -> tuple:
+    """(prompt, generate kwargs) of a run: LAVIS' ``--settings`` for the model's LLM, the flags given over them."""
+    settings = gen.model.decoding_settings(args.settings)
+    prompt = settings.prompt if args.prompt is None else args.prompt
+    return prompt, {**settings.generate_kwargs(), **_generate_kwargs(args)}
 
 
 def run_task(args, *, task: str) -> int:
@@ -174,12 +190,13 @@ def run_task(args, *, task: str) -> int:
 
     vqa = task == "vqa"
     try:
-        kwargs = _generate_kwargs(args)
-        if vqa and "{}" not in args.prompt:
+        _generate_kwargs(args)
+        if vqa and args.prompt is not None and "{}" not in args.prompt:
             raise ValueError(f"--prompt must contain {{}} for the question, got {args.prompt!r}")
         items = read_items(images=getattr(args, "images", None), data=args.data, image_root=args.image_root,
                            need_question=vqa)
         gen = Generator(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+        prompt, kwargs = decoding(gen, args)
     except ValueError as e:
         print(f"blipfast {task}: {e}", file=sys.stderr)
         return 2
@@ -191,7 +208,7 @@ def run_task(args, *, task: str) -> int:
             for i in range(0, len(items), args.batch_size):
                 batch = items[i:i + args.batch_size]
                 images = [_load_image(it.path) for it in batch]
-                prompts = [args.prompt.format(it.question) if vqa else args.prompt for it in batch]
+                prompts = [prompt.format(it.question) if vqa else prompt for it in batch]
                 for it, text in zip(batch, gen(images, prompts, **kwargs)):
                     row = {"image": it.name, **({"question": it.question} if vqa else {}), **it.extra, key: text}
                     out.write(json.dumps(row) + "\n")

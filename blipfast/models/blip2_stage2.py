@@ -1,4 +1,4 @@
-"""Stage-2 BLIP-2 (SPEC.md section 4): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
+"""Stage-2 BLIP-2 (docs/blip2-stage2.md): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
 
 :class:`Blip2Stage2` wraps a Hugging Face ``Blip2ForConditionalGeneration`` (or
 ``InstructBlipForConditionalGeneration``) whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for
@@ -20,7 +20,9 @@ Built with :meth:`Blip2Stage2.from_pretrained_parts` (a stage-1 checkpoint + a l
 ``trainable_parameters()``, ``trainable_state_dict()`` / ``load_trainable_state_dict()``, ``make_text_batch()``.
 The step adds no host synchronisation of its own (the HF LLM's eager mask checks do sync; under
 ``torch.compile`` they are skipped). Generation: ``generate(...)`` runs transformers' ``generate`` on the LLM with
-the image prefix as ``inputs_embeds`` (LAVIS' way, no image placeholder tokens needed in the prompt).
+the image prefix as ``inputs_embeds`` (LAVIS' way, no image placeholder tokens needed in the prompt);
+``generate(..., settings="coco")`` decodes with LAVIS' settings (:meth:`Blip2Stage2.decoding_settings`, its
+lengths as new-token counts).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from transformers.modeling_outputs import ModelOutput
 from .. import convert
 from .hf_swap import apply_blipfast_to_blip2
 from .instructblip import InstructBlipQFormer
-from .llm import LAVIS_T5_ACTIVATION, configure_attention, load_llm
+from .llm import LAVIS_T5_ACTIVATION, DecodingSettings, configure_attention, decoding_settings, load_llm
 
 _LN = "vision_model.post_layernorm."
 _TEXT_FFN = r"encoder\.layer\.\d+\.(intermediate|output)\."  # the stage-1 text FFN: no part of stage 2
@@ -260,8 +262,8 @@ class Blip2Stage2(nn.Module):
         if input_ids is None:  # generation without a prompt: BOS for decoder-only LLMs (as HF), else nothing
             if attention_mask is not None:
                 raise ValueError("attention_mask given without input_ids")
-            bos = self.model.language_model.config.bos_token_id
-            width = 1 if bos is not None and not self.is_encoder_decoder else 0
+            bos = None if self.is_encoder_decoder else getattr(self.model.language_model.config, "bos_token_id", None)
+            width = 1 if bos is not None else 0
             input_ids = torch.full((bsz, width), bos if width else 0, dtype=torch.long, device=prefix.device)
         _check_ids("input_ids", input_ids, bsz)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -393,14 +395,31 @@ class Blip2Stage2(nn.Module):
     # ------------------------------------------------------------------------------------------
     # generation
 
+    def decoding_settings(self, name: str = "caption") -> DecodingSettings:
+        """LAVIS' decoding settings ``name`` ("caption": its ``generate`` defaults, "coco": BLIP-2's COCO caption
+        evaluation, "vqa": zero-shot VQA) for this model's LLM kind, with the prompt to put in ``input_ids``
+        (:func:`blipfast.models.llm.decoding_settings`); ``.generate_kwargs()`` are arguments of :meth:`generate`."""
+        return decoding_settings(name, is_encoder_decoder=self.is_encoder_decoder,
+                                 is_instructblip=self.is_instructblip)
+
     @torch.no_grad()
     def generate(self, *, pixel_values=None, image_embeds=None, input_ids=None, attention_mask=None,
                  qformer_input_ids=None, qformer_attention_mask=None, interpolate_pos_encoding: bool = False,
-                 **generate_kwargs) -> torch.Tensor:
+                 settings: Optional[Union[str, DecodingSettings]] = None, **generate_kwargs) -> torch.Tensor:
         """transformers' ``generate`` on the LLM with [image prefix | prompt] as ``inputs_embeds``. ``input_ids``:
         the prompt (decoder-only: left-padded; default: the BOS token), ``generate_kwargs`` go to transformers
-        (``num_beams``, ``max_new_tokens``, ...). Returns the generated tokens: decoder-only, the new tokens only;
-        seq2seq, the decoder sequence (starting with its start token), as transformers returns them."""
+        (``num_beams``, ``max_new_tokens``, ...). ``settings``: LAVIS' decoding (a name of
+        :meth:`decoding_settings` or a :class:`~blipfast.models.llm.DecodingSettings`): its beams,
+        penalties and its lengths as new-token counts by LAVIS' rule (its ``max_length=30`` is at most 29 new tokens
+        for a decoder-only LLM); ``generate_kwargs`` win over it, and its ``prompt`` is the caller's to tokenise.
+        Returns the generated tokens: decoder-only, the new tokens only; seq2seq, the decoder sequence (starting
+        with its start token), as transformers returns them."""
+        if settings is not None:
+            if isinstance(settings, str):
+                settings = self.decoding_settings(settings)
+            if not isinstance(settings, DecodingSettings):
+                raise TypeError(f"settings must be a name or a DecodingSettings, got {type(settings).__name__}")
+            generate_kwargs = {**settings.generate_kwargs(), **generate_kwargs}
         image = dict(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                      qformer_attention_mask=qformer_attention_mask, interpolate_pos_encoding=interpolate_pos_encoding)
         embeds, mask, _ = self._prefixed(input_ids, attention_mask, image)

@@ -111,27 +111,92 @@ def exact_gelu_is_used(t5_model) -> bool:
 # decoding: LAVIS' calls and transformers 4.33.2's counting
 
 
-# the transformers arguments of each LAVIS call (HEAD of salesforce/LAVIS), in LAVIS' own words
-CALLS = {
-    # Blip2OPT.generate(samples, num_beams=5, max_length=30, min_length=1, repetition_penalty=1.0, length_penalty=1.0)
-    ("generate", "opt"): dict(num_beams=5, max_length=30, min_length=1, repetition_penalty=1.0, length_penalty=1.0),
-    # Blip2T5.generate: the same defaults, but max_new_tokens=max_length
-    ("generate", "t5"): dict(num_beams=5, max_new_tokens=30, min_length=1, repetition_penalty=1.0,
-                             length_penalty=1.0),
-    # Blip2OPT.predict_answers(num_beams=5, max_len=10, min_len=1, length_penalty=0): max_new_tokens=max_len
-    ("predict_answers", "opt"): dict(num_beams=5, max_new_tokens=10, min_length=1, length_penalty=0),
-    # Blip2T5.predict_answers(num_beams=5, max_len=10, min_len=1, length_penalty=-1)
-    ("predict_answers", "t5"): dict(num_beams=5, max_new_tokens=10, min_length=1, length_penalty=-1),
-}
+# The transformers arguments of LAVIS' decoding calls (HEAD of salesforce/LAVIS), default for default, and what its
+# tasks pass to them. Each returns the keyword arguments of transformers' generate besides inputs_embeds,
+# attention_mask and the EOS.
+
+def opt_generate(use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1, top_p=0.9,
+                 repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1):
+    """``Blip2OPT.generate``."""
+    return dict(do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature, num_beams=num_beams,
+                max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty, num_return_sequences=num_captions)
+
+
+def t5_generate(use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1, top_p=0.9,
+                repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1):
+    """``Blip2T5.generate`` (and ``Blip2T5Instruct.generate`` with its defaults passed): ``max_new_tokens``."""
+    return dict(do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature, num_beams=num_beams,
+                max_new_tokens=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty, num_return_sequences=num_captions)
+
+
+def opt_predict_answers(num_beams=5, max_len=10, min_len=1, prompt="", length_penalty=0):
+    """``Blip2OPT.predict_answers`` (inference_method "generate")."""
+    return dict(do_sample=False, num_beams=num_beams, max_new_tokens=max_len, min_length=min_len,
+                length_penalty=length_penalty)
+
+
+def t5_predict_answers(num_beams=5, max_len=10, min_len=1, prompt="", length_penalty=-1):
+    """``Blip2T5.predict_answers``."""
+    return dict(do_sample=False, num_beams=num_beams, max_new_tokens=max_len, min_length=min_len,
+                length_penalty=length_penalty)
+
+
+def vicuna_instruct_generate(use_nucleus_sampling=False, num_beams=5, max_length=256, min_length=1, top_p=0.9,
+                             repetition_penalty=1.5, length_penalty=1, num_captions=1, temperature=1):
+    """``Blip2VicunaInstruct.generate``: ``max_length`` with inputs_embeds, as OPT."""
+    return opt_generate(use_nucleus_sampling, num_beams, max_length, min_length, top_p, repetition_penalty,
+                        length_penalty, num_captions, temperature)
+
+
+def vicuna_instruct_predict_answers(num_beams=5, max_len=10, min_len=1, prompt="", length_penalty=0):
+    """``Blip2VicunaInstruct.predict_answers``: its own generate with max_length=max_len."""
+    return vicuna_instruct_generate(num_beams=num_beams, max_length=max_len, min_length=min_len,
+                                    length_penalty=length_penalty)
+
+
+def t5_instruct_predict_answers(num_beams=5, max_len=10, min_len=1, prompt="", length_penalty=-1):
+    """``Blip2T5Instruct.predict_answers``: its generate with max_length=max_len (there max_new_tokens)."""
+    return t5_generate(num_beams=num_beams, max_length=max_len, min_length=min_len, length_penalty=length_penalty,
+                       repetition_penalty=1.5)
+
+
+def t5_instruct_generate(**kw):
+    """``Blip2T5Instruct.generate``: T5's call with max_length 256 and repetition penalty 1.5 by default."""
+    return t5_generate(**{"max_length": 256, "repetition_penalty": 1.5, **kw})
+
+
+# lavis/projects/blip2/eval/caption_coco_{opt2.7b,flant5xl}_eval.yaml + CaptionTask.valid_step as BLIP-2 was
+# evaluated (it passed use_nucleus_sampling=False, num_beams, max_length=max_len, min_length=min_len), the model
+# prompt "a photo of" (configs/models/blip2/blip2_caption_*.yaml)
+COCO_RUN = dict(num_beams=5, max_len=30, min_len=8)
+COCO_PROMPT = "a photo of"
+# lavis/projects/blip2/eval/vqav2_zeroshot_*_eval.yaml + VQATask.valid_step (passes num_beams, max_len, min_len,
+# prompt; no length penalty)
+VQA_RUN = dict(num_beams=5, max_len=10, min_len=1, prompt="Question: {} Short answer:")
+
+
+def caption_task(generate, run=COCO_RUN):
+    """``CaptionTask.valid_step`` (BLIP-2's version) calling a model's generate."""
+    return generate(use_nucleus_sampling=False, num_beams=run["num_beams"], max_length=run["max_len"],
+                    min_length=run["min_len"])
+
+
+def vqa_task(predict_answers, run=VQA_RUN):
+    """``VQATask.valid_step`` calling a model's predict_answers."""
+    return predict_answers(num_beams=run["num_beams"], max_len=run["max_len"], min_len=run["min_len"],
+                           prompt=run["prompt"])
 
 
 def counts_4_33(call: dict):
     """(most, least) NEW tokens transformers 4.33.2 lets ``generate(inputs_embeds=..., **call)`` produce before its
     EOS: a decoder-only model given only ``inputs_embeds`` starts from ``input_ids`` = [BOS] (a placeholder, not
-    fed to the model, but returned and counted), an encoder-decoder one from [decoder_start]; ``max_length`` and
-    ``min_length`` count that first token, ``max_new_tokens`` does not (``max_length`` = start + new). The EOS is
-    refused while the sequence is shorter than ``min_length`` (MinLengthLogitsProcessor)."""
+    fed to the model, but returned and counted: utils.py ``_maybe_initialize_input_ids_for_generation``), an
+    encoder-decoder one from [decoder_start]; ``max_length`` counts that first token, ``max_new_tokens`` does not
+    (``max_length`` = its length + new); the EOS is refused while the sequence is shorter than ``min_length``
+    (``MinLengthLogitsProcessor``: ``input_ids.shape[-1] < min_length``)."""
     start = 1  # the BOS placeholder or the decoder start token
     most = call["max_new_tokens"] if "max_new_tokens" in call else call["max_length"] - start
-    least = max(call.get("min_length", 0) - start, 0)
+    least = max(call["min_length"] - start, 0)
     return most, least
