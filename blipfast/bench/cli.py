@@ -12,7 +12,7 @@ import sys
 import torch
 
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
-SUITES = ("stage1", "qformer", "attention", "itc", "retrieval", "train_data", "blip_pretrain")
+SUITES = ("stage1", "qformer", "attention", "itc", "retrieval", "train_data", "blip_pretrain", "blip2_finetune")
 
 
 def add_arguments(p) -> None:

@@ -32,51 +32,32 @@ def _acc(dt: torch.dtype) -> torch.dtype:
 
 
 class _LayerNormLinear(torch.autograd.Function):
-    """y = [gelu ->  W2] (LayerNorm(x) W1^T + b1); see the module doc. x [R, d] (2-D), w2 None: one Linear."""
+    """y = LayerNorm(x) W^T + b, x [R, d]; saves xhat (GEMM dtype), rstd and references to the Parameters."""
 
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, eps: float, w1, b1, w2, approximate: str):
+    def forward(ctx, x, ln_w, ln_b, eps: float, w, b):
         d = x.shape[-1]
         ln, mean, rstd = aten.native_layer_norm(x, [d], ln_w, ln_b, eps)
-        u = F.linear(ln, w1, b1)  # under autocast: the autocast dtype
-        dt = u.dtype
-        acc = _acc(x.dtype)
-        xhat = ((x.to(acc) - mean) * rstd).to(dt)
-        ctx.eps, ctx.approximate, ctx.x_dtype = eps, approximate, x.dtype
-        ctx.has_b1, ctx.mlp = b1 is not None, w2 is not None
-        if w2 is None:
-            ctx.save_for_backward(xhat, rstd, ln_w, ln_b, w1)
-            return u
-        ctx.save_for_backward(xhat, rstd, ln_w, ln_b, w1, u, w2)
-        return F.linear(F.gelu(u, approximate=approximate), w2)
+        y = F.linear(ln, w, b)  # under autocast: the autocast dtype
+        xhat = ((x.to(_acc(x.dtype)) - mean) * rstd).to(y.dtype)
+        ctx.x_dtype, ctx.has_b = x.dtype, b is not None
+        ctx.save_for_backward(xhat, rstd, ln_w, ln_b, w)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        if ctx.mlp:
-            xhat, rstd, ln_w, ln_b, w1, u, w2 = ctx.saved_tensors
-        else:
-            xhat, rstd, ln_w, ln_b, w1 = ctx.saved_tensors
-            u = w2 = None
-        dt = xhat.dtype
-        acc = rstd.dtype
-        n = ctx.needs_input_grad
+        xhat, rstd, ln_w, ln_b, w = ctx.saved_tensors
+        dt, acc, n = xhat.dtype, rstd.dtype, ctx.needs_input_grad
         gy = gy.to(dt)
-        gw2 = None
-        if ctx.mlp:
-            if n[6]:
-                gw2 = (gy.t() @ F.gelu(u, approximate=ctx.approximate)).to(w2.dtype)
-            gu = aten.gelu_backward(gy @ w2.to(dt), u, approximate=ctx.approximate)
-        else:
-            gu = gy
         xh = xhat.to(acc)
-        gw1 = gb1 = gx = g_lnw = g_lnb = None
+        gw = gb = gx = g_lnw = g_lnb = None
         if n[4]:
             ln = (xh * ln_w.to(acc) + ln_b.to(acc)).to(dt)  # the LayerNorm's output as the GEMM read it
-            gw1 = (gu.t() @ ln).to(w1.dtype)
-        if ctx.has_b1 and n[5]:
-            gb1 = gu.sum(0, dtype=acc).to(w1.dtype)
+            gw = (gy.t() @ ln).to(w.dtype)
+        if ctx.has_b and n[5]:
+            gb = gy.sum(0, dtype=acc).to(w.dtype)
         if n[0] or n[1] or n[2]:
-            g_ln = (gu @ w1.to(dt)).to(acc)
+            g_ln = (gy @ w.to(dt)).to(acc)
             if n[1]:
                 g_lnw = (g_ln * xh).sum(0).to(ln_w.dtype)
             if n[2]:
@@ -84,7 +65,32 @@ class _LayerNormLinear(torch.autograd.Function):
             if n[0]:
                 g = g_ln * ln_w.to(acc)
                 gx = (rstd * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))).to(ctx.x_dtype)
-        return gx, g_lnw, g_lnb, None, gw1, gb1, gw2, None
+        return gx, g_lnw, g_lnb, None, gw, gb
+
+
+class _GeluLinear(torch.autograd.Function):
+    """y = gelu(u) W^T, u [R, f]; saves u (the GELU is recomputed in the backward) and a reference to W."""
+
+    @staticmethod
+    def forward(ctx, u, w, approximate: str, compute_output: bool):
+        if compute_output:
+            y = F.linear(F.gelu(u, approximate=approximate), w)
+        else:  # a checkpoint's recomputation: only the saved tensors are wanted, the GEMM is skipped
+            y = F.linear(u[:0], w).new_zeros(()).expand(u.shape[0], w.shape[0])  # dtype as the GEMM's
+        ctx.approximate, ctx.u_dtype = approximate, u.dtype
+        ctx.save_for_backward(u.to(y.dtype), w)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, w = ctx.saved_tensors
+        dt = u.dtype
+        gy = gy.to(dt)
+        gw = (gy.t() @ F.gelu(u, approximate=ctx.approximate)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        gu = None
+        if ctx.needs_input_grad[0]:
+            gu = aten.gelu_backward(gy @ w.to(dt), u, approximate=ctx.approximate).to(ctx.u_dtype)
+        return gu, gw, None, None
 
 
 def _check(name: str, x, ln_w, ln_b, w1) -> None:
@@ -103,20 +109,29 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Te
     (in the GEMM's dtype) and a statistic per row for the backward (see the module doc)."""
     _check("layernorm_linear", x, ln_weight, ln_bias, weight)
     shape = x.shape
-    y = _LayerNormLinear.apply(x.reshape(-1, shape[-1]), ln_weight, ln_bias, float(eps), weight, bias, None, "none")
+    y = _LayerNormLinear.apply(x.reshape(-1, shape[-1]), ln_weight, ln_bias, float(eps), weight, bias)
+    return y.view(*shape[:-1], y.shape[-1])
+
+
+def gelu_linear(u: torch.Tensor, weight: torch.Tensor, *, approximate: str = "none",
+                compute_output: bool = True) -> torch.Tensor:
+    """``F.linear(F.gelu(u, approximate=approximate), weight)`` keeping only ``u`` for the backward (the GELU's output
+    is recomputed there). ``compute_output=False`` skips the GEMM and returns zeros (an expanded scalar) while the
+    node saves what its backward needs: for a checkpoint's recomputation, which only wants the saved tensors."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_linear: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if weight.dim() != 2 or weight.shape[1] != u.shape[-1]:
+        raise ValueError(f"gelu_linear: weight must be [out, {u.shape[-1]}], got {list(weight.shape)}")
+    shape = u.shape
+    y = _GeluLinear.apply(u.reshape(-1, shape[-1]), weight, approximate, bool(compute_output))
     return y.view(*shape[:-1], y.shape[-1])
 
 
 def layernorm_gelu_mlp(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                        w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, *,
-                       approximate: str = "none") -> torch.Tensor:
+                       approximate: str = "none", compute_output: bool = True) -> torch.Tensor:
     """``F.linear(F.gelu(F.linear(F.layer_norm(x, ...), w1, b1), approximate=...), w2)`` (the pre-LN MLP without its
-    output bias) keeping the normalised input, a statistic per row and the GELU's input (see the module doc)."""
-    _check("layernorm_gelu_mlp", x, ln_weight, ln_bias, w1)
-    if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
-        raise ValueError(f"layernorm_gelu_mlp: w2 must be [out, {w1.shape[0]}], got {list(w2.shape)}")
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"layernorm_gelu_mlp: approximate must be 'none' or 'tanh', got {approximate!r}")
-    shape = x.shape
-    y = _LayerNormLinear.apply(x.reshape(-1, shape[-1]), ln_weight, ln_bias, float(eps), w1, b1, w2, approximate)
-    return y.view(*shape[:-1], y.shape[-1])
+    output bias): ``gelu_linear(layernorm_linear(...))``, keeping the normalised input, a statistic per row and the
+    GELU's input. ``compute_output``: see :func:`gelu_linear`."""
+    u = layernorm_linear(x, ln_weight, ln_bias, eps, w1, b1)
+    return gelu_linear(u, w2, approximate=approximate, compute_output=compute_output)

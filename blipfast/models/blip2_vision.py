@@ -12,11 +12,14 @@ LayerNorm eps 1e-6), i.e. HF's ``Blip2EncoderLayer``::
 
 - ``layernorm_linear`` for LN1 + the QKV projection and ``layernorm_gelu_mlp`` for LN2 + the MLP
   (blipfast/models/_prenorm_linear.py): the backward keeps the normalised inputs in the GEMM dtype and the GELU's
-  input, recomputing the LayerNorm outputs and the GELU (elementwise, no GEMM is recomputed) and no weight copies;
+  input, recomputing the LayerNorm outputs and the GELU (elementwise, no GEMM is recomputed); no GEMM keeps a
+  copy of its weight (the output projection runs as ``concat_linear``);
 - one SDPA call on strided q/k/v views of the QKV output (FlashAttention on CUDA under bf16/fp16, the memory-
   efficient kernel in fp32): no [B, H, N, N] probabilities are materialised (HF's eager path keeps them);
 - optional gradient checkpointing per block (``checkpoint=``: every block as LAVIS' ``use_grad_checkpoint``,
-  every k-th block, or a set of blocks, e.g. the last k as BLIP's ``vit_ckpt_layer``), ``use_reentrant=False``.
+  every k-th block, or a set of blocks, e.g. the last k as BLIP's ``vit_ckpt_layer``), ``use_reentrant=False``;
+  the recomputation skips the block's last GEMM (fc2: its output is never used there, and its saved input comes
+  out of fc1), as plain autograd's early stop does for LAVIS' blocks.
 
 Post-LN epilogues (``ops.bias_dropout_add_layernorm``: ``LayerNorm(dropout(x + b) + residual)``) do not fit a
 pre-LN block: the residual stream itself flows on and needs the gradient of the sum, which that op does not return.
@@ -33,7 +36,9 @@ checkpoint. (HF's ``interpolate_pos_encoding=True`` instead interpolates the 224
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer
 
+from ._linear import concat_linear
 from ._prenorm_linear import layernorm_gelu_mlp, layernorm_linear
 from .blip_vision import sdpa_qkv
 from .qformer import gelu_approximate
@@ -58,19 +64,41 @@ def _qkv_bias(attn: nn.Module) -> Optional[torch.Tensor]:
     return None if q is None else torch.cat((q, torch.zeros_like(v, requires_grad=False), v))
 
 
+_STATE = threading.local()  # .recomputing: inside a checkpointed block's recomputation
+
+
+@contextlib.contextmanager
+def _recomputing():
+    prev = getattr(_STATE, "recomputing", False)
+    _STATE.recomputing = True
+    try:
+        yield
+    finally:
+        _STATE.recomputing = prev
+
+
+def _checkpoint_contexts():
+    """``torch.utils.checkpoint``'s ``context_fn``: nothing around the forward, the recomputing flag around the
+    recomputation (which then skips the block's last GEMM: its output is never used, only its saved input)."""
+    return contextlib.nullcontext(), _recomputing()
+
+
 def prenorm_vit_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One pre-LN ViT block (``layer_norm1``, ``self_attn.qkv`` / ``.projection``, ``layer_norm2``, ``mlp.fc1`` /
-    ``.fc2``: HF's BLIP-2, InstructBLIP and BLIP ViT layers) on ``x`` [B, N, d]; see the module doc."""
+    ``.fc2``: HF's BLIP-2, InstructBLIP and BLIP ViT layers) on ``x`` [B, N, d]; see the module doc. In a
+    checkpoint's recomputation the MLP's second GEMM is skipped (the output is discarded there)."""
     attn, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.layer_norm1, layer.layer_norm2
     p = getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0
     qkv = layernorm_linear(x, ln1.weight, ln1.bias, ln1.eps, attn.qkv.weight, _qkv_bias(attn))
-    h = x + attn.projection(sdpa_qkv(qkv, attn.num_heads, p))
+    proj = attn.projection  # concat_linear over one weight: keeps no bf16 copy of it under autocast
+    h = x + concat_linear(sdpa_qkv(qkv, attn.num_heads, p), (proj.weight,), (proj.bias,))
     approximate = gelu_approximate(mlp.config.hidden_act)
     if approximate is None:  # another activation: HF's MLP as it is
         return h + mlp(ln2(h))
+    recomputing = getattr(_STATE, "recomputing", False)
     y = layernorm_gelu_mlp(h, ln2.weight, ln2.bias, ln2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                           approximate=approximate)
-    return h + (y + mlp.fc2.bias)
+                           approximate=approximate, compute_output=not recomputing)
+    return h if recomputing else h + (y + mlp.fc2.bias)
 
 
 class _FusedBlock:
@@ -83,7 +111,10 @@ class _FusedBlock:
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         hf_ckpt = getattr(self, "gradient_checkpointing", False) and self.training
         if self.blipfast_checkpoint and not hf_ckpt and torch.is_grad_enabled():
-            return _checkpoint(prenorm_vit_block, self, hidden_states, use_reentrant=False)
+            if torch.compiler.is_compiling():  # the compiler's partitioner recomputes only what the backward needs
+                return _checkpoint(prenorm_vit_block, self, hidden_states, use_reentrant=False)
+            return _checkpoint(prenorm_vit_block, self, hidden_states, use_reentrant=False,
+                               context_fn=_checkpoint_contexts)
         return prenorm_vit_block(self, hidden_states)
 
 
