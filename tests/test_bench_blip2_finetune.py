@@ -46,6 +46,38 @@ def test_counted_step_on_a_tiny_config():
         assert bf.cases(torch.device("cpu")) == []
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_restated_lavis_step_equals_blipfasts_step_in_float64(checkpoint):
+    """The baseline is the same function: LAVIS' restated caption loss and blipfast's Blip2Stage2 loss with the fused
+    ViT give the same loss and the same gradients of every trained parameter, to float64 rounding (dropout off)."""
+    from blipfast.bench.blip2_finetune_baseline import lavis_caption_loss
+    from blipfast.models.blip2_vision import set_vision_checkpointing
+
+    torch.manual_seed(0)
+    stage2 = bf.build_model(tiny_config(), device="cpu", llm_dtype=torch.float64)
+    stage2.model.double()
+    stage2.eval()
+    with torch.no_grad():
+        for p in stage2.parameters():
+            p.normal_(0.0, 0.1 if p.dim() > 1 else 0.3)
+    set_vision_checkpointing(stage2.model.vision_model, "all" if checkpoint else None)
+    data = {"pixel_values": torch.randn(3, 3, 56, 56, dtype=torch.float64), **bf.text_batch(3, 9, 120, "cpu")}
+    params = [p for _, p in stage2.trainable_parameters()]
+
+    def run(fn):
+        loss = fn()
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    got, g_got = run(lambda: stage2.loss(data))
+    want, g_want = run(lambda: lavis_caption_loss(stage2, data["pixel_values"], data["input_ids"],
+                                                  data["attention_mask"], data["labels"], checkpoint=checkpoint))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    names = [n for n, _ in stage2.trainable_parameters()]
+    assert any(n.startswith("vision_model.encoder") for n in names)
+    for n, a, b in zip(names, g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * max(1.0, b.abs().max().item()), msg=n)
+
+
 def test_timed_steps_train_on_a_cpu():
     """The steps the GPU benchmark times (without torch.compile) run and train the ViT, on a tiny model on a CPU."""
     stage2 = bf.build_model(tiny_config(), device="cpu")
