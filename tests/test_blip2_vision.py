@@ -236,3 +236,23 @@ def test_lavis_vit_names_load_through_convert():
     d = CONFIG["hidden_size"]
     assert torch.equal(bias[:d], hf.encoder.layers[1].self_attn.qkv.bias.detach()[:d])
     assert torch.equal(bias[d:2 * d], torch.zeros(d))  # LAVIS has no key bias
+
+
+def test_instructblip_vit_is_fused_too():
+    """InstructBLIP's ViT layers are BLIP-2's: the same fused block, the same outputs and gradients."""
+    from transformers import InstructBlipVisionConfig, InstructBlipVisionModel
+
+    torch.manual_seed(_seed_of("iblip"))
+    model = InstructBlipVisionModel._from_config(InstructBlipVisionConfig(**CONFIG), attn_implementation="eager")
+    _randomize(model, torch.Generator().manual_seed(_seed_of("iblip", "w")), all_weights=True)
+    px = _pixels(2, (28, 28), "iblip")
+    want = model(pixel_values=px).last_hidden_state
+    g_want = torch.autograd.grad(want.sum(), model.encoder.layers[0].mlp.fc1.weight)[0]
+    fuse_blip2_vision_model(model, checkpoint="all")
+    assert all(type(m).__name__ == "FusedInstructBlipEncoderLayer" for m in model.encoder.layers)
+    got = model(pixel_values=px).last_hidden_state
+    g_got = torch.autograd.grad(got.sum(), model.encoder.layers[0].mlp.fc1.weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5 * g_want.abs().max().item())
+    unfuse_blip2_vision_model(model)
+    assert all(type(m).__name__ == "InstructBlipEncoderLayer" for m in model.encoder.layers)
