@@ -55,7 +55,8 @@ def _run(model, px, weight, *, interpolate=False, autocast=False):
 def _check(model_lowp, px, *, checkpoint=None, interpolate=False, autocast=False):
     ref64 = copy.deepcopy(model_lowp).double()
     n_tok = (px.shape[-2] // 7) * (px.shape[-1] // 7) + 1
-    weight = torch.randn(px.shape[0], n_tok, CONFIG["hidden_size"], generator=torch.Generator().manual_seed(_seed_of("w")))
+    gen = torch.Generator().manual_seed(_seed_of("w"))
+    weight = torch.randn(px.shape[0], n_tok, CONFIG["hidden_size"], generator=gen)
     out64, g64 = _run(ref64, px.double(), weight.double(), interpolate=interpolate)
     out_t, g_t = _run(model_lowp, px, weight, interpolate=interpolate, autocast=autocast)
     keys = list(model_lowp.state_dict())

@@ -181,7 +181,8 @@ def memory_table(rows, stage2, batch: int, dtype=torch.bfloat16, shards: int = 4
                          f"fsdp2_{shards}": fsdp}
         lines.append(f"{name[:34]:<34} {weights / GiB:>8.1f} {grads / GiB:>7.1f} {adam / GiB:>7.1f} {act / GiB:>7.1f} "
                      f"{one / GiB:>7.1f}   {fsdp / GiB:>14.1f}")
-    lines.append(f"trained parameters {trained / 1e9:.3f} B (fp32), frozen LLM {(weights - 4 * trained) / GiB:.1f} GiB; "
+    frozen = (weights - 4 * trained) / GiB
+    lines.append(f"trained parameters {trained / 1e9:.3f} B (fp32), frozen LLM {frozen:.1f} GiB; "
                  f"FSDP2: + root unit {root / GiB:.2f} GiB + 3 x largest unit {unit / GiB:.2f} GiB")
     return "\n".join(lines), payload
 

@@ -31,8 +31,8 @@ _LOWER_COMMON = {"linear", "conv1d", "conv2d", "conv3d", "matmul", "__matmul__",
                  "conv_transpose2d", "conv_transpose3d"}
 _POLICIES = {
     "cuda": dict(
-        lower=_LOWER_COMMON | {"einsum", "mv", "addmv", "addr", "chain_matmul", "_scaled_dot_product_efficient_attention",
-                               "_scaled_dot_product_flash_attention"},
+        lower=_LOWER_COMMON | {"einsum", "mv", "addmv", "addr", "chain_matmul",
+                               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"},
         fp32={"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
               "sinh", "tan", "pow", "__pow__", "softplus", "layer_norm", "native_layer_norm", "group_norm",
               "cosine_similarity", "nll_loss", "cross_entropy", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss",
@@ -68,7 +68,8 @@ def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask,
+                                                                                                  float("-inf"))
         bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, need_lse, dropout_p, is_causal,
@@ -94,10 +95,9 @@ class meta_autocast(TorchFunctionMode):
         name = _name(func)
         dev = self.device_type
         if self.dtype is not None:
-            if name in self.policy["lower"]:
-                args, kwargs = _cast(args, self.dtype, dev), {k: _cast(v, self.dtype, dev) for k, v in kwargs.items()}
-            elif name in self.policy["fp32"]:
-                args, kwargs = _cast(args, torch.float32, dev), {k: _cast(v, torch.float32, dev) for k, v in kwargs.items()}
+            to = self.dtype if name in self.policy["lower"] else torch.float32 if name in self.policy["fp32"] else None
+            if to is not None:
+                args, kwargs = _cast(args, to, dev), {k: _cast(v, to, dev) for k, v in kwargs.items()}
             elif name in self.policy["fp32_opt_dtype"] and kwargs.get("dtype") is None and args and \
                     isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16) and \
                     args[0].device.type == dev:
