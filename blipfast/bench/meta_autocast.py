@@ -26,6 +26,8 @@ import torch
 from torch.autograd.graph import _engine_run_backward
 from torch.overrides import TorchFunctionMode
 
+from ..ops import _common
+
 _LOWER_COMMON = {"linear", "conv1d", "conv2d", "conv3d", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm",
                  "baddbmm", "addbmm", "prelu", "scaled_dot_product_attention", "conv_transpose1d",
                  "conv_transpose2d", "conv_transpose3d"}
@@ -89,6 +91,23 @@ class meta_autocast(TorchFunctionMode):
             raise ValueError(f"meta_autocast: dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
         self.dtype, self.device_type = dtype, device_type
         self.policy = _POLICIES[policy]
+
+    def __enter__(self):
+        # blipfast's linear ops pick their GEMM dtype from autocast's state, which meta tensors lack: tell them
+        # (a stack: the mode re-enters itself around the backward)
+        rules = _common.dispatch_rules(autocast_dtype=self._autocast_dtype)
+        rules.__enter__()
+        self.__dict__.setdefault("_rules", []).append(rules)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._rules.pop().__exit__(*exc)
+
+    def _autocast_dtype(self, device, *, default):
+        return self.dtype if device.type == self.device_type else default(device)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

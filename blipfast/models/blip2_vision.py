@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer
 
-from ._linear import concat_linear
+from ..ops import concat_linear
 from ._prenorm_linear import layernorm_gelu_mlp, layernorm_linear
 from .blip_vision import sdpa_qkv
-from .qformer import gelu_approximate
+from .layers import gelu_approximate
 
 CheckpointSpec = Union[None, bool, int, str, Iterable[int]]
 

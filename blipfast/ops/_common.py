@@ -69,27 +69,37 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
     return False
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device``, or None where autocast is off (or does not exist)."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 class dispatch_rules:
     """Context manager: ``resolve_backend`` and ``dropout_seeds`` follow ``is_cuda(device)`` ("dispatch as on a
-    CUDA device") and ``runnable(backend, device, dtype)`` ("can this backend run here") instead of the two rules
-    above, until it exits. A normal run never installs one: the dispatch reads the device and the probes above
-    and nothing else. blipfast.bench.counting installs rules under which meta tensors dispatch as CUDA tensors,
-    to count the cost of the GPU path without a GPU. Each rule gets the default rule as ``default=``."""
+    CUDA device") and ``runnable(backend, device, dtype)`` ("can this backend run here"), and the linear ops'
+    GEMM dtype follows ``autocast_dtype(device)`` ("autocast's dtype there, or None"), instead of the rules above,
+    until it exits; a rule left None stays as it was. A normal run never installs one: the dispatch reads the
+    device, the probes and autocast's state and nothing else. blipfast.bench.counting installs rules under which
+    meta tensors dispatch as CUDA tensors, and blipfast.bench.meta_autocast one under which they are autocast, to
+    count the cost of the GPU path without a GPU. Each rule gets the rule it replaces as ``default=``."""
 
-    def __init__(self, is_cuda, runnable):
-        self._rules = (is_cuda, runnable)
+    _NAMES = ("_is_cuda", "_runnable", "_autocast_dtype")
+
+    def __init__(self, is_cuda=None, runnable=None, autocast_dtype=None):
+        self._rules = (is_cuda, runnable, autocast_dtype)
 
     def __enter__(self):
-        global _is_cuda, _runnable
-        self._prev = (_is_cuda, _runnable)
-        is_cuda, runnable = self._rules
-        _is_cuda = functools.partial(is_cuda, default=self._prev[0])
-        _runnable = functools.partial(runnable, default=self._prev[1])
+        g = globals()
+        self._prev = tuple(g[n] for n in self._NAMES)
+        for name, rule, prev in zip(self._NAMES, self._rules, self._prev):
+            if rule is not None:
+                g[name] = functools.partial(rule, default=prev)
         return self
 
     def __exit__(self, *exc):
-        global _is_cuda, _runnable
-        _is_cuda, _runnable = self._prev
+        globals().update(zip(self._NAMES, self._prev))
         return False
 
 
@@ -205,8 +215,8 @@ def gemm_dtype(op: str, device: torch.device, **tensors) -> torch.dtype:
     on for ``device`` (it casts every floating-point tensor but float64 to it), else the tensors' own, which must be
     one. The linear ops (concat_linear, gelu_mlp, linear_cross_entropy) run their GEMMs, forward and backward, in it
     and return each gradient in its input's dtype, as autocast's own ``linear`` does."""
-    on = device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
-    cast = torch.get_autocast_dtype(device.type) if on else None
+    cast = _autocast_dtype(device)
+    on = cast is not None
     given = {n: t.dtype for n, t in tensors.items() if t is not None}
     got = {cast if cast is not None and d != torch.float64 else d for d in given.values()}
     if len(got) > 1:

@@ -20,8 +20,8 @@ from blipfast.models.blip2_vision import (FusedBlip2EncoderLayer, checkpointed_b
                                           interpolate_pos_embed_state_dict, interpolate_position_embedding,
                                           resize_position_embedding, set_vision_checkpointing,
                                           unfuse_blip2_vision_model)
-from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
-from tests.test_qformer_parity import _randomize, _seed_of
+from tests.helpers.tolerance import assert_grads_within_torch_error, assert_within_torch_error
+from tests.helpers.qformer import _randomize, _seed_of
 
 pytestmark = pytest.mark.hf
 

@@ -15,6 +15,7 @@ from blipfast.bench import blip2_finetune as bf
 from blipfast.bench.counting import count_step, counting_gpu_path
 from blipfast.bench.meta_autocast import meta_autocast
 from blipfast.models.blip2_vision import fuse_blip2_vision_model
+from blipfast.ops import _common, concat_linear
 
 
 def tiny_config():
@@ -150,3 +151,17 @@ def test_meta_autocast_casts_like_cuda_autocast():
         meta_autocast(policy="xpu")
     with pytest.raises(ValueError, match="dtype"):
         meta_autocast(torch.float32)
+
+
+def test_meta_autocast_restores_the_dispatch_rules():
+    """meta_autocast installs the linear ops' autocast rule while it is on (also re-entered around the backward) and
+    leaves the dispatch as it found it."""
+    before = _common._autocast_dtype
+    x = torch.randn(3, 4, device="meta", requires_grad=True)
+    w = torch.randn(5, 4, device="meta", requires_grad=True)
+    with meta_autocast(torch.bfloat16):
+        assert _common._autocast_dtype(torch.device("meta")) == torch.bfloat16
+        y = concat_linear(x, (w,))
+        assert y.dtype == torch.bfloat16
+        y.sum().backward()
+    assert _common._autocast_dtype is before and _common._autocast_dtype(torch.device("meta")) is None
