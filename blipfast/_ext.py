@@ -4,7 +4,7 @@ Importing blipfast never fails because the extension is missing or broken: ``cud
 says whether it was built and loads, ``load_error()`` why not (the exception text), ``build_info()`` what
 was built. ``blipfast info`` prints build_info() and, when the extension does not load, the error on stderr.
 The tests that need the extension fail (instead of skipping) where a CUDA device is visible and the build
-was not switched off: tests/conftest.py's ``require_extension``.
+was not switched off: the tests marked ``extension`` (tests/helpers/runtime.py's ``require_extension``).
 """
 from __future__ import annotations
 

@@ -240,7 +240,9 @@ def as_key_padding_mask(op: str, name: str, mask, shape: Sequence[int], device: 
 
 
 def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
-    """A dropout seed is None or an int64 tensor with one element on the inputs' device."""
+    """A seed of a random draw (dropout, the negatives) as the ops take it: None, a Python int that fits int64, or an
+    int64 tensor with one element on the inputs' ``device``; returned as an int64 [1] tensor (None stays None), a
+    ValueError / TypeError naming ``op`` otherwise."""
     if seed is None:
         return None
     if isinstance(seed, int) and not isinstance(seed, bool):
