@@ -369,7 +369,10 @@ class Trainer:
                 try:
                     m = self.train_step()
                 except (ValueError, RuntimeError) as exc:  # e.g. a temperature gone NaN after a NaN step
-                    msg = self._not_finite(window, self.step + 1 - len(window), across_ranks=False)
+                    try:
+                        msg = self._not_finite(window, self.step + 1 - len(window), across_ranks=False)
+                    except Exception:  # noqa: BLE001 - a device that cannot be read (a CUDA assert): the error as is
+                        msg = None
                     if msg:
                         raise LossNotFinite(msg) from exc
                     raise
