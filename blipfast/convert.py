@@ -45,6 +45,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from .files import share
 from .sources import CHECKPOINT_DIR, Source, list_checkpoints, resolve_source  # noqa: F401 (the one resolver)
 
 LM_HEAD_PREFIX = "qformer_lm_head."  # blipfast's name for LAVIS ``Qformer.cls.predictions.``
@@ -540,7 +541,8 @@ def save_lavis_checkpoint(state_dict: Mapping[str, torch.Tensor], path) -> None:
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path) -> None:
-    """Write a state dict as one ``.safetensors`` file (tied tensors are written as separate copies)."""
+    """Write a state dict as one ``.safetensors`` file (tied tensors are written as separate copies), with the mode
+    the user's umask gives a new file."""
     from safetensors.torch import save_file
 
     seen: set = set()
@@ -552,3 +554,4 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path) -> None:
         if v.numel():
             seen.add(ptr)
     save_file(out, str(path), metadata={"format": "pt"})
+    share(str(path))  # safetensors writes 0600: the user's umask instead
