@@ -37,7 +37,6 @@ safetensors, or ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,7 +326,7 @@ def load_state_dict(source, *, prefix: Optional[str] = None) -> dict:
             return _load_safetensors(path, prefix)
         try:
             sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
-        except (EOFError, RuntimeError, pickle.UnpicklingError) as exc:  # empty, truncated or damaged
+        except (EOFError, RuntimeError) as exc:  # empty or truncated (a refused pickle stays an UnpicklingError)
             raise ValueError(f"{path}: cannot be read as a torch file (empty, truncated or damaged?): "
                              f"{type(exc).__name__}: {exc}") from None
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

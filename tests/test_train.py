@@ -16,16 +16,13 @@ from blipfast.cli import main
 from blipfast.options import EXIT_STOPPED
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file
-from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from blipfast.testing.data import write_images, write_jsonl
+from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights, write_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rows = write_images(str(root), 24)
-    return {"root": str(root), "rows": rows, "data": write_jsonl(str(root / "ann.jsonl"), rows),
-            "vision": write_vision(str(root / "vit"))}
+    return write_dataset(tmp_path_factory.mktemp("data"), 24)
 
 
 @pytest.fixture(autouse=True)

@@ -346,6 +346,15 @@ def write_config(path: str, cfg: dict) -> None:
     os.replace(tmp, path)
 
 
+def is_run_config(path: str) -> bool:
+    """Whether ``path`` is a ``config.yaml`` that ``blipfast train`` wrote (valid, with the options every version
+    writes)."""
+    try:
+        return {"data", "out", "seed", "steps"} <= set(read_config_file(path))
+    except ValueError:
+        return False
+
+
 def read_run_config(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
 from ..files import identity
-from .config import RESUME_MUTABLE, read_run_config, task_of, validate, write_config
+from .config import RESUME_MUTABLE, is_run_config, read_run_config, task_of, validate, write_config
 from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
 from .optim import WarmupCosine, make_optimizer
@@ -131,11 +131,14 @@ class Trainer:
         created = False
         if resume is None and d.main and os.path.isdir(out) and (
                 os.path.exists(os.path.join(out, "config.yaml")) or ckpt.list_checkpoints(out)):
-            if ckpt.list_checkpoints(out) or not os.path.exists(os.path.join(out, "config.yaml")):
+            if ckpt.list_checkpoints(out) or not is_run_config(os.path.join(out, "config.yaml")):
                 raise ValueError(f"--out: {out!r} already holds a run; continue it with --resume {out} or choose "
                                  f"another --out")
             self.log(f"blipfast train: {out} holds a run that stopped before its first checkpoint: starting it "
                      f"again from step 0")
+        if resume is not None and ck is None and not is_run_config(os.path.join(out, "config.yaml")):
+            raise ValueError(f"--resume: {out!r} has no checkpoint and its config.yaml was not written by blipfast "
+                             f"train")
         if resume is not None and ck is None and d.main:
             self.log(f"blipfast train: --resume: {out} stopped before its first checkpoint: starting it again from "
                      f"step 0 with its config.yaml")

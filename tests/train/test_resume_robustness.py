@@ -12,19 +12,16 @@ import torch
 from blipfast.cli import build_parser, main
 from blipfast.files import verify_manifest
 from blipfast.options import EXIT_NOT_FINITE, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
-from blipfast.testing.data import write_images, write_jsonl, write_vision
+from blipfast.testing.data import write_jsonl
 from blipfast.train import checkpoint as ckpt
 from blipfast.train.checkpoint import list_checkpoints
 from tests.retrieval_tiny import one_thread  # noqa: F401  (autouse fixture: bit-identical runs, a 2-core CI)
-from tests.train_helpers import read_log, tiny_args, weights
+from tests.train_helpers import read_log, tiny_args, weights, write_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rows = write_images(str(root), 12)
-    return {"root": str(root), "rows": rows, "data": write_jsonl(str(root / "ann.jsonl"), rows),
-            "vision": write_vision(str(root / "vit"))}
+    return write_dataset(tmp_path_factory.mktemp("data"), 12)
 
 
 def _args(out, ds, steps=3, extra=(), data=None):
