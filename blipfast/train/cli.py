@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..options import EXIT_NOT_FINITE, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
@@ -33,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Defaults: the built-in ones < the task's recipe (--task) < the synthetic set's (only without --data) < "
         "--config < flags; each option's help lists the defaults that differ.\n"
         f"Exit codes: {EXIT_OK} finished; {EXIT_STOPPED} stopped early and resumable (SIGTERM, SIGINT, --stop-after: "
-        f"run it again with --resume); {EXIT_NOT_FINITE} the loss is not finite; {EXIT_USAGE} refused (the message "
-        f"names the option or file). See docs/troubleshooting.md.")
+        f"run it again with --resume; under torchrun {EXIT_OK}, as torchrun reports any other code as a failure); "
+        f"{EXIT_NOT_FINITE} the loss is not finite; {EXIT_USAGE} refused (the message names the option or file). "
+        f"See docs/troubleshooting.md.")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_options(p)
 
@@ -52,4 +54,6 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"blipfast train: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    return EXIT_OK if result["finished"] else EXIT_STOPPED
+    if not result["finished"] and os.environ.get("TORCHELASTIC_RUN_ID") is None:
+        return EXIT_STOPPED
+    return EXIT_OK  # (under torchrun, whose agent reports any other code as a failed worker with a traceback)
