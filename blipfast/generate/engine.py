@@ -254,7 +254,7 @@ def _key(row: dict, text_key: str) -> str:
     return json.dumps({k: v for k, v in row.items() if k != text_key}, sort_keys=True)
 
 
-def _open_output(args, task: str, settings: dict, key: str) -> tuple:
+def _open_output(args, settings: dict, key: str) -> tuple:
     """(file to append to, the keys of the rows it holds, how many); --restart empties it."""
     if args.output == "-":
         return sys.stdout, set(), 0
@@ -294,7 +294,7 @@ def run_task(args, *, task: str) -> int:
         dtype_shown = dtype_name(args.dtype) if args.dtype not in (None, "auto") else auto_dtype_name(device)
         settings = {"task": task, "model": os.path.abspath(args.model), "prompt": args.prompt, "generate": kwargs,
                     "dtype": dtype_shown}
-        out, done, kept = _open_output(args, task, settings, key)
+        out, done, kept = _open_output(args, settings, key)
         rows = [(it, {"image": it.name, **({"question": it.question} if vqa else {}),
                       **{k: v for k, v in it.extra.items() if k != key}}) for it in items]
         todo = [(it, row) for it, row in rows if _key(row, key) not in done]

@@ -8,7 +8,13 @@ and the trainer records it in ``config.yaml``.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
 cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
-and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
+and removed again if the set-up fails after creating it, so a refused run leaves nothing behind. A run folder that
+stopped before its first checkpoint starts again from step 0 (``--resume``, or the same command); ``--resume``
+takes the newest checkpoint that verifies (:mod:`.checkpoint`) and refuses an annotation file whose rows changed.
+
+A loss that is not finite stops the run at its step (:class:`LossNotFinite`): the losses are read with each log
+row (its one host sync), so no step gets a sync of its own; a step that fails because of it (a NaN temperature)
+is diagnosed the same way. Nothing of the diverged steps is saved.
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
 CPUs), builds the same model from the same seed, trains on its rows of each global batch
@@ -31,9 +37,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..files import identity
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
-from ..files import identity
 from .config import RESUME_MUTABLE, is_run_config, read_run_config, task_of, validate, write_config
 from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
