@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from blipfast.cli import build_parser, main
+from blipfast.options import EXIT_STOPPED
 from blipfast.train import Trainer
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file, resolve
@@ -130,7 +131,7 @@ def test_stage2_t5_resume_is_bit_identical(parts, tmp_path):
     args = dict(llm=parts["t5"], init=parts["stage1"], data=parts["data"], images=parts["root"],
                 vision=parts["vision"], steps=8)
     assert main(stage2_args(full, **args, extra=extra)) == 0
-    assert main(stage2_args(part, **args, extra=extra + ("--stop-after", "4"))) == 0
+    assert main(stage2_args(part, **args, extra=extra + ("--stop-after", "4"))) == EXIT_STOPPED
     assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     rf, rp = read_log(full), read_log(part)
