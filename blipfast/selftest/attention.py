@@ -181,7 +181,7 @@ SELF_FULL = [
 ]
 # (N, M, Lq, Lk, H, D, kv_index, padding, dropout_p, note)
 CROSS_QUICK = [
-    (7, 5, 32, 257, 2, 64, IDX, "allpad", 0.0, "kv_index, an image all padding"),
+    (7, 5, 32, 257, 1, 64, IDX, "allpad", 0.0, "kv_index, an image all padding"),
     (2, 2, 32, 37, 2, 64, None, "ragged", 0.0, "no kv_index"),
 ]
 CROSS_FULL = [
