@@ -230,31 +230,28 @@ def _tilings(backend, dtype, kind, s):
     for i in range(max(len(fwd), len(bwd))):
         cfg = {"fwd": fwd[i % len(fwd)], "bwd": bwd[i % len(bwd)]}
         tag = f" tiling {i + 1}/{max(len(fwd), len(bwd))}"
-        make = _self if kind == "self" else _cross
-        out.append(make(backend, dtype, FULL, s, config=cfg, tag=tag))
+        out.append(KINDS[kind][1](backend, dtype, FULL, s, config=cfg, tag=tag))
     return out
 
 
-def self_cases(backend: str, dtype: torch.dtype, level: str) -> list:
-    out = [_self(backend, dtype, "quick", s) for s in SELF_QUICK]
-    out.append(Case("qformer_attention", backend, dtype, "B=2 Lq=10 Lk=13 H=2 D=16 causal p=0.3 (dropout mask)",
-                    functools.partial(_mask_case, backend=backend, dtype=dtype, kind="self")))
+# kind -> (op, case maker, quick shapes, full shapes, the label of the mask case)
+KINDS = {"self": ("qformer_attention", _self, SELF_QUICK, SELF_FULL,
+                  "B=2 Lq=10 Lk=13 H=2 D=16 causal p=0.3 (dropout mask)"),
+         "cross": ("cross_attention", _cross, CROSS_QUICK, CROSS_FULL,
+                   "N=6 M=3 Lq=8 Lk=16 H=2 D=16 kv_index p=0.25 (dropout mask)")}
+
+
+def _cases(kind: str, backend: str, dtype: torch.dtype, level: str) -> list:
+    op, make, quick, full, mask_label = KINDS[kind]
+    out = [make(backend, dtype, "quick", s) for s in quick]
+    out.append(Case(op, backend, dtype, mask_label, functools.partial(_mask_case, backend=backend, dtype=dtype,
+                                                                      kind=kind)))
     if level == FULL:
-        out += [_self(backend, dtype, FULL, s) for s in SELF_FULL]
+        out += [make(backend, dtype, FULL, s) for s in full]
         if dtype != torch.float32:
-            out += [c for kind, s in TILED if kind == "self" for c in _tilings(backend, dtype, kind, s)]
+            out += [c for k, s in TILED if k == kind for c in _tilings(backend, dtype, kind, s)]
     return out
 
 
-def cross_cases(backend: str, dtype: torch.dtype, level: str) -> list:
-    out = [_cross(backend, dtype, "quick", s) for s in CROSS_QUICK]
-    out.append(Case("cross_attention", backend, dtype, "N=6 M=3 Lq=8 Lk=16 H=2 D=16 kv_index p=0.25 (dropout mask)",
-                    functools.partial(_mask_case, backend=backend, dtype=dtype, kind="cross")))
-    if level == FULL:
-        out += [_cross(backend, dtype, FULL, s) for s in CROSS_FULL]
-        if dtype != torch.float32:
-            out += [c for kind, s in TILED if kind == "cross" for c in _tilings(backend, dtype, kind, s)]
-    return out
-
-
-CASES = {("qformer_attention", "triton"): self_cases, ("cross_attention", "triton"): cross_cases}
+CASES = {("qformer_attention", "triton"): functools.partial(_cases, "self"),
+         ("cross_attention", "triton"): functools.partial(_cases, "cross")}

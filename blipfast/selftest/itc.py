@@ -32,7 +32,7 @@ def _inputs(inp, b, world, q, e, dtype, ids, ties):
     return img_all, txt_all, ids_all, temp
 
 
-def _run(img_all, txt_all, ids_all, temp, rank, b, dtype, backend, ls, grad_scale):
+def run_rank(img_all, txt_all, ids_all, temp, rank, b, dtype, backend, ls, grad_scale):
     """(loss, s_i2t, s_t2i, d img, d txt, d temp) of one rank in ``dtype`` on ``backend``."""
     img = img_all[rank * b:(rank + 1) * b].to(dtype).clone().requires_grad_()
     txt = txt_all[rank * b:(rank + 1) * b].to(dtype).clone().requires_grad_()
@@ -51,9 +51,9 @@ def _case(inp, backend, dtype, b, world, q, e, ls, ids, ties=False, temp_scale=1
     temp = (temp.float() * temp_scale).to(dtype)
     rank = world - 1
     g = 1.3  # an upstream gradient other than 1
-    ref = _run(img_all, txt_all, ids_all, temp, rank, b, torch.float64, "torch", ls, g)
-    low = _run(img_all, txt_all, ids_all, temp, rank, b, dtype, "torch", ls, g)
-    fast = _run(img_all, txt_all, ids_all, temp, rank, b, dtype, backend, ls, g)
+    ref = run_rank(img_all, txt_all, ids_all, temp, rank, b, torch.float64, "torch", ls, g)
+    low = run_rank(img_all, txt_all, ids_all, temp, rank, b, dtype, "torch", ls, g)
+    fast = run_rank(img_all, txt_all, ids_all, temp, rank, b, dtype, backend, ls, g)
     return [rule(n, f, r, lo, dtype) for n, f, r, lo in zip(NAMES, fast, ref, low)]
 
 
