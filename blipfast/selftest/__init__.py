@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from .case import DTYPES, LEVELS
 from .firstuse import SelfTestError, SelfTestWarning, check, install, reset, verify
 
 __all__ = ["SelfTestError", "SelfTestWarning", "check", "reset", "run", "verify"]
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def run(device, level: str = "quick", ops=None, dtypes=DTYPES, progress: bool = False, record: bool = True) -> list:
@@ -32,12 +31,12 @@ def run(device, level: str = "quick", ops=None, dtypes=DTYPES, progress: bool = 
     (op, backend, dtype) is cached for the first-use checks of the processes that come after (a failed one is
     never dispatched to there)."""
     from ..ops import _common as C
-    from . import cache, registry, runner
+    from . import cache, runner
 
-    if level not in ("quick", "full"):
+    if level not in LEVELS:
         raise ValueError(f"selftest: level must be 'quick' or 'full', got {level!r}")
     device = torch.device(device)
-    cases = registry.select(ops, dtypes, level, lambda backend, dtype: C._runnable(backend, device, dtype))
+    cases = runner.select(ops, dtypes, level, lambda backend, dtype: C._runnable(backend, device, dtype))
     results = runner.run_cases(cases, device, autotune=level == "full", progress=progress)
     if record:
         key = cache.device_key(device)

@@ -62,10 +62,10 @@ def _padding(inp: Inputs, pattern: str, b: int, lk: int, nq: int):
     sequence 0 fully padded (no row of it has a key, queries included)."""
     if pattern == "none":
         return None
-    kpm = torch.ones(b, lk, dtype=torch.bool)
+    kpm = torch.ones(b, lk, dtype=torch.bool, device="cpu")
     t = lk - nq
     for i in range(b):
-        keep = int(torch.randint(t // 2, t + 1, (), generator=inp.gen)) if i != b - 1 else 0
+        keep = int(torch.randint(t // 2, t + 1, (), generator=inp.gen, device="cpu")) if i != b - 1 else 0
         kpm[i, nq + keep:] = False
     if pattern == "allpad":
         kpm[0] = False
@@ -129,7 +129,8 @@ def _direct(q, k, v, do, config, name, *args):
 
 def _onehot_v(groups, lk, h, d, dtype, device):
     v = torch.zeros(groups, lk, h, d, dtype=dtype, device=device)
-    v[:, torch.arange(lk), :, torch.arange(lk)] = 1.0
+    j = torch.arange(lk, device=device)
+    v[:, j, :, j] = 1.0
     return v
 
 

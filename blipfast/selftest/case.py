@@ -1,7 +1,7 @@
 """What a self-test check is: a :class:`Case` (one op, backend, dtype and shape) whose run returns
 :class:`Measure` s (one per output or gradient, or a mask, a distribution, a draw rule), and the :class:`Inputs`
 it draws from (docs/selftest.md). The cases of each op live in a module of this package (``attention``, ``itc``,
-``negatives``, ``layernorm``); ``registry`` collects them.
+``negatives``, ``layernorm``); ``runner`` collects and runs them.
 
 Inputs come from a private ``torch.Generator`` seeded per case (the caller's RNG state is untouched, and a verdict
 is reproducible) and are made on the CPU, then moved, so that every device draws the same numbers.
@@ -80,17 +80,18 @@ class Inputs:
     def __init__(self, case: Case, device: torch.device):
         self.device = device
         label = f"{case.op}|{case.backend}|{case.dtype}|{case.shape}"
-        self.gen = torch.Generator().manual_seed(zlib.crc32(label.encode()))
+        self.gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(label.encode()))
 
     def randn(self, *shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=self.gen) * scale).to(device=self.device, dtype=dtype)
+        return (torch.randn(*shape, generator=self.gen, device="cpu") * scale).to(device=self.device, dtype=dtype)
 
     def rand(self, *shape) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.gen).to(self.device)
+        return torch.rand(*shape, generator=self.gen, device="cpu").to(self.device)
 
     def randint(self, low: int, high: int, shape) -> torch.Tensor:
-        return torch.randint(low, high, tuple(shape), generator=self.gen).to(self.device)
+        return torch.randint(low, high, tuple(shape), generator=self.gen, device="cpu").to(self.device)
 
     def seed(self) -> torch.Tensor:
         """An int64 [1] dropout / sampling seed."""
-        return torch.randint(-(2**62), 2**62, (1,), generator=self.gen, dtype=torch.int64).to(self.device)
+        return torch.randint(-(2**62), 2**62, (1,), generator=self.gen, dtype=torch.int64, device="cpu").to(
+            self.device)

@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..ops import _common as C
+from .case import DTYPES
 
 ENV = "BLIPFAST_SELFTEST"
 
@@ -108,9 +109,9 @@ def check(op: str, backend: str, device: torch.device, dtype, key: dict | None =
     """Run the quick cases of ``op`` on ``backend`` in ``dtype`` on ``device`` now (stopping at the first failure)
     and cache the verdict; returns it ({"ok", "error", ...}). A run that ran out of device memory decides
     nothing: its verdict passes and is not cached."""
-    from . import cache, registry, runner
+    from . import cache, runner
 
-    cases = registry.cases(op, backend, dtype, "quick")
+    cases = runner.cases(op, backend, dtype, "quick")
     _BUSY[0] = True
     try:
         results = runner.run_cases(cases, device, autotune=False, stop_on_failure=True)
@@ -122,17 +123,17 @@ def check(op: str, backend: str, device: torch.device, dtype, key: dict | None =
     return cache.store(key or cache.device_key(device), op, backend, dtype, ok, error, "quick", n)
 
 
-def verify(device, dtypes=(torch.float32, torch.float16, torch.bfloat16), ops=None) -> dict:
+def verify(device, dtypes=DTYPES, ops=None) -> dict:
     """Run the first-use check now for every fast backend that automatic dispatch could pick on ``device`` (a
     ``torch.device`` or its name) in ``dtypes`` (of ``ops``, default all): {(op, backend, dtype): trusted}. Call it
     after building a model and before ``torch.compile`` or a CUDA-graph capture of its step, where no check can
     run. Honours BLIPFAST_SELFTEST (strict raises); on a device that does not dispatch as CUDA there is nothing to
     check (every entry True)."""
-    from . import registry
+    from . import runner
 
     device = torch.device(device)
     out = {}
-    for op, backend in registry.registered():
+    for op, backend in runner.registered():
         if ops is not None and op not in ops:
             continue
         for dtype in dtypes:

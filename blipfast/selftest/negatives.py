@@ -40,7 +40,7 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     obs_c, exp_c = obs_c[keep], exp_c[keep]
     stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
     df = obs_c.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64, device=stat.device), stat / 2))
 
 
 def _expected(logits: torch.Tensor, drawable: torch.Tensor, floor: float) -> torch.Tensor:
@@ -51,14 +51,14 @@ def _expected(logits: torch.Tensor, drawable: torch.Tensor, floor: float) -> tor
         p = torch.softmax(x, 0) + floor
         p = torch.where(drawable, p, torch.zeros_like(p))
         return p / p.sum()
-    return torch.softmax(torch.where(drawable, x, torch.tensor(float("-inf"), dtype=torch.float64)), 0)
+    return torch.softmax(torch.where(drawable, x, torch.tensor(float("-inf"), dtype=torch.float64, device=x.device)), 0)
 
 
 def _distribution(inp, backend, dtype, floor=0.0):
-    g = torch.Generator().manual_seed(1234)
-    logits = (torch.randn(13, generator=g) * 1.5).to(dtype)
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    logits = (torch.randn(13, generator=g, device="cpu") * 1.5).to(dtype)
     logits[4] = -25.0  # a vanishing probability
-    drawable = torch.ones(13, dtype=torch.bool)
+    drawable = torch.ones(13, dtype=torch.bool, device="cpu")
     drawable[[2, 9]] = False  # e.g. the own pair and a same-image pair
     rows = 3000
     s = logits.view(1, 13).expand(rows, 13).contiguous()

@@ -1,5 +1,12 @@
-"""Running self-test cases: one :class:`Result` per case, the verdict per (op, backend, dtype), the table that
-``blipfast selftest`` prints and the JSON it writes (docs/selftest.md).
+"""The check cases of every fast backend and running them: one :class:`Result` per case, the verdict per
+(op, backend, dtype), the table that ``blipfast selftest`` prints and the JSON it writes (docs/selftest.md).
+
+Each op module of this package has ``CASES = {(op, backend): builder}`` with ``builder(backend, dtype, level) ->
+list[Case]``. ``level`` is "quick" (the few cases that the first-use check runs before an op is trusted on a device,
+and ``blipfast selftest --quick``) or "full" (``--full``: the quick cases plus the autotuning buckets, larger and
+more awkward shapes, every candidate tiling). The linear ops (``concat_linear``, ``gelu_mlp``,
+``linear_cross_entropy``) have no fast backend today (their one backend is PyTorch inside the custom op), so they
+have no cases: a fused backend of theirs adds its builder to a module here like the others.
 
 A case runs in a clean context whatever the caller's: gradients on (also under ``torch.no_grad`` or
 ``torch.inference_mode``), autocast off, CUDA's sync debug mode off (a check reads its results on the host), and
@@ -15,11 +22,44 @@ import dataclasses
 import math
 import os
 import time
+from typing import Iterable
 
 import torch
 
+from . import attention, itc, layernorm, negatives
 from .cache import dtype_name
 from .case import Case, Inputs, Measure
+
+BUILDERS = {**attention.CASES, **itc.CASES, **negatives.CASES, **layernorm.CASES}
+
+
+def registered() -> list:
+    """The (op, backend) pairs that have check cases."""
+    return sorted(BUILDERS)
+
+
+def cases(op: str, backend: str, dtype: torch.dtype, level: str) -> list:
+    """The check cases of ``op`` on ``backend`` in ``dtype`` at ``level`` (none when the pair has no cases)."""
+    builder = BUILDERS.get((op, backend))
+    return [] if builder is None else builder(backend, dtype, level)
+
+
+def select(ops: Iterable[str] | None, dtypes: Iterable[torch.dtype], level: str, runnable) -> list:
+    """Every case of ``ops`` (None: all) in ``dtypes`` at ``level`` whose backend ``runnable(backend, dtype)`` says
+    can run here, op by op."""
+    wanted = None if ops is None else set(ops)
+    unknown = (wanted or set()) - {op for op, _ in BUILDERS}
+    if unknown:
+        raise ValueError(f"no self-test cases for {sorted(unknown)}; ops with a fast backend: "
+                         f"{sorted({op for op, _ in BUILDERS})}")
+    out = []
+    for op, backend in registered():
+        if wanted is not None and op not in wanted:
+            continue
+        for dtype in dtypes:
+            if runnable(backend, dtype):
+                out.extend(cases(op, backend, dtype, level))
+    return out
 
 
 @dataclasses.dataclass

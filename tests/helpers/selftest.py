@@ -9,7 +9,7 @@ import torch
 
 from blipfast import selftest
 from blipfast.ops import _common as C
-from blipfast.selftest import registry
+from blipfast.selftest import runner
 
 
 def isolated(monkeypatch, tmp_path, mode: str = "1") -> None:
@@ -38,6 +38,6 @@ def cpu_as_cuda():
 
 def cases(op: str, backend: str, dtype: torch.dtype, label: str = "", level: str = "quick") -> list:
     """The cases of (op, backend, dtype) at ``level`` whose label contains ``label``."""
-    out = [c for c in registry.cases(op, backend, dtype, level) if label in c.shape]
+    out = [c for c in runner.cases(op, backend, dtype, level) if label in c.shape]
     assert out, f"no {level} case of {op}/{backend} with {label!r} in its label"
     return out

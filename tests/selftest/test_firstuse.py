@@ -208,3 +208,26 @@ def test_no_check_under_a_dispatch_mode(monkeypatch, tmp_path):
     with FakeTensorMode():
         assert firstuse.first_use(*KEY[:2], torch.device("cuda", 0), F32) is True
     assert firstuse._SEEN == {}
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_first_eager_call_checks_and_capture_or_compile_check_nothing(monkeypatch, tmp_path):
+    isolated(monkeypatch, tmp_path)
+    dev, bf16 = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    q, k, v = (torch.randn(2, 40, 2, 64, device=dev, dtype=bf16) for _ in range(3))
+    step = torch.compile(lambda q, k, v: O.qformer_attention(q, k, v, num_query=32, mode="causal"), fullgraph=True)
+    O.qformer_attention(q, k, v, num_query=32, mode="causal")  # eager: the check runs here
+    assert cache.load(cache.device_key(dev), "qformer_attention", "triton", bf16)["ok"] is True
+    monkeypatch.setattr(firstuse, "check", lambda *a, **k: pytest.fail("a check ran after the first eager call"))
+    step(q, k, v)  # compile (may synchronise while autotuning), then run without a host sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(q, k, v)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph, x = torch.cuda.CUDAGraph(), torch.zeros(1, device=dev)
+    with torch.cuda.graph(graph):  # an op not yet checked, inside a capture: trusted, nothing runs
+        trusted = firstuse.first_use("itc_loss", "triton", dev, torch.float16)
+        x += 1
+    assert trusted is True and ("itc_loss", "triton", torch.float16) + ("cuda", dev.index) not in firstuse._SEEN

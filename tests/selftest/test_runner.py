@@ -1,12 +1,16 @@
-"""The runner and the measures of the self-test (blipfast/selftest/runner.py, case.py, tolerance.py): a case that
+"""The runner, the cases and the measures of the self-test (blipfast/selftest/runner.py, case.py, tolerance.py): every
+fast backend of every op in every fused dtype has quick cases and more full ones (the attention kernels' full cases
+include every candidate tiling in fp16 and bf16), labels are unique, building the cases runs nothing; a case that
 raises has failed, with its error; a NaN or infinite error never passes; the clean context a check runs in."""
 from __future__ import annotations
 
 import math
 import os
 
+import pytest
 import torch
 
+from blipfast.ops import _common as C
 from blipfast.selftest import runner
 from blipfast.selftest.case import Case, Measure, rule
 from blipfast.selftest.tolerance import torch_error
@@ -71,3 +75,37 @@ def test_a_case_runs_with_gradients_without_autocast_and_leaves_the_rng_alone(mo
     again = {}
     runner.run_cases([_case(lambda inp: again.update(x=inp.randn(3)) or [])], CPU)
     assert torch.equal(seen["x"], again["x"])  # inputs are a function of the case
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def test_every_fast_backend_has_cases():
+    assert runner.registered() == [("bias_dropout_add_layernorm", "cuda"), ("cross_attention", "triton"),
+                                     ("itc_loss", "triton"), ("qformer_attention", "triton"),
+                                     ("sample_hard_negatives", "cuda")]
+    for op, backend in runner.registered():
+        for dtype in DTYPES:
+            quick = runner.cases(op, backend, dtype, "quick")
+            full = runner.cases(op, backend, dtype, "full")
+            assert quick and len(full) > len(quick), (op, dtype)
+            assert {c.shape for c in quick} <= {c.shape for c in full}
+            assert {c.key for c in full} == {(op, backend, dtype)}
+            labels = [c.shape for c in full]
+            assert len(labels) == len(set(labels)), labels
+
+
+@pytest.mark.skipif(not C.TRITON_OK, reason="needs Triton")
+def test_full_attention_checks_every_candidate_tiling_in_half_precision():
+    for op in ("qformer_attention", "cross_attention"):
+        tiled = [c for c in runner.cases(op, "triton", torch.bfloat16, "full") if "tiling" in c.shape]
+        assert len(tiled) >= 2, op
+        assert not [c for c in runner.cases(op, "triton", torch.float32, "full") if "tiling" in c.shape]
+
+
+def test_select_filters_and_names_unknown_ops():
+    got = runner.select(["itc_loss"], [torch.float32], "quick", lambda b, d: True)
+    assert got and {c.op for c in got} == {"itc_loss"}
+    assert runner.select(None, DTYPES, "quick", lambda b, d: False) == []
+    with pytest.raises(ValueError, match="gelu_mlp"):
+        runner.select(["gelu_mlp"], DTYPES, "quick", lambda b, d: True)
