@@ -103,10 +103,30 @@ class dispatch_rules:
         return False
 
 
+# The first-use self-test (docs/selftest.md): before automatic dispatch (or BLIPFAST_BACKEND) sends an op to a fast
+# backend for the first time, FIRST_USE(op, backend, device, dtype) -> bool checks that backend against the
+# reference on the device (once per process and device, its verdict cached on disk) and adds a failing
+# (op, backend, dtype) to DISABLED; the dispatch then takes the next backend. blipfast.selftest installs the hook (the
+# ops import nothing above them) and fills the set. While torch.compile traces (and in a CUDA-graph capture, which
+# the hook declines) the dispatch reads DISABLED and nothing else: plain Python over constants, no graph break.
+# backend= is never checked: forcing a backend is how the self-test itself reaches the kernels.
+DISABLED: set = set()
+FIRST_USE = None
+
+
+def _trusted(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    if (op, backend, dtype) in DISABLED:
+        return False
+    if backend == "torch" or FIRST_USE is None or torch.compiler.is_compiling():
+        return True
+    return FIRST_USE(op, backend, device, dtype)
+
+
 def resolve_backend(op: str, backend: str | None, device: torch.device, supported: Sequence[str],
                     dtype: torch.dtype | None = None) -> str:
     """Pick the backend for ``op`` on ``device``; ``supported`` lists the op's backends, fastest first.
-    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64)."""
+    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64). A backend
+    that failed its first-use self-test for the op and dtype is skipped unless forced."""
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -123,11 +143,11 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
     if env:
         if env not in BACKENDS:
             raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
-        if env in supported and _runnable(env, device, dtype):
+        if env in supported and _runnable(env, device, dtype) and _trusted(op, env, device, dtype):
             return env
     if _is_cuda(device):
         for cand in supported:
-            if _runnable(cand, device, dtype):
+            if _runnable(cand, device, dtype) and _trusted(op, cand, device, dtype):
                 return cand
     return "torch"
 
