@@ -111,10 +111,8 @@ def _tokenizer(path: str, where: str):
 def _from_run(src, where: str):
     """(HF-named state dict, BlipPretrainConfig, tokenizer, processor) of a ``blipfast train --model blip`` run (a
     resolved :class:`blipfast.convert.Source` of kind "run" or "checkpoint")."""
-    from transformers import AutoImageProcessor
-
     from . import convert
-    from .data.vision import default_blip_processor
+    from .data.vision import default_blip_processor, load_image_processor
     from .models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 
     if src.run_config is None:
@@ -127,7 +125,7 @@ def _from_run(src, where: str):
     net = BlipPretrain(mcfg)
     convert.load_into(net, src, what=where, into="the run's model")
     proc_dir = os.path.join(src.run_dir, "image_processor")
-    processor = AutoImageProcessor.from_pretrained(proc_dir) if os.path.isdir(proc_dir) else \
+    processor = load_image_processor(proc_dir, where=where) if os.path.isdir(proc_dir) else \
         default_blip_processor(mcfg.vision.image_size)
     return net.state_dict(), mcfg, _tokenizer(src.run_config["tokenizer"], where), processor
 
@@ -194,10 +192,10 @@ def _hf_model(role: str, text, vision, embed_dim: int, sd: dict, where: str):
 def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None, dtype=None) -> BlipPart:
     """The ``role`` ("captioner" or "filter") model of a checkpoint (see the module docstring), in eval mode on
     ``device`` in ``dtype``, with blipfast's text model and the ViT's SDPA attention."""
-    from transformers import AutoImageProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from . import convert
-    from .data.vision import default_blip_processor, quiet_transformers
+    from .data.vision import default_blip_processor, load_image_processor, quiet_transformers
     from .models.blip_vision import fuse_vision_model
     from .patch import apply_blipfast_to_blip
 
@@ -214,7 +212,7 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
         with quiet_transformers():
             try:
                 model = cls.from_pretrained(path)
-                processor = AutoImageProcessor.from_pretrained(path)
+                processor = load_image_processor(path, where=where)
             except Exception as exc:  # transformers raises many kinds for a folder it cannot read
                 raise ValueError(f"{where}: cannot load a {cls.__name__} from {path!r}: {exc}") from None
         tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else where)

@@ -138,9 +138,8 @@ class Generator:
 
     def __init__(self, model_dir, *, device=None, dtype=None, attn_implementation: Optional[str] = "auto"):
         from transformers import AutoTokenizer
-        # from its module: transformers 5.17's top level hides AutoImageProcessor without torchvision
-        from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+        from ..data.vision import load_image_processor
         from ..models.blip2_stage2 import Blip2Stage2
 
         model_dir = Path(model_dir)
@@ -163,7 +162,7 @@ class Generator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # decoder-only prompts are left-padded ([queries | pad | prompt], as LAVIS); encoder prompts right-padded
         self.tokenizer.padding_side = "right" if self.model.is_encoder_decoder else "left"
-        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        self.image_processor = load_image_processor(model_dir)
         self.qformer_tokenizer = None
         if self.model.is_instructblip:
             sub = model_dir / "qformer_tokenizer"
