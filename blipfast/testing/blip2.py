@@ -155,7 +155,7 @@ def write_images(folder, n: int, *, size: int = 20, seed: int = 0):
 
 
 def write_demo(out) -> None:
-    """Everything the README's stage-2 / caption / vqa examples read, tiny and random, under ``out``:
+    """Everything the examples of docs/blip2-stage2.md read, tiny and random, under ``out``:
     blip2-opt/, blip2-t5/, instructblip/ (HF folders with tokenizer and image processor), stage1.pth (a LAVIS
     stage-1 checkpoint), llm-opt/ (an OPT folder with its tokenizer), vit/ (a Blip2VisionModel folder),
     images/ (4 PNGs) and questions.jsonl."""

@@ -1,5 +1,5 @@
 """``blipfast caption`` / ``blipfast vqa`` decode with LAVIS' settings for the model's LLM: the generate arguments
-they resolve equal LAVIS' calls (restated in tests/models/lavis_stage2.py) with LAVIS' lengths counted as its
+they resolve equal LAVIS' calls (restated in tests/helpers/lavis_stage2.py) with LAVIS' lengths counted as its
 transformers counts them; flags and ``--generate-kwargs`` win over the settings."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from blipfast import cli
 from blipfast.generate.engine import Generator, decoding
 from blipfast.testing import blip2 as T
-from tests.models import lavis_stage2 as lavis
+from tests.helpers import lavis_stage2 as lavis
 
 PREDICT_ANSWERS = {("t5", False): lavis.t5_predict_answers, ("opt", False): lavis.opt_predict_answers,
                    ("opt", True): lavis.vicuna_instruct_predict_answers}

@@ -1,5 +1,5 @@
 """LAVIS' decoding settings in blipfast (``Blip2Stage2.decoding_settings`` / ``generate(settings=...)``) against
-LAVIS' own calls restated in tests/models/lavis_stage2.py, with the lengths counted as its transformers (4.33.2)
+LAVIS' own calls restated in tests/helpers/lavis_stage2.py, with the lengths counted as its transformers (4.33.2)
 counts them: a BOS placeholder (decoder-only) or the decoder start token (Flan-T5) counts toward ``max_length``
 and ``min_length``. The counts are checked on real ``generate`` runs of tiny models whose LM head always prefers
 one token: the EOS (so the caption is as short as ``min_length`` allows) or another token (as long as
@@ -13,7 +13,7 @@ import torch.nn as nn
 from blipfast.models.blip2_stage2 import Blip2Stage2
 from blipfast.models.llm import SETTINGS, decoding_settings, new_token_counts
 from blipfast.testing import blip2 as T
-from tests.models import lavis_stage2 as lavis
+from tests.helpers import lavis_stage2 as lavis
 
 # (blipfast settings, LLM kind, InstructBLIP) -> LAVIS' call as its task (or a user of its defaults) makes it
 LAVIS_CALLS = {

@@ -1,4 +1,4 @@
-"""Stage 2's prompt mask against LAVIS' batch building (``Blip2OPT.forward`` restated in tests/models/lavis_stage2.py)
+"""Stage 2's prompt mask against LAVIS' batch building (``Blip2OPT.forward`` restated in tests/helpers/lavis_stage2.py)
 with real subword tokenizers trained here: byte-level BPE as GPT-2 / OPT (offsets trimmed or not) and
 SentencePiece-style BPE as Llama, besides the word-level one of the other tests. ``Blip2Stage2.make_text_batch``
 and the ``blip2-stage2`` trainer task must give LAVIS' ids and labels: the tokens of the prompt "a photo of" get
@@ -10,7 +10,7 @@ import torch
 
 from blipfast.models.blip2_stage2 import Blip2Stage2, prompt_token_counts
 from blipfast.testing import blip2 as T
-from tests.models import lavis_stage2 as lavis
+from tests.helpers import lavis_stage2 as lavis
 
 CAPTIONS = ["a dog on the grass", "two cats sitting on a red table near the big tree with a small dog under it",
             "grass", "a man riding a bus"]

@@ -1,7 +1,7 @@
 """Flan-T5's feed-forward activation in stage 2: LAVIS builds its T5 with ``dense_act_fn = "gelu"`` (exact GELU)
 where Flan-T5's config says ``gelu_new``. ``Blip2Stage2.from_pretrained_parts`` (and so ``blipfast train --task
 blip2-stage2`` with a Flan-T5 folder) builds it as LAVIS does, so loss and gradients equal a restatement of
-LAVIS' ``Blip2T5.forward`` (tests/models/lavis_stage2.py) by the tolerance rule; ``from_hf`` keeps the model's
+LAVIS' ``Blip2T5.forward`` (tests/helpers/lavis_stage2.py) by the tolerance rule; ``from_hf`` keeps the model's
 config."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from blipfast.models import llm as llm_mod
 from blipfast.models.blip2_stage2 import Blip2Stage2
 from blipfast.testing import blip2 as T
-from tests.conftest import assert_grads_within_torch_error, assert_within_torch_error
-from tests.models import lavis_stage2 as lavis
-from tests.stage2_train_helpers import write_lavis_stage1
+from tests.helpers.tolerance import assert_grads_within_torch_error, assert_within_torch_error
+from tests.helpers import lavis_stage2 as lavis
+from tests.helpers.stage2 import write_lavis_stage1
 
 pytestmark = pytest.mark.hf
 
