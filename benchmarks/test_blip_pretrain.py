@@ -4,7 +4,7 @@ ViT-B/16 + BERT-base MED, queue 57600, bf16 autocast, blipfast.BlipPretrain (eag
 Salesforce BLIP's step restated in PyTorch (eager and compiled); CapFilt images/s (BLIP-base captioner and filter at
 384 px, 2 web captions per image) against the HF models. Without a CUDA device the suite is one skip; the counted
 costs (FLOPs, saved bytes, operators, host syncs) print on any device with ``blipfast bench --only blip_pretrain``
-(and tests/test_bench_blip_pretrain.py checks them in CI).
+(and tests/bench/test_blip_pretrain.py checks them in CI).
 
     pytest benchmarks/test_blip_pretrain.py --benchmark
 """

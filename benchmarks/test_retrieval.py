@@ -3,7 +3,7 @@
 torch.compile, against blipfast.QFormer), ITM re-rank pairs/s (the HF loop of LAVIS' compute_sim_matrix against
 Blip2Retrieval.itm_scores), the counted FLOPs / operators / host syncs of re-ranking 128 candidates of 64 images, and
 a synthetic 5k-image / 25k-caption gallery to the recall table. Without a CUDA device the suite is one skip; the
-counted costs print on any device with ``blipfast bench --only retrieval`` (and tests/test_retrieval_cost.py checks
+counted costs print on any device with ``blipfast bench --only retrieval`` (and tests/bench/test_retrieval.py checks
 them in CI).
 
     pytest benchmarks/test_retrieval.py --benchmark

@@ -7,15 +7,29 @@ step), ``Blip2Stage2`` (stage 2: the Q-Former bridged to a frozen LLM), ``BlipTe
 ``BlipPretrainConfig`` (BLIP v1 pre-training: ITC with momentum queues, ITM, LM), ``apply_blipfast_to_blip2`` /
 ``apply_blipfast_to_blip`` / ``revert_blipfast`` (swap them into HF BLIP-2, InstructBLIP and BLIP models in
 place), ``blipfast.convert`` (HF <-> LAVIS and Salesforce BLIP weights), ``blipfast.distributed``.
+
+``import blipfast`` (and ``import blipfast.ops``) imports torch, and Triton where it is installed, only: the models
+and the patch, which import transformers, load on first use of one of their names.
 """
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from ._ext import build_info, cuda_extension_available
 from . import ops
-from .models import Blip2Retrieval, Blip2Stage1, Blip2Stage1Config, QFormer, QFormerConfig, QFormerEmbeddings
-from .patch import apply_blipfast_to_blip, apply_blipfast_to_blip2, revert_blipfast
-from .models.blip2_stage2 import Blip2Stage2
-from .models.instructblip import InstructBlipQFormer
+
+# the models and the patch import transformers (seconds): each name is imported from its module on first use
+_LAZY = {
+    **dict.fromkeys(("Blip2Retrieval", "Blip2Stage1", "Blip2Stage1Config", "QFormer", "QFormerConfig",
+                     "QFormerEmbeddings", "BlipTextLMHeadModel", "BlipTextModel", "BlipPretrain",
+                     "BlipPretrainConfig"), ".models"),
+    **dict.fromkeys(("apply_blipfast_to_blip", "apply_blipfast_to_blip2", "revert_blipfast"), ".patch"),
+    "Blip2Stage2": ".models.blip2_stage2",
+    "InstructBlipQFormer": ".models.instructblip",
+}
 
 __version__ = "0.1.0"
+
+from . import selftest as _selftest  # noqa: E402,F401  (installs the first-use check of the fused kernels)
 
 __all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFormer", "QFormerConfig",
            "QFormerEmbeddings", "apply_blipfast_to_blip2", "revert_blipfast", "Blip2Stage1", "Blip2Stage1Config",
@@ -23,9 +37,17 @@ __all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFor
            "Blip2Retrieval", "BlipPretrain", "BlipPretrainConfig"]
 
 
-def __getattr__(name):  # the BLIP (v1) models load transformers' modeling code: imported on first use
-    if name in ("BlipTextModel", "BlipTextLMHeadModel", "BlipPretrain", "BlipPretrainConfig"):
-        from . import models
+def __getattr__(name):
+    """The lazily imported public names (``_LAZY``) and the subpackages (``blipfast.models`` etc.) on first use."""
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
+    elif not name.startswith("_") and any(m.name == name for m in _pkgutil.iter_modules(__path__)):
+        value = _importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

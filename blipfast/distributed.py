@@ -1,4 +1,4 @@
-"""Distributed pieces of BLIP-2 stage 1 (SPEC.md section 3): gathers, the hard-negative exchange and the
+"""Distributed pieces of BLIP-2 stage 1 (docs/semantics.md#stage-1-losses): gathers, the hard-negative exchange and the
 index tensors of the ITM batch. Any torch.distributed backend (NCCL on GPUs, gloo on CPUs); without an
 initialised process group everything works on one process.
 
@@ -23,15 +23,16 @@ Negative exchange
   almost never overflows). ``capacity="auto"`` sizes the buffer to the largest count of this step at the
   price of one host sync (reading that count back), for bandwidth-bound multi-node runs.
 
-ITM batch (3B sequences, SPEC.md section 3; LAVIS order)
+ITM batch (3B sequences, docs/semantics.md#itm-hard-negatives; LAVIS order)
   texts  = [pos, pos, negative text of each image]     images = [pos, negative image of each text, pos]
   labels = [1]*B + [0]*2B. ``itm_batch_indices`` (one process, banks = the global batch) and
   ``exchange_itm_negatives`` (any world size, banks = [local rows; fetched negatives]) return index
   tensors: ``text_index`` into the text bank and ``kv_index`` into the image bank, to hand to
   ``ops.cross_attention(kv_index=...)`` so image K/V are computed once per image. ``weight`` is 0 for a
   row whose negative is -1 (nothing drawable: B*W = 1, or every other pair shows the same image) or
-  overflowed the capacity; ``itm_loss`` is sum(weight * CE) / sum(weight), which is LAVIS' plain mean
-  when every negative exists and uses the positives only when B*W = 1 (there are no negatives then).
+  overflowed the capacity; the models' ``itm_loss`` (blipfast/models/losses.py) is sum(weight * CE) /
+  sum(weight), which is LAVIS' plain mean when every negative exists and uses the positives only when B*W = 1
+  (there are no negatives then).
 """
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .ops._dist import gather_no_grad, group_info
 
@@ -53,7 +53,6 @@ __all__ = [
     "gather_no_grad",
     "group_info",
     "itm_batch_indices",
-    "itm_loss",
 ]
 
 
@@ -289,10 +288,3 @@ def exchange_itm_negatives(neg_text_index: torch.Tensor, neg_image_index: torch.
     batch = _assemble(own, own, own + b, own + b, text_ok, image_ok)
     return ITMInputs(image_bank=torch.cat([image_embeds, neg_images]), text_ids_bank=ids_bank, text_mask_bank=mask_bank,
                      batch=batch, neg_image_valid=image_ok, neg_text_valid=text_ok)
-
-
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum(weight * CE(logits, labels)) / sum(weight): LAVIS' mean CE when every row has weight 1."""
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    return (ce * weight.to(ce.dtype)).sum() / weight.sum().to(ce.dtype)

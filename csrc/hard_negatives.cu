@@ -1,4 +1,4 @@
-// ITM hard-negative sampling without a host synchronisation (SPEC.md section 3), CUDA and CPU.
+// ITM hard-negative sampling without a host synchronisation (docs/semantics.md#itm-hard-negatives), CUDA and CPU.
 //
 // Semantics (identical to sample_hard_negatives_ref in blipfast/ops/hard_negatives.py, index for index):
 // for local row b of direction d (0: neg_text from s_i2t, 1: neg_image from s_t2i) and column j,

@@ -143,8 +143,9 @@ def _itc_itg(pos, j, Lk, NQ):
 def _allowed(pos, row_ok, j, Lk, NQ, kpm_ok, MODE: tl.constexpr, HAS_KPM: tl.constexpr):
     """Bool [BLOCK_M, BLOCK_N]: may row at sequence position ``pos`` attend to key ``j``.
 
-    MODE 0 bidirectional (cross-attention too), 1 multimodal causal, 2 unimodal (SPEC.md section 2), 3 ITC + ITG
-    in one pass ([queries | ITC text | ITG text], see _itc_itg)."""
+    MODE 0 bidirectional (cross-attention too), 1 multimodal causal, 2 unimodal
+    (docs/semantics.md#stage-1-attention-masks), 3 ITC + ITG in one pass ([queries | ITC text | ITG text], see
+    _itc_itg)."""
     a = row_ok[:, None] & (j < Lk)[None, :]
     if MODE == 1:
         a = a & ((j[None, :] < NQ) | ((pos[:, None] >= NQ) & (j[None, :] <= pos[:, None])))

@@ -1,6 +1,6 @@
 """Triton kernels of ``blipfast.ops.qformer_attention`` and ``blipfast.ops.cross_attention``.
 
-Entry points (called by the ops' custom ops when backend == "triton"; contracts in DESIGN.md):
+Entry points (called by the ops' custom ops when backend == "triton"; contracts in docs/ops.md):
 
     qformer_attention_fwd(q, k, v, key_padding_mask, seed, num_query, mode, dropout_p, scale) -> (out, lse)
     qformer_attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, seed, num_query, mode, dropout_p,

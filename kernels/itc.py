@@ -1,4 +1,4 @@
-"""Fused in-batch image-text contrastive loss (BLIP-2 ITC, SPEC.md section 3) in Triton.
+"""Fused in-batch image-text contrastive loss (BLIP-2 ITC, docs/semantics.md#itc) in Triton.
 
 Forward (4 launches; never a [B, BW, Q] tensor; memory O(B * BW): the fp32 logits that the sampler
 needs anyway, a uint8 arg-max query per (row, column), tiny per-row partials):
@@ -36,7 +36,7 @@ NaN and +-inf give what the reference (torch.max, log_softmax, autograd) gives, 
 the max over queries is NaN at the first NaN query (tl.max alone drops NaN on the GPU), a row of s with
 NaN or +inf gets a NaN lse, loss and d s, -inf entries weigh 0 (also a whole tile of them), tgt = 0
 times s = -inf is NaN, and a non-finite scale g / (2B temp) poisons only the arg-max queries (the MMAs
-add 0 * inf = NaN exactly where the reference's matrix products do). tests/test_itc_nonfinite.py.
+add 0 * inf = NaN exactly where the reference's matrix products do). tests/kernels/test_itc_nonfinite.py.
 """
 from __future__ import annotations
 

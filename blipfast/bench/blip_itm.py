@@ -1,7 +1,7 @@
 """Counted cost of BLIP (v1)'s image-text matching pass: blipfast.BlipTextModel against HF's BlipTextModel.
 
-The pass of BLIP pre-training (SPEC.md section 5; blip_pretrain.py): B images and 3B text rows (each caption with
-its own image, each caption with a sampled negative image, each image with a sampled negative caption), the
+The pass of BLIP pre-training (docs/semantics.md#blip-pre-training; blip_pretrain.py): B images and 3B text rows (each
+caption with its own image, each caption with a sampled negative image, each image with a sampled negative caption), the
 image-grounded text encoder cross-attending to the image tokens in every layer, ``itm_head`` on the first token,
 cross-entropy against [1]*B + [0]*2B, and the backward into the text model and the image features (BLIP trains
 its ViT). Three implementations of the same loss:

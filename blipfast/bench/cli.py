@@ -14,7 +14,7 @@ import torch
 from ..options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
 
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
-SUITES = ("stage1", "qformer", "attention", "itc", "retrieval", "train_data", "blip_pretrain")
+SUITES = ("stage1", "qformer", "attention", "itc", "retrieval", "train_data", "blip_pretrain", "blip2_finetune")
 ALIASES = {"data": "train_data"}  # --only data: the training data path (the loaders alone, and in the loop)
 
 

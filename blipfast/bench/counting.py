@@ -5,7 +5,8 @@ no counter disturbs another) and returns a :class:`Cost`:
 
 - ``flops``: floating-point operations (``torch.utils.flop_counter.FlopCounterMode``; blipfast's custom ops
   count with the formulas below: 2 FLOPs per multiply-add of the GEMMs the kernels do, dense over the tiles
-  they visit, the backward of attention 2.5x its forward as in FlashAttention);
+  they visit, the backward of attention 2.5x its forward as in FlashAttention; the linear ops count the GEMMs
+  they run, the recomputed ones included);
 - ``saved_bytes``: bytes that autograd saves for the backward (``saved_tensors_hooks``), each storage once, not
   counting the storages of parameters and of the step's inputs (they exist anyway): the activation memory;
 - ``ops``: operators dispatched (a ``TorchDispatchMode`` count of every aten and custom op, views included;
@@ -13,11 +14,14 @@ no counter disturbs another) and returns a :class:`Cost`:
 - ``host_syncs``: operators that make the host wait for the device (``.item()``, ``nonzero``, boolean
   indexing, copies to the CPU, ...).
 
-Counting the GPU path without a GPU: run the step on meta tensors inside ``dispatch_meta_as_cuda()``: every op
-takes the backend it takes on a CUDA device (Triton / CUDA C++) and its fake implementation stands in for the
-kernel, so the same Python, the same custom ops and the same saved tensors are counted as on a GPU. PyTorch's
-SDPA on meta decomposes into its math path; ``sdpa`` (blipfast.ops._common, re-exported here) calls the
-memory-efficient kernel that CUDA picks for a masked SDPA instead, so a baseline is counted as it runs on a GPU.
+Counting the GPU path without a GPU: run the step on meta tensors inside ``counting_gpu_path()``, which installs
+dispatch rules (``blipfast.ops._common.dispatch_rules``) under which meta tensors dispatch as CUDA tensors of a
+machine with Triton and the compiled extension: every op takes the backend it takes on a CUDA device (Triton /
+CUDA C++) and its fake implementation stands in for the kernel, so the same Python, the same custom ops and the
+same saved tensors are counted as on a GPU. Outside it nothing of this is read: a normal run's dispatch looks at
+the device only. PyTorch's SDPA on meta decomposes into its math path; ``blipfast.ops.sdpa`` (re-exported here)
+calls the memory-efficient kernel that CUDA picks for a masked SDPA instead, so a baseline is counted as it runs
+on a GPU.
 On meta tensors ``.item()`` cannot run: the counter answers it with 0 (and counts the sync).
 """
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops._common import dispatch_meta_as_cuda, sdpa  # noqa: F401  (sdpa: re-exported for the baselines)
+from ..ops import _common
+from ..ops import sdpa  # noqa: F401  (re-exported for the baselines)
 
 aten = torch.ops.aten
 
@@ -73,13 +78,44 @@ def _itc_bwd(grad_shape, img_shape, txt_shape, img_all_shape, *args, out_shape=N
     return 2 * b * img_all_shape[0] * e * (q + 1)  # d image feats over all queries, d text feats at the arg-max
 
 
+def _lce_fwd(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # the logits, chunk by chunk
+
+
+def _lce_bwd(grad_shape, x_shape, w_shape, b_shape, t_shape, lse_shape, count_shape, ls, chunk, need_x, need_weight,
+             need_bias, *args, out_shape=None, **kwargs) -> int:
+    return _lce_fwd(x_shape, w_shape) * (1 + need_x + need_weight)  # logits again, then d x and d weight
+
+
+def _mlp_fwd(x_shape, w1_shape, b1_shape, w2_shape, *args, out_shape=None, **kwargs) -> int:
+    r, (h, d), o = x_shape[0], w1_shape, w2_shape[0]
+    return 2 * r * h * (d + o)
+
+
+def _mlp_bwd(grad_shape, x_shape, u_shape, w1_shape, w2_shape, approximate, need_x, need_w1, need_w2, *args,
+             out_shape=None, **kwargs) -> int:
+    r, (h, d), o = x_shape[0], w1_shape, w2_shape[0]
+    return 2 * r * h * (o * (1 + need_w2) + d * (need_x + need_w1))  # d u always, the others where needed
+
+
+def _cat_fwd(x_shape, w_shapes, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _prod(x_shape) * sum(w[0] for w in w_shapes)
+
+
+def _cat_bwd(grad_shape, x_shape, w_shapes, need_x, need_weights, *args, out_shape=None, **kwargs) -> int:
+    return _cat_fwd(x_shape, w_shapes) * (need_x + need_weights)
+
+
 def _custom_mapping() -> dict:
     from .. import ops  # noqa: F401  (registers torch.ops.blipfast.*)
 
     bf = torch.ops.blipfast
     return {bf.qformer_attention_fwd: _attn_fwd, bf.qformer_attention_bwd: _attn_bwd,
             bf.cross_attention_fwd: _attn_fwd, bf.cross_attention_bwd: _attn_bwd,
-            bf.itc_loss_fwd: _itc_fwd, bf.itc_loss_bwd: _itc_bwd}
+            bf.itc_loss_fwd: _itc_fwd, bf.itc_loss_bwd: _itc_bwd,
+            bf.linear_cross_entropy_fwd: _lce_fwd, bf.linear_cross_entropy_bwd: _lce_bwd,
+            bf.gelu_mlp_fwd: _mlp_fwd, bf.gelu_mlp_bwd: _mlp_bwd,
+            bf.concat_linear_fwd: _cat_fwd, bf.concat_linear_bwd: _cat_bwd}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,10 +197,21 @@ def count_step(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ())
                 ops=int(sum(counter.counts.values())), host_syncs=counter.syncs, op_counts=dict(counter.counts))
 
 
+def _meta_is_cuda(device: torch.device, *, default) -> bool:
+    return device.type == "meta" or default(device)
+
+
+def _runnable_on_meta(backend: str, device: torch.device, dtype=None, *, default) -> bool:
+    """On meta tensors every backend runs that runs the dtype (a machine with Triton and blipfast._C)."""
+    if device.type == "meta":
+        return backend == "torch" or dtype is None or dtype in _common.FUSED_DTYPES
+    return default(backend, device, dtype)
+
+
 @contextlib.contextmanager
 def counting_gpu_path():
     """Meta tensors take the GPU's dispatch decisions (see the module doc)."""
-    with dispatch_meta_as_cuda():
+    with _common.dispatch_rules(_meta_is_cuda, _runnable_on_meta):
         yield
 
 

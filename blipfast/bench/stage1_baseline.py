@@ -5,7 +5,7 @@ Written as LAVIS runs it, not as blipfast does: four Q-Former passes (image quer
 sequences, ITG), each computing its own image key/value projections; dense additive masks ((1 - mask) * -10000,
 as LAVIS' ``get_extended_attention_mask``); SDPA; ITC over the materialised [B, BW, Q] similarities; hard
 negatives drawn with one ``torch.multinomial(...).item()`` per row (2B host syncs) unless given. Semantics of
-SPEC.md section 3 where LAVIS' single-process path differs from its distributed one: the gathered ITC features
+docs/semantics.md#itc where LAVIS' single-process path differs from its distributed one: the gathered ITC features
 are constants. A row whose given negative is -1 (nothing drawable) is left out of the ITM mean, as blipfast does
 (LAVIS crashes there). Dropout follows ``model.training`` (hidden 0.1, attention 0.1).
 """

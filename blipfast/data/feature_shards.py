@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..files import share
 from .annotations import pre_caption
 from .features import DTYPES as _DTYPES
 from .features import _write_json_atomic as _write_json
@@ -178,6 +179,7 @@ class FeatureShardWriter:
                 "captions": json.dumps(rec["captions"])}
         tmp = os.path.join(self.out, name + ".tmp")
         save_file(tensors, tmp, metadata=meta)
+        share(tmp)  # safetensors writes 0600
         os.replace(tmp, os.path.join(self.out, name))
         p["shards"].append({"file": name, "images": len(rec["keys"]), "pairs": sum(map(len, rec["captions"])),
                             "source": source})

@@ -4,7 +4,7 @@ On WebDataset shards it writes feature shards, every ``torchrun`` rank its own (
 :mod:`blipfast.data.feature_shards`: the captions inside, streamed sequentially by training, fp8 possible). On an
 annotation file it writes the cache below, which training reads with the same annotation file.
 
-BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (SPEC.md section 7): training for E
+BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (docs/semantics.md#cost-model): training for E
 epochs from images pays it E times, training from this cache once. The cache is a folder:
 
 - ``shard-00000.safetensors``, ...: one tensor ``features`` [n, N, width] each (``--dtype``, bf16 by default),
@@ -15,8 +15,9 @@ epochs from images pays it E times, training from this cache once. The cache is 
 
 A shard and then the index are written under temporary names and renamed, so an interrupted run leaves a valid
 cache; running the command again continues where it stopped (the images already in the index are skipped) and
-refuses a different vision model or dtype. Training with ``--features`` reads rows straight from the memory-mapped
-shards (:class:`FeatureCache`).
+refuses a different vision model or dtype; an image skipped as unreadable is tried again when its file
+changed (size or modification time) or with ``--retry-skipped``. Training with ``--features`` reads rows straight
+from the memory-mapped shards (:class:`FeatureCache`).
 """
 from __future__ import annotations
 
@@ -28,16 +29,21 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..options import DTYPES, add_device_argument, add_dtype_argument, dtype_name, resolve_device, resolve_dtype
+from ..files import share
+from ..files import write_json_atomic as _write_json_atomic
+from ..options import (DTYPES, EXIT_OK, EXIT_USAGE, add_device_argument, add_dtype_argument, dtype_name,
+                       resolve_device, resolve_dtype)
 
 FORMAT = "blipfast-features"
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+def _file_stat(path: str) -> Optional[list]:
+    """[size, mtime_ns] of a file (None when missing): what tells a skipped image's file changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 class FeatureCache:
@@ -113,8 +119,9 @@ def _collate(rows):
 
 def cache_features(data: str, images: str, vision: str, out: str, *, batch_size: int = 64, shard_size: int = 1024,
                    dtype: str = "bf16", device: Optional[str] = None, vision_dtype: str = "auto",
-                   num_workers: int = 0, progress: bool = True, log=print) -> dict:
-    """Write (or complete) the cache ``out`` for the images of annotation file ``data``; returns the counts."""
+                   num_workers: int = 0, progress: bool = True, retry_skipped: bool = False, log=print) -> dict:
+    """Write (or complete) the cache ``out`` for the images of annotation file ``data``; returns the counts.
+    ``retry_skipped``: read again every image an earlier run skipped (by default only those whose file changed)."""
     from tqdm.auto import tqdm
 
     from .annotations import read_annotations
@@ -146,11 +153,19 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
         index = {"format": FORMAT, "version": 1, "dtype": dtype, "tokens": None, "width": tower.width,
                  "vision_config": ident.get("config.json"), "processor_config": ident.get("preprocessor_config.json"),
                  "vision_path": ident["path"], "shards": [], "skipped": {}}
+    seen = index.setdefault("skipped_files", {})
+    retried = [k for k in index["skipped"] if retry_skipped or _file_stat(os.path.join(images, k)) != seen.get(k)]
+    for k in retried:
+        del index["skipped"][k]
+        seen.pop(k, None)
+    if retried:
+        log(f"  {len(retried)} image(s) skipped by an earlier run read again ("
+            + ("--retry-skipped)" if retry_skipped else "their file changed)"))
     done = {k for s in index["shards"] for k in s["images"]} | set(index["skipped"])
     todo = [k for k in ann.images if k not in done]
     present = len(ann.images) - len(todo)
     os.makedirs(out, exist_ok=True)
-    counts = {"written": 0, "already_present": present, "skipped": 0, "bad_rows": len(ann.bad)}
+    counts = {"written": 0, "already_present": present, "skipped": 0, "bad_rows": len(ann.bad), "retried": len(retried)}
     keys, feats = [], []
 
     def flush():
@@ -162,6 +177,7 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
             name = f"shard-{len(index['shards']):05d}.safetensors"
             tmp = os.path.join(out, name + ".tmp")
             save_file({"features": torch.cat(feats).contiguous()}, tmp, metadata={"format": FORMAT})
+            share(tmp)  # safetensors writes 0600
             os.replace(tmp, os.path.join(out, name))
             index["shards"].append({"file": name, "images": list(keys)})
             keys.clear()
@@ -177,6 +193,7 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
         for k, px, err in rows:
             if err is not None:
                 index["skipped"][k] = err
+                seen[k] = _file_stat(os.path.join(images, k))
                 counts["skipped"] += 1
                 log(f"  {err} (skipped)")
         if good:
@@ -236,6 +253,8 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu-decode", action="store_true", help="shards: decode the JPEGs on the device in batches "
                    "(nvJPEG through torchvision.io.decode_jpeg) and run the image processor there, for when the CPU "
                    "decoders cannot keep up with the vision model (on a CPU device: the same path on the CPU)")
+    p.add_argument("--retry-skipped", action="store_true", help="read again the images an earlier run skipped as "
+                   "unreadable (by default only those whose file changed since)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -253,7 +272,7 @@ def run(args) -> int:
                                  vision_dtype=args.vision_dtype, num_workers=args.num_workers,
                                  image_key=args.image_key, caption_key=args.caption_key, gpu_decode=args.gpu_decode,
                                  progress=not args.no_progress)
-            return 0
+            return EXIT_OK
         if args.images is None:
             raise ValueError("--images DIR is needed with an annotation file (the folder its image paths are "
                              "relative to)")
@@ -262,8 +281,9 @@ def run(args) -> int:
                              f"(feature shards); an annotation file's cache stores bf16, fp16 or fp32")
         cache_features(args.data, args.images, args.vision, args.out, batch_size=args.batch_size,
                        shard_size=args.shard_size, dtype=args.dtype, device=args.device,
-                       vision_dtype=args.vision_dtype, num_workers=args.num_workers, progress=not args.no_progress)
+                       vision_dtype=args.vision_dtype, num_workers=args.num_workers, progress=not args.no_progress,
+                       retry_skipped=args.retry_skipped)
     except ValueError as exc:
         print(f"blipfast cache-features: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK

@@ -6,7 +6,8 @@ The BLIP names are imported on first use (``blipfast.models.blip`` pulls in tran
 generation code, seconds of import time that BLIP-2-only users should not pay)."""
 from .blip2 import Blip2Stage1, Blip2Stage1Config, Blip2Stage1Output, QFormerLMHead
 from .blip2_retrieval import Blip2Features, Blip2Retrieval
-from .qformer import ImageKV, QFormer, QFormerConfig, QFormerEmbeddings, QFormerLayer, QFormerOutput
+from .layers import ImageKV
+from .qformer import QFormer, QFormerConfig, QFormerEmbeddings, QFormerLayer, QFormerOutput
 
 _BLIP = ("BlipTextLMHeadModel", "BlipTextModel", "blip_text_config", "share_encoder_decoder")
 _BLIP_PRETRAIN = ("BlipPretrain", "BlipPretrainConfig", "BlipPretrainOutput")

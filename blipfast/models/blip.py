@@ -2,7 +2,7 @@
 
 Same configuration (an HF ``BlipTextConfig``, a ``BlipConfig`` (its ``text_config``), a dict or keywords), same
 ``state_dict`` keys (``load_state_dict(hf.state_dict(), strict=True)`` works), same forward arguments and
-outputs as transformers' classes. Per layer (SPEC.md section 5: cross-attention in EVERY layer):
+outputs as transformers' classes. Per layer (docs/semantics.md#blip-v1: cross-attention in EVERY layer):
 
 - self-attention: one GEMM against the concatenated q/k/v weights, ``ops.qformer_attention`` with
   ``num_query=0`` and mode "bidirectional" (encoder, ``is_decoder=False``) or "causal" (decoder);
@@ -28,6 +28,7 @@ are unaffected); masks must be 2-D; ``output_attentions=True`` is refused (the p
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -38,9 +39,10 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.models.blip.modeling_blip_text import BlipTextPreTrainedModel
 
-from .. import ops
-from .qformer import (ImageKV, _activation, _check_mask, _DenseLN, _epilogue, _init_weights, _Intermediate,
-                      _Projections, ffn, gelu_approximate, qkv_projection, stacked_kv)
+from . import layers
+from .layers import (DenseLN, ImageKV, Intermediate, LayerPlan, Projections, activation, attention_block, check_config,
+                     check_mask, check_unsupported, cross_attention_block, dropout_settings, ffn, gelu_approximate,
+                     qkv_projection, run_layers, stacked_kv)
 
 # transformers renamed the cache keyword and output field from `past_key_values` to `cache` (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPoolingAndCrossAttentions.__dataclass_fields__ \
@@ -52,36 +54,7 @@ _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 
 
 def _validate(values: dict) -> None:
-    def err(msg):
-        raise ValueError(f"BlipTextConfig: {msg}")
-
-    for name in _POSITIVE_INTS:
-        v = values[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            err(f"{name} must be a positive int, got {v!r}")
-    if values["hidden_size"] % values["num_attention_heads"]:
-        err(f"hidden_size ({values['hidden_size']}) must be a multiple of num_attention_heads "
-            f"({values['num_attention_heads']})")
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        v = values[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            err(f"{name} must be a float in [0, 1), got {v!r}")
-    v = values["label_smoothing"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-        err(f"label_smoothing must be a float in [0, 1], got {v!r}")
-    for name in ("layer_norm_eps", "initializer_range"):
-        v = values[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0.0:
-            err(f"{name} must be a positive float, got {v!r}")
-    if not isinstance(values["hidden_act"], str) and not callable(values["hidden_act"]):
-        err(f"hidden_act must be an ACT2FN name or a callable, got {values['hidden_act']!r}")
-    try:
-        _activation(values["hidden_act"])
-    except ValueError as e:
-        err(str(e))
-    pad = values.get("pad_token_id")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < values["vocab_size"]):
-        err(f"pad_token_id must be None or an int in [0, vocab_size={values['vocab_size']}), got {pad!r}")
+    check_config("BlipTextConfig", values, _POSITIVE_INTS, unit_floats=("label_smoothing",))
 
 
 _DEFAULTS: dict = {}
@@ -124,8 +97,8 @@ def blip_text_config(config: Any = None, /, **kwargs) -> BlipTextConfig:
 class _Attention(nn.Module):  # HF BlipTextAttention: self (query, key, value), output (dense, LayerNorm)
     def __init__(self, cfg: BlipTextConfig, kv_width: int):
         super().__init__()
-        self.self = _Projections(cfg, kv_width)
-        self.output = _DenseLN(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
+        self.self = Projections(cfg, kv_width)
+        self.output = DenseLN(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
 
 class BlipTextLayer(nn.Module):
@@ -137,8 +110,8 @@ class BlipTextLayer(nn.Module):
         self.attention = _Attention(cfg, cfg.hidden_size)
         if cfg.is_decoder:
             self.crossattention = _Attention(cfg, cfg.encoder_hidden_size)
-        self.intermediate = _Intermediate(cfg)
-        self.output = _DenseLN(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
+        self.intermediate = Intermediate(cfg)
+        self.output = DenseLN(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
 
 class _Encoder(nn.Module):
@@ -182,7 +155,7 @@ def _mask_2d(who: str, name: str, mask, shape: tuple, device) -> Optional[torch.
         return None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.device != device:
         mask = mask.to(device)
-    _check_mask(name, mask, shape, device, who=who, like="the text input")
+    check_mask(name, mask, shape, device, who=who, like="the text input")
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -192,6 +165,15 @@ def _split_cache(cache):
     if isinstance(cache, EncoderDecoderCache):
         return cache.self_attention_cache, cache
     return cache, None
+
+
+@dataclass
+class _Plan(LayerPlan):
+    """A :class:`~blipfast.models.layers.LayerPlan` plus the text model's KV ``cache`` (returned) and its
+    self-attention part ``self_cache`` (None without a cache)."""
+
+    cache: Any = None
+    self_cache: Any = None
 
 
 class BlipTextModel(nn.Module):
@@ -208,10 +190,10 @@ class BlipTextModel(nn.Module):
             self.encoder = _Encoder(cfg)
             self.pooler = _Pooler(cfg) if add_pooling_layer else None
         self.to_empty(device=device)
-        self._act = _activation(cfg.hidden_act)
+        self._act = activation(cfg.hidden_act)
         self._gelu = gelu_approximate(cfg.hidden_act)
         if init_weights:
-            _init_weights(self, cfg.initializer_range)
+            layers.init_weights(self, cfg.initializer_range)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> "BlipTextModel":
@@ -302,13 +284,22 @@ class BlipTextModel(nn.Module):
         ``is_decoder`` selects the causal mask; ``past_key_values`` / ``cache`` and ``use_cache`` as HF.
         Extras: ``encoder_kv`` (from :meth:`image_kv`) and ``kv_index`` (long [B]: the encoder sequence of each
         row). Returns HF's ``BaseModelOutputWithPoolingAndCrossAttentions``."""
+        check_unsupported("BlipTextModel.forward", kwargs, output_attentions, ignored=_IGNORED_KWARGS)
+        cache = self._cache(cache, past_key_values, use_cache, is_decoder)
+        x, plan = self._plan(input_ids, attention_mask, position_ids, inputs_embeds, encoder_embeds,
+                             encoder_hidden_states, encoder_attention_mask, cache, is_decoder, encoder_kv, kv_index)
+        x, hidden = run_layers(self.encoder.layer, x, plan, self._layer, output_hidden_states)
+        pooled = None
+        if self.pooler is not None:
+            pooled = torch.tanh(F.linear(x[:, 0], self.pooler.dense.weight, self.pooler.dense.bias))
+        out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=x, pooler_output=pooled,
+                                                           hidden_states=hidden, **{CACHE_FIELD: cache})
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+    def _cache(self, cache, past_key_values, use_cache, is_decoder: bool):
+        """The KV cache of this call (``cache`` or ``past_key_values``; a new one when the decoder uses a cache and
+        none is given), or None."""
         cfg = self.config
-        for k, v in kwargs.items():
-            if v is not None and v is not False and k not in _IGNORED_KWARGS:
-                raise TypeError(f"BlipTextModel.forward: unsupported argument {k}={v!r}")
-        if output_attentions:
-            raise ValueError("BlipTextModel.forward: output_attentions=True is not supported (the fused attention "
-                             "never materialises the probabilities)")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("BlipTextModel.forward: give the KV cache as cache or past_key_values, not both")
         cache = cache if cache is not None else past_key_values
@@ -323,9 +314,15 @@ class BlipTextModel(nn.Module):
                 cache = EncoderDecoderCache(DynamicCache(config=cfg), DynamicCache(config=cfg))
             elif not isinstance(cache, EncoderDecoderCache):
                 cache = EncoderDecoderCache(cache, DynamicCache(config=cfg))
+        return cache
+
+    def _plan(self, input_ids, attention_mask, position_ids, inputs_embeds, encoder_embeds, encoder_hidden_states,
+              encoder_attention_mask, cache, is_decoder: bool, encoder_kv, kv_index) -> tuple:
+        """(the embeddings [B, T, d], the :class:`_Plan` of the layers): :meth:`forward`'s arguments checked and
+        resolved once (the image K/V computed from ``encoder_hidden_states`` or read from the cache)."""
+        cfg = self.config
         self_cache, cross_cache = _split_cache(cache)
         past = self_cache.get_seq_length() if self_cache is not None else 0
-
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("BlipTextModel.forward: you cannot specify both input_ids and inputs_embeds")
         if encoder_embeds is not None:
@@ -338,48 +335,30 @@ class BlipTextModel(nn.Module):
             raise ValueError("BlipTextModel.forward: give input_ids, inputs_embeds or encoder_embeds")
         if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"BlipTextModel.forward: embeddings must be [B, T, {cfg.hidden_size}], got {list(x.shape)}")
-        bsz, seq, d = x.shape
-        dev = x.device
-        h = cfg.num_attention_heads
-        hd = d // h
-        kpm = _mask_2d("BlipTextModel", "attention_mask", attention_mask, (bsz, past + seq), dev)
-        ekv, ekpm = self._cross_kv(bsz, dev, encoder_hidden_states, encoder_attention_mask, encoder_kv, kv_index,
+        bsz, seq, _ = x.shape
+        kpm = _mask_2d("BlipTextModel", "attention_mask", attention_mask, (bsz, past + seq), x.device)
+        ekv, ekpm = self._cross_kv(bsz, x.device, encoder_hidden_states, encoder_attention_mask, encoder_kv, kv_index,
                                    cross_cache)
-        mode = "causal" if is_decoder else "bidirectional"
-        train = self.training
-        p_hid = cfg.hidden_dropout_prob if train else 0.0
-        p_att = cfg.attention_probs_dropout_prob if train else 0.0
+        p_hid, p_att, sites = dropout_settings(cfg, self.training, sites_per_layer=5 if ekv is not None else 3)
+        return x, _Plan(mode="causal" if is_decoder else "bidirectional", num_query=0, attention_mask=kpm,
+                        p_hid=p_hid, p_att=p_att, dropout_sites=sites,
+                        cross_kv=dict(enumerate(ekv)) if ekv is not None else {}, kv_index=kv_index,
+                        encoder_mask=ekpm, cache=cache, self_cache=self_cache)
 
-        # every dropout site's seed from one draw (CUDA; elsewhere None: torch's own dropout), as in QFormer
-        n_sites = (5 if ekv is not None else 3) * cfg.num_hidden_layers if (train and (p_hid > 0 or p_att > 0)) else 0
-        seeds = iter(ops.dropout_seeds(n_sites, dev) if n_sites else ())
-        all_hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.encoder.layer):
-            q, k, v = qkv_projection(layer.attention.self, x, h, hd)
-            if self_cache is not None:  # HF's layout [B, H, L, D] in the cache
-                k, v = self_cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
-                k, v = k.transpose(1, 2), v.transpose(1, 2)
-            ctx = ops.qformer_attention(q, k, v, num_query=0, mode=mode, key_padding_mask=kpm, dropout_p=p_att,
-                                        seed=next(seeds, None))
-            x = _epilogue(ctx.reshape(bsz, seq, d), layer.attention.output, x, p_hid, next(seeds, None))
-            if ekv is not None:
-                ca = layer.crossattention
-                cq = F.linear(x, ca.self.query.weight, ca.self.query.bias).unflatten(-1, (h, hd))
-                ck, cv = ekv[i]
-                cctx = ops.cross_attention(cq, ck, cv, kv_index=kv_index, key_padding_mask=ekpm, dropout_p=p_att,
-                                           seed=next(seeds, None))
-                x = _epilogue(cctx.reshape(bsz, seq, d), ca.output, x, p_hid, next(seeds, None))
-            x = ffn(self._act, self._gelu, layer.intermediate, layer.output, x, p_hid, next(seeds, None))
-            if all_hidden is not None:
-                all_hidden.append(x)
-
-        pooled = None
-        if self.pooler is not None:
-            pooled = torch.tanh(F.linear(x[:, 0], self.pooler.dense.weight, self.pooler.dense.bias))
-        out = BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=x, pooler_output=pooled, hidden_states=tuple(all_hidden) if all_hidden else None,
-            **{CACHE_FIELD: cache})
-        return out if return_dict is None or return_dict else out.to_tuple()
+    def _layer(self, i: int, layer: BlipTextLayer, x: torch.Tensor, plan: _Plan, seeds) -> torch.Tensor:
+        """One MED layer: self-attention (over the cached keys too when decoding), cross-attention when the pass
+        has encoder input, FFN."""
+        h = self.config.num_attention_heads
+        q, k, v = qkv_projection(layer.attention.self, x, h, x.shape[-1] // h)
+        if plan.self_cache is not None:  # HF's layout [B, H, L, D] in the cache
+            k, v = plan.self_cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        x = attention_block(layer.attention.output, x, q, k, v, plan, seeds, num_query=plan.num_query, mode=plan.mode,
+                            key_padding_mask=plan.attention_mask)
+        if i in plan.cross_kv:
+            ca = layer.crossattention
+            x = cross_attention_block(ca.self, ca.output, x, plan.cross_kv[i], h, plan, seeds)
+        return ffn(self._act, self._gelu, layer.intermediate, layer.output, x, plan.p_hid, next(seeds, None))
 
 
 def share_encoder_decoder(encoder: BlipTextModel, decoder: BlipTextModel) -> None:
@@ -449,7 +428,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         self.bert = BlipTextModel(cfg, add_pooling_layer=False, init_weights=False)
         self.cls = _MLMHead(cfg)
         self.label_smoothing = cfg.label_smoothing
-        self._act = _activation(cfg.hidden_act)
+        self._act = activation(cfg.hidden_act)
         self.post_init()  # transformers' initialisation and weight tying
 
     @classmethod

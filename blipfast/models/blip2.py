@@ -1,4 +1,5 @@
-"""BLIP-2 stage 1 (ITC + ITM + ITG, LAVIS ``Blip2Qformer`` semantics, SPEC.md sections 1-3) as one fused step.
+"""BLIP-2 stage 1 (ITC + ITM + ITG, LAVIS ``Blip2Qformer`` semantics, docs/semantics.md#stage-1-losses) as one fused
+step.
 
 LAVIS runs a stage-1 step as four Q-Former passes (image, text, ITM over 3B sequences, ITG), computes every
 image's cross-attention K/V four times, builds dense masks and draws each hard negative with a host sync.
@@ -17,11 +18,11 @@ image's cross-attention K/V four times, builds dense masks and draws each hard n
    its last layer computes the query rows only (``query_output_only``: the ITM head reads nothing else).
 
 No dense mask, no host synchronisation: ``torch.compile(model, fullgraph=True)`` traces the whole step, and on
-CUDA the step (forward, backward, optimizer) can be captured in a CUDA graph (``torch.cuda.graphs``; see the
-README). Deliberate differences from LAVIS: a batch without any next-token target (T = 1) gives
-``loss_lm = 0`` where LAVIS' mean over no tokens is NaN; a global batch of one has no negatives, so ITM trains on
-the positive pair alone (LAVIS' sampler crashes there); the gathered ITC features are constants also in a single
-process (SPEC.md section 3).
+CUDA the step (forward, backward, optimizer) can be captured in a CUDA graph (``torch.cuda.graphs``; see
+docs/blip2-stage1.md#how-the-step-runs). Deliberate differences from LAVIS: a batch without any next-token target
+(T = 1) gives ``loss_lm = 0`` where LAVIS' mean over no tokens is NaN; a global batch of one has no negatives, so ITM
+trains on the positive pair alone (LAVIS' sampler crashes there); the gathered ITC features are constants also in a
+single process (docs/semantics.md#itc).
 
 Weights: the module names follow the HF key space of ``blipfast.convert`` (``qformer.*``, ``embeddings.*``,
 ``query_tokens``, ``vision_projection``, ``text_projection``, ``itm_head``, ``temp``, ``qformer_lm_head.*``) with
@@ -39,11 +40,12 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from .. import convert, ops
-from ..distributed import exchange_itm_negatives, itm_batch_indices, itm_loss
-from ..ops._dist import group_info
+from ..distributed import exchange_itm_negatives, group_info, itm_batch_indices
+from ..ops import linear_cross_entropy
 from ._checks import check_index, check_text
-from ._linear import linear_cross_entropy
-from .qformer import QFormer, QFormerConfig, QFormerEmbeddings, _activation, _init_weights
+from .layers import activation, init_weights
+from .losses import itm_loss
+from .qformer import QFormer, QFormerConfig, QFormerEmbeddings
 
 # the Q-Former of stage 1: BERT-base with the [DEC] token (vocab 30523) and the text FFN
 _QFORMER_DEFAULTS = {"vocab_size": 30523, "use_qformer_text_input": True}
@@ -133,7 +135,7 @@ class QFormerLMHead(nn.Module):
         self.transform = _LMTransform(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.bias = self.decoder.bias
-        self._act = _activation(cfg.hidden_act)
+        self._act = activation(cfg.hidden_act)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         t = self.transform
@@ -197,7 +199,7 @@ class Blip2Stage1(nn.Module):
         self.itm_head = nn.Linear(d, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         for m in (self.ln_vision, self.qformer_lm_head, self.vision_projection, self.text_projection, self.itm_head):
-            _init_weights(m, q.initializer_range)
+            init_weights(m, q.initializer_range)
         with torch.no_grad():
             self.query_tokens.normal_(0.0, q.initializer_range)
         self.qformer_lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in LAVIS

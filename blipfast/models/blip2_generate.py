@@ -1,4 +1,4 @@
-"""Q-Former-only captioning with the stage-1 LM head (LAVIS ``Blip2Qformer.generate``, SPEC.md section 4).
+"""Q-Former-only captioning with the stage-1 LM head (LAVIS ``Blip2Qformer.generate``, docs/semantics.md#generation).
 
 LAVIS decodes with the Q-Former's BERT LM head through transformers' ``generate``: the sequence starts with
 [DEC], the first step runs [queries | [DEC]] under the ``causal`` mask (queries see the queries and cross-attend

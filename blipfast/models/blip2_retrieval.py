@@ -1,8 +1,8 @@
 """BLIP-2 image-text retrieval and feature extraction (LAVIS ``Blip2Qformer`` / HF ``Blip2ForImageTextRetrieval``).
 
-``Blip2Retrieval.score_matrices`` computes LAVIS' ``compute_sim_matrix`` (SPEC.md section 4): the ITC similarity of
-every image-text pair (max over the Q queries of the cosine of the projected, normalised features; no temperature),
-then for every image the top k texts and for every text the top k images re-ranked with
+``Blip2Retrieval.score_matrices`` computes LAVIS' ``compute_sim_matrix`` (docs/semantics.md#retrieval): the ITC
+similarity of every image-text pair (max over the Q queries of the cosine of the projected, normalised features; no
+temperature), then for every image the top k texts and for every text the top k images re-ranked with
 ``score = mean over queries of the ITM positive logit + ITC similarity``; every other entry is -100. Where LAVIS runs
 one ITM pass per query row over k repeated copies of the image (2 N k pairs, each computing the image's
 cross-attention K/V again, one host sync per row), here:

@@ -1,4 +1,5 @@
-"""BLIP (v1) pre-training (Salesforce BLIP ``BLIP_Pretrain``, SPEC.md section 5) on blipfast's fused ops.
+"""BLIP (v1) pre-training (Salesforce BLIP ``BLIP_Pretrain``, docs/semantics.md#blip-pre-training) on blipfast's fused
+ops.
 
 A step computes BLIP's three losses with BLIP's semantics:
 
@@ -46,13 +47,12 @@ from transformers import BlipVisionConfig, BlipVisionModel
 from transformers.utils import ModelOutput
 
 from .. import convert, ops
-from ..distributed import itm_batch_indices, itm_loss
-from ..ops._common import no_autocast
-from ..ops._dist import gather_no_grad, group_info
+from ..distributed import gather_no_grad, group_info, itm_batch_indices
+from ..ops import linear_cross_entropy, no_autocast
 from ._checks import check_index, check_text
-from ._linear import linear_cross_entropy
 from .blip import BlipTextLMHeadModel, BlipTextModel, blip_text_config, share_encoder_decoder
 from .blip_vision import fuse_vision_model
+from .losses import itm_loss
 
 # BLIP's med_config.json (BERT-base with cross-attention, [DEC] and [ENC] added: vocab 30524), dropout on
 TEXT_DEFAULTS = dict(vocab_size=30524, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -153,15 +153,15 @@ class BlipPretrainConfig:
 
 @dataclass
 class BlipPretrainOutput(ModelOutput):
-    """``loss`` = ``loss_itc + loss_itm + loss_lm``; ``sim_i2t`` / ``sim_t2i`` [B, B]: the local block of the ITC
+    """``loss`` = ``loss_itc + loss_itm + loss_lm``; ``s_i2t`` / ``s_t2i`` [B, B]: the local block of the ITC
     logits the negatives were drawn from (detached); the negatives as local indices [B] (-1: nothing drawable)."""
 
     loss: Optional[torch.Tensor] = None
     loss_itc: Optional[torch.Tensor] = None
     loss_itm: Optional[torch.Tensor] = None
     loss_lm: Optional[torch.Tensor] = None
-    sim_i2t: Optional[torch.Tensor] = None
-    sim_t2i: Optional[torch.Tensor] = None
+    s_i2t: Optional[torch.Tensor] = None
+    s_t2i: Optional[torch.Tensor] = None
     neg_text_index: Optional[torch.Tensor] = None
     neg_image_index: Optional[torch.Tensor] = None
 
@@ -391,7 +391,7 @@ class BlipPretrain(nn.Module):
 
         # ITM: negatives from the local batch (softmax + floor), image K/V once per image for all 3B rows
         if negatives is None:
-            seed = ops._common.check_seed("BlipPretrain", sample_seed, dev) if sample_seed is not None else None
+            seed = ops.check_seed("BlipPretrain", sample_seed, dev) if sample_seed is not None else None
             if seed is not None and rank:
                 seed = seed + rank
             neg_text, neg_image = ops.sample_hard_negatives_from_gathered(
@@ -417,7 +417,7 @@ class BlipPretrain(nn.Module):
         loss_lm = self.lm_loss(h_dec, dec_ids)
 
         return BlipPretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm,
-                                  loss_lm=loss_lm, sim_i2t=s_i2t[:, :b].detach(), sim_t2i=s_t2i[:, :b].detach(),
+                                  loss_lm=loss_lm, s_i2t=s_i2t[:, :b].detach(), s_t2i=s_t2i[:, :b].detach(),
                                   neg_text_index=neg_text, neg_image_index=neg_image)
 
     # ------------------------------------------------------------------------------------------

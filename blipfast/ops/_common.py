@@ -10,6 +10,7 @@ also accepts CPU tensors (that is how CI tests the kernels).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Iterable, Sequence
@@ -52,28 +53,8 @@ def triton_available() -> bool:
     return TRITON_OK
 
 
-# Set by ``dispatch_meta_as_cuda()``: meta tensors take the dispatch decisions of CUDA tensors (the custom ops'
-# fake implementations run instead of kernels), so that the cost of the GPU path can be counted without a GPU.
-_META_AS_CUDA = False
-
-
-class dispatch_meta_as_cuda:
-    """Context manager: ops on meta tensors resolve their backend as on a CUDA device with Triton and the
-    compiled extension (blipfast.bench.counting counts FLOPs, operators and saved bytes of the GPU path)."""
-
-    def __enter__(self):
-        global _META_AS_CUDA
-        self._prev, _META_AS_CUDA = _META_AS_CUDA, True
-        return self
-
-    def __exit__(self, *exc):
-        global _META_AS_CUDA
-        _META_AS_CUDA = self._prev
-        return False
-
-
 def _is_cuda(device: torch.device) -> bool:
-    return device.type == "cuda" or (_META_AS_CUDA and device.type == "meta")
+    return device.type == "cuda"
 
 
 def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
@@ -81,8 +62,6 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
         return True
     if dtype is not None and dtype not in FUSED_DTYPES:
         return False
-    if _META_AS_CUDA and device.type == "meta":
-        return True
     if backend == "triton":
         return TRITON_OK and (device.type == "cuda" or triton_interpret())
     if backend == "cuda":
@@ -90,10 +69,64 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
     return False
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device``, or None where autocast is off (or does not exist)."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class dispatch_rules:
+    """Context manager: ``resolve_backend`` and ``dropout_seeds`` follow ``is_cuda(device)`` ("dispatch as on a
+    CUDA device") and ``runnable(backend, device, dtype)`` ("can this backend run here"), and the linear ops'
+    GEMM dtype follows ``autocast_dtype(device)`` ("autocast's dtype there, or None"), instead of the rules above,
+    until it exits; a rule left None stays as it was. A normal run never installs one: the dispatch reads the
+    device, the probes and autocast's state and nothing else. blipfast.bench.counting installs rules under which
+    meta tensors dispatch as CUDA tensors, and blipfast.bench.meta_autocast one under which they are autocast, to
+    count the cost of the GPU path without a GPU. Each rule gets the rule it replaces as ``default=``."""
+
+    _NAMES = ("_is_cuda", "_runnable", "_autocast_dtype")
+
+    def __init__(self, is_cuda=None, runnable=None, autocast_dtype=None):
+        self._rules = (is_cuda, runnable, autocast_dtype)
+
+    def __enter__(self):
+        g = globals()
+        self._prev = tuple(g[n] for n in self._NAMES)
+        for name, rule, prev in zip(self._NAMES, self._rules, self._prev):
+            if rule is not None:
+                g[name] = functools.partial(rule, default=prev)
+        return self
+
+    def __exit__(self, *exc):
+        globals().update(zip(self._NAMES, self._prev))
+        return False
+
+
+# The first-use self-test (docs/selftest.md): before automatic dispatch (or BLIPFAST_BACKEND) sends an op to a fast
+# backend for the first time, FIRST_USE(op, backend, device, dtype) -> bool checks that backend against the
+# reference on the device (once per process and device, its verdict cached on disk) and adds a failing
+# (op, backend, dtype) to DISABLED; the dispatch then takes the next backend. blipfast.selftest installs the hook (the
+# ops import nothing above them) and fills the set. While torch.compile traces (and in a CUDA-graph capture, which
+# the hook declines) the dispatch reads DISABLED and nothing else: plain Python over constants, no graph break.
+# backend= is never checked: forcing a backend is how the self-test itself reaches the kernels.
+DISABLED: set = set()
+FIRST_USE = None
+
+
+def _trusted(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    if (op, backend, dtype) in DISABLED:
+        return False
+    if backend == "torch" or FIRST_USE is None or torch.compiler.is_compiling():
+        return True
+    return FIRST_USE(op, backend, device, dtype)
+
+
 def resolve_backend(op: str, backend: str | None, device: torch.device, supported: Sequence[str],
                     dtype: torch.dtype | None = None) -> str:
     """Pick the backend for ``op`` on ``device``; ``supported`` lists the op's backends, fastest first.
-    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64)."""
+    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64). A backend
+    that failed its first-use self-test for the op and dtype is skipped unless forced."""
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -110,11 +143,11 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
     if env:
         if env not in BACKENDS:
             raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
-        if env in supported and _runnable(env, device, dtype):
+        if env in supported and _runnable(env, device, dtype) and _trusted(op, env, device, dtype):
             return env
     if _is_cuda(device):
         for cand in supported:
-            if _runnable(cand, device, dtype):
+            if _runnable(cand, device, dtype) and _trusted(op, cand, device, dtype):
                 return cand
     return "torch"
 
@@ -179,6 +212,40 @@ def check_positive_float(op: str, name: str, x, allow_none: bool = True):
     return x
 
 
+def check_unit_interval(op: str, name: str, x) -> float:
+    """A float in [0, 1] (e.g. label smoothing)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1], got {x}")
+    return x
+
+
+def check_positive_int(op: str, name: str, x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__}")
+    if x < 1:
+        raise ValueError(f"{op}: {name} must be >= 1, got {x}")
+    return x
+
+
+def gemm_dtype(op: str, device: torch.device, **tensors) -> torch.dtype:
+    """The dtype that ``F.linear`` over ``tensors`` (None entries skipped) computes in: autocast's where autocast is
+    on for ``device`` (it casts every floating-point tensor but float64 to it), else the tensors' own, which must be
+    one. The linear ops (concat_linear, gelu_mlp, linear_cross_entropy) run their GEMMs, forward and backward, in it
+    and return each gradient in its input's dtype, as autocast's own ``linear`` does."""
+    cast = _autocast_dtype(device)
+    on = cast is not None
+    given = {n: t.dtype for n, t in tensors.items() if t is not None}
+    got = {cast if cast is not None and d != torch.float64 else d for d in given.values()}
+    if len(got) > 1:
+        desc = ", ".join(f"{n}={str(d).replace('torch.', '')}" for n, d in given.items())
+        rule = " (autocast casts all but float64)" if on else " (or run under autocast)"
+        raise TypeError(f"{op}: {', '.join(given)} must share one dtype{rule}, got {desc}")
+    return got.pop()
+
+
 def as_key_padding_mask(op: str, name: str, mask, shape: Sequence[int], device: torch.device) -> torch.Tensor | None:
     """Validate a [.., Lk] bool or 0/1 integer/float mask (true = attend) and return it as bool."""
     if mask is None:
@@ -193,7 +260,9 @@ def as_key_padding_mask(op: str, name: str, mask, shape: Sequence[int], device: 
 
 
 def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
-    """A dropout seed is None or an int64 tensor with one element on the inputs' device."""
+    """A seed of a random draw (dropout, the negatives) as the ops take it: None, a Python int that fits int64, or an
+    int64 tensor with one element on the inputs' ``device``; returned as an int64 [1] tensor (None stays None), a
+    ValueError / TypeError naming ``op`` otherwise."""
     if seed is None:
         return None
     if isinstance(seed, int) and not isinstance(seed, bool):
@@ -250,8 +319,10 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what: str) -> None:
-    """Every value of the integer tensor ``index`` must lie in [0, upper) (``what`` says what ``upper`` is).
+def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what: str,
+                      ignore: int | None = None) -> None:
+    """Every value of the integer tensor ``index`` must lie in [0, upper) (``what`` says what ``upper`` is), or
+    equal ``ignore`` where that is given (e.g. -100, the ignored target of a cross-entropy).
 
     Eager on a CPU tensor: a ValueError naming the argument and the first bad value. On CUDA, and whenever
     torch.compile traces the call, a ``torch._assert_async`` instead: no host synchronisation, valid under
@@ -260,18 +331,22 @@ def check_index_range(op: str, name: str, index: torch.Tensor, upper: int, what:
     if index.numel() == 0:
         return
     msg = f"{op}: {name} values must be in [0, {upper}) ({what})"
+    if ignore is not None:
+        msg += f" or {ignore}"
+    ok = (index >= 0) & (index < upper)
+    if ignore is not None:
+        ok = ok | (index == ignore)
     if index.device.type == "cpu" and not torch.compiler.is_compiling() and not _is_fake(index):
-        bad = (index < 0) | (index >= upper)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
+        if not bool(ok.all()):
+            pos = int((~ok).nonzero()[0, 0])
             raise ValueError(f"{msg}, got {int(index[pos])} at position {pos}")
         return
-    torch._assert_async(((index >= 0) & (index < upper)).all(), msg)
+    torch._assert_async(ok.all(), msg)
 
 
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0):
     """``F.scaled_dot_product_attention`` on [B, H, L, D]; on meta tensors (counting the GPU path, see
-    ``dispatch_meta_as_cuda``) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise
+    blipfast.bench.counting) the memory-efficient kernel that CUDA runs for it, which PyTorch would otherwise
     decompose into its math path there (materialised probabilities)."""
     import torch.nn.functional as F
 

@@ -1,6 +1,6 @@
 """Q-Former cross-attention to image tokens with shared image K/V.
 
-Contract (DESIGN.md): q [N, Lq, H, D]; k, v [M, Lk, H, D] for M distinct images; kv_index long [N] in
+Contract (docs/ops.md#cross_attention): q [N, Lq, H, D]; k, v [M, Lk, H, D] for M distinct images; kv_index long [N] in
 [0, M) names the image each row-set attends to (default arange, N == M); key_padding_mask [M, Lk] per
 image (true = attend). Gradients of k and v sum over every row-set that used them, so an image's K/V
 projection is computed once and shared by ITC, ITM (positive and negative pairs) and retrieval

@@ -1,4 +1,4 @@
-"""ITM hard-negative sampling without a host synchronisation (SPEC.md section 3).
+"""ITM hard-negative sampling without a host synchronisation (docs/semantics.md#itm-hard-negatives).
 
 For local row b (global column ``rank * B + b`` is its own pair), one negative is drawn from the
 softmax of the row's logits with the own pair excluded, or, with ``image_ids``, every column showing

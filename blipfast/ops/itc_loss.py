@@ -1,4 +1,4 @@
-"""In-batch image-text contrastive loss of BLIP-2 stage 1 (SPEC.md section 3).
+"""In-batch image-text contrastive loss of BLIP-2 stage 1 (docs/semantics.md#itc).
 
 image_feats [B, Q, E] and text_feats [B, E] are already normalised; temp is a 0-d tensor (learnable).
 Both are gathered over the process group without gradient (img_all [BW, Q, E], txt_all [BW, E]) and
@@ -175,11 +175,7 @@ def _check_common(image_feats, text_feats, temp, label_smoothing, image_ids):
     if temp.numel() != 1 or temp.dim() > 1:
         raise ValueError(f"{_OP}: temp must be a 0-d tensor (or have one element), got shape {tuple(temp.shape)}")
     C.check_positive_finite_scalar(_OP, "temp", temp)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"{_OP}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    label_smoothing = C.check_unit_interval(_OP, "label_smoothing", label_smoothing)
     if image_ids is not None:
         C.check_tensor(_OP, "image_ids", image_ids, dtypes=(torch.int64, torch.int32), device=dev)
         C.check_shape(_OP, "image_ids", image_ids, (b,))

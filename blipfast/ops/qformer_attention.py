@@ -1,6 +1,7 @@
-"""Q-Former self-attention with the three stage-1 masks computed from indices (SPEC.md section 2).
+"""Q-Former self-attention with the three stage-1 masks computed from indices
+(docs/semantics.md#stage-1-attention-masks).
 
-Contract (DESIGN.md): q [B, Lq, H, D]; k, v [B, Lk, H, D]; Lq <= Lk and the q rows are the LAST Lq
+Contract (docs/ops.md#qformer_attention): q [B, Lq, H, D]; k, v [B, Lk, H, D]; Lq <= Lk and the q rows are the LAST Lq
 positions of the Lk-long sequence. Positions < num_query are learned queries, the rest text.
 allowed(i, j), with i the row's position in the Lk-long sequence:
 

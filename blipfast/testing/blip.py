@@ -1,4 +1,4 @@
-"""Tiny random BLIP (v1) models for the CapFilt tests and the README's examples: a BERT-style WordPiece tokenizer
+"""Tiny random BLIP (v1) models for the CapFilt tests and the documentation's examples: a BERT-style WordPiece tokenizer
 (with BLIP's [DEC] and [ENC]), an HF ``BlipForConditionalGeneration`` captioner and ``BlipForImageTextRetrieval``
 filter saved as model folders (with the tokenizer and an image processor), their Salesforce-named ``.pth``
 twins, and a small web set (PNG images, list captions, a repeated image, a missing and a corrupt image).

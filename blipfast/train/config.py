@@ -24,7 +24,7 @@ from typing import Any
 
 from ..data.image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
 from ..data.shards import input_kind
-from ..options import DTYPES
+from ..options import DTYPES, EXIT_STOPPED
 from .tasks import task_class, task_names
 
 DTYPE_NAMES = tuple(sorted(DTYPES))
@@ -104,14 +104,14 @@ OPTIONS: dict = {
              "blipfast run or checkpoint folder / model.safetensors. Stage 2 (required): the stage-1 checkpoint: a "
              "blipfast run or checkpoint folder, a LAVIS .pth, or an HF/blipfast-named safetensors file or folder. "
              "--model blip: a Salesforce BLIP .pth (model_base.pth) or a blipfast run or checkpoint"),
-    # optimisation (SPEC.md section 3)
+    # optimisation (docs/semantics.md#stage-1-recipe)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
-    "steps": (int, None, "optimizer steps (default: --epochs)"),
-    "epochs": (float, None, "passes over the data when --steps is not given (default 10)"),
+    "steps": (int, None, "optimizer steps (unset: what --epochs gives)"),
+    "epochs": (float, None, "passes over the data when --steps is not given (unset: 10)"),
     "lr": (float, 1e-4, "peak learning rate"),
     "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
-    "warmup_steps": (int, 5000, "linear warm-up steps (stage 2: 2000)"),
+    "warmup_steps": (int, 5000, "linear warm-up steps"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
     "weight_decay": (float, 0.05, "AdamW weight decay (not on biases and 1-D parameters)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
@@ -135,7 +135,8 @@ OPTIONS: dict = {
     "plot_every": (int, 100, "steps between refreshes of loss.png"),
     "progress": (bool, True, "tqdm progress bar"),
     "stop_after": (int, None, "stop this invocation after this step, with a checkpoint (the schedule still runs to "
-                   "--steps; continue with --resume)"),
+                   f"--steps; continue with --resume); the command then exits {EXIT_STOPPED}, as when SIGTERM or "
+                   f"SIGINT stops it"),
 }
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
@@ -180,15 +181,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _default_help(name: str, default) -> str:
+    """The help's "(default: ...)": the built-in default, each task recipe's own, and the synthetic set's (what a
+    run without --data uses)."""
+    shown = [json.dumps(default)] if default is not None else []
+    for task in task_names():
+        if name in task_class(task).defaults and task_class(task).defaults[name] != default:
+            shown.append(f"--task {task}: {json.dumps(task_class(task).defaults[name])}")
+    if name in SYNTHETIC_DEFAULTS:
+        shown.append(f"without --data (the synthetic set): {json.dumps(SYNTHETIC_DEFAULTS[name])}")
+    return f" (default: {'; '.join(shown)})" if shown else ""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every option as a flag (default: unset, so that config files and defaults can be told apart)."""
+    """Every option as a flag (default: unset, so that config files and defaults can be told apart); the help shows
+    which default applies when (built in, a task's recipe, the synthetic set's)."""
     p.add_argument("--config", help="YAML or TOML file with any of the options below as keys")
     p.add_argument("--resume", help="continue the run in this folder (or from this checkpoint folder) from its "
                    "last checkpoint; the run's config.yaml is used, flags may change only "
                    + ", ".join(_flag(k) for k in sorted(RESUME_MUTABLE)))
     for name, (typ, default, help_) in OPTIONS.items():
-        shown = f" (default: {json.dumps(default)})" if default is not None else ""
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_ + shown}
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_ + _default_help(name, default)}
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typ == "floats":
@@ -280,9 +293,9 @@ def read_config_file(path: str) -> dict:
                 raw = yaml.safe_load(fh) or {}
         else:
             raise ValueError(f"--config: {path!r} must end in .yaml, .yml or .toml")
-    except ValueError:
-        raise
-    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError
+    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError (a ValueError), UnicodeDecodeError
+        if str(exc).startswith("--config: "):  # the extension message above
+            raise
         raise ValueError(f"--config: cannot parse {path!r}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"--config: {path!r} must hold a mapping of options, got {type(raw).__name__}")
@@ -321,6 +334,8 @@ def validate(cfg: dict) -> None:
 
     for name in ("batch_size", "grad_accum", "max_txt_len", "vocab_size", "log_every", "keep", "synthetic_size"):
         need(cfg[name] >= 1, f"{_flag(name)} must be >= 1, got {cfg[name]}")
+    need(cfg["max_txt_len"] >= 2, f"--max-txt-len must be >= 2 (a caption's tokens include its start and end "
+         f"tokens; LAVIS uses 32), got {cfg['max_txt_len']}")
     for name in ("warmup_steps", "save_every", "plot_every", "shuffle_buffer"):
         need(cfg[name] >= 0, f"{_flag(name)} must be >= 0, got {cfg[name]}")
     for name in ("steps", "stop_after", "num_workers", "samples_per_epoch"):
@@ -358,6 +373,15 @@ def write_config(path: str, cfg: dict) -> None:
         fh.write("# blipfast train: resolved options of this run (reusable with --config; --resume reads it)\n")
         yaml.safe_dump({k: cfg[k] for k in OPTIONS}, fh, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)
+
+
+def is_run_config(path: str) -> bool:
+    """Whether ``path`` is a ``config.yaml`` that ``blipfast train`` wrote (valid, with the options every version
+    writes)."""
+    try:
+        return {"data", "out", "seed", "steps"} <= set(read_config_file(path))
+    except ValueError:
+        return False
 
 
 def read_run_config(run_dir: str) -> dict:

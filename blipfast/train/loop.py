@@ -14,7 +14,14 @@ for their batches) and, for a stream, ``bad_samples``.
 
 Set-up validates everything it can before it writes anything: the options, the annotation file or shards, the
 feature cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by
-rank 0), and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
+rank 0), and removed again if the set-up fails after creating it, so a refused run leaves nothing behind. A run
+folder that stopped before its first checkpoint starts again from step 0 (``--resume``, or the same command);
+``--resume`` takes the newest checkpoint that verifies (:mod:`.checkpoint`) and refuses an annotation file whose
+rows changed.
+
+A loss that is not finite stops the run at its step (:class:`LossNotFinite`): the losses are read with each log
+row (its one host sync), so no step gets a sync of its own; a step that fails because of it (a NaN temperature)
+is diagnosed the same way. Nothing of the diverged steps is saved.
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
 CPUs), builds the same model from the same seed, trains on its rows of each global batch
@@ -37,10 +44,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..files import identity
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
 from ..data.shards import input_kind
-from .config import RESUME_MUTABLE, STREAMS, read_run_config, task_of, validate, write_config
+from .config import RESUME_MUTABLE, STREAMS, is_run_config, read_run_config, task_of, validate, write_config
 from .streams import KeysLog, StreamInput
 from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
@@ -92,6 +100,10 @@ class _Dist:
             dist.destroy_process_group()
 
 
+class LossNotFinite(FloatingPointError):
+    """The run diverged: a loss (or a trained weight) is not finite; the run folder stays resumable."""
+
+
 class Trainer:
     """``Trainer(cfg, given)``: everything set up for ``run()`` (or ``train_step()`` one step at a time).
     ``cfg``: resolved options (:func:`config.resolve`); ``given``: the explicitly set ones; ``resume``: a run or
@@ -100,9 +112,9 @@ class Trainer:
     def __init__(self, cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None, log=print):
         self.log = log
         self.stop_requested = False
-        state = None
+        state, ck, broken = None, None, []
         if resume is not None:
-            run_dir, ck = ckpt.find_checkpoint(resume)
+            run_dir, ck, broken = ckpt.find_checkpoint(resume)
             saved = read_run_config(run_dir)
             saved["stop_after"] = None  # a limit of the interrupted invocation, not of the run
             for k, v in (given or {}).items():
@@ -113,6 +125,9 @@ class Trainer:
             cfg = saved
             cfg["out"] = run_dir
         self.dist = d = _Dist(cfg["device"])
+        if d.main:
+            for note in ckpt.set_aside(broken):
+                self.log(note)
         validate(cfg)
         self.cfg = cfg = dict(cfg)
         for k in PATHS:  # config.yaml must work from any working directory (--resume, --config)
@@ -131,15 +146,26 @@ class Trainer:
         created = False
         if resume is None and d.main and os.path.isdir(out) and (
                 os.path.exists(os.path.join(out, "config.yaml")) or ckpt.list_checkpoints(out)):
-            raise ValueError(f"--out: {out!r} already holds a run; continue it with --resume {out} or choose "
-                             f"another --out")
+            if ckpt.list_checkpoints(out) or not is_run_config(os.path.join(out, "config.yaml")):
+                raise ValueError(f"--out: {out!r} already holds a run; continue it with --resume {out} or choose "
+                                 f"another --out")
+            self.log(f"blipfast train: {out} holds a run that stopped before its first checkpoint: starting it "
+                     f"again from step 0")
+        if resume is not None and ck is None and not is_run_config(os.path.join(out, "config.yaml")):
+            raise ValueError(f"--resume: {out!r} has no checkpoint and its config.yaml was not written by blipfast "
+                             f"train")
+        if resume is not None and ck is None and d.main:
+            self.log(f"blipfast train: --resume: {out} stopped before its first checkpoint: starting it again from "
+                     f"step 0 with its config.yaml")
         try:
             if d.main and not os.path.isdir(out):
                 os.makedirs(out)
                 created = True
-            self._setup(cfg, resume)
-            if resume is not None:
+            self._setup(cfg, fresh=ck is None)
+            self.data_id = self._data_identity()
+            if ck is not None:
                 state = ckpt.load_checkpoint(ck, lambda folder: self.task.load(self.core, folder))
+                self._check_data(state.get("data"))
                 self._restore(state)
         except BaseException:
             if created:
@@ -165,7 +191,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up
 
-    def _setup(self, cfg: dict, resume) -> None:
+    def _setup(self, cfg: dict, fresh: bool) -> None:
         from ..data import (FeatureCache, FeatureTextDataset, GlobalBatchSampler, ImageTextDataset, collate,
                             load_vision_tower, read_annotations)
         from ..data.annotations import keep_pairs
@@ -212,7 +238,7 @@ class Trainer:
         tok, cfg["tokenizer"] = task.tokenizer(cfg, ann, d)
         self.tokenizer = tok
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-        model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=resume is None)
+        model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=fresh)
         self.core = model
         if self.stream is not None:  # captions tokenised per batch in the loader workers
             self.stream.set_transforms(task, model, tok, processor)
@@ -267,6 +293,31 @@ class Trainer:
         self.micro_step = 0
         self._iter = None
         self._data_wait, self._keys = 0.0, None
+
+    def _data_identity(self) -> Optional[dict]:
+        """What the checkpoints record of the annotation file: path, size, SHA-256, rows and usable pairs."""
+        ann = getattr(self, "ann", None)
+        if ann is None or not os.path.isfile(ann.path):
+            return None
+        ident = identity(ann.path)
+        return {"path": ident["path"], "size": ident["size"], "sha256": ident["sha256"], "rows": ann.rows,
+                "pairs": len(ann)}
+
+    def _check_data(self, saved: Optional[dict]) -> None:
+        """``--resume``: refuse data whose usable pairs changed (the checkpoint's data position and order would
+        point elsewhere); warn when the file changed with the same pairs count."""
+        now = self.data_id
+        if not saved or not now:
+            return
+        if (saved["rows"], saved["pairs"]) != (now["rows"], now["pairs"]):
+            raise ValueError(f"--resume: the annotation file changed since the run started: {saved['path']} had "
+                             f"{saved['rows']} rows ({saved['pairs']} image-text pairs), {now['path']} has "
+                             f"{now['rows']} rows ({now['pairs']} pairs), so the checkpoint's position in the data "
+                             f"no longer fits. Restore the file, or start a new run from these weights (--init "
+                             f"{self.cfg['out']})")
+        if (saved["size"], saved["sha256"]) != (now["size"], now["sha256"]) and self.dist.main:
+            self.log(f"blipfast train: --resume: {now['path']} changed since the run started (same rows and pairs: "
+                     f"{now['pairs']}); training continues on its new contents")
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -342,7 +393,7 @@ class Trainer:
         if d.main:
             state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
-                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world,
+                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world, "data": self.data_id,
                      **({"data_streams": streams} if streams is not None else {})}
             path = ckpt.save_checkpoint(self.cfg["out"], self.step,
                                         lambda folder: self.task.save(self.core, folder, self.step,
@@ -381,9 +432,20 @@ class Trainer:
         acc, n_acc, t_last, saved_at = None, 0, time.perf_counter(), None
         if cfg["log_keys"]:
             self._keys = KeysLog(cfg["out"], d.rank, self.micro_step)
+        window: list = []  # the losses of this row's steps, device tensors read only when a row is not finite
         try:
             while self.step < end and not self.stop_requested:
-                m = self.train_step()
+                try:
+                    m = self.train_step()
+                except (ValueError, RuntimeError) as exc:  # e.g. a temperature gone NaN after a NaN step
+                    try:
+                        msg = self._not_finite(window, self.step + 1 - len(window), across_ranks=False)
+                    except Exception:  # noqa: BLE001 - a device that cannot be read (a CUDA assert): the error as is
+                        msg = None
+                    if msg:
+                        raise LossNotFinite(msg) from exc
+                    raise
+                window.append(m)
                 acc, n_acc = (m if acc is None else acc + m), n_acc + 1
                 s = self.step
                 if s % cfg["log_every"] == 0 or s == end or self.stop_requested:
@@ -392,6 +454,10 @@ class Trainer:
                         dist.all_reduce(acc)
                         acc = acc / d.world
                     vals = acc.tolist()  # the one host sync per log row
+                    if not all(math.isfinite(v) for v in vals):  # the same on every rank (a reduced row)
+                        raise LossNotFinite(self._not_finite(window, s + 1 - len(window), across_ranks=True)
+                                            or f"loss is not finite in steps {s + 1 - len(window)}-{s}")
+                    window = []
                     now = time.perf_counter()
                     row = {"step": s, "epoch": round(self.micro_step / self.micro_per_epoch, 4),
                            **dict(zip(self.task.losses, vals)), "lr": self.schedule.value(s - 1),
@@ -416,12 +482,40 @@ class Trainer:
             if self._keys is not None:
                 self._keys.close()
         last = self.runlog.rows[-1] if self.runlog.rows else {}
+        finished = self.step >= self.total_steps
         if d.main:
-            done = "finished" if self.step >= self.total_steps else \
-                f"stopped at step {self.step} (--resume to continue)"
+            done = "finished" if finished else f"stopped at step {self.step} (--resume {cfg['out']} to continue)"
             self.log(f"blipfast train: {done}; loss {last.get('loss', float('nan')):.4f}, "
                      f"{time.perf_counter() - self.t0:.1f} s; {cfg['out']}")
-        return {"step": self.step, "run_dir": cfg["out"], "last": last}
+        return {"step": self.step, "run_dir": cfg["out"], "last": last, "finished": finished}
+
+    def _not_finite(self, window: list, first: int, across_ranks: bool) -> Optional[str]:
+        """The message of a diverged run, or None: the first of the steps ``first``, ... (their losses
+        ``window``) whose loss is not finite, else trained weights that are not finite. Reads the losses (a host
+        sync: only when a row is not finite or a step failed); ``across_ranks``: every rank calls it, and the
+        verdict is the ranks' (a step is bad when it is bad on any rank)."""
+        d, out = self.dist, self.cfg["out"]
+        bad = torch.stack([~torch.isfinite(w).all() for w in window]).float() if window else torch.zeros(0)
+        if across_ranks and d.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        hits = bad.nonzero().flatten().tolist()
+        if hits:
+            what = f"loss is not finite at step {first + hits[0]}"
+            if d.world == 1:
+                vals = window[hits[0]].tolist()
+                what += " (" + ", ".join(f"{k} {v:g}" for k, v in zip(self.task.losses, vals)) + ")"
+        else:
+            names = [n for n, p in self.core.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            if not names:
+                return None
+            what = f"trained weights are not finite after step {self.step} ({', '.join(names[:3])}" + \
+                (f" and {len(names) - 3} more)" if len(names) > 3 else ")")
+        kept = ckpt.list_checkpoints(out)
+        where = (f"{out} keeps its checkpoints up to {os.path.basename(kept[-1])}" if kept else
+                 f"{out} has no checkpoint yet (--resume starts it again from step 0)")
+        return (f"{what}; the run stopped without saving these steps: {where}. Resuming repeats the same steps: "
+                f"train again with a lower --lr, --grad-clip (e.g. 1.0) or --precision fp32"
+                + (f" (a new run with --init {kept[-1]} starts from its weights)" if kept else ""))
 
     def close(self) -> None:
         self.dist.close()
@@ -435,4 +529,4 @@ def train(cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None,
         trainer.close()
 
 
-__all__ = ["Trainer", "train", "mix_seed"]
+__all__ = ["LossNotFinite", "Trainer", "train", "mix_seed"]

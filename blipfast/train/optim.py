@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of stage 1 (SPEC.md section 3, LAVIS' recipe).
+"""Optimizer and learning-rate schedule of stage 1 (docs/semantics.md#stage-1-recipe, LAVIS' recipe).
 
 AdamW with weight decay on the weight matrices only (LAVIS: none on biases and parameters with fewer than 2
 dimensions: LayerNorms, ``temp``); ``query_tokens`` [1, Q, d] decays, as in LAVIS. The learning rate rises

@@ -15,7 +15,7 @@ from blipfast.data.feature_shards import (FeatureShards, FeatureShardWriter, dec
 from blipfast.data.image_stream import ImageTextSource
 from blipfast.data.stream import ShardReader
 
-from .wds_helpers import number_tensor, raw_number, tokenize_lengths, write_shards
+from tests.helpers.wds import number_tensor, raw_number, tokenize_lengths, write_shards
 
 
 def vit_like(b: int, n: int = 257, width: int = 1408) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 from blipfast.data.shards import (dataset_size, expand_shards, is_remote, key_image_id, looks_like_shards,
                                   samples_per_epoch)
 
-from .wds_helpers import write_shards
+from tests.helpers.wds import write_shards
 
 pytest.importorskip("webdataset")
 

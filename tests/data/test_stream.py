@@ -14,7 +14,7 @@ import torch
 from blipfast.data.image_stream import ImageTextSource, image_text_loader
 from blipfast.data.stream import BadSamples, ShardStream, StreamLoader
 
-from .wds_helpers import (number_tensor, png_bytes, raw_number, sample_files, tokenize_lengths, write_shard,
+from tests.helpers.wds import (number_tensor, png_bytes, raw_number, sample_files, tokenize_lengths, write_shard,
                           write_shards)
 
 pytest.importorskip("webdataset")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.runtime import ROOT
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 

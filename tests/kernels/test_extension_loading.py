@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from blipfast import _ext
-from tests import conftest
-from tests.conftest import require_extension
+from tests.helpers.runtime import extension_setup, require_extension
 
 ABI_ERROR = "_C.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"
 
@@ -103,11 +102,12 @@ def test_with_a_cuda_device_and_build_cuda_auto_or_1_it_fails(extension_state, m
 
 
 def test_the_extension_marker_runs_the_check_before_the_test(extension_state):
-    """pytest_runtest_setup: a test marked ``extension`` goes through require_extension, an unmarked one does not."""
+    """conftest.py's pytest_runtest_setup (extension_setup): a test marked ``extension`` goes through
+    require_extension, an unmarked one does not."""
     extension_state("abi", cuda=True)
     marked = types.SimpleNamespace(get_closest_marker=lambda name: object() if name == "extension" else None)
-    assert _outcome(lambda: conftest.pytest_runtest_setup(marked))[0] == "fail"
-    conftest.pytest_runtest_setup(types.SimpleNamespace(get_closest_marker=lambda name: None))
+    assert _outcome(lambda: extension_setup(marked))[0] == "fail"
+    extension_setup(types.SimpleNamespace(get_closest_marker=lambda name: None))
 
 
 def test_the_check_passes_the_loaded_extension_through(extension_state, monkeypatch):

@@ -1,0 +1,34 @@
+"""Losses of the model heads that are model logic rather than fused ops.
+
+``itm_loss``: the image-text matching loss of BLIP-2 stage 1 (``Blip2Stage1``) and BLIP pre-training
+(``BlipPretrain``) over the 3B rows of the ITM batch (blipfast.distributed: ``itm_batch_indices`` /
+``exchange_itm_negatives``), whose ``weight`` is 0 for a row whose negative does not exist (nothing drawable,
+or dropped by the exchange's capacity). It is sum(weight * CE) / sum(weight): LAVIS' (and BLIP's) plain mean
+cross-entropy when every negative exists, the positives' mean when there is none (B * W = 1). It is a rule of
+the ITM objective, not a kernel: a weighted cross-entropy over [3B, 2] logits, nothing to fuse or to keep out
+of memory, so it lives with the models and runs as plain PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["itm_loss"]
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(weight * CE(logits, labels)) / sum(weight) over logits [R, C], labels [R] (int64), weight [R] (float,
+    0 drops a row); computed in fp32 (fp64 for fp64 logits). LAVIS' mean CE when every row has weight 1."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"itm_loss: logits must be a [R, C] tensor, got {_shape(logits)}")
+    r = logits.shape[0]
+    for name, t in (("labels", labels), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.shape != (r,):
+            raise ValueError(f"itm_loss: {name} must be a [{r}] tensor (one per row of logits), got {_shape(t)}")
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return (ce * weight.to(ce.dtype)).sum() / weight.sum().to(ce.dtype)
+
+
+def _shape(t) -> str:
+    return f"shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
