@@ -89,7 +89,7 @@ def cache_feature_shards(data, vision: str, out: str, *, batch_size: int = 64, s
     when this call wrote it)."""
     from tqdm.auto import tqdm
 
-    from .vision import describe, load_vision_tower
+    from .vision import describe, load_image_processor, load_vision_tower
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -116,7 +116,8 @@ def cache_feature_shards(data, vision: str, out: str, *, batch_size: int = 64, s
     if gpu_decode:
         from .gpu_decode import BatchImageDecoder
 
-        decoder = BatchImageDecoder(processor, dev)
+        # the processor's tensor backend runs on the device (its resize is not PIL's: other pixels than the CPU path)
+        decoder = BatchImageDecoder(load_image_processor(vision, where="--vision", backend="torchvision"), dev)
         source = ImageTextSource(None, _encoded, image_decoder=_encoded, text_transform=None, image_key=image_key,
                                  caption_key=caption_key)
     else:

@@ -31,9 +31,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..files import share
+from ..files import write_json_atomic as _write_json
+from ..options import DTYPES as _DTYPES
 from .annotations import pre_caption
-from .features import DTYPES as _DTYPES
-from .features import _write_json_atomic as _write_json
 from .stream import BadSample, StreamLoader, collate_tensors, stream_loader
 
 SHARD_FORMAT = "blipfast-feature-shard"

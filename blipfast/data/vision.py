@@ -158,7 +158,7 @@ def describe(path: str) -> dict:
     return out
 
 
-def load_image_processor(path, *, where: str = "--model"):
+def load_image_processor(path, *, where: str = "--model", backend: str = "pil"):
     """The image processor of a local folder (its ``preprocessor_config.json``) on transformers' PIL backend.
 
     The references (LAVIS, Salesforce BLIP) resize PIL images with torchvision's transforms, that is with PIL's
@@ -166,15 +166,18 @@ def load_image_processor(path, *, where: str = "--model"):
     gives other pixels (up to 0.015 after normalisation at 224 px, enough to change a beam search). Every loader of
     blipfast reads processors through this one function, so that the same folder gives the same pixels in
     training, feature caching, generation and evaluation, with or without torchvision. A processor type without a
-    PIL backend is loaded on its default one. Raises ValueError naming ``where`` when the folder has no usable
-    processor config."""
+    PIL backend is loaded on its default one. ``backend="torchvision"``: the tensor backend, for the processors
+    that run on the device (``cache-features --gpu-decode``). Raises ValueError naming ``where`` when the folder
+    has no usable processor config."""
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     with quiet_transformers():
         try:
             try:
-                return AutoImageProcessor.from_pretrained(path, backend="pil")
-            except (ValueError, KeyError, TypeError):  # no PIL backend for this processor type
+                return AutoImageProcessor.from_pretrained(path, backend=backend)
+            except (ValueError, KeyError, TypeError):  # no such backend for this processor type
+                if backend != "pil":
+                    raise
                 return AutoImageProcessor.from_pretrained(path)
         except Exception as exc:  # transformers raises many kinds for a missing or broken config
             raise ValueError(f"{where}: {str(path)!r} has no usable image processor config "

@@ -346,8 +346,6 @@ def validate(cfg: dict) -> None:
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
-    need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
-         "give either --features or --images/--vision, not both")
     kind = input_kind(cfg["data"], cfg["features"])
     need(not (cfg["features"] and kind == "synthetic"), f"--features {cfg['features']}: a feature cache of an "
          f"annotation file needs that --data (the captions); feature shards (`blipfast cache-features` on "
@@ -358,7 +356,9 @@ def validate(cfg: dict) -> None:
          "shards hold their images")
     need(kind in STREAMS or (cfg["samples_per_epoch"] is None and not cfg["resampled"]),
          "--samples-per-epoch and --resampled are options of streamed data (WebDataset shards, feature shards)")
-    task_class(task_of(cfg)).check_options(cfg)
+    task_class(task_of(cfg)).check_options(cfg)  # before the generic pairing: a task's refusal names its reason
+    need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
+         "give either --features or --images/--vision, not both")
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")

@@ -10,7 +10,9 @@ import torch
 
 from blipfast.data.image_stream import image_text_loader
 
-from .wds_helpers import raw_number, tokenize_lengths, write_shards
+from tests.helpers.wds import raw_number, tokenize_lengths, write_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytest.importorskip("webdataset")
 

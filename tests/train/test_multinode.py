@@ -19,8 +19,8 @@ from blipfast.cli import main
 from blipfast.testing.data import write_images, write_jsonl, write_vision
 from blipfast.testing.shards import write_demo
 from blipfast.train.streams import read_keys
-from tests.conftest import free_port
-from tests.train_helpers import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.runtime import free_port
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
 
 
 def two_nodes(args: list, cwd: str) -> str:

@@ -12,7 +12,9 @@ import torch
 from blipfast.cli import main
 from blipfast.testing import blip2 as T
 from blipfast.train.tasks import task_class, task_names
-from tests.train_helpers import read_log
+from tests.helpers.train import read_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytest.importorskip("webdataset")
 
@@ -57,14 +59,14 @@ def test_stage2_tokenizes_a_batch_as_all_captions(kind):
 
 def test_stage2_trains_from_shards_with_loader_workers(tmp_path):
     from blipfast.testing.shards import write_shards
-    from tests.stage2_train_helpers import stage2_args, write_lavis_stage1, write_llm
+    from tests.helpers.stage2 import stage2_args, write_lavis_stage1, write_llm
     from blipfast.testing.data import write_vision
 
     # the shard captions' words ("a small red circle at the top left on a white background"): the LLM knows them
     words = sorted({"a", "small", "large", "at", "the", "top", "bottom", "left", "right", "on", "in", "center",
                     "background", "circle", "square", "triangle", "cross", "red", "green", "blue", "yellow", "purple",
                     "orange", "white", "black", "gray"})
-    import tests.stage2_train_helpers as H
+    import tests.helpers.stage2 as H
 
     old = H.WORDS
     H.WORDS = words

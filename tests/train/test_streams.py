@@ -15,7 +15,10 @@ import torch
 from blipfast.cli import main
 from blipfast.testing.shards import sample_files, write_demo, write_tar
 from blipfast.train.streams import read_keys
-from tests.train_helpers import read_log, tiny_args, weights
+from blipfast.options import EXIT_STOPPED
+from tests.helpers.train import read_log, tiny_args, weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytest.importorskip("webdataset")
 
@@ -49,7 +52,7 @@ def test_shards_one_epoch_reads_every_sample_once_and_resume_is_bit_identical(de
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     extra = ("--num-workers", "2", "--save-every", "3")
     assert main(stream_args(full, demo, 8, extra=extra)) == 0
-    assert main(stream_args(part, demo, 8, extra=extra + ("--stop-after", "5"))) == 0
+    assert main(stream_args(part, demo, 8, extra=extra + ("--stop-after", "5"))) == EXIT_STOPPED
     assert len(read_log(part)) == 5
     with open(os.path.join(part, "keys-rank00000.txt"), "a") as fh:  # written after the last checkpoint: dropped
         fh.write("5\tstale keys\n")
