@@ -32,6 +32,8 @@ _LAZY = {
 
 __version__ = "0.1.0"
 
+from . import selftest as _selftest  # noqa: E402,F401  (installs the first-use check of the fused kernels)
+
 __all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFormer", "QFormerConfig",
            "QFormerEmbeddings", "apply_blipfast_to_blip2", "revert_blipfast", "Blip2Stage1", "Blip2Stage1Config",
            "Blip2Stage2", "InstructBlipQFormer", "BlipTextLMHeadModel", "BlipTextModel", "apply_blipfast_to_blip",

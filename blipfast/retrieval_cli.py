@@ -26,12 +26,15 @@ model's folder.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from .options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
+from .files import share
+from .options import (EXIT_NOT_FINITE, EXIT_OK, EXIT_USAGE, add_device_argument, add_dtype_argument, resolve_device,
+                      resolve_dtype)
 
 
 def add_arguments(p) -> None:
@@ -50,14 +53,19 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the --model folder)")
     p.add_argument("--k", type=int, help="candidates re-ranked with ITM per query (default: LAVIS' 128 for BLIP-2, "
                    "the model's k_test for BLIP: 256 as BLIP's COCO recipe)")
-    p.add_argument("--batch-size", type=int, default=1024, help="image-text pairs per ITM pass")
-    p.add_argument("--image-batch-size", type=int, default=64, help="images per ViT pass and per K/V group")
-    p.add_argument("--max-txt-len", type=int, default=35, help="caption tokens kept (LAVIS: 35)")
-    p.add_argument("--workers", type=int, default=4, help="image-reading processes")
+    p.add_argument("--batch-size", type=int, default=1024, help="image-text pairs per ITM pass (default 1024)")
+    p.add_argument("--image-batch-size", type=int, default=64, help="images per ViT pass and per K/V group "
+                   "(default 64)")
+    p.add_argument("--max-txt-len", type=int, default=35, help="caption tokens kept (default 35, as LAVIS)")
+    p.add_argument("--workers", type=int, default=4, help="image-reading processes (default 4)")
     add_device_argument(p)
     add_dtype_argument(p, "model dtype")
-    p.add_argument("--out", default="retrieval_out", help="folder for scores.safetensors and metrics.json")
+    p.add_argument("--out", default="retrieval_out", help="folder for scores.safetensors and metrics.json (default: "
+                   "./retrieval_out)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.epilog = (f"Exit codes: {EXIT_OK} done; {EXIT_NOT_FINITE} image features or scores are not finite (the "
+                f"images are named; metrics.json holds null for the metrics); {EXIT_USAGE} refused (the message names "
+                f"the option or file). See docs/troubleshooting.md.")
 
 
 def _json(path):
@@ -122,8 +130,16 @@ def load_model(path, config=None, vision_config=None, state_dict=None):
     if src.kind == "hf":
         from transformers import Blip2ForImageTextRetrieval
 
-        return Blip2Retrieval.from_hf(Blip2ForImageTextRetrieval.from_pretrained(src.weights).eval(), cfg)
-    sd = state_dict if state_dict is not None else convert.load_state_dict(src.weights)
+        try:
+            hf = Blip2ForImageTextRetrieval.from_pretrained(src.weights)
+        except Exception as e:  # transformers / safetensors raise many kinds for a damaged folder
+            raise ValueError(f"--model: cannot load a Blip2ForImageTextRetrieval from {src.weights} "
+                             f"({type(e).__name__}: {e}); is model.safetensors missing, empty or truncated?") from None
+        return Blip2Retrieval.from_hf(hf.eval(), cfg)
+    try:
+        sd = state_dict if state_dict is not None else convert.load_state_dict(src.weights)
+    except (OSError, TypeError, ValueError) as e:
+        raise ValueError(f"--model: {e}") from None
     if "ln_vision.weight" in sd and any(k.startswith("qformer.") for k in sd):  # blipfast's own key space
         stage1 = Blip2Stage1(cfg)
         convert.load_into(stage1, sd, ignore=(r"qformer_lm_head\.",), what="--model")  # retrieval needs no LM head
@@ -145,6 +161,28 @@ def _tokenizer_dir(args):
     raise ValueError("--tokenizer is needed when --model is a file")
 
 
+def _finite_or_none(obj):
+    """``obj`` with NaN / Inf floats as None (JSON null: ``NaN`` is not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def _check_args(args) -> None:
+    for name in ("k", "batch_size", "image_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.max_txt_len < 2:
+        raise ValueError(f"--max-txt-len must be >= 2 (a caption's tokens include its start and end tokens; LAVIS "
+                         f"uses 35), got {args.max_txt_len}")
+
+
 def run(args) -> int:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
@@ -152,9 +190,15 @@ def run(args) -> int:
     from .retrieval import evaluate, format_metrics, read_annotations
 
     try:
+        _check_args(args)
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         gallery = read_annotations(args.data)
+        for msg in gallery.problems[:10]:
+            print(f"blipfast retrieval: warning: {msg}", file=sys.stderr)
+        if len(gallery.problems) > 10:
+            print(f"blipfast retrieval: warning: ... {len(gallery.problems) - 10} more (in metrics.json)",
+                  file=sys.stderr)
         blip, sd = blip_source(args.model)
         if blip:
             from .data.tokenizer import add_enc_token, load_tokenizer
@@ -166,6 +210,10 @@ def run(args) -> int:
         else:
             model = load_model(args.model, _json(args.config), _json(args.vision_config), sd).to(device=device,
                                                                                                     dtype=dtype)
+            limit = model.config.qformer.max_position_embeddings
+            if args.max_txt_len > limit:
+                raise ValueError(f"--max-txt-len {args.max_txt_len} exceeds the model's max_position_embeddings "
+                                 f"({limit})")
             tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(args))
             k = 128 if args.k is None else args.k
         print(f"blipfast retrieval: {len(gallery.images)} images, {len(gallery.texts)} captions, k = {k}, "
@@ -175,17 +223,27 @@ def run(args) -> int:
                        max_txt_len=args.max_txt_len, workers=args.workers, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         print(f"blipfast retrieval: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    bad = res["nonfinite_images"]
+    nonfinite = bool(bad) or not all(math.isfinite(v) for v in res["metrics"].values())
+    if bad:
+        print(f"blipfast retrieval: error: the features of {len(bad)} image(s) are not finite (NaN or Inf), so the "
+              f"scores and the metrics are not: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else ""),
+              file=sys.stderr)
+    elif nonfinite:
+        print("blipfast retrieval: error: the scores are not finite (NaN or Inf) though the image features are: "
+              "the model's weights?", file=sys.stderr)
     print(format_metrics(res["metrics"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"score_i2t": res["score_i2t"].float().contiguous(), "score_t2i": res["score_t2i"].float().contiguous()},
               str(out / "scores.safetensors"))
+    share(str(out / "scores.safetensors"))  # safetensors writes 0600
     info = {"metrics": res["metrics"], "k": k, "images": len(gallery.images), "captions": len(gallery.texts),
             "seconds": res["seconds"], "model": str(args.model), "data": str(args.data), "device": str(device),
-            "dtype": str(dtype).replace("torch.", "")}
-    (out / "metrics.json").write_text(json.dumps(info, indent=1))
+            "dtype": str(dtype).replace("torch.", ""), "warnings": gallery.problems, "nonfinite_images": bad}
+    (out / "metrics.json").write_text(json.dumps(_finite_or_none(info), indent=1, allow_nan=False))
     s = res["seconds"]
     print(f"wrote {out / 'scores.safetensors'} and {out / 'metrics.json'} (scores {s['scores']:.1f} s, total "
           f"{s['total']:.1f} s)")
-    return 0
+    return EXIT_NOT_FINITE if nonfinite else EXIT_OK

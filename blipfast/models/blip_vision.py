@@ -32,15 +32,22 @@ from ..ops import gelu_mlp, sdpa
 from .layers import gelu_approximate
 
 
+def sdpa_qkv(qkv: torch.Tensor, num_heads: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """The attention context [B, N, d] of a fused QKV projection's output [B, N, 3d] (q | k | v, heads of d / H
+    each): one SDPA call with scale 1/sqrt(head_dim), as HF's ViTs; q, k, v are strided views of ``qkv``."""
+    b, n, d3 = qkv.shape
+    d = d3 // 3
+    qkv = qkv.view(b, n, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
+    ctx = sdpa(qkv[0], qkv[1], qkv[2], dropout_p=dropout_p)
+    return ctx.transpose(1, 2).reshape(b, n, d)
+
+
 class SdpaBlipAttention(BlipAttention):
     """``BlipAttention`` computed with SDPA (see the module docstring)."""
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
-        b, n, d = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout.p if self.training else 0.0
-        ctx = sdpa(qkv[0], qkv[1], qkv[2], dropout_p=p)  # scale 1/sqrt(head_dim), as HF's
-        return self.projection(ctx.transpose(1, 2).reshape(b, n, d)), None
+        return self.projection(sdpa_qkv(self.qkv(hidden_states), self.num_heads, p)), None
 
 
 class RecomputeGeluBlipMLP(BlipMLP):
