@@ -174,7 +174,7 @@ def _finite_or_none(obj):
 
 def _check_args(args) -> None:
     for name in ("k", "batch_size", "image_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # --k None: the model's default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")

@@ -146,7 +146,6 @@ OPTIONS: dict = {
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
-RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
                   "num_workers", "log_keys", "compile", "compile_backend", "cuda_graph", "device", "eval_every",
                   "eval_data"}
 

@@ -101,6 +101,6 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["retrieval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for want in ("(default 128, as LAVIS)", "pass (default 1024)", "(default 64)", "(default 35, as LAVIS)",
+    for want in ("(default: LAVIS' 128 for BLIP-2, the model's k_test for BLIP: 256 as BLIP's COCO recipe)", "pass (default 1024)", "(default 64)", "(default 35, as LAVIS)",
                  "processes (default 4)", "(default: ./retrieval_out)", f"{EXIT_NOT_FINITE} image features"):
         assert want in text, want

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from blipfast.cli import main
+from blipfast.options import EXIT_STOPPED
 from blipfast.train.config import add_arguments, read_config_file, resolve
 from blipfast.testing.data import write_images
 from tests.helpers.train import read_log, tiny_args, weights
@@ -50,7 +51,7 @@ def _args(task, out, dataset, steps, extra=()):
 def test_run_evaluate_resume_bit_identically(task, dataset, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main(_args(task, full, dataset, 5, ("--save-lavis",))) == 0
-    assert main(_args(task, part, dataset, 5, ("--stop-after", "2"))) == 0
+    assert main(_args(task, part, dataset, 5, ("--stop-after", "2"))) == EXIT_STOPPED
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     rows = read_log(full)
     assert [r["step"] for r in rows] == list(range(1, 6))
