@@ -4,7 +4,8 @@ Public API: ``blipfast.ops`` (the fused ops with their references), ``QFormerCon
 drop-in for Hugging Face's ``Blip2QFormerModel``), ``Blip2Stage1`` (BLIP-2 stage-1 pre-training in one fused
 step), ``Blip2Stage2`` (stage 2: the Q-Former bridged to a frozen LLM), ``BlipTextModel`` /
 ``BlipTextLMHeadModel`` (drop-ins for the BLIP v1 text model and decoder), ``BlipPretrain`` /
-``BlipPretrainConfig`` (BLIP v1 pre-training: ITC with momentum queues, ITM, LM), ``apply_blipfast_to_blip2`` /
+``BlipPretrainConfig`` (BLIP v1 pre-training: ITC with momentum queues, ITM, LM), ``BlipRetrieval`` /
+``BlipCaptioner`` (BLIP v1 retrieval and captioning fine-tuning and inference), ``apply_blipfast_to_blip2`` /
 ``apply_blipfast_to_blip`` / ``revert_blipfast`` (swap them into HF BLIP-2, InstructBLIP and BLIP models in
 place), ``blipfast.convert`` (HF <-> LAVIS and Salesforce BLIP weights), ``blipfast.distributed``.
 
@@ -25,14 +26,19 @@ _LAZY = {
     **dict.fromkeys(("apply_blipfast_to_blip", "apply_blipfast_to_blip2", "revert_blipfast"), ".patch"),
     "Blip2Stage2": ".models.blip2_stage2",
     "InstructBlipQFormer": ".models.instructblip",
+    **dict.fromkeys(("BlipRetrieval", "BlipRetrievalConfig"), ".models.blip_retrieval"),
+    **dict.fromkeys(("BlipCaptioner", "BlipCaptionConfig"), ".models.blip_caption"),
 }
 
 __version__ = "0.1.0"
 
+from . import selftest as _selftest  # noqa: E402,F401  (installs the first-use check of the fused kernels)
+
 __all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFormer", "QFormerConfig",
            "QFormerEmbeddings", "apply_blipfast_to_blip2", "revert_blipfast", "Blip2Stage1", "Blip2Stage1Config",
            "Blip2Stage2", "InstructBlipQFormer", "BlipTextLMHeadModel", "BlipTextModel", "apply_blipfast_to_blip",
-           "Blip2Retrieval", "BlipPretrain", "BlipPretrainConfig"]
+           "Blip2Retrieval", "BlipPretrain", "BlipPretrainConfig", "BlipRetrieval", "BlipRetrievalConfig",
+           "BlipCaptioner", "BlipCaptionConfig"]
 
 
 def __getattr__(name):

@@ -2,9 +2,10 @@
 
 Importing blipfast never fails because the extension is missing or broken: ``cuda_extension_available()``
 says whether it was built and loads, ``load_error()`` why not (the exception text), ``build_info()`` what
-was built. ``blipfast info`` prints build_info() and, when the extension does not load, the error on stderr.
+was built. ``blipfast info`` prints build_info() with the self-test's cached verdicts (``selftest_verdicts()``) and,
+when the extension does not load, the error on stderr.
 The tests that need the extension fail (instead of skipping) where a CUDA device is visible and the build
-was not switched off: tests/conftest.py's ``require_extension``.
+was not switched off: the tests marked ``extension`` (tests/helpers/runtime.py's ``require_extension``).
 """
 from __future__ import annotations
 
@@ -89,10 +90,31 @@ def add_arguments(parser) -> None:
     pass
 
 
+def selftest_verdicts() -> dict:
+    """The self-test's cached verdicts (docs/selftest.md): the cache folder and, per device key, each
+    (op, backend, dtype)'s pass or failure; those of this machine's visible CUDA devices first."""
+    import torch
+
+    from .selftest import cache
+
+    current = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        key = cache.device_key(torch.device("cuda", i))
+        if key not in current:
+            current.append(key)
+    entries = cache.cached()
+    entries.sort(key=lambda e: e["key"] not in current)
+    return {"cache": str(cache.selftest_dir()),
+            "devices": [{"key": e["key"], "current": e["key"] in current,
+                         "verdicts": {name: "pass" if v.get("ok") else f"FAIL: {v.get('error')}"
+                                      for name, v in e["verdicts"].items()}} for e in entries]}
+
+
 def run(args) -> int:
     import json
 
     info = build_info()
+    info["selftest"] = selftest_verdicts()
     print(json.dumps(info, indent=1))
     if info["extension_error"] is not None:
         hint = "" if switched_off() else f"; {REBUILD_HINT}"

@@ -22,7 +22,10 @@ Batched (``--batch-size`` images), with a tqdm bar. Resumable: a batch is append
 (then to ``OUT``); a new invocation drops a partial last line, skips the images the log holds and rewrites
 ``OUT`` from the log, so a crash never leaves a half-written row. The synthetic captions are drawn with a seed per
 batch of the input order (``--seed``), so a resumed run writes what an uninterrupted one writes (same
-``--batch-size``). Unreadable images are reported and skipped (and retried by the next invocation).
+``--batch-size``). The settings that decide the rows (models, threshold, sampling, batch size, seed, dtype) are
+kept in ``<OUT stem>.settings.json``; a resume with other settings is refused (``--restart`` starts OUT again), so
+one output never mixes two settings' decisions. Unreadable images are reported and skipped (and retried by the
+next invocation).
 
 Checkpoints (``--captioner`` / ``--filter``): a local HF BLIP model folder (its tokenizer and image processor
 with it), a ``blipfast train --model blip`` run folder (or one of its ``checkpoint-*`` folders: the pre-trained
@@ -41,7 +44,8 @@ from typing import Optional
 
 import torch
 
-from .options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
+from .files import append_lines, check_settings, read_jsonl_rows
+from .options import EXIT_OK, EXIT_USAGE, add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
 
 
 def add_arguments(p) -> None:
@@ -70,6 +74,9 @@ def add_arguments(p) -> None:
                    "run again to continue)")
     add_device_argument(p)
     add_dtype_argument(p, "model dtype")
+    p.add_argument("--restart", action="store_true", help="start OUT again (OUT, its scores log, summary and "
+                   "settings are deleted) instead of continuing it; a run that continues OUT must use the settings it "
+                   "was started with")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
 
 
@@ -104,10 +111,8 @@ def _tokenizer(path: str, where: str):
 def _from_run(src, where: str):
     """(HF-named state dict, BlipPretrainConfig, tokenizer, processor) of a ``blipfast train --model blip`` run (a
     resolved :class:`blipfast.convert.Source` of kind "run" or "checkpoint")."""
-    from transformers import AutoImageProcessor
-
     from . import convert
-    from .data.vision import default_blip_processor
+    from .data.vision import default_blip_processor, load_image_processor
     from .models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 
     if src.run_config is None:
@@ -120,7 +125,7 @@ def _from_run(src, where: str):
     net = BlipPretrain(mcfg)
     convert.load_into(net, src, what=where, into="the run's model")
     proc_dir = os.path.join(src.run_dir, "image_processor")
-    processor = AutoImageProcessor.from_pretrained(proc_dir) if os.path.isdir(proc_dir) else \
+    processor = load_image_processor(proc_dir, where=where) if os.path.isdir(proc_dir) else \
         default_blip_processor(mcfg.vision.image_size)
     return net.state_dict(), mcfg, _tokenizer(src.run_config["tokenizer"], where), processor
 
@@ -187,10 +192,10 @@ def _hf_model(role: str, text, vision, embed_dim: int, sd: dict, where: str):
 def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None, dtype=None) -> BlipPart:
     """The ``role`` ("captioner" or "filter") model of a checkpoint (see the module docstring), in eval mode on
     ``device`` in ``dtype``, with blipfast's text model and the ViT's SDPA attention."""
-    from transformers import AutoImageProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from . import convert
-    from .data.vision import default_blip_processor, quiet_transformers
+    from .data.vision import default_blip_processor, load_image_processor, quiet_transformers
     from .models.blip_vision import fuse_vision_model
     from .patch import apply_blipfast_to_blip
 
@@ -207,7 +212,7 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
         with quiet_transformers():
             try:
                 model = cls.from_pretrained(path)
-                processor = AutoImageProcessor.from_pretrained(path)
+                processor = load_image_processor(path, where=where)
             except Exception as exc:  # transformers raises many kinds for a folder it cannot read
                 raise ValueError(f"{where}: cannot load a {cls.__name__} from {path!r}: {exc}") from None
         tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else where)
@@ -339,42 +344,37 @@ class CapFilt:
 
 
 def side_paths(out: str) -> tuple:
+    """(scores log, summary) beside ``OUT``; :func:`settings_path` is the third."""
     stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else out
     return stem + ".scores.jsonl", stem + ".summary.json"
 
 
+def settings_path(out: str) -> str:
+    """The settings the scores log was written with, beside ``OUT``."""
+    return side_paths(out)[1][:-len(".summary.json")] + ".settings.json"
+
+
+def settings(args, dtype: torch.dtype) -> dict:
+    """What decides the rows of ``OUT``: a resume must not change it (it would mix both settings' decisions)."""
+    def path(p):
+        return None if p is None else os.path.abspath(p)
+
+    return {"captioner": path(args.captioner), "filter": path(args.filter), "tokenizer": path(args.tokenizer),
+            "threshold": args.threshold, "prompt": args.prompt, "top_p": args.top_p,
+            "repetition_penalty": args.repetition_penalty, "max_length": args.max_length,
+            "min_length": args.min_length, "max_text_len": args.max_text_len, "batch_size": args.batch_size,
+            "seed": args.seed, "dtype": str(dtype).replace("torch.", "")}
+
+
 def _read_log(path: str) -> dict:
     """image -> texts of the complete rows of a scores log; a partial last line (a crash mid-write) is cut off."""
-    done: dict = {}
-    if not os.path.isfile(path):
-        return done
-    with open(path, "rb") as fh:
-        data = fh.read()
-    good = 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            row = json.loads(line)
-            done[row["image"]] = row["texts"]
-        except (ValueError, KeyError, TypeError):
-            break
-        good += len(line)
-    if good != len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(good)
-    return done
+    return {r["image"]: r["texts"] for r in read_jsonl_rows(path)
+            if isinstance(r, dict) and isinstance(r.get("image"), str) and isinstance(r.get("texts"), list)}
 
 
 def _out_rows(image: str, texts: list) -> list:
     return [json.dumps({"image": image, "caption": t["caption"], "source": t["source"], "itm": t["itm"]}) + "\n"
             for t in texts if t["keep"]]
-
-
-def _append(fh, lines: list) -> None:
-    fh.write("".join(lines))
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def summarize(done: dict, unreadable: list, threshold: float) -> dict:
@@ -393,7 +393,7 @@ def run(args) -> int:
         return _run(args)
     except ValueError as exc:
         print(f"blipfast capfilt: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
 
 
 def _run(args) -> int:
@@ -420,15 +420,21 @@ def _run(args) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    log_path, summary_path = side_paths(args.out)
+    if args.restart:
+        for p in (args.out, log_path, summary_path, settings_path(args.out)):
+            if os.path.isfile(p):
+                os.remove(p)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    done = _read_log(log_path)
+    check_settings(settings_path(args.out), settings(args, dtype), output=f"--out {args.out}",
+                   resumed=bool(done) or os.path.isfile(args.out))
     cap = load_blip(args.captioner, "captioner", args.tokenizer, device, dtype)
     filt = load_blip(args.filter, "filter", args.tokenizer, device, dtype)
     pipe = CapFilt(cap, filt, prompt=args.prompt, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    max_length=args.max_length, min_length=args.min_length, max_text_len=args.max_text_len,
                    threshold=args.threshold)
 
-    log_path, summary_path = side_paths(args.out)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    done = _read_log(log_path)
     if done or not os.path.isfile(args.out):  # OUT follows the log (repairs a crash between the two writes)
         tmp = args.out + ".tmp"
         with open(tmp, "w") as fh:
@@ -459,15 +465,16 @@ def _run(args) -> int:
             if images:
                 torch.manual_seed((args.seed * 1_000_003 + b // args.batch_size) % 2**63)
                 results = pipe.process(images, [web[k] for k in names])
-                _append(log, [json.dumps({"image": k, "texts": r}) + "\n" for k, r in zip(names, results)])
-                _append(out, [line for k, r in zip(names, results) for line in _out_rows(k, r)])
+                append_lines(log, [json.dumps({"image": k, "texts": r}) + "\n" for k, r in zip(names, results)])
+                append_lines(out, [line for k, r in zip(names, results) for line in _out_rows(k, r)])
                 done.update(zip(names, results))
             n_new += len(chunk)
             bar.update(len(chunk))
     bar.close()
     summary = summarize(done, unreadable, args.threshold)
     with open(summary_path, "w") as fh:
-        json.dump({**summary, "captioner": args.captioner, "filter": args.filter, "seed": args.seed}, fh, indent=1)
+        json.dump({**summary, "captioner": args.captioner, "filter": args.filter, "seed": args.seed,
+                   "settings": settings(args, dtype)}, fh, indent=1)
     rows = sum(t["keep"] for texts in done.values() for t in texts)
     left = len([k for k in keys if k not in done]) - len(unreadable)
     w, s = summary["web"], summary["synthetic"]
@@ -476,4 +483,4 @@ def _run(args) -> int:
           + f"; web texts {w['kept']} kept, {w['removed']} removed; synthetic {s['kept']} kept, {s['removed']} "
           f"removed -> {args.out} ({rows} rows) in {time.perf_counter() - t0:.1f} s"
           + (f"; {left} images left (run again to continue)" if left > 0 else ""), flush=True)
-    return 0
+    return EXIT_OK

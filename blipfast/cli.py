@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 COMMANDS = {
     "bench": ("blipfast.bench.cli", "time blipfast against its baselines on this machine's device"),
     "info": ("blipfast._ext", "print what was built (extension, CUDA archs, Triton)"),
+    "selftest": ("blipfast.selftest.cli", "check every fused kernel against its reference on this device"),
     "caption": ("blipfast.generate.caption", "caption a folder or JSONL of images with a BLIP-2 model (JSONL out)"),
     "vqa": ("blipfast.generate.vqa", "answer the questions of a JSONL of images with a BLIP-2 model (JSONL out)"),
     "train": ("blipfast.train.cli", "BLIP-2 stage-1 (ITC + ITM + ITG) or stage-2 (frozen LLM) training from images "

@@ -45,6 +45,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from .files import share
 from .sources import CHECKPOINT_DIR, Source, list_checkpoints, resolve_source  # noqa: F401 (the one resolver)
 
 LM_HEAD_PREFIX = "qformer_lm_head."  # blipfast's name for LAVIS ``Qformer.cls.predictions.``
@@ -301,8 +302,11 @@ def _load_index(index: Path, prefix: Optional[str]) -> dict:
 def _load_safetensors(path: Path, prefix: Optional[str]) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys() if prefix is None or k.startswith(prefix)}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys() if prefix is None or k.startswith(prefix)}
+    except Exception as exc:  # safetensors' SafetensorError for an empty, truncated or damaged file
+        raise ValueError(f"{path}: cannot be read as safetensors (empty, truncated or damaged?): {exc}") from None
 
 
 def load_state_dict(source, *, prefix: Optional[str] = None) -> dict:
@@ -327,7 +331,11 @@ def load_state_dict(source, *, prefix: Optional[str] = None) -> dict:
             return _load_index(path, prefix)
         if path.suffix == ".safetensors":
             return _load_safetensors(path, prefix)
-        sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            sd = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+        except (EOFError, RuntimeError) as exc:  # empty or truncated (a refused pickle stays an UnpicklingError)
+            raise ValueError(f"{path}: cannot be read as a torch file (empty, truncated or damaged?): "
+                             f"{type(exc).__name__}: {exc}") from None
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in sd.items()):
         raise TypeError(f"{path}: does not hold a state dict (a dict of name -> tensor, or one under 'model')")
@@ -442,7 +450,7 @@ def load_into(module: torch.nn.Module, source, *, prefix: str = "", ignore=(), w
     try:
         sd = load_state_dict(weights, prefix=prefix or None) if prefix and not isinstance(weights, Mapping) else {}
         sd = sd or load_state_dict(weights)
-    except (OSError, TypeError) as exc:
+    except (OSError, TypeError, ValueError) as exc:
         raise ValueError(f"{what}: {exc}") from None
     skip = [re.compile(p) for p in ignore]
     own = {k: v for k, v in module.state_dict(keep_vars=True).items() if not _DROPPED.match(k)}
@@ -539,7 +547,8 @@ def save_lavis_checkpoint(state_dict: Mapping[str, torch.Tensor], path) -> None:
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path) -> None:
-    """Write a state dict as one ``.safetensors`` file (tied tensors are written as separate copies)."""
+    """Write a state dict as one ``.safetensors`` file (tied tensors are written as separate copies), with the mode
+    the user's umask gives a new file."""
     from safetensors.torch import save_file
 
     seen: set = set()
@@ -551,3 +560,4 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path) -> None:
         if v.numel():
             seen.add(ptr)
     save_file(out, str(path), metadata={"format": "pt"})
+    share(str(path))  # safetensors writes 0600: the user's umask instead

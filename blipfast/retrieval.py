@@ -188,7 +188,8 @@ def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None,
              progress: bool = False, processor=None) -> dict:
     """Score matrices and metrics of a gallery: ``images`` (a folder, with the model's vision model, through
     ``processor``: see :func:`load_images`) or ``features`` (a feature cache folder). Returns ``{"score_i2t",
-    "score_t2i", "metrics", "seconds"}``."""
+    "score_t2i", "metrics", "seconds", "nonfinite_images"}`` (the gallery's images whose features hold NaN or
+    Inf: their scores, and so the metrics, are NaN)."""
     if (images is None) == (features is None):
         raise ValueError("evaluate: give images (a folder) or features (a feature cache), exactly one")
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
@@ -198,6 +199,7 @@ def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None,
                              progress=progress, processor=processor)
     else:
         embeds = load_features(features, gallery.images)
+    bad = (~torch.isfinite(embeds.flatten(1)).all(1)).nonzero().flatten().tolist()
     ids, mask = tokenize(tokenizer, gallery.texts, max_txt_len)
     sync()
     t1 = time.perf_counter()
@@ -208,4 +210,5 @@ def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None,
     metrics = recall_at_k(s_i2t, s_t2i, gallery.img2txt, gallery.txt2img)
     t3 = time.perf_counter()
     return {"score_i2t": s_i2t, "score_t2i": s_t2i, "metrics": metrics,
+            "nonfinite_images": [gallery.images[i] for i in bad],
             "seconds": {"inputs": t1 - t0, "scores": t2 - t1, "recall": t3 - t2, "total": t3 - t0}}

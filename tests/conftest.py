@@ -17,6 +17,9 @@ import torch
 # set before any kernel module is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The first-use self-test of the fused kernels (docs/selftest.md) is off in the suite, so that a test on a GPU
+# counts, times and syncs only what it runs itself; tests/selftest/ switches it on where it is the subject.
+os.environ.setdefault("BLIPFAST_SELFTEST", "0")
 
 from tests.helpers.runtime import HAS_CUDA  # noqa: E402  (after TRITON_INTERPRET)
 from tests.helpers.runtime import extension_setup  # noqa: E402

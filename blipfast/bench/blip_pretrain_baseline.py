@@ -17,6 +17,9 @@ enqueued features are this process' own.
 A given negative of -1 (nothing drawable, e.g. B = 1) leaves its row out of the ITM mean, as blipfast does (BLIP's
 multinomial crashes there). Dropout follows ``model.training``. With ``image_ids`` the ITC targets and the
 negatives' exclusion are those of ``BLIP_Retrieval`` (index queue), the negatives' weights stay BLIP_Pretrain's.
+BLIP's weight tie is restated, not read from the model: the LM head's output weight is the text encoder's word
+embedding matrix (one parameter for the encoder's, the decoder's and the head's), so a model that kept a head
+weight of its own would compute another LM loss here.
 """
 from __future__ import annotations
 
@@ -206,7 +209,9 @@ def blip_pretrain_forward(model, pixel_values, input_ids, attention_mask, alpha,
     dec_out = med_forward(model.text_decoder.bert, decoder_input_ids, attention_mask, image=image_embeds, causal=True)
     head = model.text_decoder.cls.predictions
     y = _ln(ACT2FN[cfg.text.hidden_act](_lin(dec_out, head.transform.dense)), head.transform.LayerNorm)
-    scores = _lin(y, head.decoder)
+    # BLIP's tie (models/blip_pretrain.py since 073b821): the LM head's output weight IS the word embedding that the
+    # encoder and the decoder look their tokens up in (its bias is the head's own)
+    scores = F.linear(y, model.text_encoder.embeddings.word_embeddings.weight, head.decoder.bias)
     loss_lm = F.cross_entropy(_up(scores[:, :-1, :]).reshape(-1, scores.shape[-1]),
                               decoder_targets[:, 1:].reshape(-1), label_smoothing=cfg.lm_label_smoothing)
     return {"loss": loss_ita + loss_itm + loss_lm, "loss_itc": loss_ita, "loss_itm": loss_itm, "loss_lm": loss_lm}

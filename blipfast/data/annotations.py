@@ -11,9 +11,10 @@ Accepted formats (detected from the first non-blank character):
 path does. Captions go through LAVIS' ``BlipCaptionProcessor`` (:func:`pre_caption`: lower case, the
 punctuation ``.!"()*#:;~`` removed, at most 50 words).
 
-A row that cannot be used (not JSON, not an object, no ``image`` or ``caption``, an empty caption, an image
-file that does not exist under ``images``) is reported as ``FILE:LINE: reason (skipped)`` and skipped; the
-pairs of the other rows are kept. A file that cannot be read at all, or leaves no pair, is a ValueError.
+A row that cannot be used (not JSON, not valid UTF-8, not an object, no ``image`` or ``caption``, an empty caption,
+an image file that does not exist under ``images``) is reported as ``FILE:LINE: reason (skipped)`` and skipped;
+the pairs of the other rows are kept. A UTF-8 byte-order mark at the start is ignored. A file that cannot be read at
+all, or leaves no pair, is a ValueError.
 """
 from __future__ import annotations
 
@@ -77,6 +78,15 @@ def _line_of(text: str, pos: int, state: list) -> int:
     return line
 
 
+# the bytes that are not UTF-8, as "surrogateescape" decoding keeps them
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(text: str, m: re.Match) -> str:
+    col = m.start() - text.rfind("\n", 0, m.start())
+    return f"not valid UTF-8 (byte 0x{ord(m.group()) - 0xdc00:02x} at column {col})"
+
+
 def _json_list_items(text: str, path: str) -> Iterator[tuple]:
     """(line, object or exception) for each element of a top-level JSON list, with line numbers."""
     dec = json.JSONDecoder()
@@ -90,11 +100,15 @@ def _json_list_items(text: str, path: str) -> Iterator[tuple]:
         return
     while True:
         line = _line_of(text, i, state)
+        start = i
         try:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the list cannot be read past "
                              f"this point") from None
+        bad = _NOT_UTF8.search(text, start, i)
+        if bad:
+            obj = ValueError(f"{_not_utf8(text, bad)[:-1]}, line {_line_of(text, bad.start(), state)})")
         yield line, obj
         i = ws.match(text, i).end()
         if text[i:i + 1] == ",":
@@ -106,8 +120,12 @@ def _json_list_items(text: str, path: str) -> Iterator[tuple]:
 
 
 def _jsonl_items(text: str) -> Iterator[tuple]:
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 and friends are valid inside JSON
         if not line.strip():
+            continue
+        bad = _NOT_UTF8.search(line)
+        if bad:
+            yield n, ValueError(_not_utf8(line, bad))
             continue
         try:
             yield n, json.loads(line)
@@ -123,10 +141,12 @@ def _rows(path) -> tuple[str, Iterator[tuple]]:
     if not os.path.isfile(path):
         raise ValueError(f"--data: annotation file {path!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
         raise ValueError(f"--data: cannot read {path!r}: {exc}") from None
+    # a row with bytes that are not UTF-8 is reported with its line (the others are read); a BOM is not text
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     return path, (_json_list_items(text, path) if text.lstrip().startswith("[") else _jsonl_items(text))
 
 
@@ -207,27 +227,44 @@ def read_annotations(path: str, images_dir: Optional[str] = None, check_images: 
 @dataclasses.dataclass
 class Gallery:
     """A retrieval gallery in LAVIS' order: image paths (as the file writes them), captions, ``img2txt`` (caption
-    indices per image) and ``txt2img`` (the image of each caption)."""
+    indices per image) and ``txt2img`` (the image of each caption); ``problems``: ``FILE:LINE: ...`` for each entry
+    that changes the recall without being an error (an image listed twice, an empty caption, an image left without
+    a non-empty caption)."""
 
     images: list
     texts: list
     img2txt: list = dataclasses.field(default_factory=list)
     txt2img: list = dataclasses.field(default_factory=list)
+    problems: list = dataclasses.field(default_factory=list)
 
 
 def read_gallery(path, max_words: int = MAX_WORDS) -> Gallery:
     """The same files as a retrieval gallery, as LAVIS' retrieval evaluation reads them (``RetrievalEvalDataset``):
     one image per row, every caption through :func:`pre_caption` and kept (an empty one too). Unlike
-    :func:`read_annotations`, a row that cannot be used is a ValueError: an evaluation never drops data."""
+    :func:`read_annotations`, a row that cannot be used is a ValueError: an evaluation never drops data; what LAVIS
+    accepts but changes the recall (see :class:`Gallery`) is listed in ``problems``."""
     path, items = _rows(path)
     g = Gallery([], [])
+    first_line: dict = {}
     for line, obj in items:
         image, captions = _image_and_captions(obj)
         if image is None:
             raise ValueError(f"--data: {path}:{line}: {captions}")
+        key = os.path.normpath(image)
+        if key in first_line:
+            g.problems.append(f"{path}:{line}: image {image!r} is listed again (first at line {first_line[key]}): "
+                              f"each entry is a gallery image of its own, whose captions count against the other")
+        first_line.setdefault(key, line)
+        texts = [pre_caption(c, max_words) for c in captions]
+        empty = [k + 1 for k, t in enumerate(texts) if not t]
+        if empty and len(empty) == len(texts):
+            g.problems.append(f"{path}:{line}: image {image!r} has no non-empty caption (its text retrieval fails)")
+        elif empty:
+            g.problems.append(f"{path}:{line}: caption(s) {empty} of {len(texts)} are empty after LAVIS' caption "
+                              f"processing")
         g.img2txt.append(list(range(len(g.texts), len(g.texts) + len(captions))))
         g.txt2img += [len(g.images)] * len(captions)
-        g.texts += [pre_caption(c, max_words) for c in captions]
+        g.texts += texts
         g.images.append(image)
     if not g.texts:
         raise ValueError(f"--data: {path!r} has no captions")

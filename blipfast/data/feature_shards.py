@@ -30,9 +30,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..files import share
+from ..files import write_json_atomic as _write_json
+from ..options import DTYPES as _DTYPES
 from .annotations import pre_caption
-from .features import DTYPES as _DTYPES
-from .features import _write_json_atomic as _write_json
 from .stream import BadSample, StreamLoader, collate_tensors, stream_loader
 
 SHARD_FORMAT = "blipfast-feature-shard"
@@ -178,6 +179,7 @@ class FeatureShardWriter:
                 "captions": json.dumps(rec["captions"])}
         tmp = os.path.join(self.out, name + ".tmp")
         save_file(tensors, tmp, metadata=meta)
+        share(tmp)  # safetensors writes 0600
         os.replace(tmp, os.path.join(self.out, name))
         p["shards"].append({"file": name, "images": len(rec["keys"]), "pairs": sum(map(len, rec["captions"])),
                             "source": source})
@@ -206,6 +208,20 @@ def write_index(out: str) -> dict:
              "pairs": sum(s["pairs"] for s in shards), "shards": shards}
     _write_json(os.path.join(out, "index.json"), index)
     return index
+
+
+def is_feature_shards(path) -> bool:
+    """True when folder ``path`` holds feature shards (its ``index.json`` says :data:`INDEX_FORMAT`); False for
+    anything else, e.g. a cache of ``blipfast cache-features`` from an annotation file (format
+    ``blipfast-features``: :class:`blipfast.data.features.FeatureCache`)."""
+    index = os.path.join(path, "index.json") if isinstance(path, (str, os.PathLike)) else None
+    if index is None or not os.path.isfile(index):
+        return False
+    try:
+        with open(index) as fh:
+            return json.load(fh).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class FeatureShards:

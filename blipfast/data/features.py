@@ -1,5 +1,9 @@
 """``blipfast cache-features``: run the frozen vision encoder once over a data set's images and keep its tokens.
 
+On WebDataset shards it writes feature shards, every ``torchrun`` rank its own (:mod:`blipfast.data.cache_shards`,
+:mod:`blipfast.data.feature_shards`: the captions inside, streamed sequentially by training, fp8 possible). On an
+annotation file it writes the cache below, which training reads with the same annotation file.
+
 BLIP-2's ViT-g costs about 520 GFLOP per image and is frozen in stage 1 (docs/semantics.md#cost-model): training for E
 epochs from images pays it E times, training from this cache once. The cache is a folder:
 
@@ -11,8 +15,9 @@ epochs from images pays it E times, training from this cache once. The cache is 
 
 A shard and then the index are written under temporary names and renamed, so an interrupted run leaves a valid
 cache; running the command again continues where it stopped (the images already in the index are skipped) and
-refuses a different vision model or dtype. Training with ``--features`` reads rows straight from the memory-mapped
-shards (:class:`FeatureCache`).
+refuses a different vision model or dtype; an image skipped as unreadable is tried again when its file
+changed (size or modification time) or with ``--retry-skipped``. Training with ``--features`` reads rows straight
+from the memory-mapped shards (:class:`FeatureCache`).
 """
 from __future__ import annotations
 
@@ -24,16 +29,21 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..options import DTYPES, add_device_argument, add_dtype_argument, dtype_name, resolve_device, resolve_dtype
+from ..files import share
+from ..files import write_json_atomic as _write_json_atomic
+from ..options import (DTYPES, EXIT_OK, EXIT_USAGE, add_device_argument, add_dtype_argument, dtype_name,
+                       resolve_device, resolve_dtype)
 
 FORMAT = "blipfast-features"
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+def _file_stat(path: str) -> Optional[list]:
+    """[size, mtime_ns] of a file (None when missing): what tells a skipped image's file changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 class FeatureCache:
@@ -109,8 +119,9 @@ def _collate(rows):
 
 def cache_features(data: str, images: str, vision: str, out: str, *, batch_size: int = 64, shard_size: int = 1024,
                    dtype: str = "bf16", device: Optional[str] = None, vision_dtype: str = "auto",
-                   num_workers: int = 0, progress: bool = True, log=print) -> dict:
-    """Write (or complete) the cache ``out`` for the images of annotation file ``data``; returns the counts."""
+                   num_workers: int = 0, progress: bool = True, retry_skipped: bool = False, log=print) -> dict:
+    """Write (or complete) the cache ``out`` for the images of annotation file ``data``; returns the counts.
+    ``retry_skipped``: read again every image an earlier run skipped (by default only those whose file changed)."""
     from tqdm.auto import tqdm
 
     from .annotations import read_annotations
@@ -142,11 +153,19 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
         index = {"format": FORMAT, "version": 1, "dtype": dtype, "tokens": None, "width": tower.width,
                  "vision_config": ident.get("config.json"), "processor_config": ident.get("preprocessor_config.json"),
                  "vision_path": ident["path"], "shards": [], "skipped": {}}
+    seen = index.setdefault("skipped_files", {})
+    retried = [k for k in index["skipped"] if retry_skipped or _file_stat(os.path.join(images, k)) != seen.get(k)]
+    for k in retried:
+        del index["skipped"][k]
+        seen.pop(k, None)
+    if retried:
+        log(f"  {len(retried)} image(s) skipped by an earlier run read again ("
+            + ("--retry-skipped)" if retry_skipped else "their file changed)"))
     done = {k for s in index["shards"] for k in s["images"]} | set(index["skipped"])
     todo = [k for k in ann.images if k not in done]
     present = len(ann.images) - len(todo)
     os.makedirs(out, exist_ok=True)
-    counts = {"written": 0, "already_present": present, "skipped": 0, "bad_rows": len(ann.bad)}
+    counts = {"written": 0, "already_present": present, "skipped": 0, "bad_rows": len(ann.bad), "retried": len(retried)}
     keys, feats = [], []
 
     def flush():
@@ -158,6 +177,7 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
             name = f"shard-{len(index['shards']):05d}.safetensors"
             tmp = os.path.join(out, name + ".tmp")
             save_file({"features": torch.cat(feats).contiguous()}, tmp, metadata={"format": FORMAT})
+            share(tmp)  # safetensors writes 0600
             os.replace(tmp, os.path.join(out, name))
             index["shards"].append({"file": name, "images": list(keys)})
             keys.clear()
@@ -173,6 +193,7 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
         for k, px, err in rows:
             if err is not None:
                 index["skipped"][k] = err
+                seen[k] = _file_stat(os.path.join(images, k))
                 counts["skipped"] += 1
                 log(f"  {err} (skipped)")
         if good:
@@ -203,14 +224,18 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="annotation file: JSONL or a LAVIS/BLIP JSON list of "
-                   "{'image': relative path, 'caption': text or list}")
-    p.add_argument("--images", required=True, help="folder the annotation's image paths are relative to")
+    p.add_argument("--data", required=True, help="WebDataset shards ('shards/{00000..01743}.tar', a folder of .tar "
+                   "files, a list file, URLs or 'pipe:' commands; img2dataset's layout): feature shards that hold the "
+                   "captions, written by every torchrun rank; or an annotation file (JSONL or a LAVIS/BLIP JSON list "
+                   "of {'image': relative path, 'caption': text or list}, with --images): a feature cache read with "
+                   "that --data")
+    p.add_argument("--images", help="annotation file: the folder its image paths are relative to")
     p.add_argument("--vision", required=True, help="local Hugging Face vision model folder (Blip2VisionModel, "
                    "CLIPVisionModel, SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint, or any AutoModel "
                    "tower) with its preprocessor_config.json")
     p.add_argument("--out", required=True, help="cache folder (created; an existing cache is continued)")
-    add_dtype_argument(p, "dtype of the stored tokens", default="bf16")
+    add_dtype_argument(p, "dtype of the stored tokens", default="bf16",
+                       note="fp8: e4m3 with a per-token scale, half of bf16's disk, shards only", extra=("fp8",))
     add_dtype_argument(p, "dtype the vision model runs in, under autocast", flag="--vision-dtype", default="auto",
                        auto=True)
     p.add_argument("--batch-size", type=int, default=64, help="images per vision forward (default 64)")
@@ -218,15 +243,47 @@ def add_arguments(p) -> None:
     add_device_argument(p)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image-decoding DataLoader workers (default: min(4, CPU cores))")
+    from .image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
+
+    p.add_argument("--image-key", default=DEFAULT_IMAGE_KEY, help=f"shards: the image is the first present of "
+                   f"these ';'-separated extensions (default: {DEFAULT_IMAGE_KEY})")
+    p.add_argument("--caption-key", default=DEFAULT_CAPTION_KEY, help=f"shards: the caption is the first present "
+                   f"of these candidates, an extension's text or EXT:FIELD of a JSON file (default: "
+                   f"{DEFAULT_CAPTION_KEY})")
+    p.add_argument("--gpu-decode", action="store_true", help="shards: decode the JPEGs on the device in batches "
+                   "(nvJPEG through torchvision.io.decode_jpeg) and run the image processor there, for when the CPU "
+                   "decoders cannot keep up with the vision model (on a CPU device: the same path on the CPU)")
+    p.add_argument("--retry-skipped", action="store_true", help="read again the images an earlier run skipped as "
+                   "unreadable (by default only those whose file changed since)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args) -> int:
+    from .shards import looks_like_shards
+
     try:
+        if looks_like_shards(args.data):
+            if args.images is not None:
+                raise ValueError("--images is for annotation files: WebDataset shards hold their images")
+            from .cache_shards import cache_feature_shards
+
+            cache_feature_shards(args.data, args.vision, args.out, batch_size=args.batch_size,
+                                 shard_size=args.shard_size, dtype=args.dtype, device=args.device,
+                                 vision_dtype=args.vision_dtype, num_workers=args.num_workers,
+                                 image_key=args.image_key, caption_key=args.caption_key, gpu_decode=args.gpu_decode,
+                                 progress=not args.no_progress)
+            return EXIT_OK
+        if args.images is None:
+            raise ValueError("--images DIR is needed with an annotation file (the folder its image paths are "
+                             "relative to)")
+        if args.dtype == "fp8" or args.gpu_decode:
+            raise ValueError(f"{'--dtype fp8' if args.dtype == 'fp8' else '--gpu-decode'} is for WebDataset shards "
+                             f"(feature shards); an annotation file's cache stores bf16, fp16 or fp32")
         cache_features(args.data, args.images, args.vision, args.out, batch_size=args.batch_size,
                        shard_size=args.shard_size, dtype=args.dtype, device=args.device,
-                       vision_dtype=args.vision_dtype, num_workers=args.num_workers, progress=not args.no_progress)
+                       vision_dtype=args.vision_dtype, num_workers=args.num_workers, progress=not args.no_progress,
+                       retry_skipped=args.retry_skipped)
     except ValueError as exc:
         print(f"blipfast cache-features: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK

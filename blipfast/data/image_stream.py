@@ -104,7 +104,12 @@ def tar_samples(url: str):
 class ImageTextSource:
     """The samples of image-text tar shards for :class:`blipfast.data.stream.ShardStream`.
 
-    ``image_transform``: PIL RGB image -> tensor (e.g. the vision model's processor); ``tokenize``: list of
+    ``image_transform``: PIL RGB image -> tensor (e.g. the vision model's processor); one with an attribute
+    ``per_sample = True`` (a random augmentation) is called ``image_transform(image, key=, epoch=, draw=)``:
+    the sample's key, the pass over the shards it was read in (0 with ``resampled``) and ``draw``, a position
+    ``(logical worker, shard position, offset)`` unique to this reading of the sample in the whole stream, so
+    that it can seed its draws from ``(seed, epoch, key)`` or ``(seed, draw)`` and stay deterministic and
+    resumable; ``tokenize``: list of
     captions -> dict of [B, ...] tensors (``input_ids``, ``attention_mask``, ...); ``text_transform``: the caption
     processing (default LAVIS' ``pre_caption``; None keeps the text); ``image_decoder``: bytes -> what
     ``image_transform`` takes (default :func:`decode_image`).
@@ -159,7 +164,12 @@ class ImageTextSource:
         if not caption.strip():
             raise BadSample("empty caption")
         try:
-            pixels = self.image_transform(self.image_decoder(raw[ext]))
+            image = self.image_decoder(raw[ext])
+            if getattr(self.image_transform, "per_sample", False):
+                pixels = self.image_transform(image, key=raw["__key__"], epoch=raw.get("__epoch__", 0),
+                                              draw=raw.get("__draw__"))
+            else:
+                pixels = self.image_transform(image)
         except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
             raise BadSample(f"cannot decode .{ext}: {type(exc).__name__}: {exc}") from None
         return {"pixel_values": pixels, "caption": caption, "image_id": key_image_id(raw["__key__"]),

@@ -14,7 +14,8 @@ Local shards are checked to exist up front; URLs and commands are opened when th
 :func:`dataset_size` reads the sample count written beside local shards, as OpenCLIP does: a ``sizes.json``
 (``{"00000.tar": 9876, ...}``) or a ``__len__`` file in the first shard's folder, or else img2dataset's
 ``NNNNN_stats.json`` (``"successes"``) beside every shard. :func:`key_image_id` turns a sample key into the int64
-image id of the batch (pairs with the same key show the same image).
+image id of the batch (pairs with the same key show the same image). :func:`input_kind` tells what
+``blipfast train``'s ``--data`` and ``--features`` name.
 """
 from __future__ import annotations
 
@@ -150,3 +151,16 @@ def key_image_id(key: str) -> int:
     if key.isdigit() and key.isascii() and len(key) < 19:
         return int(key)
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def input_kind(data: Optional[str], features: Optional[str] = None) -> str:
+    """What ``blipfast train``'s ``--data`` and ``--features`` name: ``"feature-shards"`` (a folder of feature
+    shards: the captions are inside, no ``--data``), ``"shards"`` (WebDataset image-text shards), ``"annotations"``
+    (an annotation file, read with ``--images`` or a feature cache of it) or ``"synthetic"`` (neither given)."""
+    from .feature_shards import is_feature_shards
+
+    if features is not None and is_feature_shards(features):
+        return "feature-shards"
+    if data is None:
+        return "synthetic"
+    return "shards" if looks_like_shards(data) else "annotations"

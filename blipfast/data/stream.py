@@ -249,6 +249,7 @@ class ShardStream(IterableDataset):
         report, run, since, batch = BadSamples(), 0, 0, []
         decode, collate = self.source.decode, self.source.collate
         for s, off, raw in gen:
+            raw["__epoch__"], raw["__draw__"] = worker.pass_of(s), (worker.g, s, off)  # see image_stream
             try:
                 batch.append(decode(raw))
             except BadSample as exc:
@@ -310,8 +311,11 @@ class StreamLoader:
         from torch.utils.data import DataLoader
 
         self.stream.state = self.state_dict()
+        # a generator of its own: the DataLoader draws its workers' base seed from it, not from the global RNG
+        # (which a resumed trainer has just restored for dropout)
         loader = DataLoader(self.stream, batch_size=None, collate_fn=_same, num_workers=self.stream.num_workers,
-                            persistent_workers=False, **self.loader_args)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(self.stream.seed),
+                            **self.loader_args)
         for batch in loader:
             meta = batch.pop("__stream__")
             rec = self.workers[meta["worker"]]
@@ -325,12 +329,13 @@ class StreamLoader:
 
 
 def stream_loader(urls: Sequence[str], source, *, num_workers: int = 0, pin_memory: bool = False,
-                  with_keys: bool = False, **stream_args) -> StreamLoader:
+                  with_keys: bool = False, multiprocessing_context=None, **stream_args) -> StreamLoader:
     """A :class:`StreamLoader` over ``ShardStream(urls, source, num_workers=num_workers, **stream_args)``
-    (4 batches prefetched per worker)."""
+    (4 batches prefetched per worker; ``multiprocessing_context``: the DataLoader's, e.g. "fork" for a source
+    holding callables that do not pickle)."""
     stream = ShardStream(urls, source, num_workers=num_workers, **stream_args)
     return StreamLoader(stream, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                        with_keys=with_keys)
+                        with_keys=with_keys, multiprocessing_context=multiprocessing_context)
 
 
 class ShardReader(IterableDataset):

@@ -113,7 +113,7 @@ def load_vision_tower(path: str, device: Optional[torch.device] = None, dtype: O
 
 def _load(path, device, dtype):
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
 
     try:
         cfg = AutoConfig.from_pretrained(path)
@@ -133,11 +133,7 @@ def _load(path, device, dtype):
         raise
     except Exception as exc:
         raise ValueError(f"--vision: cannot load a vision model from {path!r} ({type(exc).__name__}: {exc})") from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(path)
-    except Exception as exc:
-        raise ValueError(f"--vision: {path!r} has no usable image processor config (preprocessor_config.json): "
-                         f"{exc}") from None
+    processor = load_image_processor(path, where="--vision")
     tower = VisionTower(model)
     if tower.width <= 0:
         raise ValueError(f"--vision: cannot tell the hidden size of {type(model).__name__} (config.hidden_size)")
@@ -162,6 +158,32 @@ def describe(path: str) -> dict:
     return out
 
 
+def load_image_processor(path, *, where: str = "--model", backend: str = "pil"):
+    """The image processor of a local folder (its ``preprocessor_config.json``) on transformers' PIL backend.
+
+    The references (LAVIS, Salesforce BLIP) resize PIL images with torchvision's transforms, that is with PIL's
+    own resampling; transformers' default backend, once torchvision is installed, resizes tensors instead, which
+    gives other pixels (up to 0.015 after normalisation at 224 px, enough to change a beam search). Every loader of
+    blipfast reads processors through this one function, so that the same folder gives the same pixels in
+    training, feature caching, generation and evaluation, with or without torchvision. A processor type without a
+    PIL backend is loaded on its default one. ``backend="torchvision"``: the tensor backend, for the processors
+    that run on the device (``cache-features --gpu-decode``). Raises ValueError naming ``where`` when the folder
+    has no usable processor config."""
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    with quiet_transformers():
+        try:
+            try:
+                return AutoImageProcessor.from_pretrained(path, backend=backend)
+            except (ValueError, KeyError, TypeError):  # no such backend for this processor type
+                if backend != "pil":
+                    raise
+                return AutoImageProcessor.from_pretrained(path)
+        except Exception as exc:  # transformers raises many kinds for a missing or broken config
+            raise ValueError(f"{where}: {str(path)!r} has no usable image processor config "
+                             f"(preprocessor_config.json): {exc}") from None
+
+
 def default_blip_processor(size: int):
     """BLIP's evaluation transform (LAVIS' ``blip_image_eval``, BLIP's ``transform_test``) as an HF image processor:
     RGB, PIL's bicubic resize to size x size, [0, 1], CLIP's mean/std. transformers' PIL backend
@@ -179,7 +201,7 @@ def load_blip_vision(path: str):
     ``BlipVisionModel`` or any BLIP (v1) checkpoint folder (``BlipForConditionalGeneration``,
     ``BlipForImageTextRetrieval``, ...: its ``vision_model.*`` weights). Without a ``preprocessor_config.json``
     the processor is :func:`default_blip_processor` at the ViT's size."""
-    from transformers import AutoConfig, AutoImageProcessor, BlipVisionModel
+    from transformers import AutoConfig, BlipVisionModel
 
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise ValueError(f"--vision: {path!r} is not a folder (a local BlipVisionModel or BLIP model folder)")
@@ -197,8 +219,6 @@ def load_blip_vision(path: str):
             raise ValueError(f"--vision: BLIP trains its own ViT, a BlipVisionModel; {path!r} holds a "
                              f"{cfg.model_type!r} model (give a BlipVisionModel or BLIP folder, or none: a fresh ViT "
                              f"of the preset)")
-        try:
-            processor = AutoImageProcessor.from_pretrained(path)
-        except Exception:  # no preprocessor_config.json
-            processor = None
+        has_processor = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+    processor = load_image_processor(path, where="--vision") if has_processor else None
     return model, processor or default_blip_processor(model.config.image_size)

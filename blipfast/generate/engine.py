@@ -1,7 +1,17 @@
-"""The engine of ``blipfast caption`` / ``blipfast vqa``: inputs, the model, batched generation, JSONL output."""
+"""The engine of ``blipfast caption`` / ``blipfast vqa``: inputs, the model, batched generation, JSONL output.
+
+Before the model loads, the inputs are checked (every row, every image file present and not empty, the model
+folder: a generation model with its weights, tokenizer and image processor), so a mistake costs no model load. An
+image that cannot be read is reported and skipped, as ``blipfast train`` and ``capfilt`` do; an empty generated text
+is written (it is the model's answer) and counted in the report. An ``--output`` file grows by whole batches (one
+write and an fsync each): a second invocation keeps its rows, cuts a partial last line and does only the rows it
+lacks; the settings it was written with are kept beside it (``<stem>.settings.json``) and another model, prompt or
+generation setting is refused (``--restart`` starts the output again).
+"""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -10,7 +20,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..options import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
+from ..files import append_lines, check_settings, read_jsonl_rows
+from ..options import (EXIT_OK, EXIT_USAGE, add_device_argument, add_dtype_argument, auto_dtype_name, dtype_name,
+                       resolve_device, resolve_dtype)
+
+GENERATION_CLASSES = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -68,14 +85,52 @@ def read_items(*, images=None, data=None, image_root=None, need_question: bool =
     return items
 
 
-def _load_image(path: Path):
-    from PIL import Image
+def check_images(items: list) -> tuple[list, list]:
+    """(the items whose image file exists and is not empty, one message per other item)."""
+    good, bad = [], []
+    for it in items:
+        if not it.path.is_file():
+            bad.append(f"image {it.path}: cannot be read: no such file (skipped)")
+        elif it.path.stat().st_size == 0:
+            bad.append(f"image {it.path}: cannot be read: the file is empty (skipped)")
+        else:
+            good.append(it)
+    return good, bad
 
+
+def check_model_folder(model_dir) -> None:
+    """Refuse (ValueError naming ``--model`` and the file) a folder that is not a BLIP-2 / InstructBLIP generation
+    model with its weights, tokenizer and image processor, before anything loads."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--model: {folder} is not a folder (a save_pretrained folder of a "
+                         f"{' or '.join(GENERATION_CLASSES)})")
+    cfg_file = folder / "config.json"
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        cfg = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--model: {folder} has no config.json (a save_pretrained folder of a "
+                         f"{' or '.join(GENERATION_CLASSES)})") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"image {path}: cannot be read ({e})") from None
+        raise ValueError(f"--model: {cfg_file} cannot be read ({e})") from None
+    arch = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if arch and not set(arch) & set(GENERATION_CLASSES):
+        raise ValueError(f"--model: {folder} holds a {arch[0]}, which does not generate text; caption and vqa need a "
+                         f"{' or '.join(GENERATION_CLASSES)} folder")
+    missing = [what for what, names in (("weights (model.safetensors)", WEIGHT_FILES),
+                                        (f"tokenizer files ({', '.join(TOKENIZER_FILES)})", TOKENIZER_FILES),
+                                        ("preprocessor_config.json (the image processor)",
+                                         ("preprocessor_config.json",)))
+               if not any((folder / n).is_file() for n in names)]
+    if missing:
+        raise ValueError(f"--model: {folder} has no {' and no '.join(missing)}; save the model with its processor "
+                         f"(Blip2Processor / InstructBlipProcessor .save_pretrained into the same folder)")
+
+
+def _load_image(path: Path):
+    from ..data.vision import load_image
+
+    return load_image(str(path))
 
 
 class Generator:
@@ -83,22 +138,31 @@ class Generator:
 
     def __init__(self, model_dir, *, device=None, dtype=None, attn_implementation: Optional[str] = "auto"):
         from transformers import AutoTokenizer
-        # from its module: transformers 5.17's top level hides AutoImageProcessor without torchvision
-        from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+        from ..data.vision import load_image_processor
         from ..models.blip2_stage2 import Blip2Stage2
 
         model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
-        self.model = Blip2Stage2.from_hf(model_dir, dtype=dtype, attn_implementation=attn_implementation,
-                                         device=self.device).eval()
+        check_model_folder(model_dir)
+        try:
+            self.model = Blip2Stage2.from_hf(model_dir, dtype=dtype, attn_implementation=attn_implementation,
+                                             device=self.device).eval()
+        except ValueError:
+            raise
+        except Exception as e:  # transformers / safetensors raise many kinds for a damaged folder
+            raise ValueError(f"--model: cannot load {model_dir} ({type(e).__name__}: {e}); is a file missing, "
+                             f"empty or truncated?") from None
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if not self.tokenizer("a photo of a dog", add_special_tokens=False)["input_ids"]:
+            raise ValueError(f"--model: the tokenizer of {model_dir} is empty (it turns text into no tokens): its "
+                             f"tokenizer files are missing or broken")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # decoder-only prompts are left-padded ([queries | pad | prompt], as LAVIS); encoder prompts right-padded
         self.tokenizer.padding_side = "right" if self.model.is_encoder_decoder else "left"
-        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        self.image_processor = load_image_processor(model_dir)
         self.qformer_tokenizer = None
         if self.model.is_instructblip:
             sub = model_dir / "qformer_tokenizer"
@@ -128,7 +192,10 @@ class Generator:
         return texts if n == 1 else [texts[i:i + n] for i in range(0, len(texts), n)]
 
 
-def add_common_arguments(p, *, prompt: str, defaults: dict, questions: bool) -> None:
+def add_common_arguments(p, *, settings: Sequence[str], questions: bool) -> None:
+    """The flags of ``blipfast caption`` / ``vqa``. The decoding defaults are LAVIS' ``--settings`` (the first of
+    ``settings`` by default) for the model's LLM kind (:meth:`blipfast.Blip2Stage2.decoding_settings`); each flag
+    given wins over them, ``--generate-kwargs`` over everything."""
     p.add_argument("--model", required=True, help="local folder of an HF Blip2ForConditionalGeneration or "
                    "InstructBlipForConditionalGeneration (save_pretrained), with its tokenizer and image processor")
     src = p.add_mutually_exclusive_group(required=True)
@@ -137,35 +204,86 @@ def add_common_arguments(p, *, prompt: str, defaults: dict, questions: bool) -> 
     src.add_argument("--data", help='a JSONL file of {"image": path' + (', "question": text' if questions else "")
                      + ", ...} rows (other fields are copied to the output)")
     p.add_argument("--image-root", help="folder that relative image paths of --data are under (default: the JSONL's)")
-    p.add_argument("--output", default="-", help="JSONL file to write (default: standard output)")
-    p.add_argument("--prompt", default=prompt, help=f"prompt{' template ({} = the question)' if questions else ''} "
-                   f"(default: {prompt!r})")
+    p.add_argument("--output", default="-", help="JSONL file to write (default: standard output); a file that "
+                   "holds rows is continued (its rows are kept, the missing ones added)")
+    p.add_argument("--restart", action="store_true", help="start --output again (its rows are dropped) instead of "
+                   "continuing it")
+    p.add_argument("--settings", default=settings[0], choices=tuple(settings),
+                   help=f"LAVIS' decoding settings, resolved for the model's LLM (default {settings[0]}; "
+                   "docs/blip2-stage2.md): prompt, beams, lengths as new-token counts, penalties")
+    p.add_argument("--prompt", default=None, help=f"prompt{' template ({} = the question)' if questions else ''} "
+                   "(default: the settings')")
     p.add_argument("--batch-size", type=int, default=16, help="images per generate call (default 16)")
-    p.add_argument("--num-beams", type=int, default=defaults["num_beams"])
-    p.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
-    p.add_argument("--min-new-tokens", type=int, default=defaults["min_new_tokens"])
+    p.add_argument("--num-beams", type=int, default=None, help="beams of the beam search (1: greedy; default: the "
+                   "settings', 5)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens generated per text (default: the "
+                   "settings')")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="fewest tokens generated per text (default: "
+                   "the settings')")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search's length penalty (default: "
+                   "the settings')")
     p.add_argument("--generate-kwargs", default="{}", help="JSON object of further transformers generate() "
-                   "arguments (they win over the flags above), e.g. '{\"length_penalty\": -1, \"do_sample\": true}'")
+                   "arguments (they win over the flags above), e.g. '{\"repetition_penalty\": 1.15}'")
     add_device_argument(p)
     add_dtype_argument(p, "dtype of the ViT and the LLM", note="the Q-Former stays fp32")
     p.add_argument("--attn-implementation", default="auto", choices=("auto", "flash_attention_2", "sdpa", "eager"),
                    help="the LLM's attention (auto: FlashAttention-2 when flash-attn is installed and usable)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    p.epilog = (f"Exit codes: {EXIT_OK} done (unreadable images are reported and skipped); {EXIT_USAGE} refused (the "
+                f"message names the option, file or row). See docs/troubleshooting.md.")
 
 
-def _generate_kwargs(args) -> dict:
-    for name in ("batch_size", "num_beams", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.min_new_tokens < 0:
-        raise ValueError(f"--min-new-tokens must be >= 0, got {args.min_new_tokens}")
+def _generate_kwargs(args, base: dict) -> dict:
+    """The generate arguments: ``base`` (the settings'), the flags given over them (None: not given) and
+    ``--generate-kwargs`` over everything, checked."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         extra = json.loads(args.generate_kwargs)
     except json.JSONDecodeError as e:
         raise ValueError(f"--generate-kwargs is not JSON ({e.msg})") from None
     if not isinstance(extra, dict):
         raise ValueError("--generate-kwargs must be a JSON object")
-    return {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-            "min_new_tokens": args.min_new_tokens, **extra}
+    flags = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty")}
+    kw = {**base, **{k: v for k, v in flags.items() if v is not None}, **extra}
+    for name, low in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0), ("num_return_sequences", 1)):
+        v = kw.get(name)
+        where = "--generate-kwargs" if name in extra else f"--{name.replace('_', '-')}"
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ValueError(f"{where}: {name} must be an integer >= {low}, got {v!r}")
+    n, beams = kw.get("num_return_sequences") or 1, kw.get("num_beams")
+    if beams is not None and n > beams and not kw.get("do_sample"):
+        raise ValueError(f"--generate-kwargs: num_return_sequences ({n}) must be <= num_beams ({beams}) without "
+                         f"sampling")
+    return kw
+
+
+def decoding(gen: Generator, args) -> tuple:
+    """(prompt, generate kwargs) of a run: LAVIS' ``--settings`` for the model's LLM, the flags given over them."""
+    settings = gen.model.decoding_settings(args.settings)
+    prompt = settings.prompt if args.prompt is None else args.prompt
+    return prompt, _generate_kwargs(args, settings.generate_kwargs())
+
+
+def _key(row: dict, text_key: str) -> str:
+    """What identifies an input row in the output: every field but the generated text."""
+    return json.dumps({k: v for k, v in row.items() if k != text_key}, sort_keys=True)
+
+
+def _open_output(args, settings: dict, key: str) -> tuple:
+    """(file to append to, the keys of the rows it holds, how many); --restart empties it."""
+    if args.output == "-":
+        return sys.stdout, set(), 0
+    out = Path(args.output)
+    if out.is_dir():
+        raise ValueError(f"--output: {out} is a folder (give a file name)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = str(out)[:-len(".jsonl")] if str(out).endswith(".jsonl") else str(out)
+    if args.restart and out.exists():
+        out.unlink()
+    rows = read_jsonl_rows(str(out))
+    check_settings(stem + ".settings.json", settings, output=f"--output {out}", resumed=bool(rows))
+    return open(out, "a"), {_key(r, key) for r in rows if isinstance(r, dict)}, len(rows)
 
 
 def run_task(args, *, task: str) -> int:
@@ -173,37 +291,84 @@ def run_task(args, *, task: str) -> int:
     from tqdm import tqdm
 
     vqa = task == "vqa"
+    key = "answer" if vqa else "caption"
+    start = time.perf_counter()
+    out = None
     try:
-        kwargs = _generate_kwargs(args)
-        if vqa and "{}" not in args.prompt:
+        _generate_kwargs(args, {})  # the flags checked before anything is loaded
+        if vqa and args.prompt is not None and "{}" not in args.prompt:
             raise ValueError(f"--prompt must contain {{}} for the question, got {args.prompt!r}")
         items = read_items(images=getattr(args, "images", None), data=args.data, image_root=args.image_root,
                            need_question=vqa)
-        gen = Generator(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+        items, bad = check_images(items)
+        for msg in bad:
+            print(f"blipfast {task}: {msg}", file=sys.stderr)
+        if not items:
+            raise ValueError(f"no image of the input can be read ({len(bad)} missing or empty)")
+        check_model_folder(args.model)
+        device = resolve_device(args.device)
+        gen = Generator(args.model, device=device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+        prompt, kwargs = decoding(gen, args)
+        dtype_shown = dtype_name(args.dtype) if args.dtype not in (None, "auto") else auto_dtype_name(device)
+        settings = {"task": task, "model": os.path.abspath(args.model), "prompt": prompt, "generate": kwargs,
+                    "dtype": dtype_shown}
+        out, done, kept = _open_output(args, settings, key)
+        rows = [(it, {"image": it.name, **({"question": it.question} if vqa else {}),
+                      **{k: v for k, v in it.extra.items() if k != key}}) for it in items]
+        todo = [(it, row) for it, row in rows if _key(row, key) not in done]
+        if not todo:
+            print(f"blipfast {task}: {args.output} already holds every row ({kept}); --restart writes it again",
+                  file=sys.stderr)
+            return EXIT_OK
     except ValueError as e:
         print(f"blipfast {task}: {e}", file=sys.stderr)
-        return 2
-    key = "answer" if vqa else "caption"
-    start = time.perf_counter()
-    out = sys.stdout if args.output == "-" else open(args.output, "w")
+        if out is not None and out is not sys.stdout:
+            out.close()
+        return EXIT_USAGE
+    written, empty, unreadable = 0, [], list(bad)
     try:
-        with tqdm(total=len(items), desc=f"blipfast {task}", unit="img", file=sys.stderr) as bar:
-            for i in range(0, len(items), args.batch_size):
-                batch = items[i:i + args.batch_size]
-                images = [_load_image(it.path) for it in batch]
-                prompts = [args.prompt.format(it.question) if vqa else args.prompt for it in batch]
-                for it, text in zip(batch, gen(images, prompts, **kwargs)):
-                    row = {"image": it.name, **({"question": it.question} if vqa else {}), **it.extra, key: text}
-                    out.write(json.dumps(row) + "\n")
-                out.flush()
-                bar.update(len(batch))
+        with tqdm(total=len(todo), desc=f"blipfast {task}", unit="img", file=sys.stderr,
+                  disable=not getattr(args, "progress", True)) as bar:
+            for i in range(0, len(todo), args.batch_size):
+                batch, images = [], []
+                for it, row in todo[i:i + args.batch_size]:
+                    try:
+                        images.append(_load_image(it.path))
+                        batch.append((it, row))
+                    except ValueError as e:
+                        print(f"blipfast {task}: {e} (skipped)", file=sys.stderr, flush=True)
+                        unreadable.append(str(e))
+                if batch:
+                    prompts = [prompt.format(it.question) if vqa else prompt for it, _ in batch]
+                    try:
+                        texts = gen(images, prompts, **kwargs)
+                    except (ValueError, TypeError) as e:  # transformers' checks of the generate() arguments
+                        raise ValueError(f"generate() refused the arguments (--generate-kwargs, --num-beams, ...): "
+                                         f"{e}") from None
+                    lines = []
+                    for (it, row), text in zip(batch, texts):
+                        if text == "" or (isinstance(text, list) and "" in text):
+                            empty.append(it.name)
+                        lines.append(json.dumps({**row, key: text}) + "\n")
+                    if out is sys.stdout:
+                        out.write("".join(lines))
+                        out.flush()
+                    else:
+                        append_lines(out, lines)
+                    written += len(lines)
+                bar.update(len(todo[i:i + args.batch_size]))
     except ValueError as e:
         print(f"blipfast {task}: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     finally:
         if out is not sys.stdout:
             out.close()
     where = "standard output" if args.output == "-" else args.output
-    print(f"blipfast {task}: {len(items)} rows -> {where} in {time.perf_counter() - start:.1f} s "
-          f"(device {gen.device}, {str(gen.dtype).replace('torch.', '')})", file=sys.stderr)
-    return 0
+    notes = [f"{kept} already in the output"] if kept else []
+    if unreadable:
+        notes.append(f"{len(unreadable)} unreadable image(s) skipped")
+    if empty:
+        notes.append(f"{len(empty)} empty {key}(s): {', '.join(empty[:5])}" + (" ..." if len(empty) > 5 else ""))
+    print(f"blipfast {task}: {written} rows -> {where} in {time.perf_counter() - start:.1f} s (device {gen.device}, "
+          f"{str(gen.dtype).replace('torch.', '')})" + (f"; {'; '.join(notes)}" if notes else ""), file=sys.stderr)
+    return EXIT_OK

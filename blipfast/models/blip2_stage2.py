@@ -1,4 +1,4 @@
-"""Stage-2 BLIP-2 (docs/semantics.md#stage-2): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
+"""Stage-2 BLIP-2 (docs/blip2-stage2.md): the stage-1 Q-Former bridged to a frozen LLM, on blipfast's Q-Former.
 
 :class:`Blip2Stage2` wraps a Hugging Face ``Blip2ForConditionalGeneration`` (or
 ``InstructBlipForConditionalGeneration``) whose Q-Former :func:`blipfast.apply_blipfast_to_blip2` swapped for
@@ -20,7 +20,9 @@ Built with :meth:`Blip2Stage2.from_pretrained_parts` (a stage-1 checkpoint + a l
 ``trainable_parameters()``, ``trainable_state_dict()`` / ``load_trainable_state_dict()``, ``make_text_batch()``.
 The step adds no host synchronisation of its own (the HF LLM's eager mask checks do sync; under
 ``torch.compile`` they are skipped). Generation: ``generate(...)`` runs transformers' ``generate`` on the LLM with
-the image prefix as ``inputs_embeds`` (LAVIS' way, no image placeholder tokens needed in the prompt).
+the image prefix as ``inputs_embeds`` (LAVIS' way, no image placeholder tokens needed in the prompt);
+``generate(..., settings="coco")`` decodes with LAVIS' settings (:meth:`Blip2Stage2.decoding_settings`, its
+lengths as new-token counts).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from transformers.modeling_outputs import ModelOutput
 from .. import convert
 from .hf_swap import apply_blipfast_to_blip2
 from .instructblip import InstructBlipQFormer
-from .llm import configure_attention, load_llm
+from .llm import LAVIS_T5_ACTIVATION, DecodingSettings, configure_attention, decoding_settings, load_llm
 
 _LN = "vision_model.post_layernorm."
 _TEXT_FFN = r"encoder\.layer\.\d+\.(intermediate|output)\."  # the stage-1 text FFN: no part of stage 2
@@ -87,7 +89,8 @@ class Blip2Stage2(nn.Module):
                 attn_implementation: Optional[str] = "auto", device=None, train_ln_vision: bool = True):
         """From an HF BLIP-2 / InstructBLIP conditional-generation model, or a local folder holding one
         (``save_pretrained``); the LLM gets the attention :func:`blipfast.models.llm.select_attn_implementation`
-        picks (FlashAttention-2 when usable)."""
+        picks (FlashAttention-2 when usable). The model's configuration is kept as it is (transformers' converted
+        BLIP-2 Flan-T5 folders already say LAVIS' ``dense_act_fn = "gelu"``)."""
         if not isinstance(model, nn.Module):
             model = load_hf_generation_model(model, dtype=dtype)
         if device is not None:
@@ -98,7 +101,8 @@ class Blip2Stage2(nn.Module):
     @classmethod
     def from_pretrained_parts(cls, stage1, llm, vision=None, *, qformer_config=None,
                               dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = "auto",
-                              device=None, train_ln_vision: bool = True, ln_vision_eps: Optional[float] = None):
+                              device=None, train_ln_vision: bool = True, ln_vision_eps: Optional[float] = None,
+                              t5_activation: Optional[str] = LAVIS_T5_ACTIVATION):
         """Stage 2 from a stage-1 checkpoint and a local LLM.
 
         - ``stage1``: a LAVIS ``.pth`` (``{"model": state_dict}``), an HF/blipfast-named safetensors file or folder,
@@ -108,6 +112,9 @@ class Blip2Stage2(nn.Module):
           ``nn.Linear`` (PyTorch's init, as LAVIS). The stage-1 text FFN, embeddings and ITC/ITM/LM heads are not
           used in stage 2.
         - ``llm``: a local folder (``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM`` after its config) or a model.
+          A T5 (Flan-T5) gets LAVIS' exact GELU in its feed-forwards (``t5_activation="gelu"``, LAVIS'
+          ``dense_act_fn``, where Flan-T5's config says ``gelu_new``; a module is changed in place; None keeps the
+          config's; :func:`blipfast.models.llm.set_t5_activation`). :meth:`from_hf` keeps the model's config.
         - ``vision``: None (features only: ``image_embeds`` in, no ViT), a ``Blip2VisionModel`` folder or module, or a
           ``Blip2VisionConfig`` whose weights the checkpoint holds (LAVIS ``visual_encoder.*``). Modules given for
           ``llm`` / ``vision`` are used, not copied: they get frozen, and the ViT gets the checkpoint's ln_vision.
@@ -121,7 +128,8 @@ class Blip2Stage2(nn.Module):
 
         sd, qcfg_hint, eps_hint = read_stage1(stage1)
         qcfg = stage2_qformer_config(qformer_config if qformer_config is not None else qcfg_hint, sd)
-        lm = load_llm(llm, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        lm = load_llm(llm, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                      t5_activation=t5_activation)
         vm = _vision_model(vision, sd, dtype)
         ln_w = sd[_LN + "weight"]
         if vm is not None and vm.config.hidden_size != ln_w.shape[0]:
@@ -254,8 +262,8 @@ class Blip2Stage2(nn.Module):
         if input_ids is None:  # generation without a prompt: BOS for decoder-only LLMs (as HF), else nothing
             if attention_mask is not None:
                 raise ValueError("attention_mask given without input_ids")
-            bos = self.model.language_model.config.bos_token_id
-            width = 1 if bos is not None and not self.is_encoder_decoder else 0
+            bos = None if self.is_encoder_decoder else getattr(self.model.language_model.config, "bos_token_id", None)
+            width = 1 if bos is not None else 0
             input_ids = torch.full((bsz, width), bos if width else 0, dtype=torch.long, device=prefix.device)
         _check_ids("input_ids", input_ids, bsz)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -349,9 +357,11 @@ class Blip2Stage2(nn.Module):
         """Tokenise a batch as LAVIS does (host-side data preparation, not part of the step).
 
         Decoder-only: ``prompt + text + suffix`` (suffix default: the tokenizer's EOS; LAVIS uses "\\n" for OPT),
-        right-padded, truncated to ``max_length``; labels = ids with -100 on padding and on the prompt's tokens
-        (a non-empty prompt). Seq2seq: the prompts (default "") are the encoder's input, the texts the labels
-        (-100 on padding) with their ``decoder_attention_mask``. ``prompts``: None, one string or one per text."""
+        right-padded, truncated to ``max_length``; labels = ids with -100 on padding and on the tokens the prompt
+        contributes to that full text (:func:`prompt_token_counts`: LAVIS' ``prompt_length``, also with byte-level
+        BPE tokenizers, where a trailing space joins the caption's first word). Seq2seq: the prompts (default "")
+        are the encoder's input, the texts the labels (-100 on padding) with their ``decoder_attention_mask``.
+        ``prompts``: None, one string or one per text."""
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a non-empty sequence of strings")
@@ -371,12 +381,13 @@ class Blip2Stage2(nn.Module):
                         "labels": dec.input_ids.masked_fill(dec.attention_mask == 0, IGNORE_INDEX),
                         "decoder_attention_mask": dec.attention_mask}
             end = tokenizer.eos_token if suffix is None else suffix
-            enc = tokenizer([p + t + end for p, t in zip(prompts, texts)], **kw)
+            full = [p + t + end for p, t in zip(prompts, texts)]
+            offsets = bool(getattr(tokenizer, "is_fast", False)) and any(prompts)
+            enc = tokenizer(full, **kw, **({"return_offsets_mapping": True} if offsets else {}))
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
-            lengths = {p: len(tokenizer(p).input_ids) for p in set(prompts) if p}  # once per distinct prompt
-            for i, p in enumerate(prompts):
-                if p:
-                    labels[i, :lengths[p]] = IGNORE_INDEX
+            if any(prompts):
+                counts = prompt_token_counts(tokenizer, prompts, enc)
+                labels = labels.masked_fill(torch.arange(labels.shape[1]) < counts[:, None], IGNORE_INDEX)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
         finally:
             tokenizer.padding_side = side
@@ -384,14 +395,31 @@ class Blip2Stage2(nn.Module):
     # ------------------------------------------------------------------------------------------
     # generation
 
+    def decoding_settings(self, name: str = "caption") -> DecodingSettings:
+        """LAVIS' decoding settings ``name`` ("caption": its ``generate`` defaults, "coco": BLIP-2's COCO caption
+        evaluation, "vqa": zero-shot VQA) for this model's LLM kind, with the prompt to put in ``input_ids``
+        (:func:`blipfast.models.llm.decoding_settings`); ``.generate_kwargs()`` are arguments of :meth:`generate`."""
+        return decoding_settings(name, is_encoder_decoder=self.is_encoder_decoder,
+                                 is_instructblip=self.is_instructblip)
+
     @torch.no_grad()
     def generate(self, *, pixel_values=None, image_embeds=None, input_ids=None, attention_mask=None,
                  qformer_input_ids=None, qformer_attention_mask=None, interpolate_pos_encoding: bool = False,
-                 **generate_kwargs) -> torch.Tensor:
+                 settings: Optional[Union[str, DecodingSettings]] = None, **generate_kwargs) -> torch.Tensor:
         """transformers' ``generate`` on the LLM with [image prefix | prompt] as ``inputs_embeds``. ``input_ids``:
         the prompt (decoder-only: left-padded; default: the BOS token), ``generate_kwargs`` go to transformers
-        (``num_beams``, ``max_new_tokens``, ...). Returns the generated tokens: decoder-only, the new tokens only;
-        seq2seq, the decoder sequence (starting with its start token), as transformers returns them."""
+        (``num_beams``, ``max_new_tokens``, ...). ``settings``: LAVIS' decoding (a name of
+        :meth:`decoding_settings` or a :class:`~blipfast.models.llm.DecodingSettings`): its beams,
+        penalties and its lengths as new-token counts by LAVIS' rule (its ``max_length=30`` is at most 29 new tokens
+        for a decoder-only LLM); ``generate_kwargs`` win over it, and its ``prompt`` is the caller's to tokenise.
+        Returns the generated tokens: decoder-only, the new tokens only; seq2seq, the decoder sequence (starting
+        with its start token), as transformers returns them."""
+        if settings is not None:
+            if isinstance(settings, str):
+                settings = self.decoding_settings(settings)
+            if not isinstance(settings, DecodingSettings):
+                raise TypeError(f"settings must be a name or a DecodingSettings, got {type(settings).__name__}")
+            generate_kwargs = {**settings.generate_kwargs(), **generate_kwargs}
         image = dict(pixel_values=pixel_values, image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                      qformer_attention_mask=qformer_attention_mask, interpolate_pos_encoding=interpolate_pos_encoding)
         embeds, mask, _ = self._prefixed(input_ids, attention_mask, image)
@@ -413,6 +441,26 @@ def _check_ids(name: str, ids, bsz: int) -> None:
 def _check_like(name: str, t, ref: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
         raise ValueError(f"{name} must have the shape of its ids {list(ref.shape)}, got {_shape(t)}")
+
+
+def prompt_token_counts(tokenizer, prompts: Sequence[str], encoding) -> torch.Tensor:
+    """How many leading tokens of each tokenised ``prompt + text`` row the prompt contributes [B] (0 for an empty
+    prompt): LAVIS' ``prompt_length``, the tokens of its model prompt ("a photo of", special tokens included)
+    while its text processor puts "a photo of " in front of the caption.
+
+    With a fast tokenizer (``encoding`` holds ``offset_mapping``): the leading tokens whose characters start
+    inside the prompt without its trailing whitespace, so a byte-level BPE's "Ġa" (the space joined to the
+    caption's first word) is the caption's, for every tokenizer kind; otherwise LAVIS' own count, the length of
+    ``tokenizer(prompt.rstrip())``."""
+    ends = torch.tensor([len(p.rstrip()) for p in prompts])
+    if "offset_mapping" in encoding:
+        starts = encoding["offset_mapping"][..., 0]
+        inside = (starts < ends[:, None]) & (encoding["attention_mask"] == 1)
+        counts = inside.long().cumprod(1).sum(1)
+    else:
+        lengths = {p: len(tokenizer(p.rstrip()).input_ids) for p in set(prompts)}  # once per distinct prompt
+        counts = torch.tensor([lengths[p] for p in prompts])
+    return counts.masked_fill(ends == 0, 0)
 
 
 def read_stage1(stage1) -> tuple:

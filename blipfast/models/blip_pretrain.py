@@ -27,8 +27,15 @@ work. The ViT is Hugging Face's ``BlipVisionModel`` (trainable) with SDPA attent
 
 Deliberate differences from BLIP: a batch of one trains ITM on its positive pair only (BLIP's sampler crashes);
 a queue whose size is not a multiple of the global batch wraps around (BLIP asserts); the ITC similarities are
-computed in float32 also under autocast. Like BLIP (its ``tie_encoder_decoder_weights`` rebinds the decoder's
-word embeddings to the encoder's), the decoder's LM head keeps a weight of its own.
+computed in float32 also under autocast.
+
+Tied weights, as in BLIP since its commit 073b821 (``tie_encoder_decoder_weights(text_encoder, text_decoder.bert,
+...)`` rebinds the ENCODER's parameters to the decoder's, whose word embeddings already are the LM head's output
+weight): ``text_encoder.embeddings.word_embeddings.weight``, ``text_decoder.bert.embeddings.word_embeddings.weight``
+and ``text_decoder.cls.predictions.decoder.weight`` are ONE parameter, whose gradient sums the embedding lookups of
+the three text passes and the LM head. A checkpoint holds the three keys (``to_lavis_state_dict`` writes all three);
+loading one whose three values differ (BLIP checkpoints trained before that commit) keeps the LM head's, as BLIP's
+loader does (:func:`tie_word_embeddings`).
 
 Weights: module names follow the HF key space of ``blipfast.convert`` for BLIP (``vision_model.*``,
 ``text_encoder.*``, ``text_decoder.{bert,cls}.*``, ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``, the
@@ -42,113 +49,35 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from transformers import BlipVisionConfig, BlipVisionModel
+from transformers import BlipVisionModel
 from transformers.utils import ModelOutput
 
 from .. import convert, ops
-from ..distributed import gather_no_grad, group_info, itm_batch_indices
-from ..ops import linear_cross_entropy, no_autocast
-from ._checks import check_index, check_text
-from .blip import BlipTextLMHeadModel, BlipTextModel, blip_text_config, share_encoder_decoder
+from ..distributed import group_info, itm_batch_indices
+from ._checks import check_index
+from .blip import BlipTextLMHeadModel, BlipTextModel, share_encoder_decoder
+from .blip_config import TEXT_DEFAULTS, TEXT_FIELDS, VISION_DEFAULTS, VISION_FIELDS, BlipConfigBase  # noqa: F401
+from .blip_momentum import MomentumITC, as_alpha, check_pixels, features
 from .blip_vision import fuse_vision_model
-from .losses import itm_loss
+from .losses import decoder_lm_loss, itm_loss
 
-# BLIP's med_config.json (BERT-base with cross-attention, [DEC] and [ENC] added: vocab 30524), dropout on
-TEXT_DEFAULTS = dict(vocab_size=30524, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
-                     attention_probs_dropout_prob=0.1, max_position_embeddings=512, layer_norm_eps=1e-12,
-                     initializer_range=0.02, pad_token_id=0, bos_token_id=30522, sep_token_id=102, eos_token_id=2,
-                     label_smoothing=0.1)
-TEXT_FIELDS = tuple(TEXT_DEFAULTS) + ("encoder_hidden_size",)
-# BLIP's ViT-B/16 at 224 px (timm's LayerNorm eps 1e-6, no dropout)
-VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6, attention_dropout=0.0,
-                       initializer_range=0.02)
-VISION_FIELDS = tuple(VISION_DEFAULTS)
+# the LM head's output weight, the decoder's and the encoder's word embeddings: ONE parameter (BLIP's tie)
+TIED_WORD_EMBEDDINGS = ("text_encoder.embeddings.word_embeddings.weight",
+                        "text_decoder.bert.embeddings.word_embeddings.weight",
+                        "text_decoder.cls.predictions.decoder.weight")
 
 
-def _fields(cfg, names) -> dict:
-    return {k: getattr(cfg, k) for k in names}
-
-
-class BlipPretrainConfig:
+class BlipPretrainConfig(BlipConfigBase):
     """Configuration of :class:`BlipPretrain` (defaults: BLIP's ViT-B pre-training, ``configs/pretrain.yaml``).
 
     ``text``: a ``BlipTextConfig`` or a dict of its fields over BLIP's ``med_config`` (``encoder_hidden_size``
     defaults to the vision width); ``vision``: a ``BlipVisionConfig`` or a dict over BLIP's ViT-B/16 at 224 px.
-    ``BlipPretrainConfig(**config.to_dict())`` rebuilds a config."""
+    ``BlipPretrainConfig(**config.to_dict())`` rebuilds a config (docs: :mod:`blipfast.models.blip_config`)."""
 
     FIELDS = ("embed_dim", "queue_size", "momentum", "alpha", "enc_token_id", "bos_token_id", "lm_label_smoothing",
               "itm_floor", "prompt_length")
-
-    def __init__(self, text: Any = None, vision: Any = None, embed_dim: int = 256, queue_size: int = 57600,
-                 momentum: float = 0.995, alpha: float = 0.4, enc_token_id: int = 30523, bos_token_id: int = 30522,
-                 lm_label_smoothing: float = 0.1, itm_floor: float = 1e-4, prompt_length: int = 0):
-        if isinstance(vision, BlipVisionConfig):
-            vision = _fields(vision, VISION_FIELDS)
-        elif vision is not None and not isinstance(vision, dict):
-            raise TypeError(f"BlipPretrainConfig: vision must be a BlipVisionConfig or a dict, got "
-                            f"{type(vision).__name__}")
-        unknown = sorted(set(vision or {}) - set(VISION_FIELDS))
-        if unknown:
-            raise ValueError(f"BlipPretrainConfig: unknown vision field(s) {unknown}; known: {list(VISION_FIELDS)}")
-        self.vision = BlipVisionConfig(**{**VISION_DEFAULTS, **(vision or {})})
-        if text is not None and not isinstance(text, dict):
-            text = _fields(blip_text_config(text), TEXT_FIELDS)
-        text = {**TEXT_DEFAULTS, "encoder_hidden_size": self.vision.hidden_size, **(text or {})}
-        unknown = sorted(set(text) - set(TEXT_FIELDS))
-        if unknown:
-            raise ValueError(f"BlipPretrainConfig: unknown text field(s) {unknown}; known: {list(TEXT_FIELDS)}")
-        self.text = blip_text_config(text, is_decoder=True)  # cross-attention in every layer
-        self.embed_dim, self.queue_size, self.momentum, self.alpha = embed_dim, queue_size, momentum, alpha
-        self.enc_token_id, self.bos_token_id = enc_token_id, bos_token_id
-        self.lm_label_smoothing, self.itm_floor, self.prompt_length = lm_label_smoothing, itm_floor, prompt_length
-        self._validate()
-
-    def _validate(self) -> None:
-        def err(msg):
-            raise ValueError(f"BlipPretrainConfig: {msg}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("embed_dim", "queue_size"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                err(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("momentum", "alpha", "lm_label_smoothing"):
-            v = getattr(self, name)
-            if not is_num(v) or not 0.0 <= v <= 1.0:
-                err(f"{name} must be a float in [0, 1], got {v!r}")
-        if not is_num(self.itm_floor) or not 0.0 <= self.itm_floor < float("inf"):
-            err(f"itm_floor must be a finite float >= 0, got {self.itm_floor!r}")
-        vocab = self.text.vocab_size
-        for name in ("enc_token_id", "bos_token_id"):
-            v = getattr(self, name)
-            if not is_int(v) or not 0 <= v < vocab:
-                err(f"{name} must be an int in [0, vocab_size={vocab}), got {v!r} (the text vocabulary must include "
-                    f"[DEC] and [ENC])")
-        if not is_int(self.prompt_length) or not 0 <= self.prompt_length < self.text.max_position_embeddings:
-            err(f"prompt_length must be an int in [0, max_position_embeddings), got {self.prompt_length!r}")
-        if self.text.encoder_hidden_size != self.vision.hidden_size:
-            err(f"text.encoder_hidden_size ({self.text.encoder_hidden_size}) must equal the vision width "
-                f"({self.vision.hidden_size})")
-        if self.vision.hidden_size % self.vision.num_attention_heads:
-            err(f"vision.hidden_size ({self.vision.hidden_size}) must be a multiple of vision.num_attention_heads "
-                f"({self.vision.num_attention_heads})")
-
-    def to_dict(self) -> dict:
-        return {"text": _fields(self.text, TEXT_FIELDS), "vision": _fields(self.vision, VISION_FIELDS),
-                **{k: getattr(self, k) for k in self.FIELDS}}
-
-    def __eq__(self, other):
-        return isinstance(other, BlipPretrainConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self):
-        return "BlipPretrainConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+    DEFAULTS = dict(embed_dim=256, queue_size=57600, momentum=0.995, alpha=0.4, enc_token_id=30523,
+                    bos_token_id=30522, lm_label_smoothing=0.1, itm_floor=1e-4, prompt_length=0)
 
 
 @dataclass
@@ -166,43 +95,29 @@ class BlipPretrainOutput(ModelOutput):
     neg_image_index: Optional[torch.Tensor] = None
 
 
-def _check_batch(cfg: BlipPretrainConfig, pixel_values, input_ids, attention_mask) -> None:
-    v = cfg.vision
-    size = v.image_size
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or not pixel_values.is_floating_point() \
-            or tuple(pixel_values.shape[1:]) != (3, size, size) or pixel_values.shape[0] == 0:
-        got = (f"{list(pixel_values.shape)} {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor)
-               else type(pixel_values).__name__)
-        raise ValueError(f"BlipPretrain: pixel_values must be a float tensor [B, 3, {size}, {size}], got {got}")
-    check_text("BlipPretrain", input_ids, attention_mask, pixel_values.shape[0], cfg.text.max_position_embeddings,
-               pixel_values.device, "pixel_values")
-
-
 def _check_index(name: str, t, b: int, device) -> torch.Tensor:
     return check_index("BlipPretrain", name, t, b, device, "pixel_values")
 
 
-def _alpha(alpha, device) -> torch.Tensor:
-    """alpha as a 0-d float32 tensor on ``device`` (a Python float is validated; a tensor is taken as is, so that
-    a trainer can feed a static buffer to a CUDA graph or a compiled step without recompiling)."""
-    if isinstance(alpha, torch.Tensor):
-        if alpha.numel() != 1 or not alpha.is_floating_point() or alpha.device != device:
-            raise ValueError(f"BlipPretrain: alpha must be a float or a one-element float tensor on {device}, got "
-                             f"{list(alpha.shape)} {alpha.dtype} on {alpha.device}")
-        return alpha.reshape(())
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"BlipPretrain: alpha must be a float in [0, 1], got {alpha!r}")
-    return torch.full((), float(alpha), dtype=torch.float64, device=device)
+def tie_word_embeddings(state_dict: Mapping[str, torch.Tensor], keys=TIED_WORD_EMBEDDINGS) -> tuple[dict, list]:
+    """(state dict, notes): the tied ``keys`` of a checkpoint made equal as BLIP's loader leaves them. BLIP's
+    ``load_state_dict`` copies each key into the ONE tied parameter in module order, so the last key the checkpoint
+    holds wins (``text_decoder.cls.predictions.decoder.weight`` when present): checkpoints trained before BLIP's
+    commit 073b821 (which made the three one parameter) hold an LM-head weight of their own, and that is the one a
+    model loaded from them uses. ``notes`` names the keys whose values were replaced."""
+    present = [k for k in keys if k in state_dict]
+    if len(present) < 2:
+        return dict(state_dict), []
+    winner = state_dict[present[-1]]
+    out, notes = dict(state_dict), []
+    for k in present[:-1]:
+        if not torch.equal(state_dict[k], winner):
+            out[k] = winner
+            notes.append(f"{k} (replaced by {present[-1]}, as BLIP's loader leaves the tied weight)")
+    return out, notes
 
 
-def _features(h: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    """normalize(proj(h)) in float32 (float64 stays), outside autocast: the ITC features."""
-    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    with no_autocast(h.device):
-        return F.normalize(F.linear(h.to(dt), proj.weight.to(dt), proj.bias.to(dt)), dim=-1)
-
-
-class BlipPretrain(nn.Module):
+class BlipPretrain(MomentumITC, nn.Module):
     """BLIP (v1) pre-training model (ITC + ITM + LM) on blipfast's fused ops; see the module docstring."""
 
     def __init__(self, config: Any = None):
@@ -218,6 +133,9 @@ class BlipPretrain(nn.Module):
         self.text_encoder = BlipTextModel(tc, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(tc)
         share_encoder_decoder(self.text_encoder, self.text_decoder.bert)
+        # BLIP's tie_encoder_decoder_weights(text_encoder, text_decoder.bert, '', '/attention') rebinds the
+        # encoder's word embeddings to the decoder's, which already ARE the LM head's output weight: one parameter
+        self.text_decoder.cls.predictions.decoder.weight = self.text_encoder.embeddings.word_embeddings.weight
         self.vision_proj = nn.Linear(vc.hidden_size, e)
         self.text_proj = nn.Linear(tc.hidden_size, e)
         self.itm_head = nn.Linear(tc.hidden_size, 2)
@@ -228,124 +146,14 @@ class BlipPretrain(nn.Module):
         self.vision_proj_m = nn.Linear(vc.hidden_size, e)
         self.text_proj_m = nn.Linear(tc.hidden_size, e)
         self.copy_params()
-        q = cfg.queue_size
-        self.register_buffer("image_queue", F.normalize(torch.randn(e, q), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(e, q), dim=0))
-        self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._pairs = None
-
-    # ------------------------------------------------------------------------------------------
-    # momentum encoders
-
-    def model_pairs(self) -> list:
-        """[(online module, momentum module)] as BLIP's ``model_pairs``."""
-        return [(self.vision_model, self.vision_model_m), (self.vision_proj, self.vision_proj_m),
-                (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
-
-    def _param_lists(self):
-        if self._pairs is None:
-            on, mo = [], []
-            for a, b in self.model_pairs():
-                pa, pb = list(a.parameters()), list(b.parameters())
-                if len(pa) != len(pb) or any(x.shape != y.shape for x, y in zip(pa, pb)):
-                    raise ValueError(f"BlipPretrain: {type(a).__name__} and its momentum copy differ in their "
-                                     f"parameters")
-                on += pa
-                mo += pb
-            self._pairs = (on, mo)
-        return self._pairs
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half() may swap Parameters: rebuild the lists
-        self._pairs = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._pairs = None
-        return super().load_state_dict(*args, **kwargs)
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Momentum copies = the online modules, frozen (BLIP's ``copy_params``)."""
-        self._pairs = None
-        on, mo = self._param_lists()
-        for p, pm in zip(on, mo):
-            pm.copy_(p)
-            pm.requires_grad_(False)
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """``p_m = momentum * p_m + (1 - momentum) * p`` for every momentum parameter (two foreach kernels)."""
-        on, mo = self._param_lists()
-        m = self.config.momentum
-        torch._foreach_mul_(mo, m)
-        torch._foreach_add_(mo, on, alpha=1.0 - m)
-
-    # ------------------------------------------------------------------------------------------
-    # the pieces
-
-    def vision_tokens(self, pixel_values: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        """The ViT's output tokens [B, N, width] (after its final LayerNorm, as BLIP's ``visual_encoder``)."""
-        vit = self.vision_model_m if momentum else self.vision_model
-        w = vit.embeddings.patch_embedding.weight
-        return vit(pixel_values=pixel_values.to(w.dtype)).last_hidden_state
-
-    @torch.no_grad()
-    def _enqueue(self, image_feat_m, text_feat_m, image_ids, process_group) -> None:
-        """BLIP's ``_dequeue_and_enqueue``: the momentum features (and image ids) of every rank at the pointer."""
-        e = self.config.embed_dim
-        feats = gather_no_grad(torch.cat([image_feat_m, text_feat_m], 1), process_group).to(self.image_queue.dtype)
-        bw = feats.shape[0]
-        if image_ids is not None:
-            ids = gather_no_grad(image_ids, process_group)
-        else:
-            ids = torch.full((bw,), -100, dtype=torch.long, device=feats.device)
-        slots = (self.queue_ptr + torch.arange(bw, device=feats.device)) % self.config.queue_size
-        self.image_queue.index_copy_(1, slots, feats[:, :e].t())
-        self.text_queue.index_copy_(1, slots, feats[:, e:].t())
-        self.idx_queue.index_copy_(1, slots, ids.view(1, bw))
-        self.queue_ptr.copy_((self.queue_ptr + bw) % self.config.queue_size)
-
-    def _itc(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, image_ids):
-        """(loss, s_i2t, s_t2i): BLIP's ITC over [batch | queue] with momentum-distilled targets."""
-        b = image_feat.shape[0]
-        dt = image_feat.dtype
-        temp = self.temp.to(dt)
-        with no_autocast(image_feat.device), torch.no_grad():
-            img_all = torch.cat([image_feat_m, self.image_queue.t().to(dt)])  # [B + Q, E]
-            txt_all = torch.cat([text_feat_m, self.text_queue.t().to(dt)])
-            if image_ids is None:
-                pos = F.one_hot(torch.arange(b, device=image_feat.device), img_all.shape[0]).to(dt)
-            else:
-                idx_all = torch.cat([image_ids, self.idx_queue[0]])
-                pos = (image_ids[:, None] == idx_all[None, :]).to(dt)
-                pos = pos / pos.sum(1, keepdim=True)
-            a = alpha.to(dt)
-            t_i2t = a * F.softmax(image_feat_m @ txt_all.t() / temp, dim=1) + (1 - a) * pos
-            t_t2i = a * F.softmax(text_feat_m @ img_all.t() / temp, dim=1) + (1 - a) * pos
-        with no_autocast(image_feat.device):
-            s_i2t = (image_feat / temp) @ txt_all.t()
-            s_t2i = (text_feat / temp) @ img_all.t()
-            loss_i2t = -(F.log_softmax(s_i2t, dim=1) * t_i2t).sum(1).mean()
-            loss_t2i = -(F.log_softmax(s_t2i, dim=1) * t_t2i).sum(1).mean()
-        return (loss_i2t + loss_t2i) / 2, s_i2t, s_t2i
+        self._register_queues()
 
     def lm_loss(self, hidden: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
-        """Label-smoothed next-token cross-entropy of the decoder pass (BLIP: targets = decoder ids with [PAD] and
-        the first ``prompt_length`` positions -> -100, token t + 1 predicted at position t, mean over targets)."""
+        """Label-smoothed next-token cross-entropy of the decoder pass (:func:`~blipfast.models.losses.decoder_lm_loss`:
+        [PAD] and the first ``prompt_length`` positions excluded, mean over the targets)."""
         cfg = self.config
-        labels = decoder_ids
-        if cfg.text.pad_token_id is not None:
-            labels = labels.masked_fill(labels == cfg.text.pad_token_id, -100)
-        if cfg.prompt_length:
-            pos = torch.arange(labels.shape[1], device=labels.device)
-            labels = labels.masked_fill(pos[None, :] < cfg.prompt_length, -100)
-        head = self.text_decoder.cls.predictions
-        tr = head.transform
-        x = self.text_decoder._act(F.linear(hidden[:, :-1], tr.dense.weight, tr.dense.bias))
-        x = F.layer_norm(x, x.shape[-1:], tr.LayerNorm.weight, tr.LayerNorm.bias, tr.LayerNorm.eps)
-        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), head.decoder.weight, head.decoder.bias,
-                                    labels[:, 1:].reshape(-1), label_smoothing=cfg.lm_label_smoothing)
+        return decoder_lm_loss(self.text_decoder, hidden, decoder_ids, pad_token_id=cfg.text.pad_token_id,
+                               prompt_length=cfg.prompt_length, label_smoothing=cfg.lm_label_smoothing)
 
     # ------------------------------------------------------------------------------------------
 
@@ -362,7 +170,7 @@ class BlipPretrain(nn.Module):
         features are gathered over; ``sample_seed``: the seed of the draw (an int or an int64 one-element tensor;
         the rank is added, so ranks draw independently; default: from torch's RNG)."""
         cfg = self.config
-        _check_batch(cfg, pixel_values, input_ids, attention_mask)
+        check_pixels("BlipPretrain", cfg, pixel_values, input_ids, attention_mask)
         dev = pixel_values.device
         b = input_ids.shape[0]
         rank, world = group_info(process_group)
@@ -370,7 +178,7 @@ class BlipPretrain(nn.Module):
             raise ValueError(f"BlipPretrain: the global batch ({b} x {world}) exceeds queue_size ({cfg.queue_size})")
         if image_ids is not None:
             image_ids = _check_index("image_ids", image_ids, b, dev)
-        alpha = _alpha(alpha, dev)
+        alpha = as_alpha("BlipPretrain", alpha, dev)
         input_ids = input_ids.long()
         text_mask = attention_mask != 0
         with torch.no_grad():
@@ -378,14 +186,10 @@ class BlipPretrain(nn.Module):
 
         # ITC: online features, then the momentum update and the momentum features
         image_embeds = self.vision_tokens(pixel_values)
-        image_feat = _features(image_embeds[:, 0], self.vision_proj)
+        image_feat = features(image_embeds[:, 0], self.vision_proj)
         text_h = self.text_encoder(input_ids, attention_mask=text_mask).last_hidden_state
-        text_feat = _features(text_h[:, 0], self.text_proj)
-        with torch.no_grad():
-            self.momentum_update()
-            image_feat_m = _features(self.vision_tokens(pixel_values, momentum=True)[:, 0], self.vision_proj_m)
-            text_h_m = self.text_encoder_m(input_ids, attention_mask=text_mask).last_hidden_state
-            text_feat_m = _features(text_h_m[:, 0], self.text_proj_m)
+        text_feat = features(text_h[:, 0], self.text_proj)
+        image_feat_m, text_feat_m = self.momentum_features(pixel_values, input_ids, text_mask)
         loss_itc, s_i2t, s_t2i = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, image_ids)
         self._enqueue(image_feat_m, text_feat_m, image_ids, process_group)
 
@@ -430,22 +234,16 @@ class BlipPretrain(nn.Module):
         sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
         return convert.hf_to_blip(sd, strict=True).state_dict
 
-    def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list:
         """Load a Salesforce BLIP / LAVIS BLIP state dict (pre-training, retrieval or ITM checkpoints; HF BLIP
         names work too) with :func:`blipfast.convert.load_into`: every key must map to this model (a ValueError
         names those that do not). Absent momentum copies start from the online modules (BLIP's ``copy_params``),
         an absent index queue holds -100, absent queues stay random; every other parameter must be there.
-        ``ptr_queue`` (BLIP_Retrieval) is the pointer."""
-        momentum = ("vision_model_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
-        has_m = any(k.startswith(momentum + ("visual_encoder_m.",)) for k in state_dict)
-        optional = [r"(image|text|idx)_queue\Z", r"queue_ptr\Z"] + ([] if has_m else [m.replace(".", r"\.")
-                                                                                      for m in momentum])
-        done = convert.load_into(self, state_dict, ignore=optional, what="BlipPretrain.load_lavis_state_dict")
-        if "idx_queue" not in done.keys:
-            with torch.no_grad():
-                self.idx_queue.fill_(-100)
-        if not has_m:
-            self.copy_params()
+        ``ptr_queue`` (BLIP_Retrieval) is the pointer. The three tied word-embedding keys go in as BLIP's loader
+        takes them (:func:`tie_word_embeddings`); returns its notes (the keys whose values it replaced)."""
+        state_dict, notes = tie_word_embeddings(state_dict)
+        self._load_with_momentum(state_dict, what="BlipPretrain.load_lavis_state_dict")
+        return notes
 
     @classmethod
     def from_lavis(cls, checkpoint, config: Any = None) -> "BlipPretrain":

@@ -69,34 +69,64 @@ def _runnable(backend: str, device: torch.device, dtype: torch.dtype | None = No
     return False
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device``, or None where autocast is off (or does not exist)."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 class dispatch_rules:
     """Context manager: ``resolve_backend`` and ``dropout_seeds`` follow ``is_cuda(device)`` ("dispatch as on a
-    CUDA device") and ``runnable(backend, device, dtype)`` ("can this backend run here") instead of the two rules
-    above, until it exits. A normal run never installs one: the dispatch reads the device and the probes above
-    and nothing else. blipfast.bench.counting installs rules under which meta tensors dispatch as CUDA tensors,
-    to count the cost of the GPU path without a GPU. Each rule gets the default rule as ``default=``."""
+    CUDA device") and ``runnable(backend, device, dtype)`` ("can this backend run here"), and the linear ops'
+    GEMM dtype follows ``autocast_dtype(device)`` ("autocast's dtype there, or None"), instead of the rules above,
+    until it exits; a rule left None stays as it was. A normal run never installs one: the dispatch reads the
+    device, the probes and autocast's state and nothing else. blipfast.bench.counting installs rules under which
+    meta tensors dispatch as CUDA tensors, and blipfast.bench.meta_autocast one under which they are autocast, to
+    count the cost of the GPU path without a GPU. Each rule gets the rule it replaces as ``default=``."""
 
-    def __init__(self, is_cuda, runnable):
-        self._rules = (is_cuda, runnable)
+    _NAMES = ("_is_cuda", "_runnable", "_autocast_dtype")
+
+    def __init__(self, is_cuda=None, runnable=None, autocast_dtype=None):
+        self._rules = (is_cuda, runnable, autocast_dtype)
 
     def __enter__(self):
-        global _is_cuda, _runnable
-        self._prev = (_is_cuda, _runnable)
-        is_cuda, runnable = self._rules
-        _is_cuda = functools.partial(is_cuda, default=self._prev[0])
-        _runnable = functools.partial(runnable, default=self._prev[1])
+        g = globals()
+        self._prev = tuple(g[n] for n in self._NAMES)
+        for name, rule, prev in zip(self._NAMES, self._rules, self._prev):
+            if rule is not None:
+                g[name] = functools.partial(rule, default=prev)
         return self
 
     def __exit__(self, *exc):
-        global _is_cuda, _runnable
-        _is_cuda, _runnable = self._prev
+        globals().update(zip(self._NAMES, self._prev))
         return False
+
+
+# The first-use self-test (docs/selftest.md): before automatic dispatch (or BLIPFAST_BACKEND) sends an op to a fast
+# backend for the first time, FIRST_USE(op, backend, device, dtype) -> bool checks that backend against the
+# reference on the device (once per process and device, its verdict cached on disk) and adds a failing
+# (op, backend, dtype) to DISABLED; the dispatch then takes the next backend. blipfast.selftest installs the hook (the
+# ops import nothing above them) and fills the set. While torch.compile traces (and in a CUDA-graph capture, which
+# the hook declines) the dispatch reads DISABLED and nothing else: plain Python over constants, no graph break.
+# backend= is never checked: forcing a backend is how the self-test itself reaches the kernels.
+DISABLED: set = set()
+FIRST_USE = None
+
+
+def _trusted(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    if (op, backend, dtype) in DISABLED:
+        return False
+    if backend == "torch" or FIRST_USE is None or torch.compiler.is_compiling():
+        return True
+    return FIRST_USE(op, backend, device, dtype)
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device, supported: Sequence[str],
                     dtype: torch.dtype | None = None) -> str:
     """Pick the backend for ``op`` on ``device``; ``supported`` lists the op's backends, fastest first.
-    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64)."""
+    ``dtype`` is the inputs' dtype (the fused backends take fp32/fp16/bf16, the reference also fp64). A backend
+    that failed its first-use self-test for the op and dtype is skipped unless forced."""
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -113,11 +143,11 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, supporte
     if env:
         if env not in BACKENDS:
             raise ValueError(f"BLIPFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
-        if env in supported and _runnable(env, device, dtype):
+        if env in supported and _runnable(env, device, dtype) and _trusted(op, env, device, dtype):
             return env
     if _is_cuda(device):
         for cand in supported:
-            if _runnable(cand, device, dtype):
+            if _runnable(cand, device, dtype) and _trusted(op, cand, device, dtype):
                 return cand
     return "torch"
 
@@ -205,8 +235,8 @@ def gemm_dtype(op: str, device: torch.device, **tensors) -> torch.dtype:
     on for ``device`` (it casts every floating-point tensor but float64 to it), else the tensors' own, which must be
     one. The linear ops (concat_linear, gelu_mlp, linear_cross_entropy) run their GEMMs, forward and backward, in it
     and return each gradient in its input's dtype, as autocast's own ``linear`` does."""
-    on = device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
-    cast = torch.get_autocast_dtype(device.type) if on else None
+    cast = _autocast_dtype(device)
+    on = cast is not None
     given = {n: t.dtype for n, t in tensors.items() if t is not None}
     got = {cast if cast is not None and d != torch.float64 else d for d in given.values()}
     if len(got) > 1:
@@ -230,7 +260,9 @@ def as_key_padding_mask(op: str, name: str, mask, shape: Sequence[int], device: 
 
 
 def check_seed(op: str, seed, device: torch.device) -> torch.Tensor | None:
-    """A dropout seed is None or an int64 tensor with one element on the inputs' device."""
+    """A seed of a random draw (dropout, the negatives) as the ops take it: None, a Python int that fits int64, or an
+    int64 tensor with one element on the inputs' ``device``; returned as an int64 [1] tensor (None stays None), a
+    ValueError / TypeError naming ``op`` otherwise."""
     if seed is None:
         return None
     if isinstance(seed, int) and not isinstance(seed, bool):

@@ -6,6 +6,8 @@ differs from greedy), so a token-equality test can fail.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 WORDS = ("a photo of the cat dog man woman child sitting standing on in with table street field red blue green "
@@ -35,6 +37,43 @@ def tokenizer(kind: str = "opt", words=WORDS):
                                                            special_tokens=[("</s>", EOS)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=["<image>"])
+
+
+SENTENCES = ("a photo of a dog on the grass", "a photo of two cats sitting on a red table",
+             "a man riding a red bus down the street", "a woman standing next to a blue car",
+             "question: what is the man riding? short answer: a bus", "three children eating near the big tree",
+             "a black and white photo of a small dog under the table", "how many dogs are there? two")
+
+
+def bpe_tokenizer(kind: str = "byte-level", *, sentences=SENTENCES, vocab_size: int = 320, trim_offsets: bool = True):
+    """A real subword tokenizer trained here on ``sentences`` (tokenizers' BPE trainer), with a BOS in front of
+    every text and the special tokens of :data:`SPECIALS` at the ids of the tiny configs (PAD 0, BOS 1, EOS 2):
+
+    - ``"byte-level"``: GPT-2 / OPT's byte-level BPE (transformers' ``GPT2Tokenizer`` with ``add_bos_token``), so a
+      space belongs to the word after it (``"Ġa"``) and ``"a photo of "`` ends with a token ``"Ġ"`` of its own;
+      ``trim_offsets`` as GPT-2's post-processor (the offsets leave the space out) or not;
+    - ``"metaspace"``: SentencePiece-style BPE as Llama's (``"▁a"``), a ``PreTrainedTokenizerFast``.
+
+    Its vocabulary is ``len(tokenizer)`` (a few hundred); build the LLM with ``vocab_size=len(tokenizer)``."""
+    from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer, processors
+    from transformers import GPT2Tokenizer, PreTrainedTokenizerFast
+
+    if kind not in ("byte-level", "metaspace"):
+        raise ValueError(f"kind must be 'byte-level' or 'metaspace', got {kind!r}")
+    trainer = ByteLevelBPETokenizer() if kind == "byte-level" else SentencePieceBPETokenizer()
+    trainer.train_from_iterator(list(sentences) * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIALS,
+                                show_progress=False)
+    names = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                 additional_special_tokens=["<image>"])
+    bos = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+    if kind == "metaspace":
+        trainer._tokenizer.post_processor = bos
+        return PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, **names)
+    spec = json.loads(trainer._tokenizer.to_str())["model"]
+    tok = GPT2Tokenizer(vocab=spec["vocab"], merges=[tuple(m) for m in spec["merges"]], add_bos_token=True, **names)
+    if trim_offsets:
+        tok._tokenizer.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True), bos])
+    return tok
 
 
 def image_processor():
@@ -120,7 +159,6 @@ def write_demo(out) -> None:
     blip2-opt/, blip2-t5/, instructblip/ (HF folders with tokenizer and image processor), stage1.pth (a LAVIS
     stage-1 checkpoint), llm-opt/ (an OPT folder with its tokenizer), vit/ (a Blip2VisionModel folder),
     images/ (4 PNGs) and questions.jsonl."""
-    import json
     from pathlib import Path
 
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, OPTForCausalLM

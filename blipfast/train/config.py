@@ -22,10 +22,13 @@ import json
 import os
 from typing import Any
 
-from ..options import DTYPES
+from ..data.image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
+from ..data.shards import input_kind
+from ..options import DTYPES, EXIT_STOPPED
 from .tasks import task_class, task_names
 
 DTYPE_NAMES = tuple(sorted(DTYPES))
+STREAMS = ("shards", "feature-shards")  # the input kinds (blipfast.data.shards.input_kind) that are streamed
 
 # name -> (type, default, help); type is one of int, float, str, bool, "floats" (a pair), "mapping".
 # None as default: unset (derived or optional).
@@ -47,17 +50,34 @@ OPTIONS: dict = {
                     "EOS token; LAVIS' OPT recipe appends a newline)"),
     # data
     "data": (str, None, "annotation file: JSONL or the JSON list of LAVIS/BLIP, rows {'image': path relative to "
-             "--images, 'caption': text or list of texts}; without it a synthetic set is generated"),
+             "--images, 'caption': text or list of texts}; or WebDataset shards, streamed (img2dataset's layout: "
+             "'shards/{00000..01743}.tar', a folder of .tar files, a text file listing shards, URLs or 'pipe:' "
+             "commands; with --vision, or --model blip; needs --tokenizer); without it (and without feature shards) "
+             "a synthetic set is generated"),
     "images": (str, None, "folder the annotation's image paths are relative to (with --vision)"),
     "vision": (str, None, "local Hugging Face vision model folder (Blip2VisionModel, CLIPVisionModel, "
                "SiglipVisionModel, a composite BLIP-2/CLIP/SigLIP checkpoint or an AutoModel tower) with its "
                "image processor config; frozen. With --model blip: a BlipVisionModel or BLIP folder whose weights "
                "start the trainable ViT (optional: without it the ViT starts from random weights or --init)"),
-    "features": (str, None, "feature cache written by `blipfast cache-features` (instead of --images/--vision; not "
-                 "with --model blip, whose ViT trains)"),
+    "features": (str, None, "vision features written by `blipfast cache-features` (instead of --images/--vision; not "
+                 "with --model blip, whose ViT trains): feature shards (from shards: they hold the captions, no "
+                 "--data; streamed, needs --tokenizer) or the cache of an annotation file (with that --data)"),
     "tokenizer": (str, None, "stage 1: local BERT-style Hugging Face tokenizer folder ([DEC] is added as bos, as "
                   "LAVIS does); default: train a WordPiece vocabulary on the captions and save it in the run folder. "
                   "Stage 2: the LLM's tokenizer (default: the --llm folder's)"),
+    "shuffle_buffer": (int, 1000, "shards and feature shards: samples in each loader worker's shuffle buffer "
+                       "(the shard order is shuffled every pass too; deterministic under --seed)"),
+    "samples_per_epoch": (int, None, "shards and feature shards: samples in an epoch (steps per epoch = this // "
+                          "(batch x processes)); default: what a sizes.json, __len__ or img2dataset's *_stats.json "
+                          "beside the shards says (feature shards: their pairs); required for a stream without them"),
+    "resampled": (bool, False, "shards and feature shards: draw the shards with replacement (as OpenCLIP's "
+                  "--dataset-resampled) instead of reading each once per pass"),
+    "image_key": (str, DEFAULT_IMAGE_KEY, "WebDataset shards: the image is the first present of these "
+                  "';'-separated extensions"),
+    "caption_key": (str, DEFAULT_CAPTION_KEY, "WebDataset shards: the caption is the first present of these "
+                    "';'-separated candidates (an extension's text, or EXT:FIELD, a field of a JSON file)"),
+    "log_keys": (bool, False, "write the sample keys of every micro-batch to RUN/keys-rank<R>.txt (an audit of "
+                 "the data order; pair numbers for an annotation file)"),
     "vocab_size": (int, 30522, "stage 1: WordPiece vocabulary size when training the tokenizer"),
     "max_txt_len": (int, 32, "caption tokens (padded/truncated; LAVIS: 32, BLIP: 30)"),
     "image_ids": (bool, True, "stage 1: pairs showing the same image (annotation 'image_id', else the image path) are "
@@ -68,8 +88,13 @@ OPTIONS: dict = {
     "vision_dtype": (str, "auto", "dtype the frozen vision model runs in: auto (bf16 on CUDA, fp32 on CPU), "
                      "bf16, fp16 or fp32"),
     "num_workers": (int, None, "DataLoader workers per process (default: 0 on CPU, min(8, cores / processes) "
-                    "on CUDA)"),
+                    "on CUDA; streams: at most shards / processes). A stream resumes exactly with the same number"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
+    "eval_data": (str, None, "annotation of the evaluation split (images under --images; e.g. BLIP's "
+                  "coco_karpathy_test.json: {'image', 'caption': [references]}) for --eval-every; without --data the "
+                  "synthetic set's annotation"),
+    "eval_every": (int, 0, "evaluate the model at the end of every N-th epoch (tasks with an evaluation: "
+                   "blip-retrieval, blip-caption), written to RUN/eval.jsonl; 0: never"),
     # model
     "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; --model "
                "blip: ViT-B/16 at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the "
@@ -87,11 +112,11 @@ OPTIONS: dict = {
     # optimisation (docs/semantics.md#stage-1-recipe)
     "batch_size": (int, 100, "image-text pairs per process and micro-step (LAVIS: 100 per GPU; stage 2: 64)"),
     "grad_accum": (int, 1, "micro-steps per optimizer step (the loss is averaged over them)"),
-    "steps": (int, None, "optimizer steps (default: --epochs)"),
-    "epochs": (float, None, "passes over the data when --steps is not given (default 10)"),
+    "steps": (int, None, "optimizer steps (unset: what --epochs gives)"),
+    "epochs": (float, None, "passes over the data when --steps is not given (unset: 10)"),
     "lr": (float, 1e-4, "peak learning rate"),
     "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
-    "warmup_steps": (int, 5000, "linear warm-up steps (stage 2: 2000)"),
+    "warmup_steps": (int, 5000, "linear warm-up steps"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
     "weight_decay": (float, 0.05, "AdamW weight decay (not on biases and 1-D parameters)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
@@ -115,12 +140,14 @@ OPTIONS: dict = {
     "plot_every": (int, 100, "steps between refreshes of loss.png"),
     "progress": (bool, True, "tqdm progress bar"),
     "stop_after": (int, None, "stop this invocation after this step, with a checkpoint (the schedule still runs to "
-                   "--steps; continue with --resume)"),
+                   f"--steps; continue with --resume); the command then exits {EXIT_STOPPED}, as when SIGTERM or "
+                   f"SIGINT stops it"),
 }
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
-                  "num_workers", "compile", "compile_backend", "cuda_graph", "device"}
+                  "num_workers", "log_keys", "compile", "compile_backend", "cuda_graph", "device", "eval_every",
+                  "eval_data"}
 
 MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
 
@@ -160,15 +187,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _default_help(name: str, default) -> str:
+    """The help's "(default: ...)": the built-in default, each task recipe's own, and the synthetic set's (what a
+    run without --data uses)."""
+    shown = [json.dumps(default)] if default is not None else []
+    for task in task_names():
+        if name in task_class(task).defaults and task_class(task).defaults[name] != default:
+            shown.append(f"--task {task}: {json.dumps(task_class(task).defaults[name])}")
+    if name in SYNTHETIC_DEFAULTS:
+        shown.append(f"without --data (the synthetic set): {json.dumps(SYNTHETIC_DEFAULTS[name])}")
+    return f" (default: {'; '.join(shown)})" if shown else ""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every option as a flag (default: unset, so that config files and defaults can be told apart)."""
+    """Every option as a flag (default: unset, so that config files and defaults can be told apart); the help shows
+    which default applies when (built in, a task's recipe, the synthetic set's)."""
     p.add_argument("--config", help="YAML or TOML file with any of the options below as keys")
     p.add_argument("--resume", help="continue the run in this folder (or from this checkpoint folder) from its "
                    "last checkpoint; the run's config.yaml is used, flags may change only "
                    + ", ".join(_flag(k) for k in sorted(RESUME_MUTABLE)))
     for name, (typ, default, help_) in OPTIONS.items():
-        shown = f" (default: {json.dumps(default)})" if default is not None else ""
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_ + shown}
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_ + _default_help(name, default)}
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typ == "floats":
@@ -260,9 +299,9 @@ def read_config_file(path: str) -> dict:
                 raw = yaml.safe_load(fh) or {}
         else:
             raise ValueError(f"--config: {path!r} must end in .yaml, .yml or .toml")
-    except ValueError:
-        raise
-    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError
+    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError (a ValueError), UnicodeDecodeError
+        if str(exc).startswith("--config: "):  # the extension message above
+            raise
         raise ValueError(f"--config: cannot parse {path!r}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"--config: {path!r} must hold a mapping of options, got {type(raw).__name__}")
@@ -285,7 +324,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     chosen = {**from_file, **given}
     task = task_class(task_of(chosen))
     cfg.update(task.defaults)
-    if chosen.get("data") is None:
+    if chosen.get("data") is None and chosen.get("features") is None:
         cfg.update(SYNTHETIC_DEFAULTS)
     cfg.update(from_file)
     cfg.update(given)
@@ -301,20 +340,33 @@ def validate(cfg: dict) -> None:
 
     for name in ("batch_size", "grad_accum", "max_txt_len", "vocab_size", "log_every", "keep", "synthetic_size"):
         need(cfg[name] >= 1, f"{_flag(name)} must be >= 1, got {cfg[name]}")
-    for name in ("warmup_steps", "save_every", "plot_every"):
+    need(cfg["max_txt_len"] >= 2, f"--max-txt-len must be >= 2 (a caption's tokens include its start and end "
+         f"tokens; LAVIS uses 32), got {cfg['max_txt_len']}")
+    for name in ("warmup_steps", "save_every", "plot_every", "shuffle_buffer"):
         need(cfg[name] >= 0, f"{_flag(name)} must be >= 0, got {cfg[name]}")
-    for name in ("steps", "stop_after", "num_workers"):
+    for name in ("steps", "stop_after", "num_workers", "samples_per_epoch"):
         need(cfg[name] is None or cfg[name] >= (0 if name == "num_workers" else 1),
              f"{_flag(name)} must be >= {0 if name == 'num_workers' else 1}, got {cfg[name]}")
     need(cfg["epochs"] is None or cfg["epochs"] > 0, f"--epochs must be > 0, got {cfg['epochs']}")
-    for name in ("lr", "warmup_lr", "min_lr", "eps"):
+    for name in ("lr", "warmup_lr", "eps"):
         need(cfg[name] > 0, f"{_flag(name)} must be > 0, got {cfg[name]}")
+    need(cfg["min_lr"] >= 0, f"--min-lr must be >= 0, got {cfg['min_lr']}")  # BLIP's fine-tuning decays to 0
+    need(cfg["eval_every"] >= 0, f"--eval-every must be >= 0, got {cfg['eval_every']}")
     need(cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(all(0 <= b < 1 for b in cfg["betas"]), f"--betas must lie in [0, 1), got {cfg['betas']}")
-    task_class(task_of(cfg)).check_options(cfg)
+    kind = input_kind(cfg["data"], cfg["features"])
+    need(not (cfg["features"] and kind == "synthetic"), f"--features {cfg['features']}: a feature cache of an "
+         f"annotation file needs that --data (the captions); feature shards (`blipfast cache-features` on "
+         f"WebDataset shards) hold their captions")
+    need(not (kind == "feature-shards" and cfg["data"] is not None), "--features: feature shards hold their "
+         "captions; leave out --data")
+    need(not (kind == "shards" and cfg["images"] is not None), "--images is for annotation files: WebDataset "
+         "shards hold their images")
+    need(kind in STREAMS or (cfg["samples_per_epoch"] is None and not cfg["resampled"]),
+         "--samples-per-epoch and --resampled are options of streamed data (WebDataset shards, feature shards)")
+    task_class(task_of(cfg)).check_options(cfg)  # before the generic pairing: a task's refusal names its reason
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")
-    need(not (cfg["features"] and cfg["data"] is None), "--features needs --data (the captions)")
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")
@@ -329,6 +381,15 @@ def write_config(path: str, cfg: dict) -> None:
         fh.write("# blipfast train: resolved options of this run (reusable with --config; --resume reads it)\n")
         yaml.safe_dump({k: cfg[k] for k in OPTIONS}, fh, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)
+
+
+def is_run_config(path: str) -> bool:
+    """Whether ``path`` is a ``config.yaml`` that ``blipfast train`` wrote (valid, with the options every version
+    writes)."""
+    try:
+        return {"data", "out", "seed", "steps"} <= set(read_config_file(path))
+    except ValueError:
+        return False
 
 
 def read_run_config(run_dir: str) -> dict:

@@ -6,9 +6,22 @@ its own ViT (``trains_vision``: BLIP) gets the pixels, and per-step inputs (``st
 travel with each batch. What a task derives (the tokenizer folder, the resolved model configuration) it returns,
 and the trainer records it in ``config.yaml``.
 
-Set-up validates everything it can before it writes anything: the options, the annotation file, the feature
-cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by rank 0),
-and removed again if the set-up fails after creating it, so a refused run leaves nothing behind.
+Data: an annotation file (its captions tokenised once up front, a global batch order of
+:class:`blipfast.data.GlobalBatchSampler`), or a stream of WebDataset shards or feature shards
+(:mod:`blipfast.train.streams`: each rank reads its own shards, captions tokenised per batch in the loader workers,
+the checkpoint holds every rank's stream position). Every log row has ``data_wait_s`` (the time the steps waited
+for their batches) and, for a stream, ``bad_samples``.
+
+Set-up validates everything it can before it writes anything: the options, the annotation file or shards, the
+feature cache or vision model, the tokenizer, the model configuration. The run folder is created only then (by
+rank 0), and removed again if the set-up fails after creating it, so a refused run leaves nothing behind. A run
+folder that stopped before its first checkpoint starts again from step 0 (``--resume``, or the same command);
+``--resume`` takes the newest checkpoint that verifies (:mod:`.checkpoint`) and refuses an annotation file whose
+rows changed.
+
+A loss that is not finite stops the run at its step (:class:`LossNotFinite`): the losses are read with each log
+row (its one host sync), so no step gets a sync of its own; a step that fails because of it (a NaN temperature)
+is diagnosed the same way. Nothing of the diverged steps is saved.
 
 Processes: under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo on
 CPUs), builds the same model from the same seed, trains on its rows of each global batch
@@ -31,16 +44,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..files import identity
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
-from .config import RESUME_MUTABLE, read_run_config, task_of, validate, write_config
+from ..data.shards import input_kind
+from .config import RESUME_MUTABLE, STREAMS, is_run_config, read_run_config, task_of, validate, write_config
+from .streams import KeysLog, StreamInput
 from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
 from .optim import WarmupCosine, make_optimizer
 from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
-PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out")
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out", "eval_data")
 
 
 def mix_seed(seed: int, k: int) -> int:
@@ -84,6 +100,10 @@ class _Dist:
             dist.destroy_process_group()
 
 
+class LossNotFinite(FloatingPointError):
+    """The run diverged: a loss (or a trained weight) is not finite; the run folder stays resumable."""
+
+
 class Trainer:
     """``Trainer(cfg, given)``: everything set up for ``run()`` (or ``train_step()`` one step at a time).
     ``cfg``: resolved options (:func:`config.resolve`); ``given``: the explicitly set ones; ``resume``: a run or
@@ -92,9 +112,9 @@ class Trainer:
     def __init__(self, cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None, log=print):
         self.log = log
         self.stop_requested = False
-        state = None
+        state, ck, broken = None, None, []
         if resume is not None:
-            run_dir, ck = ckpt.find_checkpoint(resume)
+            run_dir, ck, broken = ckpt.find_checkpoint(resume)
             saved = read_run_config(run_dir)
             saved["stop_after"] = None  # a limit of the interrupted invocation, not of the run
             for k, v in (given or {}).items():
@@ -105,6 +125,9 @@ class Trainer:
             cfg = saved
             cfg["out"] = run_dir
         self.dist = d = _Dist(cfg["device"])
+        if d.main:
+            for note in ckpt.set_aside(broken):
+                self.log(note)
         validate(cfg)
         self.cfg = cfg = dict(cfg)
         for k in PATHS:  # config.yaml must work from any working directory (--resume, --config)
@@ -123,15 +146,26 @@ class Trainer:
         created = False
         if resume is None and d.main and os.path.isdir(out) and (
                 os.path.exists(os.path.join(out, "config.yaml")) or ckpt.list_checkpoints(out)):
-            raise ValueError(f"--out: {out!r} already holds a run; continue it with --resume {out} or choose "
-                             f"another --out")
+            if ckpt.list_checkpoints(out) or not is_run_config(os.path.join(out, "config.yaml")):
+                raise ValueError(f"--out: {out!r} already holds a run; continue it with --resume {out} or choose "
+                                 f"another --out")
+            self.log(f"blipfast train: {out} holds a run that stopped before its first checkpoint: starting it "
+                     f"again from step 0")
+        if resume is not None and ck is None and not is_run_config(os.path.join(out, "config.yaml")):
+            raise ValueError(f"--resume: {out!r} has no checkpoint and its config.yaml was not written by blipfast "
+                             f"train")
+        if resume is not None and ck is None and d.main:
+            self.log(f"blipfast train: --resume: {out} stopped before its first checkpoint: starting it again from "
+                     f"step 0 with its config.yaml")
         try:
             if d.main and not os.path.isdir(out):
                 os.makedirs(out)
                 created = True
-            self._setup(cfg, resume)
-            if resume is not None:
+            self._setup(cfg, fresh=ck is None)
+            self.data_id = self._data_identity()
+            if ck is not None:
                 state = ckpt.load_checkpoint(ck, lambda folder: self.task.load(self.core, folder))
+                self._check_data(state.get("data"))
                 self._restore(state)
         except BaseException:
             if created:
@@ -146,7 +180,8 @@ class Trainer:
             n_params = sum(p.numel() for p in self.core.parameters())
             n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
             trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
-            self.log(f"blipfast train: {self.task.title}, {self.ann.summary()}; {d.world} process(es) on "
+            data = (self.stream or self.ann).summary()
+            self.log(f"blipfast train: {self.task.title}, {data}; {d.world} process(es) on "
                      f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
                      f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
                      f"{trained}, {cfg['precision']}; run folder {cfg['out']}")
@@ -156,30 +191,42 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up
 
-    def _setup(self, cfg: dict, resume) -> None:
+    def _setup(self, cfg: dict, fresh: bool) -> None:
         from ..data import FeatureCache, FeatureTextDataset, GlobalBatchSampler, collate, load_vision_tower
         from ..data.annotations import keep_pairs
 
         d, dev, out, task = self.dist, self.dist.device, cfg["out"], self.task
+        kind = input_kind(cfg["data"], cfg["features"])
         if cfg["preset"] == "auto":
-            cfg["preset"] = "tiny" if cfg["data"] is None else "base"
-        if cfg["data"] is None:  # the synthetic set, generated into the run folder
+            cfg["preset"] = "tiny" if kind == "synthetic" else "base"
+        if kind == "synthetic":  # the synthetic set (the task's), generated into the run folder
             paths = task.synthetic(os.path.join(out, "synthetic"), cfg["synthetic_size"], cfg["seed"]) \
                 if d.main else None
             d.barrier()
             cfg.update(d.broadcast(paths))
         feats = cfg["features"] is not None
-        ann = task.read_data(cfg, feats)
-        cache = tower = processor = width = None
-        if feats:
+        workers = cfg["num_workers"]
+        if workers is None:
+            workers = 0 if dev.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
+        ann = cache = tower = processor = width = self.stream = None
+        feature_dtype = DTYPES[cfg["feature_dtype"]]
+        if kind in STREAMS:  # WebDataset or feature shards, streamed (blipfast.train.streams)
+            self.stream = StreamInput(kind, cfg, d, workers=workers, auto_workers=cfg["num_workers"] is None)
+            workers = self.stream.workers
+            if feats:  # fp8 is decoded on the device to --feature-dtype
+                width = self.stream.index.width
+                feature_dtype = DTYPES.get(self.stream.index.dtype, feature_dtype)
+        else:
+            ann = task.read_data(cfg, feats)
+        if feats and self.stream is None:  # the feature cache of an annotation file
             cache = FeatureCache(cfg["features"])
             reasons = {k: f"image {k!r} not in the feature cache {cfg['features']!r}" for k in ann.images}
             reasons.update({k: f"{why} (skipped by cache-features)" for k, why in cache.skipped.items()})
             ann = keep_pairs(ann, set(cache.where), reasons)
-            width = cache.width
-        elif task.trains_vision:  # the ViT is the model's: no frozen tower
+            width, feature_dtype = cache.width, cache.dtype
+        elif not feats and task.trains_vision:  # the ViT is the model's: no frozen tower
             processor = task.image_processor(cfg, d)
-        else:
+        elif not feats:
             tower, processor = load_vision_tower(cfg["vision"], device=dev,
                                                  dtype=resolve_dtype(cfg["vision_dtype"], dev, flag="--vision-dtype"))
             width = tower.width
@@ -187,23 +234,29 @@ class Trainer:
         tok, cfg["tokenizer"] = task.tokenizer(cfg, ann, d)
         self.tokenizer = tok
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-        model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=resume is None)
+        model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=fresh)
         self.core = model
-        text = task.tokenize(model, tok, ann.captions, cfg)
+        if self.stream is not None:  # captions tokenised per batch in the loader workers
+            self.stream.set_transforms(task, model, tok, processor)
+            self._stream_loader = self.stream.loader()
+            self.micro_per_epoch = self.stream.micro_per_epoch
+        else:
+            text = task.tokenize(model, tok, ann.captions, cfg)
         torch.manual_seed(mix_seed(cfg["seed"], 1 + d.rank) & ((1 << 62) - 1))  # dropout: each rank its own
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
-        ds = FeatureTextDataset(ann, cache, text) if feats else task.dataset(ann, cfg["images"], processor, text, report)
-        self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
-        self.steps_per_epoch = self.sampler.steps_per_epoch / cfg["grad_accum"]
+        if self.stream is None:
+            ds = FeatureTextDataset(ann, cache, text) if feats else \
+                task.dataset(ann, cfg["images"], processor, text, report)
+            self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
+            self.micro_per_epoch = self.sampler.steps_per_epoch
+            self.dataset, self._collate = ds, collate
+        self.steps_per_epoch = self.micro_per_epoch / cfg["grad_accum"]
         if cfg["steps"] is None:
             cfg["steps"] = max(1, math.ceil((cfg["epochs"] or 10) * self.steps_per_epoch))
         self.total_steps = cfg["steps"]
-        workers = cfg["num_workers"]
-        if workers is None:
-            workers = 0 if dev.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // max(1, d.world)))
-        self.dataset, self.workers, self._collate = ds, workers, collate
-        if d.main:
+        self.workers = workers
+        if d.main and ann is not None:
             with open(report, "w") as fh:
                 fh.writelines(m + "\n" for m in ann.bad)
             for m in ann.bad[:10]:
@@ -231,10 +284,36 @@ class Trainer:
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
         self.stepper = cls(wrapped, self.optimizer, task.step_loss, device=dev, tower=tower, scaler=self.scaler,
                            amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
-                           feature_dtype=cache.dtype if feats else DTYPES[cfg["feature_dtype"]])
+                           feature_dtype=feature_dtype)
         self.step = 0
         self.micro_step = 0
         self._iter = None
+        self._data_wait, self._keys = 0.0, None
+
+    def _data_identity(self) -> Optional[dict]:
+        """What the checkpoints record of the annotation file: path, size, SHA-256, rows and usable pairs."""
+        ann = getattr(self, "ann", None)
+        if ann is None or not os.path.isfile(ann.path):
+            return None
+        ident = identity(ann.path)
+        return {"path": ident["path"], "size": ident["size"], "sha256": ident["sha256"], "rows": ann.rows,
+                "pairs": len(ann)}
+
+    def _check_data(self, saved: Optional[dict]) -> None:
+        """``--resume``: refuse data whose usable pairs changed (the checkpoint's data position and order would
+        point elsewhere); warn when the file changed with the same pairs count."""
+        now = self.data_id
+        if not saved or not now:
+            return
+        if (saved["rows"], saved["pairs"]) != (now["rows"], now["pairs"]):
+            raise ValueError(f"--resume: the annotation file changed since the run started: {saved['path']} had "
+                             f"{saved['rows']} rows ({saved['pairs']} image-text pairs), {now['path']} has "
+                             f"{now['rows']} rows ({now['pairs']} pairs), so the checkpoint's position in the data "
+                             f"no longer fits. Restore the file, or start a new run from these weights (--init "
+                             f"{self.cfg['out']})")
+        if (saved["size"], saved["sha256"]) != (now["size"], now["sha256"]) and self.dist.main:
+            self.log(f"blipfast train: --resume: {now['path']} changed since the run started (same rows and pairs: "
+                     f"{now['pairs']}); training continues on its new contents")
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -251,10 +330,15 @@ class Trainer:
         elif self.dist.main:
             self.log(f"--resume: the checkpoint has RNG states of {len(rngs)} process(es), this run has "
                      f"{self.dist.world}: dropout continues from fresh seeds (the data order is unaffected)")
+        if self.stream is not None:  # each rank's stream position
+            self._stream_loader = self.stream.loader(self.stream.check_states(state.get("data_streams"),
+                                                                              self.micro_step))
 
     def _batches(self):
         from torch.utils.data import DataLoader
 
+        if self.stream is not None:
+            return iter(self._stream_loader)
         self.sampler.start = self.micro_step
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self._collate,
                             num_workers=self.workers, pin_memory=self.dist.device.type == "cuda",
@@ -272,9 +356,14 @@ class Trainer:
         acc = None
         n = self.cfg["grad_accum"]
         for k in range(n):
+            t = time.perf_counter()
             batch = next(self._iter)
+            self._data_wait += time.perf_counter() - t  # the time this step waited for its batch
+            keys = batch.pop("__key__", None)
+            if self._keys is not None:
+                self._keys.write(self.micro_step, keys if keys is not None else batch["index"].tolist())
             batch.update({name: torch.tensor(v, dtype=torch.float32)
-                          for name, v in self.task.step_inputs(self.micro_step, self.sampler.steps_per_epoch).items()})
+                          for name, v in self.task.step_inputs(self.micro_step, self.micro_per_epoch).items()})
             m = self.stepper.micro(batch, mix_seed(self.cfg["seed"], self.micro_step), last=k == n - 1)
             self.micro_step += 1
             acc = m if acc is None else acc + m
@@ -290,17 +379,54 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        streams = None
+        if self.stream is not None:  # every rank's stream position after the batches trained on
+            streams = [self._stream_loader.state_dict()]
+            if d.world > 1:
+                streams = [None] * d.world
+                dist.all_gather_object(streams, self._stream_loader.state_dict())
         path = None
         if d.main:
             state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
-                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world}
+                     "step": self.step, "micro_step": self.micro_step, "world_size": d.world, "data": self.data_id,
+                     **({"data_streams": streams} if streams is not None else {})}
             path = ckpt.save_checkpoint(self.cfg["out"], self.step,
                                         lambda folder: self.task.save(self.core, folder, self.step,
                                                                       self.cfg["save_lavis"]),
                                         state, self.cfg["keep"])
         d.barrier()
         return path
+
+    def _evaluate_after(self, before: int) -> None:
+        """``--eval-every N``: the task's ``evaluate`` when this step ended an N-th epoch; rank 0 appends the
+        metrics to ``RUN/eval.jsonl`` and logs them."""
+        every, spe = self.cfg.get("eval_every") or 0, self.micro_per_epoch
+        epoch = self.micro_step // spe
+        if not every or epoch == before // spe or epoch % every:
+            return
+        metrics = self.task.evaluate(self.core, self.cfg, self.dist, epoch)
+        if metrics is not None and self.dist.main:
+            import json
+
+            with open(os.path.join(self.cfg["out"], "eval.jsonl"), "a") as fh:
+                fh.write(json.dumps({"step": self.step, "epoch": epoch, **metrics}) + "\n")
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            self.log(f"blipfast train: evaluation after epoch {epoch} (step {self.step}): {shown}")
+        self.dist.barrier()
+
+    def _data_row(self) -> dict:
+        """The log row's data fields: ``data_wait_s``, the seconds the steps since the last row waited for their
+        batches (the mean over the ranks), and for a stream ``bad_samples``, the samples skipped since its start
+        (all ranks)."""
+        vals = [self._data_wait] + ([float(self._stream_loader.bad_samples)] if self.stream is not None else [])
+        self._data_wait = 0.0
+        if self.dist.world > 1:
+            t = torch.tensor(vals, dtype=torch.float64, device=self.dist.device)
+            dist.all_reduce(t)
+            vals = t.tolist()
+            vals[0] /= self.dist.world
+        return {"data_wait_s": round(vals[0], 4), **({"bad_samples": int(vals[1])} if len(vals) > 1 else {})}
 
     def _request_stop(self, signum, _frame):
         self.stop_requested = True
@@ -317,9 +443,24 @@ class Trainer:
                 except ValueError:  # not the main thread
                     pass
         acc, n_acc, t_last, saved_at = None, 0, time.perf_counter(), None
+        if cfg["log_keys"]:
+            self._keys = KeysLog(cfg["out"], d.rank, self.micro_step)
+        window: list = []  # the losses of this row's steps, device tensors read only when a row is not finite
         try:
             while self.step < end and not self.stop_requested:
-                m = self.train_step()
+                before = self.micro_step
+                try:
+                    m = self.train_step()
+                except (ValueError, RuntimeError) as exc:  # e.g. a temperature gone NaN after a NaN step
+                    try:
+                        msg = self._not_finite(window, self.step + 1 - len(window), across_ranks=False)
+                    except Exception:  # noqa: BLE001 - a device that cannot be read (a CUDA assert): the error as is
+                        msg = None
+                    if msg:
+                        raise LossNotFinite(msg) from exc
+                    raise
+                window.append(m)
+                self._evaluate_after(before)
                 acc, n_acc = (m if acc is None else acc + m), n_acc + 1
                 s = self.step
                 if s % cfg["log_every"] == 0 or s == end or self.stop_requested:
@@ -328,11 +469,16 @@ class Trainer:
                         dist.all_reduce(acc)
                         acc = acc / d.world
                     vals = acc.tolist()  # the one host sync per log row
+                    if not all(math.isfinite(v) for v in vals):  # the same on every rank (a reduced row)
+                        raise LossNotFinite(self._not_finite(window, s + 1 - len(window), across_ranks=True)
+                                            or f"loss is not finite in steps {s + 1 - len(window)}-{s}")
+                    window = []
                     now = time.perf_counter()
-                    row = {"step": s, "epoch": round(self.micro_step / self.sampler.steps_per_epoch, 4),
+                    row = {"step": s, "epoch": round(self.micro_step / self.micro_per_epoch, 4),
                            **dict(zip(self.task.losses, vals)), "lr": self.schedule.value(s - 1),
                            "images_per_s": global_batch * n_acc / max(now - t_last, 1e-9),
-                           "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3)}
+                           "memory_mb": round(peak_memory_mb(d.device), 1), "time_s": round(now - self.t0, 3),
+                           **self._data_row()}
                     self.runlog.log(row)
                     acc, n_acc, t_last = None, 0, now
                 if cfg["plot_every"] and s % cfg["plot_every"] == 0:
@@ -348,13 +494,43 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
             self.runlog.close()
+            if self._keys is not None:
+                self._keys.close()
         last = self.runlog.rows[-1] if self.runlog.rows else {}
+        finished = self.step >= self.total_steps
         if d.main:
-            done = "finished" if self.step >= self.total_steps else \
-                f"stopped at step {self.step} (--resume to continue)"
+            done = "finished" if finished else f"stopped at step {self.step} (--resume {cfg['out']} to continue)"
             self.log(f"blipfast train: {done}; loss {last.get('loss', float('nan')):.4f}, "
                      f"{time.perf_counter() - self.t0:.1f} s; {cfg['out']}")
-        return {"step": self.step, "run_dir": cfg["out"], "last": last}
+        return {"step": self.step, "run_dir": cfg["out"], "last": last, "finished": finished}
+
+    def _not_finite(self, window: list, first: int, across_ranks: bool) -> Optional[str]:
+        """The message of a diverged run, or None: the first of the steps ``first``, ... (their losses
+        ``window``) whose loss is not finite, else trained weights that are not finite. Reads the losses (a host
+        sync: only when a row is not finite or a step failed); ``across_ranks``: every rank calls it, and the
+        verdict is the ranks' (a step is bad when it is bad on any rank)."""
+        d, out = self.dist, self.cfg["out"]
+        bad = torch.stack([~torch.isfinite(w).all() for w in window]).float() if window else torch.zeros(0)
+        if across_ranks and d.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        hits = bad.nonzero().flatten().tolist()
+        if hits:
+            what = f"loss is not finite at step {first + hits[0]}"
+            if d.world == 1:
+                vals = window[hits[0]].tolist()
+                what += " (" + ", ".join(f"{k} {v:g}" for k, v in zip(self.task.losses, vals)) + ")"
+        else:
+            names = [n for n, p in self.core.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            if not names:
+                return None
+            what = f"trained weights are not finite after step {self.step} ({', '.join(names[:3])}" + \
+                (f" and {len(names) - 3} more)" if len(names) > 3 else ")")
+        kept = ckpt.list_checkpoints(out)
+        where = (f"{out} keeps its checkpoints up to {os.path.basename(kept[-1])}" if kept else
+                 f"{out} has no checkpoint yet (--resume starts it again from step 0)")
+        return (f"{what}; the run stopped without saving these steps: {where}. Resuming repeats the same steps: "
+                f"train again with a lower --lr, --grad-clip (e.g. 1.0) or --precision fp32"
+                + (f" (a new run with --init {kept[-1]} starts from its weights)" if kept else ""))
 
     def close(self) -> None:
         self.dist.close()
@@ -368,4 +544,4 @@ def train(cfg: dict, given: Optional[dict] = None, resume: Optional[str] = None,
         trainer.close()
 
 
-__all__ = ["Trainer", "train", "mix_seed"]
+__all__ = ["LossNotFinite", "Trainer", "train", "mix_seed"]

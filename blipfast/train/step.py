@@ -2,7 +2,8 @@
 (stage 1).
 
 A micro-step moves a batch to the device, runs the frozen vision tower when training from images (its tokens rounded
-to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers), then the
+to ``feature_dtype``, the dtype a feature cache stores, so both paths give the model the same numbers) or scales
+fp8 feature shards' tokens back to ``feature_dtype`` (on the device: half the bytes cross the bus), then the
 model under autocast through the task's ``step_loss`` (:mod:`blipfast.train.tasks`), and back-propagates
 ``loss / grad_accum``. It returns the logged losses as a detached device tensor: nothing in a step synchronises with
 the host (the trainer reads the losses once per log row). The hard-negative draw takes ``sample_seed`` from the host
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from ..data.feature_shards import decode as decode_features
 
 WARMUP = 3  # eager optimizer steps before the CUDA graphs are captured
 
@@ -55,6 +58,8 @@ class Stepper:
                 embeds = self.tower(inp["pixel_values"].to(self.tower_dtype)).to(self.feature_dtype)
             else:  # cached ViT tokens, or the pixels of a model that runs its own ViT (BLIP)
                 embeds = inp["image_embeds"] if "image_embeds" in inp else inp["pixel_values"]
+                if "image_scale" in inp:  # fp8 feature shards: e4m3 tokens and their per-token scale
+                    embeds = decode_features(embeds, inp["image_scale"], self.feature_dtype)
             loss, metrics = self.step_loss(self.model, embeds, inp, seed)
         return metrics, loss / self.accum
 

@@ -443,3 +443,21 @@ def test_eval_transform_with_a_processor_is_that_processors_output():
     img = Image.fromarray(np.random.randint(0, 256, (19, 23, 3), dtype=np.uint8))
     proc = default_blip_processor(12)
     assert torch.equal(EvalTransform(processor=proc)(img), preprocess(proc, img))
+
+
+def test_loaded_processors_resize_with_pil_as_the_references(tmp_path):
+    """A folder's processor is read on transformers' PIL backend, also with torchvision installed (whose default
+    backend resizes tensors and gives other pixels): the pixels are BLIP's Resize(bicubic) on the PIL image."""
+    from transformers import BlipImageProcessor
+
+    from blipfast.data.vision import load_image_processor, preprocess
+
+    BlipImageProcessor(size={"height": 12, "width": 12}).save_pretrained(tmp_path)
+    proc = load_image_processor(tmp_path)
+    assert "Pil" in type(proc).__name__
+    img = Image.fromarray(np.random.randint(0, 256, (19, 23, 3), dtype=np.uint8))
+    want = T.Compose([T.Resize((12, 12), interpolation=InterpolationMode.BICUBIC), T.ToTensor(),
+                      T.Normalize(CLIP_MEAN, CLIP_STD)])(img)
+    torch.testing.assert_close(preprocess(proc, img), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="--vision: .* no usable image processor"):
+        load_image_processor(tmp_path / "nowhere", where="--vision")

@@ -35,7 +35,8 @@ def _rows(path):
 
 
 def test_caption_a_folder(tmp_path, capsys):
-    """Every image of the folder, in name order, batched; SPEC's defaults (beam 5, min 1, no prompt)."""
+    """Every image of the folder, in name order, batched; LAVIS' generate defaults (beam 5, no prompt, min_length 1:
+    no new-token minimum)."""
     model_dir, hf = _folder(tmp_path, "opt")
     folder, paths = _images(tmp_path, 3)
     (folder / "notes.txt").write_text("not an image")
@@ -48,7 +49,7 @@ def test_caption_a_folder(tmp_path, capsys):
     tok = T.tokenizer("opt")
     want, tokens = [], set()
     for i in range(0, 3, 2):  # HF with the same batches: image tokens + BOS, then the new tokens
-        ids = hf.generate(pixel_values=_pixels(paths[i:i + 2]), num_beams=5, max_new_tokens=12, min_new_tokens=1)
+        ids = hf.generate(pixel_values=_pixels(paths[i:i + 2]), num_beams=5, max_new_tokens=12, min_new_tokens=0)
         want += [t.strip() for t in tok.batch_decode(ids[:, Q + 1:], skip_special_tokens=True)]
         tokens |= {tuple(r) for r in ids[:, Q + 1:].tolist()}
     assert [r["caption"] for r in rows] == want
@@ -59,7 +60,8 @@ def test_caption_a_folder(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["t5", "opt"])
 def test_vqa_from_jsonl(tmp_path, kind):
     """Questions of different lengths in one batch (padded: right for T5's encoder, left for OPT) give the
-    answers HF gives each question alone; relative image paths; extra fields are kept."""
+    answers HF gives each question alone with LAVIS' predict_answers settings (beam 5, at most 10 new tokens, length
+    penalty -1 for T5, 0 for OPT); relative image paths; extra fields are kept."""
     model_dir, hf = _folder(tmp_path, kind)
     _, paths = _images(tmp_path, 3)
     questions = ["what color is the car", "how many dogs", "is there a man riding a red bus near the tree"]
@@ -75,7 +77,8 @@ def test_vqa_from_jsonl(tmp_path, kind):
     for path, q, row in zip(paths, questions, rows):
         prompt = torch.tensor([tok(f"Question: {q} Short answer:").input_ids])
         ids = torch.cat([torch.full((1, Q), T.IMAGE), prompt], 1)
-        gen = hf.generate(pixel_values=_pixels([path]), input_ids=ids, num_beams=5, max_new_tokens=10, min_new_tokens=1)
+        gen = hf.generate(pixel_values=_pixels([path]), input_ids=ids, num_beams=5, max_new_tokens=10, min_new_tokens=0,
+                          length_penalty=-1.0 if kind == "t5" else 0.0)
         gen = gen[:, ids.shape[1]:] if kind == "opt" else gen
         assert row["answer"] == tok.decode(gen[0], skip_special_tokens=True).strip()
 
@@ -89,14 +92,15 @@ def test_instructblip_vqa(tmp_path):
     data.write_text("".join(json.dumps({"image": p, "question": q}) + "\n" for p, q in zip(paths, questions)))
     out = tmp_path / "a.jsonl"
     assert cli.main(["vqa", "--model", str(model_dir), "--data", str(data), "--output", str(out),
-                     "--num-beams", "1", "--max-new-tokens", "6"]) == 0
+                     "--num-beams", "1", "--max-new-tokens", "6",  # HF's penalty would also see the prompt:
+                     "--generate-kwargs", '{"repetition_penalty": 1.0}']) == 0
     tok = T.tokenizer("opt")
     for path, q, row in zip(paths, questions, _rows(out)):
         text = f"Question: {q} Short answer:"
         prompt = torch.tensor([tok(text).input_ids])
         ids = torch.cat([torch.full((1, Q), T.IMAGE), prompt], 1)
         gen = hf.generate(pixel_values=_pixels([path]), input_ids=ids, qformer_input_ids=prompt, num_beams=1,
-                          max_new_tokens=6, min_new_tokens=1)
+                          max_new_tokens=6)
         assert row["answer"] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -135,12 +139,14 @@ def test_bad_input_gets_a_message(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-def test_commands_are_registered_with_specs_defaults():
+def test_commands_are_registered_with_lavis_settings():
+    """The decoding defaults are LAVIS' settings, resolved for the model's LLM (tests/cli/test_decoding_settings.py);
+    the flags are unset unless given."""
     parser = cli.build_parser()
     sub = parser._subparsers._group_actions[0].choices
     assert {"caption", "vqa"} <= set(sub)
     cap = sub["caption"].parse_args(["--model", "m", "--images", "i"])
-    assert (cap.prompt, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens) == ("", 5, 30, 1)
+    assert (cap.settings, cap.prompt, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens) == \
+        ("caption", None, None, None, None)
     vqa = sub["vqa"].parse_args(["--model", "m", "--data", "d"])
-    assert (vqa.prompt, vqa.num_beams, vqa.max_new_tokens, vqa.min_new_tokens) == \
-        ("Question: {} Short answer:", 5, 10, 1)
+    assert (vqa.settings, vqa.prompt, vqa.length_penalty) == ("vqa", None, None)

@@ -5,7 +5,9 @@
 #     bash tests/gpu/device_session.sh --with-pytest-benchmark    # a second call: the pytest-benchmark JSON too
 # GPU correctness first, then every benchmark suite; each phase has its own time limit and writes its result under
 # $OUT as it goes, so a phase that hangs or fails costs only its own slot. At most 8 files come back from $OUT:
-#   session.log          phase timings and exit codes (+ nvidia-smi and build_info at the top)
+#   session.log          phase timings and exit codes (+ nvidia-smi and build_info at the top, then the table of
+#                        `blipfast selftest`: every fused kernel against its reference on this GPU, docs/selftest.md)
+#   selftest.json        `blipfast selftest --full` (first call only; the second call runs --quick, table only)
 #   pytest-gpu.log       `pytest -m gpu tests` (every CUDA/Triton kernel against its reference, the stage-1 step
 #                        in a CUDA graph, compile without syncs, ...)
 #   sanitizer.log        compute-sanitizer memcheck/racecheck/initcheck over the Triton attention kernels and
@@ -44,6 +46,14 @@ phase "build (sm_${BLIPFAST_CUDA_ARCHS})" 150 "$LOG" \
   env BLIPFAST_BUILD_CUDA=1 python -m pip install -q -e . --no-build-isolation --no-deps
 python -c 'import blipfast, json; print(json.dumps(blipfast.build_info()))' >>"$LOG" 2>&1
 
+# 0. the self-test of every fused kernel on this GPU (its verdicts are cached: a kernel that fails is not used by
+#    `blipfast bench` below; the tests force their backends), and a failure is the first thing to read
+if [ "${1:-}" != "--with-pytest-benchmark" ]; then
+  phase "blipfast selftest --full" 120 "$LOG" blipfast selftest --full --no-progress --json "$OUT/selftest.json"
+else
+  phase "blipfast selftest --quick" 60 "$LOG" blipfast selftest --quick --no-progress
+fi
+
 # 1. correctness on the GPU: every -m gpu test (kernels against their references in fp16/bf16/fp32, the stage-1
 #    step against LAVIS' restatement, compile without syncs, the training step in a CUDA graph, ...)
 phase "pytest -m gpu" 150 "$OUT/pytest-gpu.log" python -m pytest -q -m gpu tests -p no:cacheprovider -rfE
@@ -67,7 +77,8 @@ for f in "$OUT"/bench/*.png; do [ -e "$f" ] && cp "$f" "$OUT/blipfast-bench.png"
 rm -rf "$OUT/bench"
 if [ "${1:-}" != "--with-pytest-benchmark" ]; then
   # BLIP (v1) pre-training step and CapFilt (ViT-B models, torch.compile): a phase of its own, so that its compile
-  # time cannot cost the other suites their results; its JSON as blipfast-bench-blip.json (7 files in this call)
+  # time cannot cost the other suites their results; its JSON as blipfast-bench-blip.json (8 files in this call,
+  # selftest.json included)
   phase "blipfast bench --only blip_pretrain" 120 "$OUT/blipfast-bench.log" \
     blipfast bench --only blip_pretrain --out "$OUT/bench-blip"
   for f in "$OUT"/bench-blip/*.json; do [ -e "$f" ] && cp "$f" "$OUT/blipfast-bench-blip.json"; done

@@ -9,9 +9,10 @@ import torch
 
 from blipfast import ops
 from blipfast.kernels import attention as kern
-from blipfast.ops._attention_ref import attention_fwd_ref, dropout_keep
+from blipfast.ops._attention_ref import attention_fwd_ref
 from blipfast.ops.cross_attention import _expand
 from blipfast.ops.qformer_attention import allowed_mask
+from blipfast.selftest.attention import lowp_attention as _lowp_attention
 from tests.helpers.runtime import DEV
 from tests.helpers.tolerance import assert_within_torch_error
 
@@ -36,19 +37,6 @@ def _padding(pattern: str, b: int, lk: int, nq: int):
     if pattern == "allpad":
         kpm[0] = False
     return kpm
-
-
-def _lowp_attention(q, k, v, allowed, scale, dropout_p=0.0, seed=None):
-    """PyTorch's own attention in the inputs' dtype (no upcast): the yardstick for fp16/bf16."""
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    allowed = allowed.unsqueeze(1)
-    has = allowed.any(-1, keepdim=True)
-    s = torch.where(allowed & has, s, torch.full_like(s, float("-inf")))
-    p = torch.softmax(torch.where(has, s, torch.zeros_like(s)), dim=-1).masked_fill(~allowed, 0.0)
-    if dropout_p > 0:
-        keep = dropout_keep(seed, *p.shape, dropout_p, q.device)
-        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-    return torch.einsum("bhij,bjhd->bihd", p, v)
 
 
 def _run(fn, inputs, grad_out):

@@ -10,6 +10,7 @@ import torch
 
 from blipfast.ops import sample_hard_negatives_ref
 from blipfast.ops.hard_negatives import drawable_mask
+from blipfast.selftest.negatives import chi_square_pvalue as _chi_square_pvalue
 from tests.helpers.runtime import require_extension
 
 
@@ -25,20 +26,6 @@ def _cpp_op():
         return torch.ops.blipfast_C.sample_hard_negatives
     except (AttributeError, RuntimeError):
         return None
-
-
-def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value of ``counts`` against ``probs`` (cells with expectation < 5 pooled)."""
-    n = counts.sum().double()
-    exp = probs.double() * n
-    big = exp >= 5
-    obs_c = torch.cat([counts.double()[big], counts.double()[~big].sum().view(1)])
-    exp_c = torch.cat([exp[big], exp[~big].sum().view(1)])
-    keep = exp_c > 0
-    obs_c, exp_c = obs_c[keep], exp_c[keep]
-    stat = ((obs_c - exp_c) ** 2 / exp_c).sum()
-    df = obs_c.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def _repeated_rows(logits: torch.Tensor, drawable_row: torch.Tensor, rows: int):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blipfast.ops import itc_loss, itc_loss_from_gathered, itc_loss_ref
+from blipfast.ops import itc_loss, itc_loss_ref
+from blipfast.selftest.itc import run_rank as _run
 from tests.helpers.tolerance import assert_within_torch_error
 
 
@@ -24,19 +25,6 @@ def _inputs(b, world, q, e, dtype, device, ids=False, scale=1.0, normalize=True,
     ids_all = torch.randint(0, max(1, bw // 2), (bw,), device=device) if ids else None
     temp = torch.empty((), device=device).uniform_(0.05, 0.1).to(dtype)  # exactly representable in dtype
     return img_all, txt_all, ids_all, temp
-
-
-def _run(img_all, txt_all, ids_all, temp, rank, b, dtype, backend, ls, grad_scale):
-    """(loss, s_i2t, s_t2i, d img, d txt, d temp) of one rank in ``dtype`` on ``backend``."""
-    img = img_all[rank * b:(rank + 1) * b].to(dtype).clone().requires_grad_()
-    txt = txt_all[rank * b:(rank + 1) * b].to(dtype).clone().requires_grad_()
-    t = temp.to(dtype).clone().requires_grad_()
-    kw = dict(rank=rank, label_smoothing=ls, return_logits=True)
-    if ids_all is not None:
-        kw.update(image_ids=ids_all[rank * b:(rank + 1) * b], image_ids_all=ids_all)
-    loss, s1, s2 = itc_loss_from_gathered(img, txt, img_all.to(dtype), txt_all.to(dtype), t, backend=backend, **kw)
-    gi, gt, gtemp = torch.autograd.grad(loss * grad_scale, [img, txt, t])
-    return loss, s1, s2, gi, gt, gtemp
 
 
 NAMES = ("loss", "s_i2t", "s_t2i", "d image_feats", "d text_feats", "d temp")

@@ -11,32 +11,15 @@ import random
 
 import torch
 
+from blipfast.selftest.tolerance import FLOOR, floor, rounding_units, torch_error
+from blipfast.selftest.tolerance import scale_of as _scale_of
+
 SEED = int(os.environ.get("BLIPFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
-# docs/design.md's tolerance rule: max|fast - ref64| <= 2 * max|torch_lowp - ref64| + floor, where the floor is a few
-# rounding units of the tested dtype (machine epsilon) times the reference's magnitude max|ref64|. It is
-# relative, so a kernel whose error is a fraction of the tensor's scale (half a gradient, a dropped mask)
-# fails whatever that scale is. It only matters where PyTorch's own error is a poor yardstick (a scalar, or
-# an element PyTorch happens to get exactly). fp16/bf16: one unit; their kernels compute in fp32 and round
-# once, which dominates, and PyTorch's own error contains that rounding. fp32/fp64: reductions ordered
-# differently from PyTorch's exceed twice PyTorch's error by up to 3 units on the CPU suite (several
-# seeds), and fp32 attention on a GPU multiplies in tf32x3 (about 4 fp32 units per product, not measured
-# yet); 32 units (3.8e-6 of the tensor's scale in fp32) cover both and stay far below any real bug.
-FLOOR = {torch.float64: 32 * torch.finfo(torch.float64).eps, torch.float32: 32 * torch.finfo(torch.float32).eps,
-         torch.float16: torch.finfo(torch.float16).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+# docs/design.md's tolerance rule (FLOOR and its reasons: blipfast/selftest/tolerance.py, which the self-test shares)
 # assert_close compares two computations in the same precision with differently ordered reductions (or an
 # independent formulation); they differ by accumulated rounding, bounded relative to max|b| per dtype
 CLOSE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def _scale_of(ref: torch.Tensor) -> float:
-    return float(ref.detach().abs().max()) if ref.numel() else 0.0
-
-
-def floor(dtype: torch.dtype, ref: torch.Tensor, magnitude: float | None = None) -> float:
-    """FLOOR[dtype] at the reference's magnitude max|ref| (or ``magnitude``); the smallest normal number of
-    ``dtype`` (not a tolerance, only so that an all-zero reference accepts an all-zero result) when that is 0."""
-    return FLOOR[dtype] * (_scale_of(ref) if magnitude is None else magnitude) or torch.finfo(dtype).tiny
 
 
 def assert_within_torch_error(fast: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, dtype=None,
@@ -49,20 +32,15 @@ def assert_within_torch_error(fast: torch.Tensor, ref64: torch.Tensor, torch_low
     are (e.g. 0 in exact arithmetic: assert_grads_within_torch_error); pass the scale of those terms.
     """
     dtype = dtype or fast.dtype
-    fast, ref64, torch_lowp = fast.detach(), ref64.detach().double(), torch_lowp.detach()
     assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
     assert torch_lowp.shape == ref64.shape, f"{name}: torch's shape {tuple(torch_lowp.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
-    err_fast = (fast.double() - ref64).abs().max().item() if fast.numel() else 0.0
-    err_torch = (torch_lowp.double() - ref64).abs().max().item() if fast.numel() else 0.0
-    fl = floor(dtype, ref64, magnitude)
-    bound = factor * err_torch + fl
-    eps = torch.finfo(dtype).eps
-    unit = eps * (_scale_of(ref64) if magnitude is None else magnitude)
-    units = f"{(err_fast - factor * err_torch) / unit:.1f} units" if unit else "-"
+    assert torch.isfinite(fast.detach()).all(), f"{name}: non-finite values"
+    err_fast, bound, err_torch = torch_error(fast, ref64, torch_lowp, dtype, factor, magnitude)
+    fl = floor(dtype, ref64.detach(), magnitude)
+    units = rounding_units(err_fast, err_torch, factor, dtype, ref64, magnitude)
     assert err_fast <= bound, (f"{name}: max error {err_fast:.3e} exceeds {factor} x torch's {err_torch:.3e} + floor "
                                f"{fl:.1e} (beyond {factor} x torch's: {units} of {dtype} rounding at max|ref| "
-                               f"{_scale_of(ref64):.2e}, floor {FLOOR[dtype] / eps:.0f}; seed {SEED})")
+                               f"{_scale_of(ref64):.2e}, floor {FLOOR[dtype] / torch.finfo(dtype).eps:.0f}; seed {SEED})")
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, dtype=None, name: str = "output") -> None:

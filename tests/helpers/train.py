@@ -27,6 +27,16 @@ def tiny_args(out: str, data: str = None, images: str = None, vision: str = None
     return args + list(extra)
 
 
+def write_dataset(root, n: int) -> dict:
+    """The data of tiny runs under ``root``: n images with captions, their ``ann.jsonl`` and a tiny random vision
+    model folder (keys root, rows, data, vision)."""
+    from blipfast.testing.data import write_images, write_jsonl, write_vision
+
+    rows = write_images(str(root), n)
+    return {"root": str(root), "rows": rows, "data": write_jsonl(os.path.join(root, "ann.jsonl"), rows),
+            "vision": write_vision(os.path.join(root, "vit"))}
+
+
 def read_log(run: str) -> list:
     with open(os.path.join(run, "log.jsonl")) as fh:
         return [json.loads(line) for line in fh]

@@ -4,7 +4,7 @@ The draw is a function of (logits, drawable mask, seed, global row): the CUDA ke
 the same C++ code (csrc/hard_negatives.cu) must return the reference's indices exactly. Statistics:
 chi-square of many draws against the masked softmax (fixed seed, so the test is deterministic).
 The C++ CPU kernel is part of blipfast._C (built by `pip install -e .`); on a machine without the
-extension those tests skip (or fail where a CUDA device is visible: tests/conftest.py require_extension), unless
+extension those tests skip (or fail where a CUDA device is visible: tests/helpers/runtime.py require_extension), unless
 BLIPFAST_TEST_OPS_LIB names a library that registers blipfast_C ops.
 """
 from __future__ import annotations

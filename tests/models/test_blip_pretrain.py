@@ -132,6 +132,41 @@ def test_parity_with_blip_float32(name):
     _check_step(runs["fast"], runs["base32"], runs["ref"], torch.float32)
 
 
+def test_the_parity_check_catches_an_untied_lm_head():
+    """The restatement ties the LM head to the word embeddings itself: a model whose head has a weight of its own
+    (equal values, another parameter, as blipfast had it before) fails the float64 parity check."""
+    model, ((px, ids, mask),), kw = _case("padded", F64)
+    untied = copy.deepcopy(model)
+    head = untied.text_decoder.cls.predictions
+    head.decoder.weight = torch.nn.Parameter(head.decoder.weight.detach().clone())
+    fast = _step(untied, _fast, px, ids, mask, kw, F64)
+    base = _step(copy.deepcopy(model), _base, px, ids, mask, kw, F64)
+    with pytest.raises(AssertionError):
+        _check_f64(fast, base, "untied", 0)
+    # the tied model passes, and its word-embedding gradient is the sum of the lookups' and the head's
+    _check_f64(_step(copy.deepcopy(model), _fast, px, ids, mask, kw, F64), base, "tied", 0)
+
+
+def test_checkpoints_hold_the_three_tied_keys():
+    """Saving writes the three keys (one tensor); loading them yields one parameter; a checkpoint whose three
+    values differ (BLIP before 073b821) loads as BLIP's loader leaves it: the LM head's value for all three."""
+    from blipfast.models.blip_pretrain import TIED_WORD_EMBEDDINGS
+
+    torch.manual_seed(8)
+    model = BlipPretrain(tiny_config())
+    sd = model.to_lavis_state_dict()
+    assert all(torch.equal(sd[k], sd[TIED_WORD_EMBEDDINGS[0]]) for k in TIED_WORD_EMBEDDINGS)
+    old = dict(sd)
+    old[TIED_WORD_EMBEDDINGS[2]] = torch.randn_like(sd[TIED_WORD_EMBEDDINGS[2]])
+    back = BlipPretrain(tiny_config())
+    notes = back.load_lavis_state_dict(old)
+    assert len(notes) == 2 and all("replaced" in n for n in notes)
+    words = back.text_encoder.embeddings.word_embeddings.weight
+    assert back.text_decoder.cls.predictions.decoder.weight is words
+    assert torch.equal(words, old[TIED_WORD_EMBEDDINGS[2]])
+    assert back.load_lavis_state_dict(sd) == [] and torch.equal(words, sd[TIED_WORD_EMBEDDINGS[0]])
+
+
 def test_momentum_update_and_enqueue_by_hand():
     """Independent of the restatement: after a step, every momentum parameter is 0.995 p_m + 0.005 p of the
     parameters before it, and the queues hold the momentum features computed with the updated copies at the
@@ -235,8 +270,10 @@ def test_shared_parameters_and_checkpoint_names():
     for n, p in model.text_decoder.bert.named_parameters():
         assert (id(p) in enc) == (".attention." not in n), n
     head = model.text_decoder.cls.predictions
-    # as BLIP's tie_encoder_decoder_weights leaves it: the LM head keeps a weight of its own
-    assert head.decoder.weight is not model.text_encoder.embeddings.word_embeddings.weight
+    # as BLIP (since 073b821) ties them: the encoder's and the decoder's word embeddings and the LM head's output
+    # weight are one parameter
+    words = model.text_encoder.embeddings.word_embeddings.weight
+    assert head.decoder.weight is words and model.text_decoder.bert.embeddings.word_embeddings.weight is words
     assert head.decoder.bias is head.bias
     assert all(not p.requires_grad for m in ("vision_model_m", "text_encoder_m", "vision_proj_m", "text_proj_m")
                for p in getattr(model, m).parameters())

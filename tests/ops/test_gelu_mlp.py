@@ -1,7 +1,7 @@
 """blipfast.ops.gelu_mlp against its reference (F.linear, F.gelu, F.linear) in float64: the output and the gradients
 of x, w1, b1 and w2 within twice PyTorch's own error in fp32, bf16 and fp16, both GELUs, under autocast, compiled
-with fullgraph=True; no bias, awkward sizes; what it keeps for the backward; bad input. tests/test_mutations.py runs
-``check`` below on wrong implementations."""
+with fullgraph=True; no bias, awkward sizes; what it keeps for the backward; bad input. tests/kernels/test_mutations.py
+runs the same check (tests.helpers.linear_ops) on wrong implementations."""
 from __future__ import annotations
 
 import pytest

@@ -1,8 +1,8 @@
 """blipfast.ops.linear_cross_entropy against its reference (F.linear + F.cross_entropy, ignore_index=-100) in
 float64: the loss and the gradients of x, weight and bias within twice PyTorch's own error in fp32, bf16 and fp16,
 under autocast, compiled with fullgraph=True; rows without a target, all rows without one, label smoothing, chunk
-boundaries, no bias; what it keeps for the backward; bad input. tests/test_mutations.py runs ``check`` below on
-wrong implementations."""
+boundaries, no bias; what it keeps for the backward; bad input. tests/kernels/test_mutations.py runs the same check
+(tests.helpers.linear_ops) on wrong implementations."""
 from __future__ import annotations
 
 import pytest

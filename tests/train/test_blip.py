@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from blipfast.cli import main
+from blipfast.options import EXIT_STOPPED
 from blipfast.models.blip_pretrain import BlipPretrain, BlipPretrainConfig
 from blipfast.train.config import read_config_file, resolve
 from blipfast.train.tasks.blip_pretrain import BlipPretrainTask as BlipPretrainAdapter
@@ -72,7 +73,7 @@ def test_resume_is_bit_identical(dataset, tmp_path):
     """3 steps + --resume 3 steps == 6 steps: losses and every weight, momentum copy and queue."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main(_args(full, dataset, 6)) == 0
-    assert main(_args(part, dataset, 6, ("--stop-after", "3"))) == 0
+    assert main(_args(part, dataset, 6, ("--stop-after", "3"))) == EXIT_STOPPED
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     assert [r["loss"] for r in read_log(part)] == [r["loss"] for r in read_log(full)]
     a, b = weights(full), weights(part)

@@ -46,11 +46,11 @@ def test_train_resume_and_evaluate(task, tmp_path):
     syn = os.path.join(full, "synthetic")
     t = task_class(task)({"image_ids": False})
     if kind == "vqa":
-        res = t.evaluate(model, tok, os.path.join(syn, "vqa_eval.json"), os.path.join(syn, "images"),
+        res = t.score_split(model, tok, os.path.join(syn, "vqa_eval.json"), os.path.join(syn, "images"),
                          answer_list=os.path.join(syn, "vqa_answer_list.json"), k=3)
         assert 0.0 <= res["overall"] <= 100.0 and res["coverage"]["scored"] == 24 // 5
     else:
-        res = t.evaluate(model, tok, os.path.join(syn, "nlvr2_eval.json"), os.path.join(syn, "images"))
+        res = t.score_split(model, tok, os.path.join(syn, "nlvr2_eval.json"), os.path.join(syn, "images"))
         assert 0.0 <= res["accuracy"] <= 100.0 and "consistency" in res
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from blipfast.cli import build_parser, main
+from blipfast.options import EXIT_STOPPED
 from blipfast.train import Trainer
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file, resolve
@@ -71,7 +72,7 @@ def test_stage2_opt_loss_goes_down_llm_frozen_checkpoint_holds_the_trained_parts
         tr.close()
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
-    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "images_per_s", "memory_mb", "time_s"}
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "images_per_s", "memory_mb", "time_s", "data_wait_s"}
     first, last = (sum(r["loss"] for r in rows[a:b]) / 5 for a, b in ((0, 5), (25, 30)))
     assert last < first - 0.5, (first, last)
     with open(os.path.join(out, "loss.png"), "rb") as fh:
@@ -130,7 +131,7 @@ def test_stage2_t5_resume_is_bit_identical(parts, tmp_path):
     args = dict(llm=parts["t5"], init=parts["stage1"], data=parts["data"], images=parts["root"],
                 vision=parts["vision"], steps=8)
     assert main(stage2_args(full, **args, extra=extra)) == 0
-    assert main(stage2_args(part, **args, extra=extra + ("--stop-after", "4"))) == 0
+    assert main(stage2_args(part, **args, extra=extra + ("--stop-after", "4"))) == EXIT_STOPPED
     assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     rf, rp = read_log(full), read_log(part)

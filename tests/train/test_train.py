@@ -13,18 +13,16 @@ import torch
 
 from blipfast import Blip2Stage1, Blip2Stage1Config
 from blipfast.cli import main
+from blipfast.options import EXIT_STOPPED
 from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.config import read_config_file
-from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from blipfast.testing.data import write_images, write_jsonl
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights, write_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rows = write_images(str(root), 24)
-    return {"root": str(root), "rows": rows, "data": write_jsonl(str(root / "ann.jsonl"), rows),
-            "vision": write_vision(str(root / "vit"))}
+    return write_dataset(tmp_path_factory.mktemp("data"), 24)
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +45,8 @@ def test_end_to_end_images_loss_goes_down(dataset, tmp_path):
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
     for r in rows:
-        assert set(r) >= {"step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr", "images_per_s", "memory_mb"}
+        assert set(r) >= {"step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr", "images_per_s", "memory_mb",
+                          "data_wait_s"}
         assert abs(r["loss"] - (r["loss_itc"] + r["loss_itm"] + r["loss_lm"])) < 1e-4
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
@@ -105,7 +104,7 @@ def test_resume_is_bit_identical(dataset, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert _run(tiny_args(full, dataset["data"], dataset["root"], dataset["vision"], steps=20, extra=extra)) == 0
     assert _run(tiny_args(part, dataset["data"], dataset["root"], dataset["vision"], steps=20,
-                          extra=extra + ("--stop-after", "10"))) == 0
+                          extra=extra + ("--stop-after", "10"))) == EXIT_STOPPED
     assert [r["step"] for r in read_log(part)] == list(range(1, 11))
     # a stale row written after the last checkpoint by an interrupted invocation is dropped on resume
     with open(os.path.join(part, "log.jsonl"), "a") as fh:
@@ -232,7 +231,7 @@ def test_sigterm_stops_with_a_checkpoint(dataset, tmp_path):
         text, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, text[-3000:]
+    assert proc.returncode == EXIT_STOPPED, text[-3000:]
     step = read_log(out)[-1]["step"]
     assert "stopped at step" in text and [os.path.basename(p) for p in list_checkpoints(out)] == [
         f"checkpoint-{step:08d}"]

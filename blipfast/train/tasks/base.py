@@ -14,14 +14,20 @@ What the trainer calls, in order (every hook is declared on :class:`Task` with i
    options it fixes; ``read_data(cfg, features)`` reads ``--data`` (default: image-caption pairs; VQA reads
    questions with answers, NLVR2 image pairs);
 3. ``image_processor(cfg, dist)`` when ``trains_vision`` (the ViT is part of the model: the batches hold pixels);
-4. ``tokenizer(cfg, ann, dist) -> (tokenizer, folder)``: the folder is recorded as the run's ``tokenizer``;
+4. ``tokenizer(cfg, ann, dist) -> (tokenizer, folder)``: the folder is recorded as the run's ``tokenizer``
+   (``ann``: the annotation file's pairs, None for a stream);
 5. ``build(cfg, tok, width, device, fresh) -> (model, model_config)``: the model on ``device`` in train mode,
    its frozen parts frozen, from ``--init`` when ``fresh`` (not resuming); ``model_config`` (a dict) is recorded
    as the run's ``model`` option in ``config.yaml``, so that the saved file rebuilds the same model. Hooks never
    write into ``cfg``: what they derive, they return;
-6. ``tokenize(model, tok, captions, cfg) -> dict``: every caption's fixed-width tensors, one dict of [P, ...]
-   (fixed shapes: every step has the same shapes); then ``dataset(ann, images, processor, text, report_path)``
-   (default: one image per pair, :class:`blipfast.data.ImageTextDataset`; NLVR2: two);
+6. ``tokenize(model, tok, captions, cfg) -> dict``: the captions' tensors, one dict of [P, ...], each key of
+   one width whatever the captions (``--max-txt-len``, or a width fixed by the options): every step has the same
+   shapes. An annotation file's captions are tokenised once, all together, in the main process; a stream's
+   (WebDataset shards, feature shards) one batch at a time in the loader workers (forked processes), so it must
+   work on any list of captions and be a function of its arguments: what it writes on ``self`` stays in the
+   worker (state a later hook needs is derived in ``build``); then ``dataset(ann, images, processor, text,
+   report_path)`` (annotation files; default: one image per pair, :class:`blipfast.data.ImageTextDataset`;
+   NLVR2: two);
 7. per micro-step: ``step_inputs(micro_step, steps_per_epoch) -> dict`` of floats that travel with the batch as
    0-d tensors (a compiled step or a CUDA graph never sees a Python number change), then
    ``step_loss(model, embeds, inp, seed) -> (loss, logged)``: the loss to back-propagate and the detached float32
@@ -29,7 +35,11 @@ What the trainer calls, in order (every hook is declared on :class:`Task` with i
    before ``ln_vision``, or the pixels when ``trains_vision``; ``inp``: the batch, ``seed``: the int64 [1]
    seed of the step's random draws, the same on every rank);
 8. ``save(model, folder, step, lavis)`` / ``load(model, folder)``: the weights of a checkpoint folder
-   (``lavis``: also a LAVIS / Salesforce-named ``lavis.pth``).
+   (``lavis``: also a LAVIS / Salesforce-named ``lavis.pth``);
+9. with ``--eval-every N``, at the end of every N-th epoch on every rank: ``evaluate(model, cfg, dist, epoch) ->
+   dict or None``: the metrics of the model (the unwrapped one, in train mode; the hook restores what it changes
+   and draws no training randomness); rank 0 appends ``{"step", "epoch", **metrics}`` to ``RUN/eval.jsonl`` and logs
+   it. Default: no evaluation.
 
 Class attributes: ``name`` (the registry key), ``title`` (the log line), ``losses`` (the logged names; the first
 is optimised), ``trains_vision``, ``vision_kind`` (the ViT of the synthetic set: "blip2" or "blip"),
@@ -72,6 +82,7 @@ from typing import Any, ClassVar, Iterable, Optional
 import torch
 
 from ...data.annotations import MAX_WORDS
+from ...data.shards import input_kind
 
 _REGISTRY: dict = {}
 
@@ -188,8 +199,13 @@ class Task:
     def check_options(cls, cfg: dict) -> None:
         """Refuse (ValueError naming the flag) options this task cannot use. Default: a task that trains its ViT
         takes images (never a feature cache); one with a frozen tower takes a feature cache or images and a
-        vision model; ``--llm``, ``--prompt`` and ``--text-suffix`` are stage 2's."""
+        vision model; streamed captions need ``--tokenizer``; ``--llm``, ``--prompt`` and ``--text-suffix`` are
+        stage 2's."""
         cls.check_image_options(cfg)
+        _need(input_kind(cfg["data"], cfg["features"]) not in ("shards", "feature-shards")
+              or cfg["tokenizer"] is not None, "--tokenizer DIR is needed with WebDataset shards and feature shards "
+              "(a local BERT-style tokenizer folder, e.g. bert-base-uncased's): a vocabulary is trained only from "
+              "the captions of an annotation file, and a stream's captions are never all in one place")
         _need(cfg["llm"] is None and not cfg["prompt"] and cfg["text_suffix"] is None,
               "--llm, --prompt and --text-suffix are options of --stage 2")
 
@@ -197,12 +213,17 @@ class Task:
     def check_image_options(cls, cfg: dict) -> None:
         """The image half of :meth:`check_options`."""
         need = _need
+        kind = input_kind(cfg["data"], cfg["features"])
         if cls.trains_vision:
             need(cfg["features"] is None, f"--features cannot be used with {cls.spelling}: its ViT trains, so the "
                  f"image tokens change every step and cannot be cached; give --images DIR (the ViT's weights come "
                  f"from --vision VIT_DIR or --init CKPT)")
-            need(cfg["data"] is None or cfg["images"] is not None, f"--data needs --images DIR with {cls.spelling}")
-        elif cfg["data"] is not None:
+            need(kind != "annotations" or cfg["images"] is not None, f"--data needs --images DIR with {cls.spelling}")
+        elif kind == "shards":
+            need(cfg["vision"] is not None, "WebDataset shards need --vision MODEL_DIR (the frozen vision model "
+                 "their images go through), or their features cached first (blipfast cache-features --data SHARDS "
+                 "--vision MODEL_DIR --out FEATS, then --features FEATS)")
+        elif kind == "annotations":
             need(cfg["features"] is not None or (cfg["images"] is not None and cfg["vision"] is not None),
                  "--data needs --features FEATS, or --images DIR and --vision MODEL_DIR")
 
@@ -245,6 +266,8 @@ class Task:
 
         if cfg["tokenizer"] is not None:
             return load_tokenizer(cfg["tokenizer"]), cfg["tokenizer"]
+        if ann is None:  # (check_options refuses this first)
+            raise ValueError("--tokenizer DIR is needed with streamed captions (WebDataset or feature shards)")
         folder = os.path.join(cfg["out"], "tokenizer")
         if dist.main:
             train_wordpiece(self.tokenizer_texts(ann), cfg["vocab_size"]).save_pretrained(folder)
@@ -274,7 +297,8 @@ class Task:
             convert.load_into(model, src, what="--init")
 
     def tokenize(self, model, tok, captions: list, cfg: dict) -> dict:
-        """``input_ids`` int32 and ``attention_mask`` bool [P, ``--max-txt-len``] of every caption."""
+        """``input_ids`` int32 and ``attention_mask`` bool [P, ``--max-txt-len``] of the captions (all of an
+        annotation file, or one batch of a stream)."""
         from ...data import tokenize
 
         ids, mask = tokenize(tok, captions, cfg["max_txt_len"])
@@ -291,6 +315,10 @@ class Task:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to back-propagate, detached float32 logged losses [len(losses)]); no host sync."""
         raise NotImplementedError(f"{type(self).__name__}.step_loss")
+
+    def evaluate(self, model, cfg: dict, dist, epoch: int) -> Optional[dict]:
+        """Metrics after epoch ``epoch`` (1-based) with ``--eval-every``, or None (see the module docstring)."""
+        return None
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

@@ -114,11 +114,15 @@ class Blip2Stage2Task(Task):
         if len(tok) > n_emb:
             raise ValueError(f"--tokenizer: {len(tok)} tokens, more than the LLM's {n_emb} embeddings")
         record = {"qformer": QFormerConfig(model.model.config.qformer_config).to_dict(), "ln_vision_eps": ln.eps}
+        # the keys tokenize gives (set here: a stream tokenises in its loader workers, whose state stays there)
+        self.keys = ("input_ids", "attention_mask", "labels") + (("decoder_attention_mask",)
+                                                                 if model.is_encoder_decoder else ())
         return model.train(), record
 
     def tokenize(self, model, tok, captions, cfg: dict) -> dict:
-        """Every caption as Blip2Stage2.make_text_batch tokenises it, each key padded to one width (the texts to
-        ``--max-txt-len``): fixed shapes for every step."""
+        """The captions as Blip2Stage2.make_text_batch tokenises them, each key padded to one width (the texts to
+        ``--max-txt-len``; a seq2seq LLM's encoder input, the prompt, to the prompt's length): fixed shapes for every
+        step, whatever the batch."""
         prompt = cfg["prompt"] or ""
         if prompt and not model.is_encoder_decoder and not prompt[-1].isspace():
             prompt += " "
@@ -140,7 +144,6 @@ class Blip2Stage2Task(Task):
                 t[row:row + v.shape[0], :v.shape[1]] = v
                 row += v.shape[0]
             out[k] = t
-        self.keys = tuple(out)
         return out
 
     def step_loss(self, model, embeds, inp: dict, seed):

@@ -10,7 +10,7 @@
 - The recipe (``configs/nlvr.yaml``): 384 px, batch 16, AdamW lr 3e-5 with weight decay 0.05, a cosine to 0 per
   epoch without warm-up, 15 epochs; the ViT trains (stochastic depth 0.1); ``--init`` a Salesforce BLIP
   pre-training checkpoint (its cross-attention copied into both branches) or ``model_base_nlvr.pth``.
-- Evaluation (:meth:`BlipNLVRTask.evaluate`): NLVR2 accuracy (and consistency) of an evaluation list, without the
+- Evaluation (:meth:`BlipNLVRTask.score_split`): NLVR2 accuracy (and consistency) of an evaluation list, without the
   swap.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ class BlipNLVRTask(BlipFinetuneTask):
         out = model(px, ids, mask, inp["label"])
         return out.loss, out.loss.detach().float().reshape(1)
 
-    def evaluate(self, model, tok, data: str, images: str, *, batch_size: int = 64, max_txt_len: int = 64) -> dict:
+    def score_split(self, model, tok, data: str, images: str, *, batch_size: int = 64, max_txt_len: int = 64) -> dict:
         """NLVR2 accuracy (and consistency with NLVR2 identifiers) of the examples of ``data``."""
         from ...data.nlvr2 import read_nlvr2
         from ...data.vision import default_blip_processor

@@ -11,7 +11,7 @@
   0.1, BLIP's VQA ViT), its position embeddings interpolated from a 224 px checkpoint.
 - ``--init``: a Salesforce BLIP pre-training (``model_base.pth``, ``model_base_capfilt_large.pth``) or VQA checkpoint
   (``model_base_vqa_capfilt_large.pth``), or a blipfast run; ``--vision``: a BLIP ViT's weights only.
-- Evaluation (:meth:`BlipVQATask.evaluate`): rank inference over an answer list (BLIP's ``answer_list.json``) and the
+- Evaluation (:meth:`BlipVQATask.score_split`): rank inference over an answer list (BLIP's ``answer_list.json``) and the
   official VQA accuracy, through :mod:`blipfast.vqa_nlvr`.
 
 :class:`BlipFinetuneTask` is what BLIP's task recipes share here (NLVR2 uses it too): the ViT at the task's size,
@@ -183,7 +183,7 @@ class BlipVQATask(BlipFinetuneTask):
                     inp["answer_weight"])
         return out.loss, out.loss.detach().float().reshape(1)
 
-    def evaluate(self, model, tok, data: str, images: str, *, answer_list, k: int = None, batch_size: int = 32,
+    def score_split(self, model, tok, data: str, images: str, *, answer_list, k: int = None, batch_size: int = 32,
                  max_txt_len: int = 35, inference: str = "rank") -> dict:
         """Answer the questions of ``data`` (a VQA list with human answers, LAVIS' ``vqa_val_eval.json`` layout)
         and score them with the official VQA accuracy; ``answer_list``: a path or a list of candidates."""
