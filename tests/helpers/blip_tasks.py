@@ -8,7 +8,7 @@ import torch
 from blipfast.models.blip_nlvr import BlipNLVRConfig
 from blipfast.models.blip_vqa import BlipVQAConfig
 from tests.helpers.blip_pretrain import CLS, DEC, ENC, SEP, VOCAB
-from tests.helpers.tolerance import assert_close, assert_within_rounding, assert_within_torch_error
+from tests.helpers.tolerance import assert_close, assert_within_torch_error
 
 SIZE = 16
 
@@ -57,7 +57,7 @@ def check_losses_and_grads(fast_loss, fast_grads, ref_loss, ref_grads, low_loss,
     names = sorted(ref_grads)
     cat = lambda g: torch.cat([g[k].double().flatten() for k in names])  # noqa: E731
     if dtype == torch.float64:
-        assert_within_rounding(fast_loss, ref_loss, name="loss")
+        assert_close(fast_loss, ref_loss, name="loss")  # another op order: several roundings, not one
         assert_close(cat(fast_grads), cat(ref_grads), name="all gradients")
         return
     assert_within_torch_error(fast_loss.reshape(1), ref_loss.reshape(1), low_loss.reshape(1), dtype=dtype, name="loss")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from blipfast.cli import main
+from blipfast.options import EXIT_STOPPED
 from blipfast.train.tasks import task_class
 from blipfast.vqa_nlvr import load_task_model
 from tests.helpers.train import read_log, weights
@@ -32,7 +33,7 @@ def _args(task, out, steps, extra=()):
 def test_train_resume_and_evaluate(task, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main(_args(task, full, 4)) == 0
-    assert main(_args(task, part, 4, ("--stop-after", "2"))) == 0
+    assert main(_args(task, part, 4, ("--stop-after", "2"))) == EXIT_STOPPED
     assert len(read_log(part)) == 2
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     assert [r["loss"] for r in read_log(part)] == [r["loss"] for r in read_log(full)]

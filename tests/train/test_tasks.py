@@ -24,7 +24,8 @@ def _parse(*argv):
 
 
 def test_registry_finds_each_task_by_its_file_name():
-    assert task_names() == ("blip-nlvr", "blip-pretrain", "blip-vqa", "blip2-stage1", "blip2-stage2")
+    assert task_names() == ("blip-caption", "blip-nlvr", "blip-pretrain", "blip-retrieval", "blip-vqa", "blip2-stage1",
+                            "blip2-stage2")
     for name in task_names():
         cls = task_class(name)
         assert issubclass(cls, Task) and cls.name == name and cls.__module__.endswith(name.replace("-", "_"))
@@ -33,7 +34,7 @@ def test_registry_finds_each_task_by_its_file_name():
         task_class("blip3")
     with pytest.raises(TypeError):
         register(object)
-    assert set(PRESETS) == {"blip2", "blip", "blip-task"} and all(set(p) == {"base", "tiny"} for p in PRESETS.values())
+    assert set(PRESETS) == {"blip2", "blip", "blip-task", "blip-retrieval", "blip-caption"} and all(set(p) == {"base", "tiny"} for p in PRESETS.values())
 
 
 def test_every_hook_the_trainer_calls_is_declared_on_the_base_class():
