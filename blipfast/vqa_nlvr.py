@@ -1,4 +1,4 @@
-"""BLIP VQA and NLVR2 end to end (docs/blip-vqa-nlvr.md): answer the questions of a file over images or videos
+"""BLIP VQA and NLVR2 end to end (docs/blip-finetune.md): answer the questions of a file over images or videos
 with a :class:`blipfast.BlipVQA` (rank inference over an answer list, or generation), predict NLVR2 labels with a
 :class:`blipfast.BlipNLVR`, and score them with :mod:`blipfast.evaluation` (the official VQA accuracy, NLVR2's
 accuracy and consistency). The trainer's ``blip-vqa`` / ``blip-nlvr`` tasks evaluate through it, and ``blipfast eval

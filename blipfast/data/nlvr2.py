@@ -1,4 +1,4 @@
-"""NLVR2 data as Salesforce BLIP reads it (``data/nlvr_dataset.py``; docs/blip-vqa-nlvr.md): two images and a
+"""NLVR2 data as Salesforce BLIP reads it (``data/nlvr_dataset.py``; docs/blip-finetune.md): two images and a
 sentence per example, and the trainer's dataset of image pairs.
 
 Files: JSON lists or JSON lines of objects with ``images`` (the two image paths relative to the image folder),

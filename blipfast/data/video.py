@@ -1,5 +1,5 @@
 """Video frames for BLIP's zero-shot video tasks (the BLIP paper's section 5.6; Salesforce BLIP
-``data/video_dataset.py``; docs/blip-vqa-nlvr.md): ``n`` frames sampled from a video (8 for text-video retrieval,
+``data/video_dataset.py``; docs/blip-finetune.md): ``n`` frames sampled from a video (8 for text-video retrieval,
 16 for video QA), each through the image transform, their ViT tokens then concatenated as one image input
 (:func:`blipfast.models.blip_finetune.video_tokens`).
 

@@ -1,4 +1,4 @@
-"""VQA data as Salesforce BLIP reads it (``data/vqa_dataset.py``; docs/blip-vqa-nlvr.md): the VQAv2 and Visual
+"""VQA data as Salesforce BLIP reads it (``data/vqa_dataset.py``; docs/blip-finetune.md): the VQAv2 and Visual
 Genome QA lists with their answers, the test questions and the answer list, and the trainer's dataset.
 
 Files: JSON lists or JSON lines of objects (BLIP's ``vqa_train.json``, ``vqa_val.json``, ``vg_qa.json``,

@@ -1,5 +1,5 @@
 """BLIP (v1) image captioning (Salesforce BLIP ``BLIP_Decoder``, ``models/blip.py`` ``blip_decoder``, and
-``train_caption.py``; docs/blip-retrieval-caption.md) on blipfast's fused ops.
+``train_caption.py``; docs/blip-finetune.md) on blipfast's fused ops.
 
 Training loss (``BLIP_Decoder.forward``): the caption is ``prompt + pre_caption(caption)`` ("a picture of "),
 BERT-tokenised with [DEC] in place of [CLS]; the image-grounded decoder (causal self-attention, cross-attention to

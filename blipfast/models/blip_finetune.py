@@ -1,4 +1,4 @@
-"""What BLIP's fine-tuned task models share (``BlipVQA``, ``BlipNLVR``, ``BlipVisDial``; docs/blip-vqa-nlvr.md):
+"""What BLIP's fine-tuned task models share (``BlipVQA``, ``BlipNLVR``, ``BlipVisDial``; docs/blip-finetune.md):
 their configuration, their trainable ViT, the ViT position embeddings interpolated to the task resolution, the
 zero-shot video input and the loading of Salesforce BLIP checkpoints.
 

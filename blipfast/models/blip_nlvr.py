@@ -1,5 +1,5 @@
 """BLIP (v1) NLVR2 (Salesforce BLIP ``BLIP_NLVR``, ``models/blip_nlvr.py`` with ``models/nlvr_encoder.py``;
-docs/blip-vqa-nlvr.md) on blipfast's fused ops.
+docs/blip-finetune.md) on blipfast's fused ops.
 
 Two images per example: the ViT runs once over the batch's first images followed by its second images (BLIP's
 ``torch.cat([image0, image1])``), and the sentence ([ENC] first) goes through a text encoder whose every layer

@@ -1,5 +1,5 @@
 """BLIP (v1) image-text retrieval fine-tuning and inference (Salesforce BLIP ``BLIP_Retrieval``,
-``models/blip_retrieval.py``, and ``train_retrieval.py``'s evaluation; docs/blip-retrieval-caption.md) on blipfast's
+``models/blip_retrieval.py``, and ``train_retrieval.py``'s evaluation; docs/blip-finetune.md) on blipfast's
 fused ops.
 
 A training step computes BLIP_Retrieval's two losses with its semantics:

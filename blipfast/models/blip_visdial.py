@@ -1,4 +1,4 @@
-"""BLIP (v1) discriminative Visual Dialog (the BLIP paper's section 5.5; docs/blip-vqa-nlvr.md). Salesforce released
+"""BLIP (v1) discriminative Visual Dialog (the BLIP paper's section 5.5; docs/blip-finetune.md). Salesforce released
 no VisDial code: this is the paper's description built from BLIP's parts, and the design is blipfast's.
 
 The paper: "we concatenate image and caption embeddings, and pass them to the dialog encoder through

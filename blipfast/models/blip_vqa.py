@@ -1,4 +1,4 @@
-"""BLIP (v1) VQA (Salesforce BLIP ``BLIP_VQA``, ``models/blip_vqa.py``; docs/blip-vqa-nlvr.md) on blipfast's fused ops.
+"""BLIP (v1) VQA (Salesforce BLIP ``BLIP_VQA``, ``models/blip_vqa.py``; docs/blip-finetune.md) on blipfast's fused ops.
 
 - The question goes through the image-grounded text encoder ([ENC] replaces the first token), cross-attending to
   the ViT tokens (whose K/V are projected once per image for every layer, :meth:`BlipTextModel.image_kv`).

@@ -1,5 +1,5 @@
 """``blip-caption``: BLIP (v1) captioning fine-tuning, :class:`blipfast.models.blip_caption.BlipCaptioner` (Salesforce
-BLIP's ``train_caption.py`` with ``configs/caption_coco.yaml``; docs/blip-retrieval-caption.md).
+BLIP's ``train_caption.py`` with ``configs/caption_coco.yaml``; docs/blip-finetune.md).
 
 What the BLIP fine-tuning tasks share (tokenizer with [DEC] and [ENC], model configuration, BLIP's transform at the
 model's resolution, ``--init`` from any BLIP checkpoint, ``--eval-every``) is

@@ -1,5 +1,5 @@
 """``blip-nlvr``: BLIP (v1) NLVR2 fine-tuning, :class:`blipfast.BlipNLVR` (Salesforce BLIP's ``train_nlvr.py`` with
-``configs/nlvr.yaml``; docs/blip-vqa-nlvr.md).
+``configs/nlvr.yaml``; docs/blip-finetune.md).
 
 - Data (:mod:`blipfast.data.nlvr2`): BLIP's NLVR2 lists (``nlvr_train.json``: two images, a sentence, a label);
   the batches hold both images (``pixel_values`` [B, 2, 3, S, S]) and the sentence tokenised twice, as written and

@@ -1,5 +1,5 @@
 """``blip-retrieval``: BLIP (v1) image-text retrieval fine-tuning, :class:`blipfast.models.blip_retrieval.BlipRetrieval`
-(Salesforce BLIP's ``train_retrieval.py`` with ``configs/retrieval_coco.yaml``; docs/blip-retrieval-caption.md).
+(Salesforce BLIP's ``train_retrieval.py`` with ``configs/retrieval_coco.yaml``; docs/blip-finetune.md).
 
 Also the base of the BLIP fine-tuning tasks (:class:`BlipFinetuneTask`, shared with ``blip-caption``), which differ
 from ``blip-pretrain`` (whose tokenizer, with [ENC], they share) in:
@@ -21,7 +21,7 @@ Retrieval specifics: the image ids of the annotation are BLIP's ``idx`` (require
 evaluation is the recall@1/5/10 of ``blipfast retrieval`` (``score_matrices`` with ``k_test`` and
 :func:`blipfast.retrieval.recall_at_k`). The recipe's optimiser and schedule values are the defaults (AdamW, lr
 1e-5, weight decay 0.05, a cosine to 0, 6 epochs, batch 32); the trainer's cosine is per step, BLIP's per epoch, and
-the trainer does not decay biases and LayerNorms, which BLIP does (docs/blip-retrieval-caption.md).
+the trainer does not decay biases and LayerNorms, which BLIP does (docs/blip-finetune.md).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``blip-vqa``: BLIP (v1) VQA fine-tuning, :class:`blipfast.BlipVQA` (Salesforce BLIP's ``train_vqa.py`` with
-``configs/vqa.yaml``; docs/blip-vqa-nlvr.md).
+``configs/vqa.yaml``; docs/blip-finetune.md).
 
 - Data (:mod:`blipfast.data.vqa`): the VQAv2 and Visual Genome QA lists BLIP trains on (``--data
   vqa_train.json,vqa_val.json,vg_qa.json``; one ``--images`` folder holding both image trees), each question with
