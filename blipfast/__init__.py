@@ -5,7 +5,8 @@ drop-in for Hugging Face's ``Blip2QFormerModel``), ``Blip2Stage1`` (BLIP-2 stage
 step), ``Blip2Stage2`` (stage 2: the Q-Former bridged to a frozen LLM), ``BlipTextModel`` /
 ``BlipTextLMHeadModel`` (drop-ins for the BLIP v1 text model and decoder), ``BlipPretrain`` /
 ``BlipPretrainConfig`` (BLIP v1 pre-training: ITC with momentum queues, ITM, LM), ``BlipRetrieval`` /
-``BlipCaptioner`` (BLIP v1 retrieval and captioning fine-tuning and inference), ``apply_blipfast_to_blip2`` /
+``BlipCaptioner``, ``BlipVQA``, ``BlipNLVR``, ``BlipVisDial`` (BLIP v1's downstream task models: fine-tuning and
+inference), ``apply_blipfast_to_blip2`` /
 ``apply_blipfast_to_blip`` / ``revert_blipfast`` (swap them into HF BLIP-2, InstructBLIP and BLIP models in
 place), ``blipfast.convert`` (HF <-> LAVIS and Salesforce BLIP weights), ``blipfast.distributed``.
 
@@ -28,6 +29,9 @@ _LAZY = {
     "InstructBlipQFormer": ".models.instructblip",
     **dict.fromkeys(("BlipRetrieval", "BlipRetrievalConfig"), ".models.blip_retrieval"),
     **dict.fromkeys(("BlipCaptioner", "BlipCaptionConfig"), ".models.blip_caption"),
+    **dict.fromkeys(("BlipVQA", "BlipVQAConfig"), ".models.blip_vqa"),
+    **dict.fromkeys(("BlipNLVR", "BlipNLVRConfig"), ".models.blip_nlvr"),
+    **dict.fromkeys(("BlipVisDial", "BlipVisDialConfig"), ".models.blip_visdial"),
 }
 
 __version__ = "0.1.0"
@@ -38,7 +42,8 @@ __all__ = ["ops", "build_info", "cuda_extension_available", "__version__", "QFor
            "QFormerEmbeddings", "apply_blipfast_to_blip2", "revert_blipfast", "Blip2Stage1", "Blip2Stage1Config",
            "Blip2Stage2", "InstructBlipQFormer", "BlipTextLMHeadModel", "BlipTextModel", "apply_blipfast_to_blip",
            "Blip2Retrieval", "BlipPretrain", "BlipPretrainConfig", "BlipRetrieval", "BlipRetrievalConfig",
-           "BlipCaptioner", "BlipCaptionConfig"]
+           "BlipCaptioner", "BlipCaptionConfig", "BlipVQA", "BlipVQAConfig", "BlipNLVR", "BlipNLVRConfig",
+           "BlipVisDial", "BlipVisDialConfig"]
 
 
 def __getattr__(name):

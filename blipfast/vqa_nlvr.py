@@ -1,9 +1,9 @@
 """BLIP VQA and NLVR2 end to end (docs/blip-finetune.md): answer the questions of a file over images or videos
 with a :class:`blipfast.BlipVQA` (rank inference over an answer list, or generation), predict NLVR2 labels with a
 :class:`blipfast.BlipNLVR`, and score them with :mod:`blipfast.evaluation` (the official VQA accuracy, NLVR2's
-accuracy and consistency). The trainer's ``blip-vqa`` / ``blip-nlvr`` tasks evaluate through it, and ``blipfast eval
-vqa --video`` answers video questions with it (the BLIP paper's zero-shot video QA: 16 frames per video, their ViT
-tokens concatenated).
+accuracy and consistency). The ``blip-vqa`` / ``blip-nlvr`` tasks score a split through it (``score_split``), and
+``answer_questions(video=True)`` answers video questions (the BLIP paper's zero-shot video QA: 16 frames per video,
+their ViT tokens concatenated; no command flag yet).
 
 Questions are answered in batches; the ViT runs once per distinct image (or video) of a batch and its
 cross-attention K/V are shared by the batch's questions about it; the answer list is tokenised once (BLIP:
