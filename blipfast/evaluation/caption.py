@@ -80,6 +80,12 @@ def _toolkit_dir() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)))
 
 
+def check_toolkit() -> None:
+    """ScorerUnavailableError, saying how to fix it, when pycocoevalcap or the Java runtime is missing."""
+    _toolkit_dir()
+    check_java()
+
+
 def ptb_tokenize(captions: Mapping) -> dict:
     """``{key: [tokenized captions]}`` of ``{key: [captions]}``: pycocoevalcap's ``PTBTokenizer.tokenize`` (same
     Java command, jar and punctuation list) on sanitised captions."""
@@ -171,8 +177,7 @@ def score_captions(predictions: Mapping, references: Mapping, *, spice: Optional
         refs = references[i]
         if isinstance(refs, str) or not refs or not all(isinstance(c, str) for c in refs):
             raise ValueError(f"the references of image {i!r} must be a non-empty list of strings")
-    _toolkit_dir()
-    check_java()
+    check_toolkit()
     status = "off" if spice is False else (spice_unavailable_reason() or "ran")
     if spice and status != "ran":
         raise RuntimeError(f"SPICE cannot run: {status}")

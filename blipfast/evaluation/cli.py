@@ -1,14 +1,18 @@
 """``blipfast eval``: score predictions the way the BLIP / BLIP-2 papers' tables were scored.
 
     blipfast eval caption --predictions captions.jsonl --references coco_karpathy_test.json [--out metrics.json]
+    blipfast eval caption --model BLIP2_DIR --data coco_karpathy_test.json --images COCO_ROOT [--out metrics.json]
     blipfast eval vqa --predictions answers.json --annotations A.json [--questions Q.json] [--rule lavis]
+    blipfast eval vqa --model BLIP2_DIR --data vqa_val_eval.json --images COCO_ROOT [--out metrics.json]
     blipfast eval gqa --predictions answers.json --references testdev_balanced_questions.json
     blipfast eval nlvr2 --predictions predictions.csv --references dev.json
     blipfast eval retrieval --scores retrieval_out/scores.safetensors --data coco_karpathy_test.json
 
 Each prints a table and, with ``--out``, writes the metrics as JSON. A prediction for an unknown id, a missing
 prediction, a repeated one or a malformed row is an error naming the file and the row (exit status 2);
-``--allow-missing`` scores the predicted part and reports the coverage. The formats: docs/evaluation.md.
+``--allow-missing`` scores the predicted part and reports the coverage. With ``--model`` instead of
+``--predictions``, ``caption`` and ``vqa`` generate the predictions first and write them beside the metrics
+(:mod:`blipfast.evaluation.run`). The formats: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -16,11 +20,25 @@ import json
 import sys
 from pathlib import Path
 
+from .run import add_model_arguments, check_mode, write_predictions
+
+END_TO_END = {"caption": "references", "vqa": "annotations"}  # the tasks with --model, and their reference flag
+
+
 def _task(sub, name: str, help_: str, **required):
-    """A subcommand with its required file flags (``--flag``: help) and ``--out`` / ``--allow-missing``."""
+    """A subcommand with its required file flags (``--flag``: help) and ``--out`` / ``--allow-missing``; ``caption``
+    and ``vqa`` take ``--predictions`` or ``--model`` (end to end), and ``--data`` for their reference file."""
     p = sub.add_parser(name, help=help_, description=help_)
     for flag, text in required.items():
-        p.add_argument(f"--{flag}", required=True, help=text)
+        if name not in END_TO_END:
+            p.add_argument(f"--{flag}", required=True, help=text)
+        elif flag == "predictions":
+            source = p.add_mutually_exclusive_group(required=True)
+            source.add_argument("--predictions", help=text)
+        else:
+            p.add_argument(f"--{flag}", "--data", help=f"{text} (--data: the same)")
+    if name in END_TO_END:
+        add_model_arguments(p, source, name)
     p.add_argument("--out", help="write the metrics to this JSON file")
     if name != "retrieval":
         p.add_argument("--allow-missing", action="store_true", help="score only the references that have a "
@@ -75,6 +93,8 @@ def _caption(args) -> tuple:
     from .formats import read_caption_predictions, read_caption_references
 
     refs = read_caption_references(args.references)
+    if args.model is not None:
+        args.predictions = write_predictions(args, refs, "caption")
     preds = read_caption_predictions(args.predictions, refs)
     s = score_captions(preds, refs, spice=False if args.no_spice else None, allow_missing=args.allow_missing)
     if args.per_image:
@@ -87,6 +107,8 @@ def _vqa(args) -> tuple:
     from .vqa import format_vqa, vqa_accuracy
 
     refs = read_vqa_references(args.annotations, args.questions)
+    if args.model is not None:
+        args.predictions = write_predictions(args, refs, "vqa")
     preds = read_answer_predictions(args.predictions, key=refs.key)
     res = vqa_accuracy(preds, refs, rule=args.rule, allow_missing=args.allow_missing)
     metrics = {k: res[k] for k in ("overall", "perAnswerType", "perQuestionType")}
@@ -145,6 +167,8 @@ def run(args) -> int:
 
     task = args.task
     try:
+        if task in END_TO_END:
+            check_mode(args, task, END_TO_END[task])
         metrics, coverage, table = _RUNNERS[task](args)
     except (ValueError, TypeError, ScorerUnavailableError, RuntimeError) as e:
         print(f"blipfast eval {task}: error: {e}", file=sys.stderr)

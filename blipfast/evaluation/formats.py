@@ -37,6 +37,9 @@ class Table(dict):
         self.rows: dict = {}
         self.names: dict = {}  # caption references: image file name -> id (None where two ids share a name)
         self.key = None  # VQA references: "question_id", or "image" (VizWiz)
+        # references: what a model is given per id, where the file says it ({"image": path} for captions; VQA:
+        # "question" and "image", or the official question file's "image_id"): `blipfast eval --model` reads them
+        self.inputs: dict = {}
 
     def add(self, key, value, where: str, *, merge: bool = False) -> None:
         if key in self:
@@ -147,6 +150,7 @@ def read_caption_references(path) -> Table:
                 t.add(key, [], where)
                 if isinstance(img.get("file_name"), str):
                     _name(t, img["file_name"], key)
+                    t.inputs[key] = {"image": img["file_name"]}
         for i, ann in enumerate(obj["annotations"]):
             where = f"{path}: annotations[{i}]"
             ann = _obj(ann, where, what)
@@ -173,6 +177,7 @@ def read_caption_references(path) -> Table:
             t.add(key, list(caps), where, merge=True)
             if isinstance(image, str):
                 _name(t, image, key)
+                t.inputs.setdefault(key, {"image": image})
     for key, caps in t.items():
         if not caps:
             raise ValueError(f"{what}: {t.rows[key]}: image {key!r} has no reference caption")
@@ -283,6 +288,7 @@ def read_vqa_references(annotations, questions=None) -> Table:
                              "{\"answer\": str, ...} objects")
         t.add(qid, {"answers": answers, "question_type": row.get("question_type"),
                     "answer_type": row.get("answer_type")}, where)
+        t.inputs[qid] = {k: row[k] for k in ("image", "question") if isinstance(row.get(k), str)}
     if questions is not None:
         _check_questions(t, questions)
     return t
@@ -299,7 +305,10 @@ def _check_questions(t: Table, questions) -> None:
         name, value = _field(_obj(row, where, "questions"), _QID)
         if name is None:
             raise ValueError(f"questions: {where} needs a \"question_id\"")
-        ids.add(canonical_id(value, where))
+        qid = canonical_id(value, where)
+        ids.add(qid)
+        if qid in t:  # the official pair: the question text and image id are in the question file only
+            t.inputs[qid] = {**{k: row[k] for k in ("question", "image_id") if k in row}, **t.inputs[qid]}
     if ids != set(t):
         extra, missing = sorted(map(str, ids - set(t)))[:5], sorted(map(str, set(t) - ids))[:5]
         raise ValueError(f"questions: {questions} and annotations {t.path} hold different questions "

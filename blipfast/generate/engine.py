@@ -208,6 +208,15 @@ def add_common_arguments(p, *, settings: Sequence[str], questions: bool) -> None
                    "holds rows is continued (its rows are kept, the missing ones added)")
     p.add_argument("--restart", action="store_true", help="start --output again (its rows are dropped) instead of "
                    "continuing it")
+    add_decoding_arguments(p, settings=settings, questions=questions)
+    p.epilog = (f"Exit codes: {EXIT_OK} done (unreadable images are reported and skipped); {EXIT_USAGE} refused (the "
+                f"message names the option, file or row). See docs/troubleshooting.md.")
+
+
+def add_decoding_arguments(p, *, settings: Sequence[str], questions: bool) -> None:
+    """The decoding, batching and device flags of ``blipfast caption`` / ``vqa`` (also ``blipfast eval``'s end to
+    end mode): LAVIS' ``--settings`` (the first of ``settings`` by default), the flags that win over them, and
+    ``--generate-kwargs`` over everything (:func:`decoding` resolves them)."""
     p.add_argument("--settings", default=settings[0], choices=tuple(settings),
                    help=f"LAVIS' decoding settings, resolved for the model's LLM (default {settings[0]}; "
                    "docs/blip2-stage2.md): prompt, beams, lengths as new-token counts, penalties")
@@ -229,8 +238,6 @@ def add_common_arguments(p, *, settings: Sequence[str], questions: bool) -> None
     p.add_argument("--attn-implementation", default="auto", choices=("auto", "flash_attention_2", "sdpa", "eager"),
                    help="the LLM's attention (auto: FlashAttention-2 when flash-attn is installed and usable)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    p.epilog = (f"Exit codes: {EXIT_OK} done (unreadable images are reported and skipped); {EXIT_USAGE} refused (the "
-                f"message names the option, file or row). See docs/troubleshooting.md.")
 
 
 def _generate_kwargs(args, base: dict) -> dict:
