@@ -34,15 +34,26 @@ def _check_batches(tokenize, captions):
             assert torch.equal(part[k], whole[k][lo:hi]), k
 
 
-@pytest.mark.parametrize("name", [n for n in task_names() if n != "blip2-stage2"])
+@pytest.mark.parametrize("name", [n for n in task_names() if n != "blip2-stage2" and task_class(n).streams])
 def test_bert_tokenizing_tasks_tokenize_a_batch_as_all_captions(name, tmp_path):
     from blipfast.data import train_wordpiece
 
     captions = _captions(T.WORDS, 11)
     tok = train_wordpiece(captions, 64)
-    task = task_class(name)({"image_ids": True})
-    cfg = {"max_txt_len": 9}
+    cls = task_class(name)
+    task = cls({"image_ids": True})
+    cfg = {"max_txt_len": 9, "prompt": cls.defaults.get("prompt", "")}  # blip-caption: its prompt before each
     _check_batches(lambda caps: task.tokenize(None, tok, caps, cfg), captions)
+
+
+def test_tasks_of_other_data_formats_refuse_streams(tmp_path):
+    """VQA question lists and NLVR2 image pairs are annotation files: shards are refused with the reason."""
+    refused = [n for n in task_names() if not task_class(n).streams]
+    assert set(refused) == {"blip-vqa", "blip-nlvr"}
+    spec = str(tmp_path / "{00000..00001}.tar")
+    for name in refused:
+        with pytest.raises(ValueError, match="not from WebDataset shards or feature shards"):
+            task_class(name).check_stream_options({"data": spec, "features": None, "tokenizer": None})
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])

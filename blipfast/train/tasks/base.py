@@ -188,6 +188,8 @@ class Task:
     defaults: ClassVar[dict] = {}
     stage: ClassVar[int] = 1
     spelling: ClassVar[str] = ""
+    #: trains from streamed image-caption pairs too (WebDataset shards, feature shards), not only annotation files
+    streams: ClassVar[bool] = True
 
     def __init__(self, cfg: dict):
         self.image_ids = cfg["image_ids"]
@@ -202,12 +204,21 @@ class Task:
         vision model; streamed captions need ``--tokenizer``; ``--llm``, ``--prompt`` and ``--text-suffix`` are
         stage 2's."""
         cls.check_image_options(cfg)
-        _need(input_kind(cfg["data"], cfg["features"]) not in ("shards", "feature-shards")
-              or cfg["tokenizer"] is not None, "--tokenizer DIR is needed with WebDataset shards and feature shards "
-              "(a local BERT-style tokenizer folder, e.g. bert-base-uncased's): a vocabulary is trained only from "
-              "the captions of an annotation file, and a stream's captions are never all in one place")
+        cls.check_stream_options(cfg)
         _need(cfg["llm"] is None and not cfg["prompt"] and cfg["text_suffix"] is None,
               "--llm, --prompt and --text-suffix are options of --stage 2")
+
+    @classmethod
+    def check_stream_options(cls, cfg: dict) -> None:
+        """Streamed data (WebDataset shards, feature shards): only for a task that ``streams`` image-caption pairs,
+        and with ``--tokenizer``."""
+        if input_kind(cfg["data"], cfg["features"]) not in ("shards", "feature-shards"):
+            return
+        _need(cls.streams, f"{cls.spelling or '--task ' + cls.name} trains from its own annotation files, not from "
+              f"WebDataset shards or feature shards (streams of image-caption pairs)")
+        _need(cfg["tokenizer"] is not None, "--tokenizer DIR is needed with WebDataset shards and feature shards "
+              "(a local BERT-style tokenizer folder, e.g. bert-base-uncased's): a vocabulary is trained only from "
+              "the captions of an annotation file, and a stream's captions are never all in one place")
 
     @classmethod
     def check_image_options(cls, cfg: dict) -> None:

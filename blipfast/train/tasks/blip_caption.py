@@ -51,6 +51,7 @@ class BlipCaptionTask(BlipFinetuneTask):
     def check_options(cls, cfg: dict) -> None:
         """As the other BLIP tasks, but ``--prompt`` is the captioning prompt."""
         cls.check_image_options(cfg)
+        cls.check_stream_options(cfg)
         _need(cfg["llm"] is None and cfg["text_suffix"] is None, "--llm and --text-suffix are options of --stage 2")
 
     def prompt_length(self, tok, prompt: str) -> int:

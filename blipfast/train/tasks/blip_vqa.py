@@ -33,6 +33,7 @@ class BlipFinetuneTask(Task):
 
     trains_vision = True
     vision_kind = "blip"
+    streams = False  # VQA question lists and NLVR2 image pairs: annotation files, not image-caption streams
     recipe = "blip-finetune"  # train/schedules.py, train/param_groups.py: Salesforce BLIP's train_*.py recipes
     model_cls = None
     config_cls = None
