@@ -15,7 +15,7 @@ from ..options import add_device_argument, add_dtype_argument, resolve_device, r
 
 # capability -> module in blipfast.bench exposing cases(device, dtype, quick)
 SUITES = ("stage1", "qformer", "attention", "itc", "retrieval", "train_data", "blip_pretrain", "blip_retrieval",
-          "blip_vqa", "blip2_finetune")
+          "blip_vqa", "blip2_finetune", "eval")
 ALIASES = {"data": "train_data"}  # --only data: the training data path (the loaders alone, and in the loop)
 
 

@@ -40,6 +40,13 @@ class Case:
     # a baseline that may be unable to run here, and why (e.g. "FlexAttention needs torch.compile on this
     # device"): when it raises it reports n/a instead of failing the run. None: any error is a failure.
     optional: Optional[str] = None
+    # why the case cannot run here, known before it runs (e.g. no Java runtime for the caption scorer): reported
+    # as skipped, never called, never a failure
+    skip: Optional[str] = None
+    # at most this many warm-up / timed calls (a case of seconds per call: a few suffice); None: the run's
+    max_warmup: Optional[int] = None
+    max_iters: Optional[int] = None
+    measure_memory: bool = True  # False: no extra call for the peak GPU memory (host-side work)
 
     def __post_init__(self):
         if self.optional is not None and not self.baseline:
@@ -127,9 +134,15 @@ def run_cases(cases: list[Case], device: torch.device, warmup: int = 5, iters: i
     for case in bar:
         bar.set_postfix_str(f"{case.group} / {case.name}"[-70:], refresh=True)
         times, mem, ms, err, tb = [], None, None, None, None
+        if case.skip is not None:
+            results.append(Result(group=case.group, name=case.name, ms=None, ms_all=[], tflops=None, tbps=None,
+                                  peak_mem_mb=None, baseline=case.baseline, params=case.params,
+                                  error=f"skipped: {case.skip}"))
+            continue
         try:
-            times = time_fn(case.fn, device, warmup, iters)
-            mem = peak_memory_mb(case.fn, device)
+            times = time_fn(case.fn, device, min(warmup, _cap(case.max_warmup, warmup)),
+                            max(1, min(iters, _cap(case.max_iters, iters))))
+            mem = peak_memory_mb(case.fn, device) if case.measure_memory else None
             ms = statistics.median(times)
         except Exception as exc:  # noqa: BLE001 - recorded; a failure unless the case is an optional baseline
             times, err = [], describe_error(exc)
@@ -145,6 +158,10 @@ def run_cases(cases: list[Case], device: torch.device, warmup: int = 5, iters: i
     bar.close()
     _ratios(results)
     return results
+
+
+def _cap(limit: Optional[int], default: int) -> int:
+    return default if limit is None else limit
 
 
 def _ratios(results: list[Result]) -> None:

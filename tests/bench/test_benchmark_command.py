@@ -16,7 +16,8 @@ from tests.helpers.runtime import ROOT
 SUITES = {"attention": "attention", "itc": "ITC", "qformer": "Q-Former", "stage1": "stage-1 step",
           "retrieval": "retrieval", "train_data": "train data path",
           "blip_pretrain": "BLIP pre-training", "blip_retrieval": "BLIP retrieval fine-tuning",
-          "blip_vqa": "BLIP VQA rank inference", "blip2_finetune": "BLIP-2 fine-tuning step"}
+          "blip_vqa": "BLIP VQA rank inference", "blip2_finetune": "BLIP-2 fine-tuning step",
+          "eval": "eval caption generation"}
 
 
 def test_every_benchmark_suite_is_checked_here():
