@@ -1,5 +1,5 @@
 """``blipfast train --schedule reference`` and ``--param-groups reference``: the learning rate the trainer sets and
-logs step by step against the references' own scheduler loops (restated in tests/train/test_schedules.py), the
+logs step by step against the references' own scheduler loops (tests/helpers/schedules.py), the
 optimizer's groups against each recipe's reference rule, exact resume, config.yaml and the refusals."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from blipfast.train.config import add_arguments, read_config_file, resolve
 from blipfast.train.loop import Trainer
 from blipfast.train.optim import RecipeSchedule, WarmupCosine, make_optimizer, make_schedule, param_groups
 from tests.helpers.train import TINY_BLIP, read_log, tiny_args, weights, write_blip_vision, write_dataset
-from tests.train.test_schedules import (LinearWarmupCosineLRScheduler, _Optim, blip_finetune_run, blip_pretrain_run,
-                                        lavis_run)
+from tests.helpers.schedules import (LinearWarmupCosineLRScheduler, RecordingOptim, blip_finetune_run,
+                                     blip_pretrain_run, lavis_run)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
@@ -40,9 +40,9 @@ def _reference(recipe, cfg, epochs, micro_per_epoch):
     if recipe == "blip-finetune":
         return blip_finetune_run(dict(init_lr=cfg["lr"], min_lr=cfg["min_lr"], max_epoch=epochs), epochs,
                                  micro_per_epoch)
-    return lavis_run(LinearWarmupCosineLRScheduler(_Optim(), max_epoch=epochs, min_lr=cfg["min_lr"], init_lr=cfg["lr"],
-                                                   warmup_steps=cfg["warmup_steps"],
-                                                   warmup_start_lr=cfg["warmup_lr"]), epochs, micro_per_epoch)
+    sched = LinearWarmupCosineLRScheduler(RecordingOptim(), max_epoch=epochs, min_lr=cfg["min_lr"], init_lr=cfg["lr"],
+                                          warmup_steps=cfg["warmup_steps"], warmup_start_lr=cfg["warmup_lr"])
+    return lavis_run(sched, epochs, micro_per_epoch)
 
 
 def _per_step(ref, steps, grad_accum):
