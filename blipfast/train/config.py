@@ -118,7 +118,7 @@ OPTIONS: dict = {
     "epochs": (float, None, "passes over the data when --steps is not given (unset: 10)"),
     "lr": (float, 1e-4, "peak learning rate"),
     "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
-    "warmup_steps": (int, 5000, "linear warm-up steps"),
+    "warmup_steps": (int, 5000, "linear warm-up steps (--schedule reference: iterations of epoch 0)"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
     "weight_decay": (float, 0.05, "AdamW weight decay (on the parameters --param-groups says)"),
     "schedule": (str, "cosine-per-step", "learning-rate shape: cosine-per-step (linear warm-up, then a cosine "

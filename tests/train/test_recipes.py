@@ -202,6 +202,16 @@ def test_invalid_values_are_refused(dataset, tmp_path, capsys, flag, value):
     assert not os.path.exists(out)
 
 
+def test_a_task_without_a_reference_is_refused(dataset, tmp_path, capsys, monkeypatch):
+    from blipfast.train.tasks import task_class
+
+    monkeypatch.setattr(task_class("blip2-stage1"), "recipe", "")
+    out = str(tmp_path / "run")
+    for flag, msg in (("--schedule", "has no reference schedule"), ("--param-groups", "has no reference rule")):
+        assert main(tiny_args(out, dataset["data"], dataset["root"], dataset["vision"], extra=(flag, "reference"))) == 2
+        assert msg in capsys.readouterr().err and not os.path.exists(out)
+
+
 def test_make_optimizer_refuses_an_unknown_rule_and_recipe():
     model = torch.nn.Linear(2, 2)
     cfg = dict(betas=[0.9, 0.999], eps=1e-8, warmup_lr=1e-6, weight_decay=0.05, param_groups="reference")
