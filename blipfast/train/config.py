@@ -25,6 +25,8 @@ from typing import Any
 from ..data.image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
 from ..data.shards import input_kind
 from ..options import DTYPES, EXIT_STOPPED
+from .optim import PARAM_GROUPS, SCHEDULES, reference_rule
+from .schedules import shape_for
 from .tasks import task_class, task_names
 
 DTYPE_NAMES = tuple(sorted(DTYPES))
@@ -116,9 +118,16 @@ OPTIONS: dict = {
     "epochs": (float, None, "passes over the data when --steps is not given (unset: 10)"),
     "lr": (float, 1e-4, "peak learning rate"),
     "warmup_lr": (float, 1e-6, "learning rate of the first step; linear warm-up from it to --lr"),
-    "warmup_steps": (int, 5000, "linear warm-up steps"),
+    "warmup_steps": (int, 5000, "linear warm-up steps (--schedule reference: iterations of epoch 0)"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
-    "weight_decay": (float, 0.05, "AdamW weight decay (not on biases and 1-D parameters)"),
+    "weight_decay": (float, 0.05, "AdamW weight decay (on the parameters --param-groups says)"),
+    "schedule": (str, "cosine-per-step", "learning-rate shape: cosine-per-step (linear warm-up, then a cosine "
+                 "evaluated at every step) or reference (the task recipe's reference: BLIP pre-training a warm-up "
+                 "in epoch 0 then lr * 0.9 ** epoch; BLIP fine-tuning and BLIP-2 a warm-up in epoch 0 then a cosine "
+                 "per epoch; docs/training.md)"),
+    "param_groups": (str, "lavis", "weight-decay groups: lavis (no decay on biases and parameters under 2 "
+                     "dimensions) or reference (the task recipe's reference rule: BLIP decays every parameter, "
+                     "BLIP-2 LAVIS' Blip2Base rule)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
     "eps": (float, 1e-8, "AdamW epsilon"),
     "grad_clip": (float, 0.0, "clip the gradient norm to this (0: off, as LAVIS)"),
@@ -180,7 +189,8 @@ SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 
 
 CHOICES = {"stage": (1, 2), "feature_dtype": DTYPE_NAMES, "vision_dtype": ("auto", *DTYPE_NAMES),
            "llm_dtype": ("auto", *DTYPE_NAMES), "preset": ("auto", "base", "tiny"),
-           "precision": ("auto", *DTYPE_NAMES), "task": task_names()}
+           "precision": ("auto", *DTYPE_NAMES), "task": task_names(), "schedule": SCHEDULES,
+           "param_groups": PARAM_GROUPS}
 
 
 def _flag(name: str) -> str:
@@ -364,7 +374,20 @@ def validate(cfg: dict) -> None:
          "shards hold their images")
     need(kind in STREAMS or (cfg["samples_per_epoch"] is None and not cfg["resampled"]),
          "--samples-per-epoch and --resampled are options of streamed data (WebDataset shards, feature shards)")
-    task_class(task_of(cfg)).check_options(cfg)  # before the generic pairing: a task's refusal names its reason
+    task = task_class(task_of(cfg))
+    if cfg["schedule"] == "reference":
+        try:
+            shape_for("reference", task.recipe)
+        except ValueError:
+            raise ValueError(f"--schedule reference: {task.spelling or task.name} has no reference schedule (its "
+                             f"recipe is {task.recipe!r}); use --schedule cosine-per-step") from None
+    if cfg["param_groups"] == "reference":
+        try:
+            reference_rule(task.recipe)
+        except ValueError:
+            raise ValueError(f"--param-groups reference: {task.spelling or task.name} has no reference rule (its "
+                             f"recipe is {task.recipe!r}); use --param-groups lavis") from None
+    task.check_options(cfg)  # before the generic pairing: a task's refusal names its reason
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")
     if cfg["cuda_graph"]:

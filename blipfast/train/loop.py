@@ -52,7 +52,7 @@ from .config import RESUME_MUTABLE, STREAMS, is_run_config, read_run_config, tas
 from .streams import KeysLog, StreamInput
 from .tasks import task_class
 from .logger import RunLog, peak_memory_mb
-from .optim import WarmupCosine, make_optimizer
+from .optim import make_optimizer, make_schedule
 from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
@@ -264,9 +264,8 @@ class Trainer:
             if len(ann.bad) > 10:
                 self.log(f"  ... {len(ann.bad) - 10} more in {report}")
 
-        self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"])
-        self.schedule = WarmupCosine(self.optimizer, cfg["lr"], cfg["warmup_lr"], cfg["warmup_steps"], cfg["min_lr"],
-                                     cfg["steps"])
+        self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"], recipe=task.recipe)
+        self.schedule = make_schedule(self.optimizer, cfg, task.recipe, self.micro_per_epoch)
         amp = None if cfg["precision"] == "fp32" else DTYPES[cfg["precision"]]
         self.scaler = torch.amp.GradScaler(dev.type) if cfg["precision"] == "fp16" else None
         wrapped = model

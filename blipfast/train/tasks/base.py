@@ -45,7 +45,9 @@ Class attributes: ``name`` (the registry key), ``title`` (the log line), ``losse
 is optimised), ``trains_vision``, ``vision_kind`` (the ViT of the synthetic set: "blip2" or "blip"),
 ``max_words`` (captions are cut to this many words), ``defaults`` (the task's recipe: option defaults over the
 built-in ones, under the synthetic set's, a config file's and the flags), ``stage`` (the ``--stage`` value the
-run records), ``spelling`` (how messages name the task).
+run records), ``spelling`` (how messages name the task), ``recipe`` (the reference recipe whose schedule and
+weight-decay rule ``--schedule reference`` / ``--param-groups reference`` take: a key of
+:data:`blipfast.train.schedules.REFERENCE_SHAPE` and :data:`blipfast.train.param_groups.REFERENCE_RULE`).
 
 The defaults of ``tokenizer`` / ``tokenize`` / ``save`` / ``load`` / ``init_weights`` are those of a
 BERT-tokenised model saved whole (BLIP-2 stage 1, BLIP): a new task of that kind implements ``build`` and
@@ -190,6 +192,7 @@ class Task:
     spelling: ClassVar[str] = ""
     #: trains from streamed image-caption pairs too (WebDataset shards, feature shards), not only annotation files
     streams: ClassVar[bool] = True
+    recipe: ClassVar[str] = ""
 
     def __init__(self, cfg: dict):
         self.image_ids = cfg["image_ids"]

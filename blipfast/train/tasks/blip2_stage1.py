@@ -16,6 +16,7 @@ class Blip2Stage1Task(Task):
     """:class:`blipfast.Blip2Stage1`: ITC + ITM + ITG (see the module docstring)."""
 
     name = "blip2-stage1"
+    recipe = "blip2-stage1"  # train/schedules.py, train/param_groups.py: LAVIS' pretrain_stage1.yaml
     title = "stage 1"
     losses = LOSSES
 

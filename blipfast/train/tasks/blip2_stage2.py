@@ -26,6 +26,7 @@ class Blip2Stage2Task(Task):
     """:class:`blipfast.Blip2Stage2`: the LM loss of the captions through the frozen LLM (see the module docstring)."""
 
     name = "blip2-stage2"
+    recipe = "blip2-stage2"  # LAVIS' pretrain_stage2.yaml
     title = "stage 2"
     losses = ("loss",)
     stage = 2

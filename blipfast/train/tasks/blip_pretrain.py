@@ -30,6 +30,7 @@ class BlipPretrainTask(Task):
     """:class:`blipfast.BlipPretrain`: ITC (momentum encoders, queues) + ITM + LM (see the module docstring)."""
 
     name = "blip-pretrain"
+    recipe = "blip-pretrain"  # Salesforce BLIP's pretrain.py
     title = "BLIP pre-training"
     losses = LOSSES
     trains_vision = True

@@ -41,6 +41,7 @@ class BlipFinetuneTask(BlipPretrainTask):
     ``config_class()`` and ``build_model``."""
 
     family = "blip-retrieval"
+    recipe = "blip-finetune"  # Salesforce BLIP's train_*.py
     defaults = {"lr": 1e-5, "warmup_lr": 1e-5, "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.05,
                 "eval_every": 1}
 
