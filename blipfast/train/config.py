@@ -93,10 +93,14 @@ OPTIONS: dict = {
                     "on CUDA; streams: at most shards / processes). A stream resumes exactly with the same number"),
     "synthetic_size": (int, 512, "pairs in the synthetic set (without --data)"),
     "eval_data": (str, None, "annotation of the evaluation split (images under --images; e.g. BLIP's "
-                  "coco_karpathy_test.json: {'image', 'caption': [references]}) for --eval-every; without --data the "
-                  "synthetic set's annotation"),
+                  "coco_karpathy_test.json: {'image', 'caption': [references]}; blip-vqa: questions with their human "
+                  "answers, LAVIS' vqa_val_eval.json; blip-nlvr: nlvr_dev.json) for --eval-every; without --data the "
+                  "synthetic set's evaluation file"),
     "eval_every": (int, 0, "evaluate the model at the end of every N-th epoch (tasks with an evaluation: "
-                   "blip-retrieval, blip-caption), written to RUN/eval.jsonl; 0: never"),
+                   "blip-retrieval, blip-caption, blip-vqa, blip-nlvr), written to RUN/eval.jsonl; 0: never"),
+    "answer_list": (str, None, "blip-vqa: the candidate answers of the evaluation's rank inference (BLIP's "
+                    "answer_list.json, a JSON list of strings); needed by --eval-every unless the run trains on the "
+                    "synthetic set (then its answer list)"),
     # model
     "preset": (str, "auto", "stage 1: Q-Former size: base (LAVIS stage 1: BERT-base, 32 queries, 256-d ITC; --model "
                "blip: ViT-B/16 at 224 px, BERT-base MED), tiny (a CPU-sized test model) or auto (tiny for the "
@@ -156,7 +160,7 @@ OPTIONS: dict = {
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
                   "num_workers", "log_keys", "compile", "compile_backend", "cuda_graph", "device", "eval_every",
-                  "eval_data"}
+                  "eval_data", "answer_list"}
 
 MODEL_NAMES = ("blip2", "blip")  # --model NAME; a mapping names its model with "name" (absent: blip2)
 
@@ -387,6 +391,9 @@ def validate(cfg: dict) -> None:
         except ValueError:
             raise ValueError(f"--param-groups reference: {task.spelling or task.name} has no reference rule (its "
                              f"recipe is {task.recipe!r}); use --param-groups lavis") from None
+    need(cfg["answer_list"] is None or task.takes_answer_list,
+         f"--answer-list is an option of --task blip-vqa (the candidates of VQA rank inference), not of "
+         f"{task.spelling or '--task ' + task.name}")
     task.check_options(cfg)  # before the generic pairing: a task's refusal names its reason
     need(not (cfg["features"] and (cfg["images"] or cfg["vision"])),
          "give either --features or --images/--vision, not both")

@@ -56,7 +56,7 @@ from .optim import make_optimizer, make_schedule
 from .step import GraphStepper, Stepper
 
 _M64 = (1 << 64) - 1
-PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out", "eval_data")
+PATHS = ("data", "images", "vision", "features", "tokenizer", "init", "llm", "out", "eval_data", "answer_list")
 
 
 def mix_seed(seed: int, k: int) -> int:

@@ -1,6 +1,7 @@
 """``blipfast train --task blip-vqa`` and ``--task blip-nlvr`` end to end on a CPU (the synthetic sets, tiny models):
-a few steps, a checkpoint, ``--resume`` bit-identical to the uninterrupted run, the run's model evaluated (VQA
-rank inference scored by the official VQA accuracy, NLVR2 accuracy); the recipes' defaults; the data's fixed
+a few steps, a checkpoint, ``--resume`` bit-identical to the uninterrupted run, the run's model evaluated at the
+end of an epoch (``--eval-every``: VQA rank inference scored by the official VQA accuracy, NLVR2 accuracy) as
+``score_split`` scores its checkpoint, ``--answer-list``; the recipes' defaults; the data's fixed
 shapes (answer slots, swapped sentences) and NLVR2's left/right swap on the device."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from blipfast.cli import main
 from blipfast.options import EXIT_STOPPED
+from blipfast.train.checkpoint import list_checkpoints
 from blipfast.train.tasks import task_class
 from blipfast.vqa_nlvr import load_task_model
 from tests.helpers.train import read_log, weights
@@ -31,28 +33,73 @@ def _args(task, out, steps, extra=()):
 
 @pytest.mark.parametrize("task", ["blip-vqa", "blip-nlvr"])
 def test_train_resume_and_evaluate(task, tmp_path):
+    """Of the 24 synthetic rows 20 train (5 steps per epoch at batch 4): a run evaluated after epoch 1, stopped there
+    and resumed equals an uninterrupted run without evaluation (losses, weights: the evaluation draws no training
+    randomness); its RUN/eval.jsonl row is ``score_split`` of the step-5 checkpoint."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    assert main(_args(task, full, 4)) == 0
-    assert main(_args(task, part, 4, ("--stop-after", "2"))) == EXIT_STOPPED
-    assert len(read_log(part)) == 2
+    assert main(_args(task, full, 6, ("--eval-every", "0"))) == 0
+    assert main(_args(task, part, 6, ("--eval-every", "1", "--stop-after", "5"))) == EXIT_STOPPED
+    assert len(read_log(part)) == 5
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     assert [r["loss"] for r in read_log(part)] == [r["loss"] for r in read_log(full)]
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert not os.path.exists(os.path.join(full, "eval.jsonl"))
+    with open(os.path.join(part, "eval.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [(r.pop("step"), r.pop("epoch")) for r in rows] == [(1 * 5, 1)]  # once, not again after --resume
     kind = task.split("-")[1]
-    model, tok = load_task_model(full, kind)
+    ckpt = list_checkpoints(part)[0]
+    assert int(ckpt.rsplit("-", 1)[1]) == 5
+    model, tok = load_task_model(ckpt, kind)
     assert model.config.vision.image_size == 16
-    syn = os.path.join(full, "synthetic")
+    syn = os.path.join(part, "synthetic")
     t = task_class(task)({"image_ids": False})
     if kind == "vqa":
         res = t.score_split(model, tok, os.path.join(syn, "vqa_eval.json"), os.path.join(syn, "images"),
-                         answer_list=os.path.join(syn, "vqa_answer_list.json"), k=3)
+                            answer_list=os.path.join(syn, "vqa_answer_list.json"), batch_size=4)
         assert 0.0 <= res["overall"] <= 100.0 and res["coverage"]["scored"] == 24 // 5
+        assert rows == [{"overall": res["overall"], **{f"coverage_{k}": v for k, v in res["coverage"].items()}}]
     else:
-        res = t.score_split(model, tok, os.path.join(syn, "nlvr2_eval.json"), os.path.join(syn, "images"))
+        res = t.score_split(model, tok, os.path.join(syn, "nlvr2_eval.json"), os.path.join(syn, "images"),
+                            batch_size=4)
         assert 0.0 <= res["accuracy"] <= 100.0 and "consistency" in res
+        assert rows == [{"accuracy": res["accuracy"], "consistency": res["consistency"],
+                         **{f"coverage_{k}": v for k, v in res["coverage"].items()}}]
+
+
+def test_vqa_eval_needs_an_answer_list(tmp_path, capsys):
+    """--eval-every with blip-vqa on real data needs --answer-list (the synthetic set brings its own); --answer-list
+    is VQA's only."""
+    data = tmp_path / "q.json"
+    data.write_text("[]")
+    out = str(tmp_path / "refused")
+    args = ["train", "--task", "blip-vqa", "--data", str(data), "--images", str(tmp_path), "--out", out,
+            "--device", "cpu", "--eval-every", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--eval-every 1 with --task blip-vqa needs --answer-list FILE" in err and not os.path.exists(out)
+    assert main(["train", "--task", "blip-nlvr", "--out", out, "--answer-list", str(data)]) == 2
+    assert "--answer-list is an option of --task blip-vqa" in capsys.readouterr().err and not os.path.exists(out)
+
+
+def test_eval_files_and_defaults(tmp_path):
+    """Without --eval-data the synthetic set's evaluation file (and VQA's answer list), nothing on other data;
+    NLVR2 evaluates every epoch as train_nlvr.py does, VQA only when asked (train_vqa.py scores the test split once,
+    after training)."""
+    vqa, nlvr = task_class("blip-vqa"), task_class("blip-nlvr")
+    syn = str(tmp_path / "run" / "synthetic")
+    cfg = {"out": str(tmp_path / "run"), "data": os.path.join(syn, "vqa_data.json"), "eval_data": None,
+           "answer_list": None, "image_ids": False}
+    assert vqa(cfg).eval_data(cfg) == os.path.join(syn, "vqa_eval.json")
+    assert vqa(cfg).score_options(cfg) == {"answer_list": os.path.join(syn, "vqa_answer_list.json")}
+    assert nlvr(cfg).eval_data(cfg) == os.path.join(syn, "nlvr2_eval.json")
+    assert nlvr(cfg).eval_data({**cfg, "data": str(tmp_path / "train.json")}) is None
+    assert nlvr(cfg).eval_data({**cfg, "eval_data": "dev.json"}) == "dev.json"
+    assert vqa(cfg).score_options({**cfg, "answer_list": "a.json"}) == {"answer_list": "a.json"}
+    assert nlvr.defaults["eval_every"] == 1 and "eval_every" not in vqa.defaults
 
 
 def test_recipes_are_blips():

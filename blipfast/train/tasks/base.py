@@ -39,7 +39,9 @@ What the trainer calls, in order (every hook is declared on :class:`Task` with i
 9. with ``--eval-every N``, at the end of every N-th epoch on every rank: ``evaluate(model, cfg, dist, epoch) ->
    dict or None``: the metrics of the model (the unwrapped one, in train mode; the hook restores what it changes
    and draws no training randomness); rank 0 appends ``{"step", "epoch", **metrics}`` to ``RUN/eval.jsonl`` and logs
-   it. Default: no evaluation.
+   it. Default: no evaluation. :meth:`Task.eval_data` (``--eval-data``, else the synthetic set's evaluation
+   file) and :meth:`Task.evaluating` (eval mode, no gradient, the run's autocast, the RNG forked) are the helpers
+   the BLIP fine-tuning tasks' hooks share.
 
 Class attributes: ``name`` (the registry key), ``title`` (the log line), ``losses`` (the logged names; the first
 is optimised), ``trains_vision``, ``vision_kind`` (the ViT of the synthetic set: "blip2" or "blip"),
@@ -78,6 +80,7 @@ BERT-tokenised model saved whole (BLIP-2 stage 1, BLIP): a new task of that kind
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, ClassVar, Iterable, Optional
 
@@ -193,6 +196,11 @@ class Task:
     #: trains from streamed image-caption pairs too (WebDataset shards, feature shards), not only annotation files
     streams: ClassVar[bool] = True
     recipe: ClassVar[str] = ""
+    #: the synthetic set's evaluation file (a name in its folder) that :meth:`eval_data` falls back to; "": the
+    #: synthetic set's training annotation itself
+    synthetic_eval: ClassVar[str] = ""
+    #: takes ``--answer-list`` (the candidates of VQA rank inference)
+    takes_answer_list: ClassVar[bool] = False
 
     def __init__(self, cfg: dict):
         self.image_ids = cfg["image_ids"]
@@ -333,6 +341,42 @@ class Task:
     def evaluate(self, model, cfg: dict, dist, epoch: int) -> Optional[dict]:
         """Metrics after epoch ``epoch`` (1-based) with ``--eval-every``, or None (see the module docstring)."""
         return None
+
+    @staticmethod
+    def synthetic_folder(cfg: dict) -> Optional[str]:
+        """The synthetic set's folder (``RUN/synthetic``) when the run trains on it (``--data`` inside it, as a
+        run without ``--data`` records), else None."""
+        synthetic = os.path.abspath(os.path.join(cfg["out"], "synthetic"))
+        data = cfg["data"]
+        if data and os.path.commonpath([os.path.abspath(data), synthetic]) == synthetic:
+            return synthetic
+        return None
+
+    def eval_data(self, cfg: dict) -> Optional[str]:
+        """The evaluation annotation: ``--eval-data``, else the synthetic set's (``synthetic_eval`` in its folder,
+        or its training annotation) when the run trains on it, else None (no evaluation)."""
+        if cfg["eval_data"] is not None:
+            return cfg["eval_data"]
+        folder = self.synthetic_folder(cfg)
+        if folder is None:
+            return None
+        return os.path.join(folder, self.synthetic_eval) if self.synthetic_eval else cfg["data"]
+
+    @contextlib.contextmanager
+    def evaluating(self, cfg: dict, model):
+        """Eval mode, no gradient, the run's autocast; torch's RNG untouched (a resumed run trains the same)."""
+        from ...options import DTYPES
+
+        dev = next(model.parameters()).device
+        amp = cfg["precision"] in ("bf16", "fp16") and dev.type == "cuda"
+        was = model.training
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad(), \
+                (torch.autocast(dev.type, dtype=DTYPES[cfg["precision"]]) if amp else contextlib.nullcontext()):
+            model.eval()
+            try:
+                yield
+            finally:
+                model.train(was)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

@@ -11,7 +11,8 @@
   epoch without warm-up, 15 epochs; the ViT trains (stochastic depth 0.1); ``--init`` a Salesforce BLIP
   pre-training checkpoint (its cross-attention copied into both branches) or ``model_base_nlvr.pth``.
 - Evaluation (:meth:`BlipNLVRTask.score_split`): NLVR2 accuracy (and consistency) of an evaluation list, without the
-  swap.
+  swap; during training after every epoch (``--eval-every 1``, as ``train_nlvr.py``) on ``--eval-data`` or the
+  synthetic set's ``nlvr2_eval.json``.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ class BlipNLVRTask(BlipFinetuneTask):
     title = "BLIP NLVR2 fine-tuning"
     spelling = "--task blip-nlvr"
     max_words = 40  # BLIP's nlvr_dataset: pre_caption(sentence, 40)
-    # Salesforce BLIP configs/nlvr.yaml and train_nlvr.py (BLIP tokenises without truncation: 40 words fit 64 tokens)
+    # Salesforce BLIP configs/nlvr.yaml and train_nlvr.py (BLIP tokenises without truncation: 40 words fit 64 tokens;
+    # train_nlvr.py evaluates the val and test splits after every epoch)
     defaults = {"lr": 3e-5, "warmup_lr": 3e-5, "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.05,
-                "batch_size": 16, "epochs": 15.0, "max_txt_len": 64, "image_ids": False}
+                "batch_size": 16, "epochs": 15.0, "max_txt_len": 64, "image_ids": False, "eval_every": 1}
+    synthetic_eval = "nlvr2_eval.json"  # make_synthetic_nlvr2's evaluation pairs
 
     @property
     def model_cls(self):

@@ -25,7 +25,6 @@ the trainer does not decay biases and LayerNorms, which BLIP does (docs/blip-fin
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -116,35 +115,6 @@ class BlipFinetuneTask(BlipPretrainTask):
         src = convert.resolve_source(path, what="--init")
         for note in model.load_lavis_state_dict(convert.load_state_dict(src.weights)):
             print(f"blipfast train: --init: {note}", flush=True)
-
-    # ------------------------------------------------------------------------------------------
-    # evaluation
-
-    def eval_data(self, cfg: dict):
-        """``--eval-data``, else the synthetic set's annotation (a run without ``--data``), else None."""
-        if cfg["eval_data"] is not None:
-            return cfg["eval_data"]
-        synthetic = os.path.join(cfg["out"], "synthetic")
-        data = cfg["data"]
-        if data and os.path.commonpath([os.path.abspath(data), synthetic]) == synthetic:
-            return data
-        return None
-
-    @contextlib.contextmanager
-    def evaluating(self, cfg: dict, model):
-        """Eval mode, no gradient, the run's autocast; torch's RNG untouched (a resumed run trains the same)."""
-        from ...options import DTYPES
-
-        dev = next(model.parameters()).device
-        amp = cfg["precision"] in ("bf16", "fp16") and dev.type == "cuda"
-        was = model.training
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad(), \
-                (torch.autocast(dev.type, dtype=DTYPES[cfg["precision"]]) if amp else contextlib.nullcontext()):
-            model.eval()
-            try:
-                yield
-            finally:
-                model.train(was)
 
 
 @register

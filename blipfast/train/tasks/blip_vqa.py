@@ -12,7 +12,9 @@
 - ``--init``: a Salesforce BLIP pre-training (``model_base.pth``, ``model_base_capfilt_large.pth``) or VQA checkpoint
   (``model_base_vqa_capfilt_large.pth``), or a blipfast run; ``--vision``: a BLIP ViT's weights only.
 - Evaluation (:meth:`BlipVQATask.score_split`): rank inference over an answer list (BLIP's ``answer_list.json``) and the
-  official VQA accuracy, through :mod:`blipfast.vqa_nlvr`.
+  official VQA accuracy, through :mod:`blipfast.vqa_nlvr`; during training with ``--eval-every`` on ``--eval-data``
+  (or the synthetic set's ``vqa_eval.json``) and ``--answer-list`` (or the synthetic set's answer list), no
+  evaluation by default (``train_vqa.py`` answers the test split once, after training).
 
 :class:`BlipFinetuneTask` is what BLIP's task recipes share here (NLVR2 uses it too): the ViT at the task's size,
 BLIP's tokenizer with [ENC], the model configuration from the ``blip-task`` presets, the weights of ``--vision`` and
@@ -24,7 +26,7 @@ import os
 
 import torch
 
-from .base import PRESETS, Task, merge, model_config, register
+from .base import PRESETS, Task, _need, merge, model_config, register
 
 
 class BlipFinetuneTask(Task):
@@ -40,7 +42,7 @@ class BlipFinetuneTask(Task):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.vit = None
+        self.vit = self.tok = None
         self.ann = None
 
     def image_size(self, cfg: dict) -> int:
@@ -72,6 +74,7 @@ class BlipFinetuneTask(Task):
         from ...models.blip_finetune import load_task_checkpoint
         from ...models.blip_pretrain import TEXT_FIELDS, VISION_FIELDS
 
+        self.tok = tok
         sep = tok.sep_token_id
         derived = [({"bos_token_id": tok.bos_token_id, "enc_token_id": tok.convert_tokens_to_ids("[ENC]"),
                      "text": {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
@@ -110,6 +113,32 @@ class BlipFinetuneTask(Task):
                 print(f"blipfast train: --init {path}: {label}: {shown}", flush=True)
 
 
+    def evaluate(self, model, cfg: dict, dist, epoch: int):
+        """The task's ``score_split`` of the evaluation file (:meth:`Task.eval_data`) under :meth:`Task.evaluating`,
+        flattened by :meth:`metrics` (rank 0; None on the others and without an evaluation file)."""
+        data = self.eval_data(cfg)
+        if data is None or not dist.main:
+            return None
+        with self.evaluating(cfg, model):
+            res = self.score_split(model, self.tok, data, cfg["images"], batch_size=cfg["batch_size"],
+                                   max_txt_len=cfg["max_txt_len"], **self.score_options(cfg))
+        return self.metrics(res)
+
+    def score_options(self, cfg: dict) -> dict:
+        """The task's own keyword arguments of ``score_split`` in :meth:`evaluate` (default: none)."""
+        return {}
+
+    def metrics(self, result: dict) -> dict:
+        """The numbers of a ``score_split`` result, one flat dict (nested tables joined by ``_``)."""
+        out = {}
+        for key, value in result.items():
+            if isinstance(value, dict):
+                out.update({f"{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+            elif isinstance(value, (int, float)):
+                out[key] = value
+        return out
+
+
 @register
 class BlipVQATask(BlipFinetuneTask):
     """:class:`blipfast.BlipVQA` fine-tuning (see the module docstring)."""
@@ -122,6 +151,8 @@ class BlipVQATask(BlipFinetuneTask):
     defaults = {"lr": 2e-5, "warmup_lr": 2e-5, "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.05,
                 "batch_size": 16, "epochs": 10.0, "max_txt_len": 35, "image_ids": False}
     k_test = 128
+    synthetic_eval = "vqa_eval.json"  # make_synthetic_vqa's evaluation questions (and vqa_answer_list.json)
+    takes_answer_list = True
     max_answer_tokens = 32  # an answer longer than this (never in VQAv2 / VG) is cut
 
     @property
@@ -183,6 +214,26 @@ class BlipVQATask(BlipFinetuneTask):
         out = model(pixel_values, inp["input_ids"], inp["attention_mask"], inp["answer_ids"], inp["answer_mask"],
                     inp["answer_weight"])
         return out.loss, out.loss.detach().float().reshape(1)
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        """As the other BLIP tasks; ``--eval-every`` needs ``--answer-list`` unless the run trains on the synthetic
+        set (whose answer list it then takes)."""
+        super().check_options(cfg)
+        _need(not cfg["eval_every"] or cfg["answer_list"] is not None or cfg["data"] is None
+              or cls.synthetic_folder(cfg) is not None,
+              f"--eval-every {cfg['eval_every']} with --task blip-vqa needs --answer-list FILE: the candidate answers "
+              f"of rank inference (BLIP's answer_list.json); or --eval-every 0 and score the run from Python "
+              f"(docs/blip-finetune.md)")
+
+    def score_options(self, cfg: dict) -> dict:
+        """``--answer-list``, else the synthetic set's answer list (check_options refuses the rest)."""
+        return {"answer_list": cfg["answer_list"] or os.path.join(self.synthetic_folder(cfg), "vqa_answer_list.json")}
+
+    def metrics(self, result: dict) -> dict:
+        """``overall`` (the official VQA accuracy, percent), one ``perAnswerType_<type>`` per answer type and
+        ``coverage_*`` (questions scored) of :func:`blipfast.vqa_nlvr.score_vqa`."""
+        return super().metrics({k: result[k] for k in ("overall", "perAnswerType", "coverage")})
 
     def score_split(self, model, tok, data: str, images: str, *, answer_list, k: int = None, batch_size: int = 32,
                  max_txt_len: int = 35, inference: str = "rank") -> dict:
