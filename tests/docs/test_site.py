@@ -96,3 +96,23 @@ def test_no_reference_to_documents_outside_the_repository():
         for link in re.findall(r"\]\(([^)\s#]+)", text):
             if not re.match(r"https?://", link):
                 assert ROOT in (path.parent / link).resolve().parents, f"{path.relative_to(ROOT)} links outside: {link}"
+
+
+def test_links_between_the_pages_resolve():
+    """Every link of a docs/ page to a page or an anchor (its own or another page's) exists: what `mkdocs build
+    --strict` checks in CI's docs stage, caught here already (a renamed heading broke an anchor once)."""
+    bad = []
+    for page in sorted(DOCS.glob("*.md")):
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", link):
+                continue
+            target, _, anchor = link.partition("#")
+            path = page if not target else (page.parent / target).resolve()
+            if not target.endswith(".md") and target:
+                continue  # images and other files: mkdocs checks them
+            if not path.is_file():
+                bad.append(f"{page.name}: {link} (no such page)")
+            elif anchor and anchor not in anchors(path):
+                bad.append(f"{page.name}: {link} (no such heading)")
+    assert not bad, bad
