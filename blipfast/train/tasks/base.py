@@ -195,6 +195,8 @@ class Task:
     spelling: ClassVar[str] = ""
     #: trains from streamed image-caption pairs too (WebDataset shards, feature shards), not only annotation files
     streams: ClassVar[bool] = True
+    #: BLIP's tokenizer: [ENC] added to the BERT tokenizer (see :meth:`tokenizer`)
+    enc_token: ClassVar[bool] = False
     recipe: ClassVar[str] = ""
     #: the synthetic set's evaluation file (a name in its folder) that :meth:`eval_data` falls back to; "": the
     #: synthetic set's training annotation itself
@@ -283,18 +285,26 @@ class Task:
 
     def tokenizer(self, cfg: dict, ann, dist) -> tuple[Any, Optional[str]]:
         """(tokenizer, its folder): ``--tokenizer`` (a BERT-style folder, [DEC] added as LAVIS does) or a
-        WordPiece vocabulary trained on the captions by rank 0 into ``RUN/tokenizer``."""
+        WordPiece vocabulary trained on the captions by rank 0 into ``RUN/tokenizer``; with ``enc_token`` (BLIP),
+        [ENC] added too, and the run's folder saved with it, as the model knows it."""
         from ...data import load_tokenizer, train_wordpiece
+        from ...data.tokenizer import add_enc_token
 
         if cfg["tokenizer"] is not None:
-            return load_tokenizer(cfg["tokenizer"]), cfg["tokenizer"]
-        if ann is None:  # (check_options refuses this first)
-            raise ValueError("--tokenizer DIR is needed with streamed captions (WebDataset or feature shards)")
-        folder = os.path.join(cfg["out"], "tokenizer")
-        if dist.main:
-            train_wordpiece(self.tokenizer_texts(ann), cfg["vocab_size"]).save_pretrained(folder)
-        dist.barrier()
-        return load_tokenizer(folder), folder
+            tok, folder = load_tokenizer(cfg["tokenizer"]), cfg["tokenizer"]
+        else:
+            if ann is None:  # (check_options refuses this first)
+                raise ValueError("--tokenizer DIR is needed with streamed captions (WebDataset or feature shards)")
+            folder = os.path.join(cfg["out"], "tokenizer")
+            if dist.main:
+                train_wordpiece(self.tokenizer_texts(ann), cfg["vocab_size"]).save_pretrained(folder)
+            dist.barrier()
+            tok = load_tokenizer(folder)
+        if self.enc_token:
+            tok = add_enc_token(tok)
+            if cfg["tokenizer"] is None and dist.main:
+                tok.save_pretrained(folder)
+        return tok, folder
 
     def tokenizer_texts(self, ann) -> list:
         """The texts a WordPiece vocabulary is trained on without ``--tokenizer`` (default: the captions)."""

@@ -35,6 +35,7 @@ class BlipPretrainTask(Task):
     losses = LOSSES
     trains_vision = True
     vision_kind = "blip"  # the synthetic set's ViT
+    enc_token = True  # BLIP's tokenizer: BERT with [ENC]
     max_words = 30  # BLIP's pretrain_dataset: pre_caption(caption, 30)
     spelling = "--model blip"
     # Salesforce BLIP's configs/pretrain.yaml (ViT-B): AdamW lr 3e-4, warm-up from 1e-6 over 3000 steps, down to
@@ -60,15 +61,6 @@ class BlipPretrainTask(Task):
         if dist.main:
             processor.save_pretrained(os.path.join(cfg["out"], "image_processor"))
         return processor
-
-    def tokenizer(self, cfg: dict, ann, dist):
-        from ...data.tokenizer import add_enc_token
-
-        tok, folder = super().tokenizer(cfg, ann, dist)
-        tok = add_enc_token(tok)
-        if cfg["tokenizer"] is None and dist.main:  # the run's tokenizer folder with [ENC], as the model knows it
-            tok.save_pretrained(folder)
-        return tok, folder
 
     def build(self, cfg: dict, tok, width, device, fresh: bool):
         from ... import convert

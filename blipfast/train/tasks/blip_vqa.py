@@ -36,6 +36,7 @@ class BlipFinetuneTask(Task):
     trains_vision = True
     vision_kind = "blip"
     streams = False  # VQA question lists and NLVR2 image pairs: annotation files, not image-caption streams
+    enc_token = True  # BLIP's tokenizer: BERT with [ENC]
     recipe = "blip-finetune"  # train/schedules.py, train/param_groups.py: Salesforce BLIP's train_*.py recipes
     model_cls = None
     config_cls = None
@@ -60,15 +61,6 @@ class BlipFinetuneTask(Task):
         if dist.main:
             processor.save_pretrained(os.path.join(cfg["out"], "image_processor"))
         return processor
-
-    def tokenizer(self, cfg: dict, ann, dist):
-        from ...data.tokenizer import add_enc_token
-
-        tok, folder = super().tokenizer(cfg, ann, dist)
-        tok = add_enc_token(tok)
-        if cfg["tokenizer"] is None and dist.main:
-            tok.save_pretrained(folder)
-        return tok, folder
 
     def build(self, cfg: dict, tok, width, device, fresh: bool):
         from ...models.blip_finetune import load_task_checkpoint
