@@ -1,8 +1,8 @@
 """Flan-T5's feed-forward activation in stage 2: LAVIS builds its T5 with ``dense_act_fn = "gelu"`` (exact GELU)
 where Flan-T5's config says ``gelu_new``. ``Blip2Stage2.from_pretrained_parts`` (and so ``blipfast train --task
 blip2-stage2`` with a Flan-T5 folder) builds it as LAVIS does, so loss and gradients equal a restatement of
-LAVIS' ``Blip2T5.forward`` (tests/helpers/lavis_stage2.py) by the tolerance rule; ``from_hf`` keeps the model's
-config."""
+LAVIS' ``Blip2T5.forward`` (tests/helpers/lavis_stage2.py): the same numbers in float64, the fp32 loss within
+PyTorch's own error; ``from_hf`` keeps the model's config."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ import torch
 from blipfast.models import llm as llm_mod
 from blipfast.models.blip2_stage2 import Blip2Stage2
 from blipfast.testing import blip2 as T
-from tests.helpers.tolerance import assert_grads_within_torch_error, assert_within_torch_error
+from tests.helpers.tolerance import assert_close, assert_within_torch_error
 from tests.helpers import lavis_stage2 as lavis
 from tests.helpers.stage2 import write_lavis_stage1
 
@@ -49,25 +49,39 @@ def _grads(named):
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
 
 
-def _compare(stage2, ref, ref64, batch, feats):
-    """(loss, grads) of blipfast's stage 2 and of LAVIS' restated forward in float32 and float64."""
+def _run(model, feats, batch):
+    """(loss, {HF name: grad}) of blipfast's stage 2 or of LAVIS' restated forward."""
     ids, mask, targets, dmask = batch
-    mine = stage2(image_embeds=feats, input_ids=ids, attention_mask=mask, labels=targets,
-                  decoder_attention_mask=dmask).loss
-    l32, l64 = ref(feats, *batch), ref64(feats.double(), *batch)
-    for loss in (mine, l32, l64):
+    model.zero_grad(set_to_none=True)
+    if isinstance(model, Blip2Stage2):
+        loss = model(image_embeds=feats, input_ids=ids, attention_mask=mask, labels=targets,
+                     decoder_attention_mask=dmask).loss
         loss.backward()
-    g = _grads(stage2.model.named_parameters())
-    g32 = {ref.hf_name(n): t for n, t in _grads(ref.named_parameters()).items()}
-    g64 = {ref64.hf_name(n): t for n, t in _grads(ref64.named_parameters()).items()}
-    assert set(g) == set(g32) == set(g64) and any(n.startswith("qformer.") for n in g)
-    return (mine.detach(), l64.detach(), l32.detach()), (g, g64, g32)
+        return loss.detach(), _grads(model.model.named_parameters())
+    loss = model(feats, *batch)
+    loss.backward()
+    return loss.detach(), {model.hf_name(n): t for n, t in _grads(model.named_parameters()).items()}
+
+
+def _assert_grads_equal_in_float64(mine: dict, lavis64: dict) -> None:
+    """Same math: every gradient equals LAVIS' in float64 to assert_close's float64 bound at the model's gradient
+    scale (a gradient that is 0 in exact arithmetic, e.g. the key biases, is rounding noise of that scale)."""
+    assert set(mine) == set(lavis64) and any(n.startswith("qformer.") for n in mine)
+    gmax = max(float(g.abs().max()) for g in lavis64.values())
+    for name, want in lavis64.items():
+        shift = gmax if float(want.abs().max()) <= 1e-9 * gmax else 0.0  # compare zero-gradients at gmax's scale
+        assert_close(mine[name] + shift, want + shift, name=name)
 
 
 def test_from_parts_builds_flan_t5_with_lavis_exact_gelu(parts):
-    """Loss and every trained gradient equal LAVIS' Blip2T5.forward (exact GELU) by the tolerance rule; the
-    batch is LAVIS' (make_text_batch gives the same); with the config's gelu_new (t5_activation=None, the old
-    behaviour) the gradients are off by far more than the rule allows."""
+    """blipfast's stage 2 built from parts computes LAVIS' Blip2T5.forward (exact GELU): in float64 the loss and
+    every trained gradient are the same numbers (to float64 rounding), and the fp32 loss is within PyTorch's own
+    fp32 error; the batch is LAVIS' (make_text_batch gives the same). With the config's gelu_new
+    (t5_activation=None, the old behaviour) the float64 gradients differ.
+
+    Why float64 for the gradients: both sides run the same T5, whose fp32 backward amplifies the last-bit
+    differences of its input by 20 to 200 rounding units, at random; one fp32 run of PyTorch is then a noisy
+    yardstick (the fp32 comparison of the fast path with PyTorch is test_blip2_stage2's)."""
     stage2 = Blip2Stage2.from_pretrained_parts(parts["stage1"], parts["llm"]).eval()
     assert lavis.exact_gelu_is_used(stage2.language_model)
     assert stage2.language_model.config.dense_act_fn == "gelu" and stage2.language_model.config.is_gated_act
@@ -80,17 +94,20 @@ def test_from_parts_builds_flan_t5_with_lavis_exact_gelu(parts):
     for key, want in zip(("input_ids", "attention_mask", "labels", "decoder_attention_mask"), batch):
         assert torch.equal(made[key], want), key
     feats = torch.randn(len(CAPTIONS), 5, 24)
-    losses, grads = _compare(stage2, ref, ref64, batch, feats)
-    assert_within_torch_error(*losses, name="loss")
-    assert_grads_within_torch_error(*grads)
+    loss64, g64 = _run(ref64, feats.double(), batch)
+    loss32, _ = _run(ref, feats, batch)
+    mine32, _ = _run(stage2, feats, batch)
+    assert_within_torch_error(mine32, loss64, loss32, name="loss")
+    mine64, g = _run(copy.deepcopy(stage2).double(), feats.double(), batch)
+    assert_close(mine64, loss64, name="loss (float64)")
+    _assert_grads_equal_in_float64(g, g64)
 
     old = Blip2Stage2.from_pretrained_parts(parts["stage1"], parts["llm"], t5_activation=None).eval()
     assert old.language_model.config.dense_act_fn == "gelu_new" and not lavis.exact_gelu_is_used(old.language_model)
     old.load_trainable_state_dict(stage2.trainable_state_dict())
-    ref.zero_grad(set_to_none=True), ref64.zero_grad(set_to_none=True)
-    _, grads = _compare(old, ref, ref64, batch, feats)
+    _, g_old = _run(old.double(), feats.double(), batch)
     with pytest.raises(AssertionError):
-        assert_grads_within_torch_error(*grads)
+        _assert_grads_equal_in_float64(g_old, g64)
 
 
 def test_module_llm_changed_in_place_relu_t5_kept_from_hf_keeps_its_config(parts, tmp_path):
