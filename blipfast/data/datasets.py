@@ -41,18 +41,32 @@ class _Pairs(Dataset):
                 "index": torch.tensor(p)}
 
 
+def visit(item) -> tuple:
+    """(epoch, pair index) of a dataset item: an index, or (epoch, index) from ``GlobalBatchSampler(with_epoch=
+    True)`` (what a per-sample augmentation is seeded with)."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return int(item[0]), int(item[1])
+    return 0, int(item)
+
+
 class ImageTextDataset(_Pairs):
-    """Pairs whose image is read from ``images_dir`` and preprocessed by ``processor`` (the vision model's).
+    """Pairs whose image is read from ``images_dir`` and preprocessed by ``processor`` (the vision model's), or,
+    with ``augment`` (a :class:`blipfast.data.transforms.TrainTransform`), augmented: ``augment(image, epoch,
+    pair index)``, the epoch from the sampler's items (``GlobalBatchSampler(with_epoch=True)``).
 
     An image that cannot be read is reported once per process (with its annotation line, also appended to
     ``report_path``) and the pair is replaced by the next readable pair, so batches keep their size and a run
     stays deterministic.
     """
 
-    def __init__(self, ann: Annotations, images_dir: str, processor, text: dict, report_path: Optional[str] = None):
+    def __init__(self, ann: Annotations, images_dir: str, processor, text: dict, report_path: Optional[str] = None,
+                 augment=None):
         super().__init__(ann, text)
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a callable (image, epoch, index) -> tensor, got {type(augment).__name__}")
         self.images_dir = images_dir
         self.processor = processor
+        self.augment = augment
         self.report_path = report_path
         self._reported: set = set()
 
@@ -66,7 +80,14 @@ class ImageTextDataset(_Pairs):
             with open(self.report_path, "a") as fh:
                 fh.write(msg + "\n")
 
-    def __getitem__(self, p: int) -> dict:
+    def pixels(self, image, epoch: int, index: int) -> torch.Tensor:
+        """[3, H, W] float32 of one image: augmented (seeded by ``epoch`` and ``index``) or the processor's."""
+        if self.augment is not None:
+            return self.augment(image, epoch, index)
+        return preprocess(self.processor, image)
+
+    def __getitem__(self, item) -> dict:
+        epoch, p = visit(item)
         n = len(self)
         for k in range(n):
             q = (p + k) % n
@@ -75,7 +96,7 @@ class ImageTextDataset(_Pairs):
             except ImageReadError as exc:
                 self._report(q, exc)
                 continue
-            return {"pixel_values": preprocess(self.processor, image), **self._text(q)}
+            return {"pixel_values": self.pixels(image, epoch, q), **self._text(q)}
         raise ValueError(f"--images: no image of {self.ann.path!r} can be read")
 
 
@@ -86,7 +107,8 @@ class FeatureTextDataset(_Pairs):
         super().__init__(ann, text)
         self.cache = cache
 
-    def __getitem__(self, p: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        _, p = visit(item)
         return {"image_embeds": self.cache.get(self.ann.images[self.ann.image_index[p]]), **self._text(p)}
 
 
@@ -96,15 +118,16 @@ def collate(rows: list) -> dict:
 
 class GlobalBatchSampler(Sampler):
     """Yields rank ``rank``'s index list of each micro-batch, forever, starting after ``start`` micro-batches
-    (see the module docstring). ``steps_per_epoch`` = n // (batch_size * world)."""
+    (see the module docstring); with ``with_epoch``, (epoch, index) pairs (for a per-sample augmentation).
+    ``steps_per_epoch`` = n // (batch_size * world)."""
 
     def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 start: int = 0):
+                 start: int = 0, with_epoch: bool = False):
         if n < batch_size * world:
             raise ValueError(f"the data set has {n} pairs, fewer than one global batch ({batch_size} x {world} "
                              f"process(es)); lower --batch-size")
         self.n, self.b, self.world, self.rank = n, batch_size, world, rank
-        self.seed, self.shuffle, self.start = seed, shuffle, start
+        self.seed, self.shuffle, self.start, self.with_epoch = seed, shuffle, start, with_epoch
         self.steps_per_epoch = n // (batch_size * world)
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -120,7 +143,8 @@ class GlobalBatchSampler(Sampler):
             perm = self.order(epoch)
             for k in range(k, self.steps_per_epoch):
                 lo = k * bw + self.rank * self.b
-                yield perm[lo:lo + self.b].tolist()
+                rows = perm[lo:lo + self.b].tolist()
+                yield [(epoch, p) for p in rows] if self.with_epoch else rows
             m = (epoch + 1) * self.steps_per_epoch
 
     def __len__(self) -> int:  # one epoch's worth (the iterator itself is endless)

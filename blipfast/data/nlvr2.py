@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from .annotations import Annotations, _rows, pre_caption
-from .datasets import ImageTextDataset
-from .vision import ImageReadError, load_image, preprocess
+from .datasets import ImageTextDataset, visit
+from .vision import ImageReadError, load_image
 
 __all__ = ["Nlvr2Annotations", "Nlvr2Dataset", "make_synthetic_nlvr2", "read_nlvr2", "swapped_sentence"]
 
@@ -116,9 +116,12 @@ def read_nlvr2(path, images_dir: Optional[str] = None, *, check_images: bool = T
 
 class Nlvr2Dataset(ImageTextDataset):
     """The trainer's NLVR2 examples: ``pixel_values`` [2, 3, S, S] (the two images), the tokenised sentence(s),
-    ``label``. An unreadable image is reported and the example replaced by the next readable one."""
+    ``label``. An unreadable image is reported and the example replaced by the next readable one. With ``augment``,
+    each image is augmented on its own (as BLIP's ``nlvr_dataset``), the left one seeded with index ``2 p``, the
+    right one ``2 p + 1``."""
 
-    def __getitem__(self, p: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        epoch, p = visit(item)
         n = len(self)
         for k in range(n):
             q = (p + k) % n
@@ -128,7 +131,7 @@ class Nlvr2Dataset(ImageTextDataset):
             except ImageReadError as exc:
                 self._report(q, exc)
                 continue
-            px = torch.stack([preprocess(self.processor, im) for im in pair])
+            px = torch.stack([self.pixels(im, epoch, 2 * q + j) for j, im in enumerate(pair)])
             return {"pixel_values": px, **self._text(q), "label": torch.tensor(int(self.ann.labels[q]))}
         raise ValueError(f"--images: no image pair of {self.ann.path!r} can be read")
 

@@ -38,8 +38,8 @@ import torch
 
 from .randaugment import RandomAugment
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "RECIPES", "Recipe", "TrainTransform", "EvalTransform", "crop_params",
-           "view_seeds", "to_normalized_tensor"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "RECIPES", "TRAINING_RECIPES", "Recipe", "TrainTransform", "EvalTransform",
+           "StreamAugment", "crop_params", "view_seeds", "to_normalized_tensor", "train_transform"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,6 +62,11 @@ RECIPES = {
     "blip_image_train": Recipe(0.5, True, "LAVIS processors blip_image_train"),
     "blip2_image_train": Recipe(0.5, False, "LAVIS processors blip2_image_train"),
 }
+
+
+# the train transform of each training recipe (blipfast.train's task recipes: schedules.py, param_groups.py)
+TRAINING_RECIPES = {"blip-pretrain": "blip-pretrain", "blip-finetune": "blip-finetune",
+                    "blip2-stage1": "blip2_image_train", "blip2-stage2": "blip2_image_train"}
 
 
 def _index(name: str, v) -> int:
@@ -193,3 +198,61 @@ class EvalTransform:
 
             return preprocess(self.processor, image)
         return to_normalized_tensor(image.resize((self.size, self.size), Image.BICUBIC), self.mean, self.std)
+
+
+def _processor_geometry(processor) -> tuple:
+    """(size, mean, std) of an image processor that resizes to a square (BLIP's and BLIP-2's processors)."""
+    size = getattr(processor, "size", None)
+    if isinstance(size, int):
+        side = size
+    else:  # a dict, or transformers' SizeDict
+
+        def get(key):
+            return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+        h, w = get("height"), get("width")
+        side = h if h is not None and h == w else get("shortest_edge")
+    if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+        raise ValueError(f"the image processor resizes to {size!r}: a train transform needs a square size")
+    mean = getattr(processor, "image_mean", None) or CLIP_MEAN
+    std = getattr(processor, "image_std", None) or CLIP_STD
+    return side, tuple(mean), tuple(std)
+
+
+def train_transform(recipe: str, processor, seed: int) -> "TrainTransform":
+    """The train transform of a training recipe (a key of :data:`TRAINING_RECIPES`, e.g. ``blip2-stage1``, or of
+    :data:`RECIPES`) at the size, mean and std of the model's image processor (what its evaluation transform
+    produces), seeded ``seed``."""
+    name = TRAINING_RECIPES.get(recipe, recipe)
+    if name not in RECIPES:
+        raise ValueError(f"recipe {recipe!r} has no train transform (known: {sorted(TRAINING_RECIPES)}, "
+                         f"{sorted(RECIPES)})")
+    size, mean, std = _processor_geometry(processor)
+    return TrainTransform(name, size, seed, mean, std)
+
+
+class StreamAugment:
+    """A :class:`TrainTransform` as a per-sample image transform of WebDataset shards
+    (:class:`blipfast.data.image_stream.ImageTextSource`): each reading of a sample (its ``draw``, unique in the
+    stream and the same on resume) seeds the augmentation with the pass ``epoch``, so a resampled stream, which
+    reads an image many times in pass 0, still draws a new view each time."""
+
+    per_sample = True
+
+    def __init__(self, transform: TrainTransform):
+        if not isinstance(transform, TrainTransform):
+            raise TypeError(f"transform must be a TrainTransform, got {type(transform).__name__}")
+        self.transform = transform
+
+    def __repr__(self):
+        return f"StreamAugment({self.transform!r})"
+
+    @staticmethod
+    def index(key: str, draw) -> int:
+        """The sample index the augmentation is seeded with: a hash of the reading's ``draw`` (of ``key`` when the
+        stream gives no draw)."""
+        what = repr(tuple(draw)) if draw is not None else f"key:{key}"
+        return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "little") >> 1
+
+    def __call__(self, image, *, key: str, epoch: int, draw=None) -> torch.Tensor:
+        return self.transform(image, epoch, self.index(key, draw))

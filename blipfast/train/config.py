@@ -24,6 +24,7 @@ from typing import Any
 
 from ..data.image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
 from ..data.shards import input_kind
+from ..data.transforms import TRAINING_RECIPES
 from ..options import DTYPES, EXIT_STOPPED
 from .optim import PARAM_GROUPS, SCHEDULES, reference_rule
 from .schedules import shape_for
@@ -132,6 +133,10 @@ OPTIONS: dict = {
     "param_groups": (str, "lavis", "weight-decay groups: lavis (no decay on biases and parameters under 2 "
                      "dimensions) or reference (the task recipe's reference rule: BLIP decays every parameter, "
                      "BLIP-2 LAVIS' Blip2Base rule)"),
+    "augment": (str, "auto", "train-time image augmentation: reference (the task recipe's: a random resized crop and "
+                "a flip, with BLIP's RandomAugment for BLIP; docs/training.md#augmentation), none (the vision model's "
+                "evaluation processor) or auto (reference where images are decoded, none with --features: a "
+                "feature cache holds one view per image)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
     "eps": (float, 1e-8, "AdamW epsilon"),
     "grad_clip": (float, 0.0, "clip the gradient norm to this (0: off, as LAVIS)"),
@@ -156,6 +161,8 @@ OPTIONS: dict = {
                    f"--steps; continue with --resume); the command then exits {EXIT_STOPPED}, as when SIGTERM or "
                    f"SIGINT stops it"),
 }
+
+AUGMENTS = ("auto", "reference", "none")  # --augment (resolved by the trainer: auto -> reference or none)
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
@@ -194,7 +201,7 @@ SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 
 CHOICES = {"stage": (1, 2), "feature_dtype": DTYPE_NAMES, "vision_dtype": ("auto", *DTYPE_NAMES),
            "llm_dtype": ("auto", *DTYPE_NAMES), "preset": ("auto", "base", "tiny"),
            "precision": ("auto", *DTYPE_NAMES), "task": task_names(), "schedule": SCHEDULES,
-           "param_groups": PARAM_GROUPS}
+           "param_groups": PARAM_GROUPS, "augment": AUGMENTS}
 
 
 def _flag(name: str) -> str:
@@ -391,6 +398,12 @@ def validate(cfg: dict) -> None:
         except ValueError:
             raise ValueError(f"--param-groups reference: {task.spelling or task.name} has no reference rule (its "
                              f"recipe is {task.recipe!r}); use --param-groups lavis") from None
+    need(not (cfg["augment"] == "reference" and cfg["features"] is not None),
+         "--augment reference: a feature cache holds one view of each image (computed before training); augment "
+         "the images with --images DIR --vision MODEL_DIR, or train on the cache with --augment none")
+    need(cfg["augment"] != "reference" or task.recipe in TRAINING_RECIPES,
+         f"--augment reference: {task.spelling or task.name} has no reference train transform (its recipe is "
+         f"{task.recipe!r}); use --augment none")
     need(cfg["answer_list"] is None or task.takes_answer_list,
          f"--answer-list is an option of --task blip-vqa (the candidates of VQA rank inference), not of "
          f"{task.spelling or '--task ' + task.name}")
@@ -427,5 +440,8 @@ def read_run_config(run_dir: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"--resume: {run_dir!r} has no config.yaml (not a blipfast train run folder)")
     cfg = {k: v[1] for k, v in OPTIONS.items()}
-    cfg.update(read_config_file(path))
+    saved = read_config_file(path)
+    cfg.update(saved)
+    if "augment" not in saved:  # a run from before --augment trained on the processor's pixels
+        cfg["augment"] = "none"
     return cfg

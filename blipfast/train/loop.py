@@ -231,13 +231,14 @@ class Trainer:
                                                  dtype=resolve_dtype(cfg["vision_dtype"], dev, flag="--vision-dtype"))
             width = tower.width
         self.ann = ann
+        augment = self._augment(cfg, feats, processor)
         tok, cfg["tokenizer"] = task.tokenizer(cfg, ann, d)
         self.tokenizer = tok
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
         model, cfg["model"] = task.build(cfg, tok, width, dev, fresh=fresh)
         self.core = model
         if self.stream is not None:  # captions tokenised per batch in the loader workers
-            self.stream.set_transforms(task, model, tok, processor)
+            self.stream.set_transforms(task, model, tok, processor, augment=augment)
             self._stream_loader = self.stream.loader()
             self.micro_per_epoch = self.stream.micro_per_epoch
         else:
@@ -247,8 +248,9 @@ class Trainer:
         report = os.path.join(out, "bad_rows.txt") if d.main else None
         if self.stream is None:
             ds = FeatureTextDataset(ann, cache, text) if feats else \
-                task.dataset(ann, cfg["images"], processor, text, report)
-            self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"])
+                task.dataset(ann, cfg["images"], processor, text, report, augment=augment)
+            self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"],
+                                              with_epoch=augment is not None)
             self.micro_per_epoch = self.sampler.steps_per_epoch
             self.dataset, self._collate = ds, collate
         self.steps_per_epoch = self.micro_per_epoch / cfg["grad_accum"]
@@ -288,6 +290,17 @@ class Trainer:
         self.micro_step = 0
         self._iter = None
         self._data_wait, self._keys = 0.0, None
+
+    def _augment(self, cfg: dict, feats: bool, processor):
+        """The train transform of ``--augment`` (resolved in ``cfg``: auto is reference where images are decoded
+        and the task's recipe has one, else none), at the processor's size, mean and std; None for none."""
+        from ..data.transforms import TRAINING_RECIPES, train_transform
+
+        if cfg["augment"] == "auto":
+            cfg["augment"] = "reference" if not feats and self.task.recipe in TRAINING_RECIPES else "none"
+        if cfg["augment"] == "none" or feats:
+            return None
+        return train_transform(self.task.recipe, processor, cfg["seed"])
 
     def _data_identity(self) -> Optional[dict]:
         """What the checkpoints record of the annotation file: path, size, SHA-256, rows and usable pairs."""

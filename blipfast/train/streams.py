@@ -82,11 +82,17 @@ class StreamInput:
         return (f"{self.where}: {len(self.urls)} {what}{pairs}, {self.samples} samples per epoch"
                 f"{' (resampled)' if self.cfg['resampled'] else ''}")
 
-    def set_transforms(self, task, model, tok, processor=None) -> None:
-        """The task's tokenize (one batch of captions at a time) and the image processor (image shards)."""
+    def set_transforms(self, task, model, tok, processor=None, augment=None) -> None:
+        """The task's tokenize (one batch of captions at a time) and the image transform of image shards: the
+        train transform ``augment`` (a :class:`blipfast.data.transforms.TrainTransform`, seeded per reading of a
+        sample) or the image processor."""
+        from ..data.transforms import StreamAugment
+
         self.tokenize = functools.partial(_tokenize, task, model, tok, self.cfg)
         self.text_transform = functools.partial(pre_caption, max_words=task.max_words)
-        if processor is not None:
+        if augment is not None:
+            self.image_transform = StreamAugment(augment)
+        elif processor is not None:
             self.image_transform = functools.partial(_preprocess, processor)
 
     def loader(self, state: Optional[dict] = None):

@@ -461,3 +461,25 @@ def test_loaded_processors_resize_with_pil_as_the_references(tmp_path):
     torch.testing.assert_close(preprocess(proc, img), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="--vision: .* no usable image processor"):
         load_image_processor(tmp_path / "nowhere", where="--vision")
+
+
+def test_train_transform_takes_the_processors_size_mean_and_std():
+    """train_transform(recipe, processor, seed): the training recipe's transform (blip2-stage1 -> LAVIS'
+    blip2_image_train) at the processor's square size (a dict or transformers' SizeDict) and its statistics; a
+    processor that does not resize to a square, an unknown recipe, and a StreamAugment of something else refused."""
+    from transformers import BlipImageProcessor
+
+    from blipfast.data.transforms import StreamAugment, train_transform
+
+    proc = BlipImageProcessor(size={"height": 20, "width": 20}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
+    t = train_transform("blip2-stage1", proc, seed=3)
+    assert (t.recipe, t.size, t.seed, t.mean, t.std) == ("blip2_image_train", 20, 3, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    assert train_transform("blip-pretrain", proc, seed=0).randaugment is not None
+    with pytest.raises(ValueError, match="square"):
+        train_transform("blip-finetune", BlipImageProcessor(size={"height": 20, "width": 24}), seed=0)
+    with pytest.raises(ValueError, match="no train transform"):
+        train_transform("blip2-finetune-ish", proc, seed=0)
+    with pytest.raises(TypeError, match="TrainTransform"):
+        StreamAugment(proc)
+    a, b = StreamAugment.index("k", (0, 1, 2)), StreamAugment.index("k", (0, 1, 3))
+    assert a != b and a == StreamAugment.index("other", (0, 1, 2)) and 0 <= a < 2 ** 63

@@ -73,6 +73,8 @@ def test_end_to_end_images_loss_goes_down(dataset, tmp_path):
 
 
 def test_training_from_cached_features_equals_training_from_images(dataset, tmp_path):
+    """With --augment none (a cache holds the processor's view of each image), training from images and from their
+    cached features is the same training; with the default (reference augmentation on images) it is not."""
     feats = str(tmp_path / "feats")
     assert _run(["cache-features", "--data", dataset["data"], "--images", dataset["root"], "--vision",
                  dataset["vision"], "--out", feats, "--batch-size", "5", "--shard-size", "7", "--num-workers", "0",
@@ -82,8 +84,10 @@ def test_training_from_cached_features_equals_training_from_images(dataset, tmp_
     assert index["dtype"] == "bf16" and len(index["shards"]) > 1
     assert sum(len(s["images"]) for s in index["shards"]) == 24
     a, b = str(tmp_path / "img"), str(tmp_path / "feat")
-    assert _run(tiny_args(a, dataset["data"], dataset["root"], dataset["vision"], steps=8)) == 0
+    assert _run(tiny_args(a, dataset["data"], dataset["root"], dataset["vision"], steps=8,
+                          extra=("--augment", "none"))) == 0
     assert _run(tiny_args(b, dataset["data"], features=feats, steps=8)) == 0
+    assert read_config_file(os.path.join(b, "config.yaml"))["augment"] == "none"  # auto with --features
     ra, rb = read_log(a), read_log(b)
     for x, y in zip(ra, rb):  # same seed, same tokens (bf16 either way): the same training, bit for bit
         assert [x[k] for k in ("loss", "loss_itc", "loss_itm", "loss_lm")] == \
@@ -93,8 +97,12 @@ def test_training_from_cached_features_equals_training_from_images(dataset, tmp_
     # the images path rounds the ViT tokens to bf16 as the cache stores them: fp32 tokens train differently
     c = str(tmp_path / "fp32")
     assert _run(tiny_args(c, dataset["data"], dataset["root"], dataset["vision"], steps=2,
-                          extra=("--feature-dtype", "fp32"))) == 0
+                          extra=("--feature-dtype", "fp32", "--augment", "none"))) == 0
     assert read_log(c)[1]["loss"] != ra[1]["loss"]
+    d = str(tmp_path / "augmented")  # the default on images: the recipe's augmentation
+    assert _run(tiny_args(d, dataset["data"], dataset["root"], dataset["vision"], steps=2)) == 0
+    assert read_config_file(os.path.join(d, "config.yaml"))["augment"] == "reference"
+    assert read_log(d)[0]["loss"] != ra[0]["loss"]
 
 
 def test_resume_is_bit_identical(dataset, tmp_path):

@@ -270,11 +270,12 @@ class Task:
         return read_annotations(cfg["data"], None if features else cfg["images"], check_images=not features,
                                 max_words=self.max_words)
 
-    def dataset(self, ann, images: str, processor, text: dict, report_path: Optional[str]):
-        """The training dataset over image files (:class:`blipfast.data.ImageTextDataset`: one image per pair)."""
+    def dataset(self, ann, images: str, processor, text: dict, report_path: Optional[str], augment=None):
+        """The training dataset over image files (:class:`blipfast.data.ImageTextDataset`: one image per pair;
+        ``augment``: the ``--augment`` train transform, or None for the processor's pixels)."""
         from ...data import ImageTextDataset
 
-        return ImageTextDataset(ann, images, processor, text, report_path=report_path)
+        return ImageTextDataset(ann, images, processor, text, report_path=report_path, augment=augment)
 
     # ------------------------------------------------------------------------------------------
     # set-up

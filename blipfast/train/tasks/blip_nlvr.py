@@ -61,10 +61,10 @@ class BlipNLVRTask(BlipFinetuneTask):
         self.ann = read_nlvr2(cfg["data"], cfg["images"], check_images=not features, max_words=self.max_words)
         return self.ann
 
-    def dataset(self, ann, images, processor, text, report_path):
+    def dataset(self, ann, images, processor, text, report_path, augment=None):
         from ...data.nlvr2 import Nlvr2Dataset
 
-        return Nlvr2Dataset(ann, images, processor, text, report_path=report_path)
+        return Nlvr2Dataset(ann, images, processor, text, report_path=report_path, augment=augment)
 
     def tokenize(self, model, tok, captions: list, cfg: dict) -> dict:
         """The sentences as written and with left / right swapped (``input_ids`` / ``attention_mask`` and

@@ -8,7 +8,8 @@ from ``blip-pretrain`` (whose tokenizer, with [ENC], they share) in:
   recipe at 384 px, ``tiny`` the tiny BLIP's sizes), ``--model`` and what the tokenizer and ``--vision`` fix
   (``--vision`` gives the ViT's sizes and starting weights, its position embeddings interpolated to the task's
   resolution as BLIP's loader does);
-- the images through BLIP's evaluation transform at the model's resolution (the trainer applies no augmentation);
+- the images through BLIP's fine-tuning train transform (``--augment``, the default) or its evaluation transform at
+  the model's resolution;
 - ``--init``: a Salesforce BLIP ``.pth`` (a task checkpoint such as ``model_base_retrieval_coco.pth`` or the
   pre-training ``model_base.pth``), an HF folder (``BlipForImageTextRetrieval``) or a blipfast run, read by the
   model's ``load_lavis_state_dict`` as BLIP's ``load_checkpoint`` reads it (what it interpolated, replaced or left

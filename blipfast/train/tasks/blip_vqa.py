@@ -51,8 +51,8 @@ class BlipFinetuneTask(Task):
         return user.get("vision", {}).get("image_size", self.config_cls.IMAGE_SIZE)
 
     def image_processor(self, cfg: dict, dist):
-        """BLIP's evaluation transform at the task's size (the train-time augmentation is wired by the trainer's
-        recipe); ``--vision`` gives the ViT's starting weights (kept for :meth:`build`)."""
+        """BLIP's evaluation transform at the task's size (its size, mean and std also set the ``--augment`` train
+        transform); ``--vision`` gives the ViT's starting weights (kept for :meth:`build`)."""
         from ...data.vision import default_blip_processor, load_blip_vision
 
         if cfg["vision"] is not None:
@@ -171,10 +171,10 @@ class BlipVQATask(BlipFinetuneTask):
         self.ann = read_vqa(cfg["data"], cfg["images"], check_images=not features, max_words=self.max_words)
         return self.ann
 
-    def dataset(self, ann, images, processor, text, report_path):
+    def dataset(self, ann, images, processor, text, report_path, augment=None):
         from ...data.vqa import VqaDataset
 
-        return VqaDataset(ann, images, processor, text, report_path=report_path)
+        return VqaDataset(ann, images, processor, text, report_path=report_path, augment=augment)
 
     def tokenizer_texts(self, ann) -> list:
         return list(ann.captions) + [a for answers in ann.answers for a in answers]
