@@ -101,15 +101,20 @@ class ImageTextDataset(_Pairs):
 
 
 class FeatureTextDataset(_Pairs):
-    """Pairs whose image tokens come from a :class:`features.FeatureCache` (every image must be in it)."""
+    """Pairs whose image tokens come from a :class:`features.FeatureCache` (every image must be in it). A cache of
+    several views per image gives pair ``p`` in epoch ``e`` the view :func:`features.view_of` picks for a run seeded
+    ``seed`` (the epoch from ``GlobalBatchSampler(with_epoch=True)``)."""
 
-    def __init__(self, ann: Annotations, cache, text: dict):
+    def __init__(self, ann: Annotations, cache, text: dict, seed: int = 0):
         super().__init__(ann, text)
-        self.cache = cache
+        self.cache, self.seed = cache, seed
 
     def __getitem__(self, item) -> dict:
-        _, p = visit(item)
-        return {"image_embeds": self.cache.get(self.ann.images[self.ann.image_index[p]]), **self._text(p)}
+        from .features import view_of
+
+        epoch, p = visit(item)
+        view = view_of(self.cache.views, self.seed, epoch, p)
+        return {"image_embeds": self.cache.get(self.ann.images[self.ann.image_index[p]], view), **self._text(p)}
 
 
 def collate(rows: list) -> dict:

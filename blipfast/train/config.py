@@ -136,7 +136,7 @@ OPTIONS: dict = {
     "augment": (str, "auto", "train-time image augmentation: reference (the task recipe's: a random resized crop and "
                 "a flip, with BLIP's RandomAugment for BLIP; docs/training.md#augmentation), none (the vision model's "
                 "evaluation processor) or auto (reference where images are decoded, none with --features: a "
-                "feature cache holds one view per image)"),
+                "feature cache holds its views, augmented ones with cache-features --views N)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
     "eps": (float, 1e-8, "AdamW epsilon"),
     "grad_clip": (float, 0.0, "clip the gradient norm to this (0: off, as LAVIS)"),
@@ -399,8 +399,9 @@ def validate(cfg: dict) -> None:
             raise ValueError(f"--param-groups reference: {task.spelling or task.name} has no reference rule (its "
                              f"recipe is {task.recipe!r}); use --param-groups lavis") from None
     need(not (cfg["augment"] == "reference" and cfg["features"] is not None),
-         "--augment reference: a feature cache holds one view of each image (computed before training); augment "
-         "the images with --images DIR --vision MODEL_DIR, or train on the cache with --augment none")
+         "--augment reference: a feature cache holds the views computed before training (augmented ones with "
+         "`blipfast cache-features --views N`, which training cycles through); augment the images with --images DIR "
+         "--vision MODEL_DIR, or train on the cache with --augment none")
     need(cfg["augment"] != "reference" or task.recipe in TRAINING_RECIPES,
          f"--augment reference: {task.spelling or task.name} has no reference train transform (its recipe is "
          f"{task.recipe!r}); use --augment none")

@@ -180,7 +180,7 @@ class Trainer:
             n_params = sum(p.numel() for p in self.core.parameters())
             n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
             trained = "" if n_train == n_params else f" ({n_train / 1e6:.2f} M trained)"
-            data = (self.stream or self.ann).summary()
+            data = (self.stream or self.ann).summary() + self.augment_note
             self.log(f"blipfast train: {self.task.title}, {data}; {d.world} process(es) on "
                      f"{d.device}, global batch {self.global_batch}, steps {self.step} -> {self.end} of "
                      f"{self.total_steps} ({self.steps_per_epoch:.1f} per epoch), {n_params / 1e6:.2f} M parameters"
@@ -232,6 +232,7 @@ class Trainer:
             width = tower.width
         self.ann = ann
         augment = self._augment(cfg, feats, processor)
+        self.augment_note = f"; augmented ({augment.recipe})" if augment is not None else ""
         tok, cfg["tokenizer"] = task.tokenizer(cfg, ann, d)
         self.tokenizer = tok
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
@@ -247,10 +248,14 @@ class Trainer:
 
         report = os.path.join(out, "bad_rows.txt") if d.main else None
         if self.stream is None:
-            ds = FeatureTextDataset(ann, cache, text) if feats else \
+            ds = FeatureTextDataset(ann, cache, text, seed=cfg["seed"]) if feats else \
                 task.dataset(ann, cfg["images"], processor, text, report, augment=augment)
+            views = cache.views if cache is not None else 1
+            if views > 1:
+                self.augment_note = (f"; {views} augmented views per image ({cache.index.get('augment')}), "
+                                     f"one per visit")
             self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"],
-                                              with_epoch=augment is not None)
+                                              with_epoch=augment is not None or views > 1)
             self.micro_per_epoch = self.sampler.steps_per_epoch
             self.dataset, self._collate = ds, collate
         self.steps_per_epoch = self.micro_per_epoch / cfg["grad_accum"]
