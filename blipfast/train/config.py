@@ -126,13 +126,13 @@ OPTIONS: dict = {
     "warmup_steps": (int, 5000, "linear warm-up steps (--schedule reference: iterations of epoch 0)"),
     "min_lr": (float, 1e-5, "learning rate at the end of the cosine decay"),
     "weight_decay": (float, 0.05, "AdamW weight decay (on the parameters --param-groups says)"),
-    "schedule": (str, "cosine-per-step", "learning-rate shape: cosine-per-step (linear warm-up, then a cosine "
-                 "evaluated at every step) or reference (the task recipe's reference: BLIP pre-training a warm-up "
-                 "in epoch 0 then lr * 0.9 ** epoch; BLIP fine-tuning and BLIP-2 a warm-up in epoch 0 then a cosine "
-                 "per epoch; docs/training.md)"),
-    "param_groups": (str, "lavis", "weight-decay groups: lavis (no decay on biases and parameters under 2 "
-                     "dimensions) or reference (the task recipe's reference rule: BLIP decays every parameter, "
-                     "BLIP-2 LAVIS' Blip2Base rule)"),
+    "schedule": (str, "reference", "learning-rate shape: reference (the default: the task recipe's reference, "
+                 "BLIP pre-training a warm-up in epoch 0 then lr * 0.9 ** epoch, BLIP fine-tuning and BLIP-2 a "
+                 "warm-up in epoch 0 then a cosine per epoch; docs/training.md) or cosine-per-step (linear warm-up, "
+                 "then a cosine evaluated at every step)"),
+    "param_groups": (str, "reference", "weight-decay groups: reference (the default: the task recipe's reference "
+                     "rule, BLIP decays every parameter, BLIP-2 LAVIS' Blip2Base rule) or lavis (no decay on biases "
+                     "and parameters under 2 dimensions)"),
     "augment": (str, "auto", "train-time image augmentation: reference (the task recipe's: a random resized crop and "
                 "a flip, with BLIP's RandomAugment for BLIP; docs/training.md#augmentation), none (the vision model's "
                 "evaluation processor) or auto (reference where images are decoded, none with --features: a "
@@ -163,6 +163,8 @@ OPTIONS: dict = {
 }
 
 AUGMENTS = ("auto", "reference", "none")  # --augment (resolved by the trainer: auto -> reference or none)
+# what a run folder whose config.yaml lacks these options trained with (the defaults before they existed / changed)
+LEGACY_DEFAULTS = {"augment": "none", "schedule": "cosine-per-step", "param_groups": "lavis"}
 
 # the keys a --resume may change (the others are the run's and must stay as config.yaml has them)
 RESUME_MUTABLE = {"save_every", "keep", "save_lavis", "log_every", "plot_every", "progress", "stop_after",
@@ -350,7 +352,28 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     cfg.update(from_file)
     cfg.update(given)
     cfg["task"], cfg["stage"] = task.name, task.stage
+    # the references' recipes are the defaults; a task whose recipe has none keeps the alternative unless asked
+    for key, fallback, has_reference in (("schedule", "cosine-per-step", _has_reference_schedule),
+                                         ("param_groups", "lavis", _has_reference_rule)):
+        if key not in chosen and cfg[key] == "reference" and not has_reference(task.recipe):
+            cfg[key] = fallback
     return cfg, {**from_file, **given}
+
+
+def _has_reference_schedule(recipe: str) -> bool:
+    try:
+        shape_for("reference", recipe)
+    except ValueError:
+        return False
+    return True
+
+
+def _has_reference_rule(recipe: str) -> bool:
+    try:
+        reference_rule(recipe)
+    except ValueError:
+        return False
+    return True
 
 
 def validate(cfg: dict) -> None:
@@ -386,18 +409,12 @@ def validate(cfg: dict) -> None:
     need(kind in STREAMS or (cfg["samples_per_epoch"] is None and not cfg["resampled"]),
          "--samples-per-epoch and --resampled are options of streamed data (WebDataset shards, feature shards)")
     task = task_class(task_of(cfg))
-    if cfg["schedule"] == "reference":
-        try:
-            shape_for("reference", task.recipe)
-        except ValueError:
-            raise ValueError(f"--schedule reference: {task.spelling or task.name} has no reference schedule (its "
-                             f"recipe is {task.recipe!r}); use --schedule cosine-per-step") from None
-    if cfg["param_groups"] == "reference":
-        try:
-            reference_rule(task.recipe)
-        except ValueError:
-            raise ValueError(f"--param-groups reference: {task.spelling or task.name} has no reference rule (its "
-                             f"recipe is {task.recipe!r}); use --param-groups lavis") from None
+    need(cfg["schedule"] != "reference" or _has_reference_schedule(task.recipe),
+         f"--schedule reference: {task.spelling or task.name} has no reference schedule (its recipe is "
+         f"{task.recipe!r}); use --schedule cosine-per-step")
+    need(cfg["param_groups"] != "reference" or _has_reference_rule(task.recipe),
+         f"--param-groups reference: {task.spelling or task.name} has no reference rule (its recipe is "
+         f"{task.recipe!r}); use --param-groups lavis")
     need(not (cfg["augment"] == "reference" and cfg["features"] is not None),
          "--augment reference: a feature cache holds the views computed before training (augmented ones with "
          "`blipfast cache-features --views N`, which training cycles through); augment the images with --images DIR "
@@ -443,6 +460,6 @@ def read_run_config(run_dir: str) -> dict:
     cfg = {k: v[1] for k, v in OPTIONS.items()}
     saved = read_config_file(path)
     cfg.update(saved)
-    if "augment" not in saved:  # a run from before --augment trained on the processor's pixels
-        cfg["augment"] = "none"
+    # a run written before these options existed (or had today's defaults) trained the old way
+    cfg.update({k: v for k, v in LEGACY_DEFAULTS.items() if k not in saved})
     return cfg

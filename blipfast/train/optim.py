@@ -1,15 +1,16 @@
 """The trainer's optimizer and learning-rate schedule (docs/training.md#recipes-in-the-trainer).
 
-AdamW over the parameter groups of ``--param-groups``: ``lavis`` (the default) decays the weight matrices only
-(none on biases and parameters with fewer than 2 dimensions: LayerNorms, ``temp``; ``query_tokens`` [1, Q, d]
-decays, as in LAVIS); ``reference`` takes the task recipe's own rule from :mod:`blipfast.train.param_groups`
-(Salesforce BLIP: every parameter decays; LAVIS' BLIP-2: ``Blip2Base.get_optimizer_params``).
+AdamW over the parameter groups of ``--param-groups``: ``reference`` (the trainer's default) takes the task
+recipe's own rule from :mod:`blipfast.train.param_groups` (Salesforce BLIP: every parameter decays; LAVIS' BLIP-2:
+``Blip2Base.get_optimizer_params``); ``lavis`` (this module's default for a ``cfg`` without the key, and the
+trainer's before the references' rules became its default) decays the weight matrices only (none on biases and
+parameters with fewer than 2 dimensions: LayerNorms, ``temp``; ``query_tokens`` [1, Q, d] decays, as in LAVIS).
 
-The learning rate of ``--schedule``: ``cosine-per-step`` (the default, :class:`WarmupCosine`) rises linearly from
+The learning rate of ``--schedule``: ``cosine-per-step`` (:class:`WarmupCosine`) rises linearly from
 ``warmup_lr`` to ``lr`` over ``warmup_steps`` steps (LAVIS' ``warmup_lr_schedule``), then follows a cosine to
-``min_lr`` at the last step, evaluated at every step; ``reference`` (:class:`RecipeSchedule`) is the task recipe's
-reference shape of :mod:`blipfast.train.schedules`, evaluated from the epoch and the iteration within it as the
-references do.
+``min_lr`` at the last step, evaluated at every step; ``reference`` (:class:`RecipeSchedule`, the trainer's
+default) is the task recipe's reference shape of :mod:`blipfast.train.schedules`, evaluated from the epoch and the
+iteration within it as the references do.
 
 Both write the learning rate into every parameter group before each step: a float, or for a capturable
 optimizer (CUDA graphs) its device tensor filled in place (an asynchronous fill, no host sync); both resume

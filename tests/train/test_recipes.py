@@ -116,16 +116,18 @@ def _trainer(args):
 
 
 def test_reference_groups_are_the_recipes_rule(dataset, tmp_path):
-    """BLIP-2 stage 1: LAVIS' Blip2Base rule (``temp`` decays); BLIP pre-training: one group, all decaying; the
-    default stays today's rule."""
-    t = _trainer(tiny_args(str(tmp_path / "s1"), dataset["data"], dataset["root"], dataset["vision"], extra=RECIPE))
-    try:
-        got, want = _groups(t, G.lavis_blip2_groups)
-        assert got == want and [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
-        assert "temp" in got[0]
-    finally:
-        t.close()
-    t = _trainer(tiny_args(str(tmp_path / "s1-default"), dataset["data"], dataset["root"], dataset["vision"]))
+    """BLIP-2 stage 1: LAVIS' Blip2Base rule (``temp`` decays), the default; BLIP pre-training: one group, all
+    decaying; --param-groups lavis: the rule of ``param_groups``."""
+    for name, extra in (("s1", RECIPE), ("s1-default", ())):
+        t = _trainer(tiny_args(str(tmp_path / name), dataset["data"], dataset["root"], dataset["vision"], extra=extra))
+        try:
+            got, want = _groups(t, G.lavis_blip2_groups)
+            assert got == want and [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
+            assert "temp" in got[0] and t.schedule.shape == "linear_warmup_cosine_lr"
+        finally:
+            t.close()
+    t = _trainer(tiny_args(str(tmp_path / "s1-lavis"), dataset["data"], dataset["root"], dataset["vision"],
+                           extra=("--param-groups", "lavis", "--schedule", "cosine-per-step")))
     try:
         named = list(t.core.named_parameters())
         assert G.group_names(t.optimizer.param_groups, named) == \
@@ -205,11 +207,16 @@ def test_invalid_values_are_refused(dataset, tmp_path, capsys, flag, value):
 def test_a_task_without_a_reference_is_refused(dataset, tmp_path, capsys, monkeypatch):
     from blipfast.train.tasks import task_class
 
+    """Asked for explicitly, a reference the task's recipe lacks is refused; by default such a task trains with the
+    alternatives (cosine-per-step, lavis)."""
     monkeypatch.setattr(task_class("blip2-stage1"), "recipe", "")
     out = str(tmp_path / "run")
     for flag, msg in (("--schedule", "has no reference schedule"), ("--param-groups", "has no reference rule")):
         assert main(tiny_args(out, dataset["data"], dataset["root"], dataset["vision"], extra=(flag, "reference"))) == 2
         assert msg in capsys.readouterr().err and not os.path.exists(out)
+    assert main(tiny_args(out, dataset["data"], dataset["root"], dataset["vision"], steps=1)) == 0
+    cfg = read_config_file(os.path.join(out, "config.yaml"))
+    assert (cfg["schedule"], cfg["param_groups"]) == ("cosine-per-step", "lavis")
 
 
 def test_make_optimizer_refuses_an_unknown_rule_and_recipe():

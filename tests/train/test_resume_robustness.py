@@ -66,7 +66,7 @@ def test_a_diverged_loss_stops_with_its_exit_code_and_a_resumable_folder(dataset
     next step fails on the NaN temperature), exit 65, no NaN row in the log, no checkpoint of the NaN weights; the
     folder starts again with other options."""
     out = tmp_path / "run"
-    extra = ("--lr", "1e12", "--warmup-steps", "0", "--log-every", str(log_every))
+    extra = ("--lr", "1e12", "--warmup-steps", "0", "--schedule", "cosine-per-step", "--log-every", str(log_every))
     assert main(_args(out, dataset, steps=6, extra=extra)) == EXIT_NOT_FINITE
     err = _err(capsys)
     assert "loss is not finite at step 2 (loss nan" in err and "must be finite and > 0" not in err

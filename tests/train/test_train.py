@@ -40,7 +40,7 @@ def _run(args) -> int:
 def test_end_to_end_images_loss_goes_down(dataset, tmp_path):
     out = str(tmp_path / "run")
     rc = _run(tiny_args(out, dataset["data"], dataset["root"], dataset["vision"], steps=30,
-                        extra=("--save-every", "10", "--keep", "2", "--save-lavis")))
+                        extra=("--save-every", "10", "--keep", "2", "--save-lavis", "--schedule", "cosine-per-step")))
     assert rc == 0
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -51,7 +51,8 @@ def test_end_to_end_images_loss_goes_down(dataset, tmp_path):
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.5, (first, last)
-    # the schedule: warm-up from 1e-6 to 2e-3 over 3 steps, cosine to 1e-4 at step 30
+    # the schedule (cosine-per-step; the reference shapes: tests/train/test_recipes.py): warm-up from 1e-6 to 2e-3
+    # over 3 steps, cosine to 1e-4 at step 30
     assert rows[0]["lr"] == pytest.approx(1e-6) and rows[3]["lr"] == pytest.approx(2e-3)
     assert rows[-1]["lr"] == pytest.approx(1e-4)
     # files: config written back resolved, plot, tokenizer, the last two checkpoints
