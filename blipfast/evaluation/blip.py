@@ -35,7 +35,6 @@ a BLIP (v1) model of another task is refused naming it. Models load through
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 __all__ = ["BLIP_TASKS", "check_blip_flags", "model_kind", "predict"]
@@ -175,19 +174,3 @@ def predict(args, kind: str, state_dict, jobs: list, kw: dict) -> tuple:
     with torch.no_grad():
         texts = (_answers if kind == "vqa" else _captions)(args, model, tok, jobs, kw)
     return texts, device, dtype
-
-
-def check_video(path: Path, where: str) -> None:
-    """A video input: a folder of frames or a video file (PyAV needed for the latter); ValueError naming the row."""
-    from ..data.video import VIDEO_EXTENSIONS, _av
-
-    if path.is_dir():
-        return
-    if not (path.is_file() and path.name.lower().endswith(VIDEO_EXTENSIONS)):
-        state = "is missing" if not path.exists() else "is neither a folder of frames nor a video file"
-        raise ValueError(f"--images: {path} {state} (the video of {where}; --video reads folders of frames or "
-                         f"{', '.join(VIDEO_EXTENSIONS)} files)")
-    try:
-        _av()  # PyAV missing: its install advice now, not after the model loaded
-    except ValueError as e:
-        raise ValueError(f"{e} (the video {path} of {where})") from None
