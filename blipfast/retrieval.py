@@ -12,7 +12,8 @@ behind ``blipfast retrieval``.
   eval transform, LAVIS' ``blip_image_eval``) and :func:`load_features` (image tokens before ``ln_vision`` from a
   ``blipfast cache-features`` cache).
 - :func:`load_videos` and :func:`video_score_matrices`: BLIP's zero-shot text-video retrieval (the BLIP paper's
-  section 5.6, Salesforce BLIP ``eval_retrieval_video.py``) with a :class:`~blipfast.models.blip_retrieval.BlipRetrieval`:
+  section 5.6, Salesforce BLIP ``eval_retrieval_video.py``) with a
+  :class:`~blipfast.models.blip_retrieval.BlipRetrieval`:
   ``num_frames`` frames per video (8), each through the ViT; a video's ITC feature is the mean over its frames of
   the projected [CLS] tokens, normalised; its ITM input is its frames' tokens concatenated [F * N, width]; then the
   image rule: the ITC top ``k`` of each direction re-scored as ITM positive logit plus cosine, the rest -100.

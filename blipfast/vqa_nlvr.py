@@ -171,7 +171,7 @@ def load_task_model(path: str, kind: str, *, tokenizer: Optional[str] = None, st
         model = cls(sizes)
     else:
         text = {k: v for k, v in sizes.to_dict()["text"].items() if k != "encoder_hidden_size"}
-        model = cls({"text": text, "vision": sizes.to_dict()["vision"], "enc_token_id": tok.convert_tokens_to_ids("[ENC]"),
-                     "bos_token_id": tok.bos_token_id})
+        model = cls({"text": text, "vision": sizes.to_dict()["vision"], "bos_token_id": tok.bos_token_id,
+                     "enc_token_id": tok.convert_tokens_to_ids("[ENC]")})
     model.load_lavis_state_dict(sd)
     return model, tok

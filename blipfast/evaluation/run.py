@@ -43,8 +43,8 @@ def add_model_arguments(p, source, task: str) -> None:
 
     source.add_argument("--model", help="end to end: a BLIP-2 / InstructBLIP HF folder (save_pretrained, with its "
                         "tokenizer and image processor), or a BLIP (v1) model: a blipfast train run or checkpoint of "
-                        f"blip-{task} or a Salesforce BLIP .pth (with --tokenizer); it makes the predictions of --data's "
-                        "inputs")
+                        f"blip-{task} or a Salesforce BLIP .pth (with --tokenizer); it makes the predictions of "
+                        "--data's inputs")
     p.add_argument("--images", help="end to end: the folder the reference rows' image paths are under (with "
                    "--questions: the folder of the images, found by the image id in their file names)")
     p.add_argument("--save-predictions", help="end to end: where the predictions go (default: predictions.json "
@@ -59,8 +59,8 @@ def add_model_arguments(p, source, task: str) -> None:
                        "answer_list.json)")
         p.add_argument("--k", type=int, help="BLIP (v1) VQA, rank inference: candidates scored by their full "
                        "likelihood (default 128, BLIP's k_test)")
-        p.add_argument("--video", action="store_true", help="BLIP (v1) VQA: the rows' \"video\" (or \"image\") paths are "
-                       "videos (folders of frames or video files): --num-frames frames each, their ViT tokens "
+        p.add_argument("--video", action="store_true", help="BLIP (v1) VQA: the rows' \"video\" (or \"image\") paths "
+                       "are videos (folders of frames or video files): --num-frames frames each, their ViT tokens "
                        "concatenated (the BLIP paper's zero-shot video QA)")
         p.add_argument("--num-frames", type=int, help="frames sampled uniformly per video with --video (default 16)")
 

@@ -20,8 +20,9 @@ from blipfast.data.video import read_frames
 from blipfast.data.vision import default_blip_processor, preprocess
 from blipfast.models.blip_retrieval import BlipRetrieval, BlipRetrievalConfig
 from blipfast.retrieval import read_annotations, tokenize
+from blipfast.testing.blip import config as blip_config
 from blipfast.testing.retrieval import write_tokenizer
-from tests.helpers.blip_finetune import VISION, jitter_
+from tests.helpers.blip_finetune import jitter_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,12 +45,9 @@ def videos(tmp_path_factory):
     (root / "msrvtt_test.json").write_text(json.dumps(ann))
     write_tokenizer(root / "tok")
     tok = add_enc_token(load_tokenizer(str(root / "tok")))
-    text = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
-                intermediate_size=48, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id)
-    cfg = BlipRetrievalConfig(text=text, vision={**VISION, "hidden_size": 64, "num_attention_heads": 1},
-                              embed_dim=8, queue_size=12, enc_token_id=tok.convert_tokens_to_ids("[ENC]"), k_test=3)
+    hc = blip_config(tok)  # 64-wide heads: the sizes a .pth's weights tell
+    cfg = BlipRetrievalConfig(text=hc.text_config, vision=hc.vision_config, embed_dim=8, queue_size=12,
+                              enc_token_id=tok.convert_tokens_to_ids("[ENC]"), k_test=3)
     torch.manual_seed(5)
     model = jitter_(BlipRetrieval(cfg), 0.2).eval()
     pth = root / "model_retrieval.pth"

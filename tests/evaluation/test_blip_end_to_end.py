@@ -186,8 +186,9 @@ def test_vqa_video_uses_num_frames(setup, tmp_path, monkeypatch):
     rows = _predictions(out)
     assert [r.get("video") or r.get("image") for r in rows] == ["videos/v0", "videos/v1", "videos/v1"]
     same = tmp_path / "as_images.json"  # read_vqa reads "image" paths: the same rows for the direct call
-    same.write_text(json.dumps([{**{k: v for k, v in r.items() if k != "video"}, "image": r.get("video", r.get("image"))}
-                                for r in json.loads(data.read_text())]))
+    rows_as_images = [{**{k: v for k, v in r.items() if k != "video"}, "image": r.get("video", r.get("image"))}
+                      for r in json.loads(data.read_text())]
+    same.write_text(json.dumps(rows_as_images))
     ann = read_vqa(str(same), None, check_images=False)
     ann.images = [str(tmp_path / p) for p in ann.images]
     seen.clear()
