@@ -11,6 +11,12 @@ behind ``blipfast retrieval``.
 - :func:`load_images` (the images through an image processor of :mod:`blipfast.data.vision`: by default BLIP's
   eval transform, LAVIS' ``blip_image_eval``) and :func:`load_features` (image tokens before ``ln_vision`` from a
   ``blipfast cache-features`` cache).
+- :func:`load_videos` and :func:`video_score_matrices`: BLIP's zero-shot text-video retrieval (the BLIP paper's
+  section 5.6, Salesforce BLIP ``eval_retrieval_video.py``) with a
+  :class:`~blipfast.models.blip_retrieval.BlipRetrieval`:
+  ``num_frames`` frames per video (8), each through the ViT; a video's ITC feature is the mean over its frames of
+  the projected [CLS] tokens, normalised; its ITM input is its frames' tokens concatenated [F * N, width]; then the
+  image rule: the ITC top ``k`` of each direction re-scored as ITM positive logit plus cosine, the rest -100.
 - :func:`evaluate`: score matrices (``Blip2Retrieval.score_matrices``) and metrics, with the seconds each stage took.
 """
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data.annotations import Gallery, pre_caption
@@ -29,7 +36,7 @@ from .data.annotations import read_gallery as read_annotations
 from .models.blip2_retrieval import Blip2Retrieval
 
 __all__ = ["Blip2Retrieval", "recall_at_k", "read_annotations", "pre_caption", "load_images", "load_features",
-           "tokenize", "evaluate", "format_metrics", "Gallery"]
+           "load_videos", "video_score_matrices", "check_video", "tokenize", "evaluate", "format_metrics", "Gallery"]
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean",
                "agg_metrics")
@@ -180,21 +187,111 @@ def load_features(folder, paths: Sequence[str]) -> torch.Tensor:
     return torch.stack([cache.get(k) for k in keys])
 
 
+def check_video(path: Path, where: str) -> None:
+    """A video input: a folder of frames or a video file (PyAV needed for the latter); ValueError naming the row."""
+    from .data.video import VIDEO_EXTENSIONS, _av
+
+    if path.is_dir():
+        return
+    if not (path.is_file() and path.name.lower().endswith(VIDEO_EXTENSIONS)):
+        state = "is missing" if not path.exists() else "is neither a folder of frames nor a video file"
+        raise ValueError(f"--images: {path} {state} (the video of {where}; --video reads folders of frames or "
+                         f"{', '.join(VIDEO_EXTENSIONS)} files)")
+    try:
+        _av()  # PyAV missing: its install advice now, not after the model loaded
+    except ValueError as e:
+        raise ValueError(f"{e} (the video {path} of {where})") from None
+
+
+class _VideoFiles(_ImageFiles):
+    def __init__(self, paths, processor, num_frames):
+        super().__init__(paths, processor)
+        self.num_frames = num_frames
+
+    def __getitem__(self, i):
+        from .data.video import read_frames
+        from .data.vision import preprocess
+
+        return torch.stack([preprocess(self.processor, f) for f in read_frames(str(self.paths[i]), self.num_frames)])
+
+
+@torch.no_grad()
+def load_videos(model, folder, paths: Sequence[str], *, num_frames: int = 8, batch_size: int = 8, workers: int = 4,
+                progress: bool = False, processor=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ViT tokens [V, F * N, width] on the CPU, as BLIP keeps them, and the normalised ITC features [V, E]) of the
+    videos ``folder / path`` (frame folders or video files: :func:`blipfast.data.video.read_frames`), ``num_frames``
+    frames each through ``processor`` (default BLIP's eval transform at the ViT's size) and a BLIP (v1)
+    ``model``'s ViT, ``batch_size`` videos at a time (see the module docstring)."""
+    from .models.blip_finetune import video_tokens
+
+    folder = Path(folder)
+    files = [folder / p for p in paths]
+    for i, f in enumerate(files):
+        check_video(f, f"gallery item {i}")
+    if processor is None:
+        from .data.vision import default_blip_processor
+
+        processor = default_blip_processor(model.config.vision.image_size)
+    loader = torch.utils.data.DataLoader(_VideoFiles(files, processor, num_frames), batch_size=batch_size,
+                                         num_workers=workers)
+    tokens, feats = [], []
+    was = model.training
+    model.eval()
+    try:
+        for x in tqdm(loader, desc="videos", unit="batch", disable=not progress):
+            t = video_tokens(model.vision_model, x.to(model.device))  # [B, F * N, width]
+            cls = t.view(t.shape[0], num_frames, -1, t.shape[-1])[:, :, 0]  # each frame's [CLS]
+            proj = F.linear(cls.to(model.score_dtype), model.vision_proj.weight.to(model.score_dtype),
+                            model.vision_proj.bias.to(model.score_dtype))
+            feats.append(F.normalize(proj.mean(1), dim=-1))
+            tokens.append(t.cpu())
+    finally:
+        model.train(was)
+    return torch.cat(tokens), torch.cat(feats)
+
+
+@torch.no_grad()
+def video_score_matrices(model, video_embeds: torch.Tensor, video_feats: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, *, k: int, batch_size: int = 1024, image_batch_size: int = 64,
+                         text_batch_size: int = 1024, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score_v2t [V, N_txt], score_t2v [N_txt, V]) of BLIP's zero-shot video retrieval: the cosine of the
+    videos' ITC features (:func:`load_videos`) and the captions', every direction's top ``k`` re-scored by
+    :meth:`BlipRetrieval.itm_scores` on the concatenated frame tokens plus the cosine (the rest -100)."""
+    from .models.blip_retrieval import rerank_topk
+
+    txt = torch.cat([model.text_features(input_ids[i:i + text_batch_size], attention_mask[i:i + text_batch_size])
+                     for i in range(0, input_ids.shape[0], text_batch_size)])
+
+    def itm(video_index, text_index):
+        return model.itm_scores(video_embeds, input_ids, attention_mask, video_index, text_index,
+                                batch_size=batch_size, image_batch_size=image_batch_size, progress=progress)
+
+    return rerank_topk(video_feats.to(txt.device, txt.dtype) @ txt.t(), k, itm)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
 def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None, features=None, k: int = 128,
              batch_size: int = 1024, image_batch_size: int = 64, max_txt_len: int = 35, workers: int = 4,
-             progress: bool = False, processor=None) -> dict:
+             progress: bool = False, processor=None, video: bool = False, num_frames: int = 8) -> dict:
     """Score matrices and metrics of a gallery: ``images`` (a folder, with the model's vision model, through
-    ``processor``: see :func:`load_images`) or ``features`` (a feature cache folder). Returns ``{"score_i2t",
+    ``processor``: see :func:`load_images`) or ``features`` (a feature cache folder); ``video``: the gallery's
+    items are videos under ``images`` (a BLIP (v1) model; :func:`load_videos`, :func:`video_score_matrices`,
+    ``num_frames`` frames each). Returns ``{"score_i2t",
     "score_t2i", "metrics", "seconds", "nonfinite_images"}`` (the gallery's images whose features hold NaN or
     Inf: their scores, and so the metrics, are NaN)."""
     if (images is None) == (features is None):
         raise ValueError("evaluate: give images (a folder) or features (a feature cache), exactly one")
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    if images is not None:
+    if video:
+        if images is None:
+            raise ValueError("evaluate: video=True reads the videos under images (a folder), not features")
+        embeds, video_feats = load_videos(model, images, gallery.images, num_frames=num_frames,
+                                          batch_size=max(1, image_batch_size // num_frames), workers=workers,
+                                          progress=progress, processor=processor)
+    elif images is not None:
         embeds = load_images(model, images, gallery.images, batch_size=image_batch_size, workers=workers,
                              progress=progress, processor=processor)
     else:
@@ -203,8 +300,13 @@ def evaluate(model: Blip2Retrieval, gallery: Gallery, tokenizer, *, images=None,
     ids, mask = tokenize(tokenizer, gallery.texts, max_txt_len)
     sync()
     t1 = time.perf_counter()
-    s_i2t, s_t2i = model.score_matrices(image_embeds=embeds, input_ids=ids, attention_mask=mask, k=k,
-                                        batch_size=batch_size, image_batch_size=image_batch_size, progress=progress)
+    if video:
+        s_i2t, s_t2i = video_score_matrices(model, embeds, video_feats, ids, mask, k=k, batch_size=batch_size,
+                                            image_batch_size=image_batch_size, progress=progress)
+    else:
+        s_i2t, s_t2i = model.score_matrices(image_embeds=embeds, input_ids=ids, attention_mask=mask, k=k,
+                                            batch_size=batch_size, image_batch_size=image_batch_size,
+                                            progress=progress)
     s_i2t, s_t2i = s_i2t.cpu(), s_t2i.cpu()
     t2 = time.perf_counter()
     metrics = recall_at_k(s_i2t, s_t2i, gallery.img2txt, gallery.txt2img)

@@ -22,6 +22,13 @@ checkpoints as JSON (``config.to_dict()``; default: the run's, else BLIP-2's).
 JSON over them; ``--tokenizer`` the BERT tokenizer, to which BLIP's [DEC] and [ENC] are added), or a ``blipfast
 train`` run of ``blip-retrieval`` or ``blip-pretrain``. The tokenizer comes from ``--tokenizer``, the run or the
 model's folder.
+
+``--video`` (BLIP (v1) models): the annotation's ``image`` paths are videos under ``--images`` (folders of frames or
+video files), ``--num-frames`` (8) sampled uniformly from each, scored as Salesforce BLIP's zero-shot text-video
+retrieval (``eval_retrieval_video.py``; :func:`blipfast.retrieval.video_score_matrices`).
+
+    blipfast retrieval --data msrvtt_test.json --images videos/ --video --model model_base_retrieval_coco.pth \
+        --tokenizer bert-base-uncased/
 """
 from __future__ import annotations
 
@@ -58,6 +65,11 @@ def add_arguments(p) -> None:
                    "(default 64)")
     p.add_argument("--max-txt-len", type=int, default=35, help="caption tokens kept (default 35, as LAVIS)")
     p.add_argument("--workers", type=int, default=4, help="image-reading processes (default 4)")
+    p.add_argument("--video", action="store_true", help="BLIP (v1) models: the annotation's image paths are videos "
+                   "under --images (folders of frames or video files): --num-frames frames each, ITC on the mean of "
+                   "their projected [CLS] tokens, ITM on their tokens concatenated (BLIP's zero-shot video retrieval)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video with --video "
+                   "(default 8, as the BLIP paper)")
     add_device_argument(p)
     add_dtype_argument(p, "model dtype")
     p.add_argument("--out", default="retrieval_out", help="folder for scores.safetensors and metrics.json (default: "
@@ -176,6 +188,10 @@ def _check_args(args) -> None:
     for name in ("k", "batch_size", "image_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # --k None: the model's default
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_frames < 1:
+        raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if args.video and args.features is not None:
+        raise ValueError("--video reads the videos under --images; --features holds image features")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.max_txt_len < 2:
@@ -207,6 +223,10 @@ def run(args) -> int:
             model = load_blip_model(args.model, tokenizer, _json(args.config), sd).to(device=device, dtype=dtype)
             k = model.config.k_test if args.k is None else args.k
             args.max_txt_len = min(args.max_txt_len, model.config.text.max_position_embeddings)
+        elif args.video:
+            raise ValueError(f"--video needs a BLIP (v1) retrieval model (a blip-retrieval run, a Salesforce BLIP "
+                             f".pth or an HF BlipForImageTextRetrieval folder); {args.model} is a BLIP-2 model, whose "
+                             f"zero-shot video retrieval blipfast does not do")
         else:
             model = load_model(args.model, _json(args.config), _json(args.vision_config), sd).to(device=device,
                                                                                                     dtype=dtype)
@@ -216,11 +236,13 @@ def run(args) -> int:
                                  f"({limit})")
             tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(args))
             k = 128 if args.k is None else args.k
-        print(f"blipfast retrieval: {len(gallery.images)} images, {len(gallery.texts)} captions, k = {k}, "
+        items = f"videos ({args.num_frames} frames each)" if args.video else "images"
+        print(f"blipfast retrieval: {len(gallery.images)} {items}, {len(gallery.texts)} captions, k = {k}, "
               f"{device.type} {str(dtype).replace('torch.', '')}", flush=True)
         res = evaluate(model, gallery, tokenizer, images=args.images, features=args.features, k=k,
                        batch_size=args.batch_size, image_batch_size=args.image_batch_size,
-                       max_txt_len=args.max_txt_len, workers=args.workers, progress=not args.no_progress)
+                       max_txt_len=args.max_txt_len, workers=args.workers, progress=not args.no_progress,
+                       video=args.video, num_frames=args.num_frames)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         print(f"blipfast retrieval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -241,7 +263,8 @@ def run(args) -> int:
     share(str(out / "scores.safetensors"))  # safetensors writes 0600
     info = {"metrics": res["metrics"], "k": k, "images": len(gallery.images), "captions": len(gallery.texts),
             "seconds": res["seconds"], "model": str(args.model), "data": str(args.data), "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""), "warnings": gallery.problems, "nonfinite_images": bad}
+            "dtype": str(dtype).replace("torch.", ""), "warnings": gallery.problems, "nonfinite_images": bad,
+            **({"video": True, "num_frames": args.num_frames} if args.video else {})}
     (out / "metrics.json").write_text(json.dumps(_finite_or_none(info), indent=1, allow_nan=False))
     s = res["seconds"]
     print(f"wrote {out / 'scores.safetensors'} and {out / 'metrics.json'} (scores {s['scores']:.1f} s, total "

@@ -3,7 +3,8 @@ with a :class:`blipfast.BlipVQA` (rank inference over an answer list, or generat
 :class:`blipfast.BlipNLVR`, and score them with :mod:`blipfast.evaluation` (the official VQA accuracy, NLVR2's
 accuracy and consistency). The ``blip-vqa`` / ``blip-nlvr`` tasks score a split through it (``score_split``), and
 ``answer_questions(video=True)`` answers video questions (the BLIP paper's zero-shot video QA: 16 frames per video,
-their ViT tokens concatenated; no command flag yet).
+their ViT tokens concatenated; ``blipfast eval vqa --video``). :func:`load_task_model` reads the VQA, NLVR2 and
+captioning models that ``blipfast eval`` and the tasks score.
 
 Questions are answered in batches; the ViT runs once per distinct image (or video) of a batch and its
 cross-attention K/V are shared by the batch's questions about it; the answer list is tokenised once (BLIP:
@@ -43,10 +44,12 @@ def _embeds(model, paths: list, processor, *, video: bool, num_frames: int, devi
 @torch.no_grad()
 def answer_questions(model, tok, ann, images_dir: Optional[str], processor, *, answer_list: Optional[list] = None,
                      inference: str = "rank", k: int = 128, batch_size: int = 32, max_txt_len: int = 35,
-                     video: bool = False, num_frames: int = 16, progress: bool = False) -> list:
+                     video: bool = False, num_frames: int = 16, progress: bool = False,
+                     generate_kwargs: Optional[dict] = None) -> list:
     """The answer (a string) to every question of ``ann`` (a :class:`blipfast.data.vqa.VqaAnnotations`; its image
     paths relative to ``images_dir``, or videos with ``video``), in order. ``inference``: "rank" (BLIP's
-    ``rank_answer`` over ``answer_list`` with ``k`` candidates) or "generate" (beam 3, at most 10 tokens)."""
+    ``rank_answer`` over ``answer_list`` with ``k`` candidates) or "generate" (beam 3, at most 10 tokens;
+    ``generate_kwargs`` go to :meth:`blipfast.BlipVQA.generate_answers`)."""
     if inference not in ("rank", "generate"):
         raise ValueError(f"inference must be 'rank' or 'generate', got {inference!r}")
     if inference == "rank" and not answer_list:
@@ -78,7 +81,8 @@ def answer_questions(model, tok, ann, images_dir: Optional[str], processor, *, a
                 best = model.rank_answers(states, mask, cand_ids, cand_mask, k)[0].tolist()
                 out += [answer_list[i] for i in best]
             else:
-                out += [a.strip() for a in tok.batch_decode(model.generate_answers(states), skip_special_tokens=True)]
+                gen = model.generate_answers(states, **(generate_kwargs or {}))
+                out += [a.strip() for a in tok.batch_decode(gen, skip_special_tokens=True)]
     finally:
         model.train(was)
     return out
@@ -131,16 +135,20 @@ def score_nlvr2(predictions: list, ann) -> dict:
     return nlvr2_accuracy(dict(zip(ids, predictions)), dict(zip(ids, ann.labels)))
 
 
-def load_task_model(path: str, kind: str, *, tokenizer: Optional[str] = None):
-    """(model, tokenizer) of a BLIP VQA (``kind`` "vqa") or NLVR2 ("nlvr") checkpoint: a ``blipfast train`` run or
-    checkpoint folder of that task (its config and tokenizer), or a Salesforce BLIP ``.pth`` (the ViT's size and
-    width read from its weights, BERT-base text; ``tokenizer``: a BERT tokenizer folder, [DEC] and [ENC] added)."""
+def load_task_model(path: str, kind: str, *, tokenizer: Optional[str] = None, state_dict: Optional[dict] = None):
+    """(model, tokenizer) of a BLIP VQA (``kind`` "vqa"), NLVR2 ("nlvr") or captioning ("caption") checkpoint: a
+    ``blipfast train`` run or checkpoint folder of that task (its config and tokenizer), or a Salesforce BLIP
+    ``.pth`` (the sizes read from its weights, 64-wide heads as BLIP's ViT and BERT; ``tokenizer``: a BERT
+    tokenizer folder, [DEC] and [ENC] added; ``state_dict``: its weights when already read)."""
     from . import convert
     from .data.tokenizer import add_enc_token, load_tokenizer
+    from .models.blip_caption import BlipCaptionConfig, BlipCaptioner
     from .models.blip_nlvr import BlipNLVR
     from .models.blip_vqa import BlipVQA
 
-    cls = {"vqa": BlipVQA, "nlvr": BlipNLVR}[kind]
+    if kind not in ("vqa", "nlvr", "caption"):
+        raise ValueError(f"load_task_model: kind must be 'vqa', 'nlvr' or 'caption', got {kind!r}")
+    cls = {"vqa": BlipVQA, "nlvr": BlipNLVR, "caption": BlipCaptioner}[kind]
     src = convert.resolve_source(path, what="--model")
     run = src.run_config or {}
     tok_dir = tokenizer or run.get("tokenizer") or (path if os.path.isdir(path) else None)
@@ -153,16 +161,17 @@ def load_task_model(path: str, kind: str, *, tokenizer: Optional[str] = None):
         model = cls({k: v for k, v in run["model"].items() if k != "name"})
         convert.load_into(model, src, what="--model")
         return model, tok
-    sd = convert.load_state_dict(src.weights)
+    sd = state_dict if state_dict is not None else convert.load_state_dict(src.weights)
     hf, _ = convert.to_hf(sd)
-    pos = hf.state_dict["vision_model.embeddings.position_embedding"]
-    width = pos.shape[-1]
-    side = int(round((pos.shape[1] - 1) ** 0.5)) * 16
-    depth = 1 + max(int(k.split(".")[3]) for k in hf.state_dict if k.startswith("vision_model.encoder.layers."))
-    vision = {"hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": width // 64,
-              "intermediate_size": 4 * width, "image_size": side}
-    text = {"vocab_size": hf.state_dict["text_encoder.embeddings.word_embeddings.weight"].shape[0]}
-    model = cls({"text": text, "vision": vision, "enc_token_id": tok.convert_tokens_to_ids("[ENC]"),
-                 "bos_token_id": tok.bos_token_id})
+    ids = {"pad_token_id": tok.pad_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id,
+           "bos_token_id": tok.bos_token_id}
+    prefix = "text_decoder.bert." if kind == "caption" else "text_encoder."
+    sizes = BlipCaptionConfig.from_state_dict(hf.state_dict, prefix, text=ids, bos_token_id=tok.bos_token_id)
+    if kind == "caption":
+        model = cls(sizes)
+    else:
+        text = {k: v for k, v in sizes.to_dict()["text"].items() if k != "encoder_hidden_size"}
+        model = cls({"text": text, "vision": sizes.to_dict()["vision"], "bos_token_id": tok.bos_token_id,
+                     "enc_token_id": tok.convert_tokens_to_ids("[ENC]")})
     model.load_lavis_state_dict(sd)
     return model, tok

@@ -288,7 +288,7 @@ def read_vqa_references(annotations, questions=None) -> Table:
                              "{\"answer\": str, ...} objects")
         t.add(qid, {"answers": answers, "question_type": row.get("question_type"),
                     "answer_type": row.get("answer_type")}, where)
-        t.inputs[qid] = {k: row[k] for k in ("image", "question") if isinstance(row.get(k), str)}
+        t.inputs[qid] = {k: row[k] for k in ("image", "video", "question") if isinstance(row.get(k), str)}
     if questions is not None:
         _check_questions(t, questions)
     return t
