@@ -77,3 +77,17 @@ def write_blip_vision(path: str, seed: int = 0, image_size: int = 16) -> str:
     model.save_pretrained(path)
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+def make_trainer(args: list):
+    """A set-up :class:`blipfast.train.loop.Trainer` (no step taken, nothing logged) of ``blipfast train`` flags
+    (``args`` as :func:`tiny_args` gives them, "train" first); close it after use."""
+    import argparse
+
+    from blipfast.train.config import add_arguments, resolve
+    from blipfast.train.loop import Trainer
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg, given = resolve(p.parse_args(args[1:]))
+    return Trainer(cfg, given, log=lambda *_: None)

@@ -4,7 +4,6 @@ seeded by (seed, epoch, pair index) for image folders and by the reading of a sa
 loader workers and resume draw the same views; the refusals and the defaults."""
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import tarfile
@@ -17,9 +16,8 @@ from blipfast.data import GlobalBatchSampler, ImageTextDataset, collate, read_an
 from blipfast.data.image_stream import image_text_loader
 from blipfast.data.transforms import StreamAugment, TrainTransform, train_transform
 from blipfast.data.vision import load_image, load_image_processor
-from blipfast.train.config import add_arguments, read_run_config, resolve
-from blipfast.train.loop import Trainer
-from tests.helpers.train import TINY_BLIP, tiny_args, write_blip_vision, write_dataset
+from blipfast.train.config import read_run_config
+from tests.helpers.train import TINY_BLIP, make_trainer, tiny_args, write_blip_vision, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,11 +29,6 @@ def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"), 12)
 
 
-def _trainer(args):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    cfg, given = resolve(p.parse_args(args[1:]))
-    return Trainer(cfg, given, log=lambda *_: None)
 
 
 def _image(dataset, p):
@@ -46,7 +39,7 @@ def test_trainer_augments_images_with_the_recipes_transform(dataset, tmp_path):
     """BLIP-2 stage 1 on images: LAVIS' blip2_image_train at the vision processor's size, mean and std; each item
     is the transform of its image at (epoch, pair index); the sampler hands out the epoch; config.yaml records
     the resolved choice. --augment none: the processor's pixels, as before."""
-    t = _trainer(tiny_args(str(tmp_path / "s1"), dataset["data"], dataset["root"], dataset["vision"]))
+    t = make_trainer(tiny_args(str(tmp_path / "s1"), dataset["data"], dataset["root"], dataset["vision"]))
     try:
         aug, proc = t.dataset.augment, load_image_processor(dataset["vision"])
         assert isinstance(aug, TrainTransform) and aug.recipe == "blip2_image_train" and aug.randaugment is None
@@ -61,7 +54,7 @@ def test_trainer_augments_images_with_the_recipes_transform(dataset, tmp_path):
         assert torch.equal(t.dataset[p]["pixel_values"], aug(_image(dataset, p), 0, p))  # a bare index: epoch 0
     finally:
         t.close()
-    t = _trainer(tiny_args(str(tmp_path / "none"), dataset["data"], dataset["root"], dataset["vision"],
+    t = make_trainer(tiny_args(str(tmp_path / "none"), dataset["data"], dataset["root"], dataset["vision"],
                            extra=("--augment", "none")))
     try:
         assert t.dataset.augment is None and not t.sampler.with_epoch
@@ -76,7 +69,7 @@ def test_trainer_augments_images_with_the_recipes_transform(dataset, tmp_path):
 def test_blip_pretraining_augments_with_randaugment_at_min_scale_0_2(dataset, tmp_path):
     """BLIP (v1) pre-training: Salesforce BLIP's pretrain transform (crop scale 0.2-1, RandomAugment(2, 5))."""
     vit = write_blip_vision(str(tmp_path / "vit"))
-    t = _trainer(tiny_args(str(tmp_path / "run"), dataset["data"], dataset["root"], vit, model=TINY_BLIP,
+    t = make_trainer(tiny_args(str(tmp_path / "run"), dataset["data"], dataset["root"], vit, model=TINY_BLIP,
                            extra=("--max-txt-len", "10")))
     try:
         aug = t.dataset.augment

@@ -12,10 +12,10 @@ import torch
 from blipfast.cli import main
 from blipfast.options import EXIT_STOPPED
 from blipfast.train import param_groups as G
-from blipfast.train.config import add_arguments, read_config_file, resolve
-from blipfast.train.loop import Trainer
+from blipfast.train.config import read_config_file
 from blipfast.train.optim import RecipeSchedule, WarmupCosine, make_optimizer, make_schedule, param_groups
-from tests.helpers.train import TINY_BLIP, read_log, tiny_args, weights, write_blip_vision, write_dataset
+from tests.helpers.train import (TINY_BLIP, make_trainer, read_log, tiny_args, weights, write_blip_vision,
+                                 write_dataset)
 from tests.helpers.schedules import (LinearWarmupCosineLRScheduler, RecordingOptim, blip_finetune_run,
                                      blip_pretrain_run, lavis_run)
 
@@ -106,27 +106,21 @@ def _groups(trainer, rule, **kw):
     return G.group_names(trainer.optimizer.param_groups, named), G.group_names(rule(named, 0.05, **kw), named)
 
 
-def _trainer(args):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    cfg, given = resolve(p.parse_args(args[1:]))
-    return Trainer(cfg, given, log=lambda *_: None)
 
 
 def test_reference_groups_are_the_recipes_rule(dataset, tmp_path):
     """BLIP-2 stage 1: LAVIS' Blip2Base rule (``temp`` decays), the default; BLIP pre-training: one group, all
     decaying; --param-groups lavis: the rule of ``param_groups``."""
     for name, extra in (("s1", RECIPE), ("s1-default", ())):
-        t = _trainer(tiny_args(str(tmp_path / name), dataset["data"], dataset["root"], dataset["vision"], extra=extra))
+        t = make_trainer(tiny_args(str(tmp_path / name), dataset["data"], dataset["root"], dataset["vision"],
+                                   extra=extra))
         try:
             got, want = _groups(t, G.lavis_blip2_groups)
             assert got == want and [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
             assert "temp" in got[0] and t.schedule.shape == "linear_warmup_cosine_lr"
         finally:
             t.close()
-    t = _trainer(tiny_args(str(tmp_path / "s1-lavis"), dataset["data"], dataset["root"], dataset["vision"],
+    t = make_trainer(tiny_args(str(tmp_path / "s1-lavis"), dataset["data"], dataset["root"], dataset["vision"],
                            extra=("--param-groups", "lavis", "--schedule", "cosine-per-step")))
     try:
         named = list(t.core.named_parameters())
@@ -137,7 +131,7 @@ def test_reference_groups_are_the_recipes_rule(dataset, tmp_path):
         t.close()
     root = tmp_path / "blip"
     vit = write_blip_vision(str(root / "vit"))
-    t = _trainer(tiny_args(str(root / "run"), dataset["data"], dataset["root"], vit, model=TINY_BLIP,
+    t = make_trainer(tiny_args(str(root / "run"), dataset["data"], dataset["root"], vit, model=TINY_BLIP,
                            extra=RECIPE + ("--max-txt-len", "10")))
     try:
         got, want = _groups(t, G.blip_groups)
