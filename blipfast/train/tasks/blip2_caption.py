@@ -139,6 +139,12 @@ class Blip2CaptionTask(Blip2Stage2Task):
         if run is not None and run.get("task") == self.name and run.get("model"):
             keep = {k: v for k, v in run["model"].items() if k in ("qformer", "ln_vision_eps")}
             src = dataclasses.replace(src, run_config={**run, "stage": 2, "model": keep})
+        elif run is None and not (src.hf_config or {}).get("qformer_config"):  # a --model over the weights' config
+            from ...models.blip2_stage2 import stage2_qformer_config
+
+            parts = self._parts(cfg)
+            qcfg = stage2_qformer_config(parts["qhint"], parts["sd"]).to_dict()
+            src = dataclasses.replace(src, hf_config={"model_type": "blip-2", "qformer_config": qcfg})
         user = {k: v for k, v in (cfg["model"] or {}).items() if k not in _VIT_FIELDS}
         return super()._qformer_config({**cfg, "model": user}, src)
 
