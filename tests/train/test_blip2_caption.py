@@ -205,3 +205,17 @@ def test_refusals_write_nothing(parts, tmp_path, capsys):
         assert main(argv) == 2, msg
         assert msg in capsys.readouterr().err, msg
         assert not os.path.exists(out), msg
+
+
+def test_eval_every_captions_the_eval_file_with_lavis_coco_decoding(parts, tmp_path):
+    """--eval-every 1: after the epoch every image of --eval-data is captioned (LAVIS' COCO decoding) and scored (or
+    the scorer's absence logged), captions in RUN/captions-epoch1.jsonl."""
+    out = str(tmp_path / "run")
+    assert main(args(parts, out, steps=2, extra=("--eval-every", "1", "--eval-data", parts["data"]))) == 0
+    with open(os.path.join(out, "eval.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and rows[0]["captions"] == 8
+    assert "CIDEr" in rows[0] or rows[0]["scores"].startswith("unavailable")
+    with open(os.path.join(out, "captions-epoch1.jsonl")) as fh:
+        caps = [json.loads(line) for line in fh]
+    assert len(caps) == 8 and all(isinstance(c["caption"], str) for c in caps)
