@@ -66,7 +66,8 @@ RECIPES = {
 
 # the train transform of each training recipe (blipfast.train's task recipes: schedules.py, param_groups.py)
 TRAINING_RECIPES = {"blip-pretrain": "blip-pretrain", "blip-finetune": "blip-finetune",
-                    "blip2-stage1": "blip2_image_train", "blip2-stage2": "blip2_image_train"}
+                    "blip2-stage1": "blip2_image_train", "blip2-stage2": "blip2_image_train",
+                    "blip2-finetune": "blip2_image_train"}
 
 
 def _index(name: str, v) -> int:

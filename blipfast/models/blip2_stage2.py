@@ -64,6 +64,8 @@ class Blip2Stage2(nn.Module):
     """BLIP-2 stage 2 over an HF ``Blip2ForConditionalGeneration`` / ``InstructBlipForConditionalGeneration``
     (patched in place; reachable as ``.model``). See the module docstring."""
 
+    vision_trained = False  # the ViT body trains (set_vision_trainable)
+
     def __init__(self, model: nn.Module, *, train_ln_vision: bool = True):
         super().__init__()
         for attr in ("vision_model", "qformer", "query_tokens", "language_projection", "language_model"):
@@ -200,8 +202,21 @@ class Blip2Stage2(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.model.vision_model.eval()  # frozen ViT: always in eval mode (LAVIS); the LLM follows `mode`, as in LAVIS
+        if not self.vision_trained:
+            self.model.vision_model.eval()  # frozen ViT: always in eval mode (LAVIS); the LLM follows `mode`, as LAVIS
         return self
+
+    def set_vision_trainable(self, flag: bool = True) -> "Blip2Stage2":
+        """Train the ViT body too (LAVIS' ``freeze_vit: False``: the fine-tuning recipes) or freeze it again: its
+        parameters' ``requires_grad``, and its mode then follows :meth:`train`. Returns the model."""
+        if not self.has_vision:
+            raise ValueError("set_vision_trainable: this model was built without a ViT (features only)")
+        vm = self.model.vision_model
+        for mod in (vm.embeddings, vm.encoder):
+            for p in mod.parameters():
+                p.requires_grad_(bool(flag))
+        self.vision_trained = bool(flag)
+        return self.train(self.training)
 
     # ------------------------------------------------------------------------------------------
     # image -> LLM input embeddings
