@@ -56,7 +56,7 @@ class BlipCaptionConfig(BlipConfigBase):
               "vit_grad_ckpt", "vit_ckpt_layer")
     DEFAULTS = dict(bos_token_id=30522, prompt_length=4, lm_label_smoothing=0.1, num_beams=3, max_length=20,
                     min_length=5, top_p=0.9, vit_grad_ckpt=False, vit_ckpt_layer=0)
-    VISION = {"image_size": 384}
+    IMAGE_SIZE = 384
 
     def _validate(self) -> None:
         super()._validate()
@@ -83,11 +83,7 @@ class BlipCaptioner(nn.Module):
 
     def __init__(self, config: Any = None):
         super().__init__()
-        cfg = config if isinstance(config, BlipCaptionConfig) else (
-            BlipCaptionConfig(**config) if isinstance(config, dict) else BlipCaptionConfig() if config is None
-            else None)
-        if cfg is None:
-            _err(f"config must be a BlipCaptionConfig or a dict, got {type(config).__name__}", TypeError)
+        cfg = BlipCaptionConfig.of(config, WHO)
         self.config = cfg
         self.vision_model = fuse_vision_model(BlipVisionModel(cfg.vision))
         if cfg.vit_grad_ckpt:

@@ -37,8 +37,8 @@ from .. import convert, ops
 from ..ops import concat_linear
 from ._checks import check_text
 from .blip import BlipTextEmbeddings
-from .blip_finetune import (BlipTaskConfig, TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint,
-                            task_vit, vision_tokens)
+from .blip_config import BlipTaskConfig
+from .blip_finetune import TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint, task_vit, vision_tokens
 from .blip_vqa import PRETRAIN_EXTRAS
 from .layers import (DenseLN, ImageKV, Intermediate, LayerPlan, Projections, activation, attention_block,
                      dropout_settings, ffn, gelu_approximate, init_weights, qkv_projection, run_layers, stacked_kv)
@@ -47,17 +47,13 @@ __all__ = ["BlipNLVR", "BlipNLVRConfig", "BlipNLVROutput", "BlipNLVRTextModel"]
 
 
 class BlipNLVRConfig(BlipTaskConfig):
-    """:class:`~blipfast.models.blip_finetune.BlipTaskConfig` at BLIP's NLVR2 resolution (384 px,
+    """:class:`~blipfast.models.blip_config.BlipTaskConfig` at BLIP's NLVR2 resolution (384 px,
     ``configs/nlvr.yaml``), plus ``merge_from_layer``: the first layer whose twin outputs are merged by a Linear
     (BLIP: ``layer_num >= 6``); the layers below average them."""
 
     IMAGE_SIZE = 384
-    EXTRA = {"merge_from_layer": 6}
-
-    def _check_extra(self) -> None:
-        v = self.merge_from_layer
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"BlipNLVRConfig: merge_from_layer must be an int >= 0, got {v!r}")
+    FIELDS = BlipTaskConfig.FIELDS + ("merge_from_layer",)
+    DEFAULTS = {**BlipTaskConfig.DEFAULTS, "merge_from_layer": 6}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class BlipRetrievalConfig(BlipConfigBase):
               "vit_grad_ckpt", "vit_ckpt_layer")
     DEFAULTS = dict(embed_dim=256, queue_size=57600, momentum=0.995, alpha=0.4, enc_token_id=30523,
                     negative_all_rank=True, k_test=256, vit_grad_ckpt=True, vit_ckpt_layer=4)
-    VISION = {"image_size": 384}
+    IMAGE_SIZE = 384
 
 
 @dataclass
@@ -122,11 +122,7 @@ class BlipRetrieval(MomentumITC, nn.Module):
 
     def __init__(self, config: Any = None):
         super().__init__()
-        cfg = config if isinstance(config, BlipRetrievalConfig) else (
-            BlipRetrievalConfig(**config) if isinstance(config, dict) else BlipRetrievalConfig() if config is None
-            else None)
-        if cfg is None:
-            _err(f"config must be a BlipRetrievalConfig or a dict, got {type(config).__name__}", TypeError)
+        cfg = BlipRetrievalConfig.of(config, WHO)
         self.config = cfg
         tc, vc, e = cfg.text, cfg.vision, cfg.embed_dim
         self.vision_model = fuse_vision_model(BlipVisionModel(vc))
