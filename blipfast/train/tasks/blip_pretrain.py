@@ -125,10 +125,7 @@ class BlipPretrainTask(BlipTask):
     # 1e-6, weight decay 0.05, batch 75 per GPU, 20 epochs, captions of 30 tokens; no image ids (BLIP_Pretrain has none)
     defaults = {"lr": 3e-4, "warmup_lr": 1e-6, "warmup_steps": 3000, "min_lr": 1e-6, "batch_size": 75,
                 "epochs": 20.0, "max_txt_len": 30, "image_ids": False}
-
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.alpha = None
+    alpha = None  # the model's ITC alpha, set by build
 
     @staticmethod
     def model_classes() -> tuple:

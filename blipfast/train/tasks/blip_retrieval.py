@@ -33,10 +33,7 @@ class BlipRetrievalTask(BlipFinetuneTask):
     defaults = {**BlipFinetuneTask.defaults, "lr": 1e-5, "warmup_lr": 1e-5, "eval_every": 1, "batch_size": 32,
                 "epochs": 6.0, "max_txt_len": 35, "image_ids": True}
     family = "blip-retrieval"
-
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.alpha = None
+    alpha = None  # the model's ITC alpha, set by build
 
     @staticmethod
     def model_classes() -> tuple:
