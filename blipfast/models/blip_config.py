@@ -7,7 +7,8 @@ Each config holds ``text`` (an HF ``BlipTextConfig`` over BLIP's ``configs/med_c
 cross-attention in every layer, [DEC] and [ENC] added, vocab 30524) and ``vision`` (an HF ``BlipVisionConfig``
 over BLIP's ViT-B/16; timm's LayerNorm eps 1e-6, no dropout), given as config objects or dicts of their fields,
 plus the scalar fields the subclass lists in ``FIELDS`` with their ``DEFAULTS``; ``IMAGE_SIZE`` is the ViT's default
-resolution (the fine-tuned models run at 384 px, VQA at 480) and ``VISION`` overrides other ViT defaults. Every field is validated by its kind (``KINDS``): a bad value is a
+resolution (the fine-tuned models run at 384 px, VQA at 480) and ``VISION`` overrides other ViT defaults. Every
+field is validated by its kind (``KINDS``): a bad value is a
 ValueError that names the config and the field; an unknown keyword is a TypeError, as for a plain signature.
 ``Config(**config.to_dict())`` rebuilds a config, ``Config.of(config)`` takes a config, a dict of its fields or None.
 
@@ -159,7 +160,8 @@ class BlipConfigBase:
             return cls()
         if isinstance(config, dict):
             return cls(**config)
-        raise TypeError(f"{who or cls.__name__}: config must be a {cls.__name__} or a dict, got {type(config).__name__}")
+        raise TypeError(f"{who or cls.__name__}: config must be a {cls.__name__} or a dict, got "
+                        f"{type(config).__name__}")
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping, text_prefix: str = "text_encoder.", *, text: Any = None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,8 +36,8 @@ from .. import convert
 from .blip_config import BlipTaskConfig  # noqa: F401  (re-exported: the task models' configuration lives there)
 from .blip_vision import fuse_vision_model
 
-__all__ = ["BlipTaskConfig", "DropPathBlipEncoderLayer", "TaskLoad", "interpolate_pos_embed", "load_task_checkpoint",
-           "task_vit", "video_tokens"]
+__all__ = ["BlipTaskConfig", "DropPathBlipEncoderLayer", "TaskCheckpoints", "TaskLoad", "interpolate_pos_embed",
+           "load_task_checkpoint", "task_vit", "video_tokens"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ class TaskLoad:
         out = []
         for label, keys in (("left out", self.left_out), ("initialised (not in the checkpoint)", self.initialised)):
             if keys:
-                out.append(f"{label}: " + ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else ""))
+                more = f", ... ({len(keys)} in all)" if len(keys) > 6 else ""
+                out.append(f"{label}: " + ", ".join(keys[:6]) + more)
         return out
 
 
@@ -176,6 +177,23 @@ def load_task_checkpoint(model: nn.Module, source, *, optional: Sequence[str] = 
     may_lack = [*initialise, *optional, *(re.escape(k.split(" ")[0]) + r"\Z" for k in left_out)]
     done = convert.load_into(model, sd, ignore=may_lack, what=what)
     return TaskLoad(keys=done.keys, initialised=done.absent, left_out=sorted(left_out))
+
+
+class TaskCheckpoints:
+    """``from_lavis`` and ``to_lavis_state_dict`` of a task model (a module with ``load_lavis_state_dict``)."""
+
+    @classmethod
+    def from_lavis(cls, checkpoint, config: Any = None):
+        """A model from a Salesforce BLIP checkpoint (a ``.pth`` path read with ``weights_only=True``, a dict with
+        key ``"model"``, or a state dict)."""
+        model = cls(config)
+        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
+        return model
+
+    def to_lavis_state_dict(self) -> dict:
+        """The weights under Salesforce BLIP names (``visual_encoder.*``, ``text_encoder.*``, ...)."""
+        sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
+        return convert.hf_to_blip(sd, strict=True).state_dict
 
 
 def check_pixels(who: str, pixel_values, size: int, lead: int = 1) -> None:

@@ -43,7 +43,8 @@ from .. import convert
 from ._checks import check_text
 from .blip import BlipTextLMHeadModel, BlipTextModel
 from .blip_config import TEXT_FIELDS, VISION_FIELDS, BlipTaskConfig, config_fields
-from .blip_finetune import TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint, task_vit, vision_tokens
+from .blip_finetune import (TaskCheckpoints, TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint,
+                            task_vit, vision_tokens)
 
 __all__ = ["BlipVQA", "BlipVQAConfig", "BlipVQAOutput", "PRETRAIN_EXTRAS"]
 
@@ -77,7 +78,7 @@ def _seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> 
     return ce.view(targets.shape).sum(1)
 
 
-class BlipVQA(nn.Module):
+class BlipVQA(TaskCheckpoints, nn.Module):
     """BLIP's VQA model (see the module docstring)."""
 
     def __init__(self, config: Any = None):
@@ -271,19 +272,6 @@ class BlipVQA(nn.Module):
         """A Salesforce BLIP VQA checkpoint, or a pre-training one as initialisation (BLIP's ``load_checkpoint``:
         see :func:`~blipfast.models.blip_finetune.load_task_checkpoint`); HF names work too."""
         return load_task_checkpoint(self, state_dict, drop=PRETRAIN_EXTRAS, what=what)
-
-    @classmethod
-    def from_lavis(cls, checkpoint, config: Any = None) -> "BlipVQA":
-        """A model from a Salesforce BLIP checkpoint (a ``.pth`` path read with ``weights_only=True``, a dict with
-        key ``"model"``, or a state dict)."""
-        model = cls(config)
-        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
-        return model
-
-    def to_lavis_state_dict(self) -> dict:
-        """The weights under Salesforce BLIP names (``visual_encoder.*``, ``text_encoder.*``, ``text_decoder.*``)."""
-        sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
-        return convert.hf_to_blip(sd, strict=True).state_dict
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, **config) -> "BlipVQA":

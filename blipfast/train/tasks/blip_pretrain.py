@@ -77,8 +77,9 @@ class BlipTask(Task):
         from ...models.blip_config import TEXT_FIELDS, VISION_FIELDS
 
         sep = tok.sep_token_id
-        derived = [({"text": {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-                              "sep_token_id": sep, "eos_token_id": sep}}, "the tokenizer")] + self.fixed_fields(cfg, tok)
+        text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                "sep_token_id": sep, "eos_token_id": sep}
+        derived = [({"text": text}, "the tokenizer")] + self.fixed_fields(cfg, tok)
         if self.vit is not None:  # --vision fixes the ViT's sizes
             sizes = [k for k in VISION_FIELDS if not (self.own_resolution and k == "image_size")]
             derived.append(({"vision": {k: getattr(self.vit.config, k) for k in sizes}}, "--vision"))
