@@ -56,7 +56,7 @@ class BlipCaptionConfig(BlipConfigBase):
               "vit_grad_ckpt", "vit_ckpt_layer")
     DEFAULTS = dict(bos_token_id=30522, prompt_length=4, lm_label_smoothing=0.1, num_beams=3, max_length=20,
                     min_length=5, top_p=0.9, vit_grad_ckpt=False, vit_ckpt_layer=0)
-    VISION = {"image_size": 384}
+    IMAGE_SIZE = 384
 
     def _validate(self) -> None:
         super()._validate()
@@ -83,11 +83,7 @@ class BlipCaptioner(nn.Module):
 
     def __init__(self, config: Any = None):
         super().__init__()
-        cfg = config if isinstance(config, BlipCaptionConfig) else (
-            BlipCaptionConfig(**config) if isinstance(config, dict) else BlipCaptionConfig() if config is None
-            else None)
-        if cfg is None:
-            _err(f"config must be a BlipCaptionConfig or a dict, got {type(config).__name__}", TypeError)
+        cfg = BlipCaptionConfig.of(config, WHO)
         self.config = cfg
         self.vision_model = fuse_vision_model(BlipVisionModel(cfg.vision))
         if cfg.vit_grad_ckpt:
@@ -172,19 +168,20 @@ class BlipCaptioner(nn.Module):
         sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
         return convert.hf_to_blip(sd, strict=True).state_dict
 
-    def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list:
+    def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                              what: str = f"{WHO}.load_lavis_state_dict") -> list:
         """Load a Salesforce BLIP checkpoint's state dict (captioning or pre-training; LAVIS' and HF's names too)
         as BLIP's ``load_checkpoint`` does: the ViT's position embeddings interpolated to its grid, the keys a
         captioner has no place for (a pre-training checkpoint's encoder, momentum copies, heads and queues) unused,
         the decoder's word embeddings and LM head weight (one parameter) from the LM head's key when both are there
         and differ (BLIP loads the head's last). Every other key must map (:func:`blipfast.convert.load_into`).
-        Returns notes: what was interpolated, replaced or left unused."""
+        Returns notes: what was interpolated, replaced or left unused; ``what`` names the weights in errors."""
         sd, notes = tie_word_embeddings(state_dict, _DECODER_TIE)
         notes = fit_position_embeddings(sd, self) + notes
         unused = sorted(k for k in sd if k.startswith(_UNUSED))
         if unused:
             notes.append(f"{len(unused)} key(s) unused (no place in a captioner), e.g. {unused[:3]}")
-        convert.load_into(self, {k: v for k, v in sd.items() if k not in unused}, what=f"{WHO}.load_lavis_state_dict")
+        convert.load_into(self, {k: v for k, v in sd.items() if k not in unused}, what=what)
         return notes
 
     @classmethod

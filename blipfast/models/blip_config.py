@@ -1,13 +1,16 @@
-"""Configuration of the BLIP (v1) models (pre-training, retrieval, captioning, ...): one base class,
-:class:`BlipConfigBase`, that every BLIP model's config subclasses by declaring its scalar fields.
+"""Configuration of the BLIP (v1) models (pre-training, retrieval, captioning, VQA, NLVR2, VisDial): one base class,
+:class:`BlipConfigBase`, that every BLIP model's config subclasses by declaring its scalar fields;
+:class:`BlipTaskConfig` is the one of the fine-tuned task models built on a stochastic-depth ViT (``BlipVQA``,
+``BlipNLVR``, ``BlipVisDial``).
 
 Each config holds ``text`` (an HF ``BlipTextConfig`` over BLIP's ``configs/med_config.json``: BERT-base with
 cross-attention in every layer, [DEC] and [ENC] added, vocab 30524) and ``vision`` (an HF ``BlipVisionConfig``
 over BLIP's ViT-B/16; timm's LayerNorm eps 1e-6, no dropout), given as config objects or dicts of their fields,
-plus the scalar fields the subclass lists in ``FIELDS`` with their ``DEFAULTS``; ``VISION`` overrides the ViT
-defaults (the fine-tuned models run at 384 px). Every field is validated by its kind (``KINDS``): a bad value is a
+plus the scalar fields the subclass lists in ``FIELDS`` with their ``DEFAULTS``; ``IMAGE_SIZE`` is the ViT's default
+resolution (the fine-tuned models run at 384 px, VQA at 480) and ``VISION`` overrides other ViT defaults. Every
+field is validated by its kind (``KINDS``): a bad value is a
 ValueError that names the config and the field; an unknown keyword is a TypeError, as for a plain signature.
-``Config(**config.to_dict())`` rebuilds a config.
+``Config(**config.to_dict())`` rebuilds a config, ``Config.of(config)`` takes a config, a dict of its fields or None.
 
 :meth:`BlipConfigBase.from_state_dict` reads the sizes of a checkpoint (HF names, :mod:`blipfast.convert`): the
 ViT's width, depth, patch and image size (from its position embeddings), the text model's width, depth, vocabulary
@@ -43,11 +46,12 @@ KINDS = {
     "enc_token_id": "token", "bos_token_id": "token",
     "prompt_length": "position", "max_length": "position", "min_length": "position",
     "negative_all_rank": "bool", "vit_grad_ckpt": "bool",
-    "vit_ckpt_layer": "layers",
+    "vit_ckpt_layer": "layers", "merge_from_layer": "index", "drop_path_rate": "rate",
 }
 
 
-def _fields(cfg, names) -> dict:
+def config_fields(cfg, names) -> dict:
+    """``{name: cfg.name}`` for ``names`` (the fields of an HF config that a BLIP config records)."""
     return {k: getattr(cfg, k) for k in names}
 
 
@@ -64,24 +68,26 @@ class BlipConfigBase:
 
     FIELDS: tuple = ()
     DEFAULTS: dict = {}
-    VISION: dict = {}  # ViT defaults of this model over VISION_DEFAULTS
+    IMAGE_SIZE: int = VISION_DEFAULTS["image_size"]  # the ViT's default resolution
+    VISION: dict = {}  # other ViT defaults of this model over VISION_DEFAULTS
     KINDS: dict = KINDS
 
     def __init__(self, text: Any = None, vision: Any = None, **fields):
         who = type(self).__name__
         unknown = sorted(set(fields) - set(self.FIELDS))
         if unknown:
-            raise TypeError(f"{who}: unexpected keyword argument(s) {unknown}; fields: {list(self.FIELDS)}")
+            raise TypeError(f"{who}: unknown field(s) {unknown}; fields: {list(self.FIELDS)}")
         if isinstance(vision, BlipVisionConfig):
-            vision = _fields(vision, VISION_FIELDS)
+            vision = config_fields(vision, VISION_FIELDS)
         elif vision is not None and not isinstance(vision, dict):
             raise TypeError(f"{who}: vision must be a BlipVisionConfig or a dict, got {type(vision).__name__}")
         unknown = sorted(set(vision or {}) - set(VISION_FIELDS))
         if unknown:
             raise ValueError(f"{who}: unknown vision field(s) {unknown}; known: {list(VISION_FIELDS)}")
-        self.vision = BlipVisionConfig(**{**VISION_DEFAULTS, **self.VISION, **(vision or {})})
+        self.vision = BlipVisionConfig(**{**VISION_DEFAULTS, "image_size": self.IMAGE_SIZE, **self.VISION,
+                                          **(vision or {})})
         if text is not None and not isinstance(text, dict):
-            text = _fields(blip_text_config(text), TEXT_FIELDS)
+            text = config_fields(blip_text_config(text), TEXT_FIELDS)
         text = {**TEXT_DEFAULTS, "encoder_hidden_size": self.vision.hidden_size, **(text or {})}
         unknown = sorted(set(text) - set(TEXT_FIELDS))
         if unknown:
@@ -117,6 +123,10 @@ class BlipConfigBase:
                       f"got {v!r}")
         elif kind == "layers" and not (_is_int(v) and v >= 0):
             self._err(f"{name} must be an int >= 0 (the last blocks of the ViT; more than it has: all), got {v!r}")
+        elif kind == "index" and not (_is_int(v) and v >= 0):
+            self._err(f"{name} must be an int >= 0, got {v!r}")
+        elif kind == "rate" and not (_is_num(v) and 0.0 <= v < 1.0):
+            self._err(f"{name} must be a float in [0, 1), got {v!r}")
 
     def _validate(self) -> None:
         for name in self.FIELDS:
@@ -131,7 +141,7 @@ class BlipConfigBase:
     # ------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {"text": _fields(self.text, TEXT_FIELDS), "vision": _fields(self.vision, VISION_FIELDS),
+        return {"text": config_fields(self.text, TEXT_FIELDS), "vision": config_fields(self.vision, VISION_FIELDS),
                 **{k: getattr(self, k) for k in self.FIELDS}}
 
     def __eq__(self, other):
@@ -139,6 +149,19 @@ class BlipConfigBase:
 
     def __repr__(self):
         return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+    @classmethod
+    def of(cls, config: Any, who: str = ""):
+        """``config`` as this class: itself, a dict of its fields, or None (the defaults); a TypeError (naming
+        ``who``, default the class) for anything else."""
+        if isinstance(config, cls):
+            return config
+        if config is None:
+            return cls()
+        if isinstance(config, dict):
+            return cls(**config)
+        raise TypeError(f"{who or cls.__name__}: config must be a {cls.__name__} or a dict, got "
+                        f"{type(config).__name__}")
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping, text_prefix: str = "text_encoder.", *, text: Any = None,
@@ -175,3 +198,23 @@ class BlipConfigBase:
         if "queue_size" in cls.FIELDS and "image_queue" in state_dict:
             heads["queue_size"] = state_dict["image_queue"].shape[1]
         return cls(text={**sizes_t, **(text or {})}, vision={**sizes_v, **(vision or {})}, **{**heads, **fields})
+
+
+class BlipTaskConfig(BlipConfigBase):
+    """Configuration of a BLIP task model on a stochastic-depth ViT (``BlipVQA``, ``BlipNLVR``, ``BlipVisDial``):
+    ``text`` and ``vision`` (``image_size`` defaults to the task's :attr:`IMAGE_SIZE`), ``enc_token_id`` /
+    ``bos_token_id`` ([ENC] / [DEC]) and ``drop_path_rate``, the ViT's stochastic depth (Salesforce BLIP builds the
+    VQA and NLVR2 ViTs with ``create_vit(..., drop_path_rate=0.1)``, linearly increasing from 0 in the first block
+    to 0.1 in the last; ViT-L always gets 0.1, ``0.1 or drop_path_rate`` in ``create_vit``). A subclass adds fields
+    as any :class:`BlipConfigBase` does (``FIELDS = BlipTaskConfig.FIELDS + (...)``, their ``DEFAULTS`` and
+    ``KINDS``)."""
+
+    IMAGE_SIZE = 384
+    FIELDS = ("enc_token_id", "bos_token_id", "drop_path_rate")
+    DEFAULTS = dict(enc_token_id=30523, bos_token_id=30522, drop_path_rate=0.1)
+
+    def _validate(self) -> None:
+        super()._validate()
+        v = self.vision
+        if v.image_size % v.patch_size:
+            self._err(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")

@@ -2,11 +2,9 @@
 their configuration, their trainable ViT, the ViT position embeddings interpolated to the task resolution, the
 zero-shot video input and the loading of Salesforce BLIP checkpoints.
 
-- :class:`BlipTaskConfig`: the MED text model (BLIP's ``med_config.json``) and the ViT (ViT-B/16 at the task's
-  size) as :class:`~blipfast.BlipPretrainConfig` holds them, BLIP's ``[ENC]`` / ``[DEC]`` token ids and the ViT's
-  stochastic depth (``drop_path_rate``: Salesforce BLIP builds the VQA and NLVR2 ViTs with
-  ``create_vit(..., drop_path_rate=0.1)``, linearly increasing from 0 in the first block to 0.1 in the last;
-  ViT-L always gets 0.1, ``0.1 or drop_path_rate`` in ``create_vit``).
+- :class:`~blipfast.models.blip_config.BlipTaskConfig` (re-exported here): their configuration, one
+  :class:`~blipfast.models.blip_config.BlipConfigBase` as every BLIP (v1) model's (the MED text model, the ViT at
+  the task's size, BLIP's ``[ENC]`` / ``[DEC]`` token ids and the ViT's stochastic depth ``drop_path_rate``).
 - :func:`task_vit`: HF's ``BlipVisionModel`` with SDPA attention (``fuse_vision_model``) whose encoder layers add
   timm's ``DropPath`` (:class:`DropPathBlipEncoderLayer`, the same draw as timm 0.4.12: one Bernoulli per sample,
   the kept branch scaled by ``1 / keep``), training only.
@@ -26,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,108 +33,11 @@ from transformers import BlipVisionConfig, BlipVisionModel
 from transformers.models.blip.modeling_blip import BlipEncoderLayer
 
 from .. import convert
-from .blip import blip_text_config
-from .blip_pretrain import TEXT_DEFAULTS, TEXT_FIELDS, VISION_DEFAULTS, VISION_FIELDS
+from .blip_config import BlipTaskConfig  # noqa: F401  (re-exported: the task models' configuration lives there)
 from .blip_vision import fuse_vision_model
 
-__all__ = ["BlipTaskConfig", "DropPathBlipEncoderLayer", "TaskLoad", "interpolate_pos_embed", "load_task_checkpoint",
-           "task_vit", "video_tokens"]
-
-
-def _fields(cfg, names) -> dict:
-    return {k: getattr(cfg, k) for k in names}
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-class BlipTaskConfig:
-    """Configuration of a BLIP task model: ``text`` (a ``BlipTextConfig`` or a dict over BLIP's ``med_config``),
-    ``vision`` (a ``BlipVisionConfig`` or a dict over ViT-B/16; ``image_size`` defaults to the task's
-    :attr:`IMAGE_SIZE`), ``enc_token_id`` / ``bos_token_id`` ([ENC] / [DEC]) and ``drop_path_rate``. Subclasses
-    add fields in :attr:`EXTRA` (name -> default) and check them in :meth:`_check_extra`.
-    ``type(config)(**config.to_dict())`` rebuilds a config."""
-
-    IMAGE_SIZE: int = 384
-    EXTRA: dict = {}
-    BASE = ("enc_token_id", "bos_token_id", "drop_path_rate")
-    FIELDS: tuple = BASE  # the fields besides text and vision (the trainer's --model checks them)
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        cls.FIELDS = cls.BASE + tuple(cls.EXTRA)
-
-    def __init__(self, text: Any = None, vision: Any = None, enc_token_id: int = 30523, bos_token_id: int = 30522,
-                 drop_path_rate: float = 0.1, **extra):
-        who = type(self).__name__
-        unknown = sorted(set(extra) - set(self.EXTRA))
-        if unknown:
-            raise TypeError(f"{who}: unknown field(s) {unknown}")
-        if isinstance(vision, BlipVisionConfig):
-            vision = _fields(vision, VISION_FIELDS)
-        elif vision is not None and not isinstance(vision, dict):
-            raise TypeError(f"{who}: vision must be a BlipVisionConfig or a dict, got {type(vision).__name__}")
-        bad = sorted(set(vision or {}) - set(VISION_FIELDS))
-        if bad:
-            raise ValueError(f"{who}: unknown vision field(s) {bad}; known: {list(VISION_FIELDS)}")
-        self.vision = BlipVisionConfig(**{**VISION_DEFAULTS, "image_size": self.IMAGE_SIZE, **(vision or {})})
-        if text is not None and not isinstance(text, dict):
-            text = _fields(blip_text_config(text), TEXT_FIELDS)
-        text = {**TEXT_DEFAULTS, "encoder_hidden_size": self.vision.hidden_size, **(text or {})}
-        bad = sorted(set(text) - set(TEXT_FIELDS))
-        if bad:
-            raise ValueError(f"{who}: unknown text field(s) {bad}; known: {list(TEXT_FIELDS)}")
-        self.text = blip_text_config(text, is_decoder=True)  # cross-attention in every layer
-        self.enc_token_id, self.bos_token_id, self.drop_path_rate = enc_token_id, bos_token_id, drop_path_rate
-        for k, v in self.EXTRA.items():
-            setattr(self, k, extra.get(k, v))
-        self._validate()
-
-    def _validate(self) -> None:
-        who = type(self).__name__
-        vocab = self.text.vocab_size
-        for name in ("enc_token_id", "bos_token_id"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
-                raise ValueError(f"{who}: {name} must be an int in [0, vocab_size={vocab}), got {v!r} (the text "
-                                 f"vocabulary must include [DEC] and [ENC])")
-        if not _is_num(self.drop_path_rate) or not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"{who}: drop_path_rate must be a float in [0, 1), got {self.drop_path_rate!r}")
-        if self.text.encoder_hidden_size != self.vision.hidden_size:
-            raise ValueError(f"{who}: text.encoder_hidden_size ({self.text.encoder_hidden_size}) must equal the "
-                             f"vision width ({self.vision.hidden_size})")
-        v = self.vision
-        if v.hidden_size % v.num_attention_heads or v.image_size % v.patch_size:
-            raise ValueError(f"{who}: vision.hidden_size must be a multiple of num_attention_heads and image_size a "
-                             f"multiple of patch_size, got {v.hidden_size}/{v.num_attention_heads} and "
-                             f"{v.image_size}/{v.patch_size}")
-        self._check_extra()
-
-    def _check_extra(self) -> None:
-        pass
-
-    def to_dict(self) -> dict:
-        return {"text": _fields(self.text, TEXT_FIELDS), "vision": _fields(self.vision, VISION_FIELDS),
-                "enc_token_id": self.enc_token_id, "bos_token_id": self.bos_token_id,
-                "drop_path_rate": self.drop_path_rate, **{k: getattr(self, k) for k in self.EXTRA}}
-
-    def __eq__(self, other):
-        return type(other) is type(self) and self.to_dict() == other.to_dict()
-
-    def __repr__(self):
-        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
-
-    @classmethod
-    def of(cls, config: Any):
-        """``config`` as this class: itself, a dict of its fields, or None (the defaults)."""
-        if isinstance(config, cls):
-            return config
-        if config is None:
-            return cls()
-        if isinstance(config, dict):
-            return cls(**config)
-        raise TypeError(f"{cls.__name__}: expected a {cls.__name__} or a dict, got {type(config).__name__}")
+__all__ = ["BlipTaskConfig", "DropPathBlipEncoderLayer", "TaskCheckpoints", "TaskLoad", "interpolate_pos_embed",
+           "load_task_checkpoint", "task_vit", "video_tokens"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +131,15 @@ class TaskLoad:
     initialised: list
     left_out: list = field(default_factory=list)
 
+    def notes(self) -> list:
+        """What a log says of the load: a line for the keys left out and one for those initialised (six named)."""
+        out = []
+        for label, keys in (("left out", self.left_out), ("initialised (not in the checkpoint)", self.initialised)):
+            if keys:
+                more = f", ... ({len(keys)} in all)" if len(keys) > 6 else ""
+                out.append(f"{label}: " + ", ".join(keys[:6]) + more)
+        return out
+
 
 _POS = ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
 
@@ -267,6 +177,23 @@ def load_task_checkpoint(model: nn.Module, source, *, optional: Sequence[str] = 
     may_lack = [*initialise, *optional, *(re.escape(k.split(" ")[0]) + r"\Z" for k in left_out)]
     done = convert.load_into(model, sd, ignore=may_lack, what=what)
     return TaskLoad(keys=done.keys, initialised=done.absent, left_out=sorted(left_out))
+
+
+class TaskCheckpoints:
+    """``from_lavis`` and ``to_lavis_state_dict`` of a task model (a module with ``load_lavis_state_dict``)."""
+
+    @classmethod
+    def from_lavis(cls, checkpoint, config: Any = None):
+        """A model from a Salesforce BLIP checkpoint (a ``.pth`` path read with ``weights_only=True``, a dict with
+        key ``"model"``, or a state dict)."""
+        model = cls(config)
+        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
+        return model
+
+    def to_lavis_state_dict(self) -> dict:
+        """The weights under Salesforce BLIP names (``visual_encoder.*``, ``text_encoder.*``, ...)."""
+        sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
+        return convert.hf_to_blip(sd, strict=True).state_dict
 
 
 def check_pixels(who: str, pixel_values, size: int, lead: int = 1) -> None:

@@ -37,7 +37,8 @@ from .. import convert, ops
 from ..ops import concat_linear
 from ._checks import check_text
 from .blip import BlipTextEmbeddings
-from .blip_finetune import (BlipTaskConfig, TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint,
+from .blip_config import BlipTaskConfig
+from .blip_finetune import (TaskCheckpoints, TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint,
                             task_vit, vision_tokens)
 from .blip_vqa import PRETRAIN_EXTRAS
 from .layers import (DenseLN, ImageKV, Intermediate, LayerPlan, Projections, activation, attention_block,
@@ -47,17 +48,13 @@ __all__ = ["BlipNLVR", "BlipNLVRConfig", "BlipNLVROutput", "BlipNLVRTextModel"]
 
 
 class BlipNLVRConfig(BlipTaskConfig):
-    """:class:`~blipfast.models.blip_finetune.BlipTaskConfig` at BLIP's NLVR2 resolution (384 px,
+    """:class:`~blipfast.models.blip_config.BlipTaskConfig` at BLIP's NLVR2 resolution (384 px,
     ``configs/nlvr.yaml``), plus ``merge_from_layer``: the first layer whose twin outputs are merged by a Linear
     (BLIP: ``layer_num >= 6``); the layers below average them."""
 
     IMAGE_SIZE = 384
-    EXTRA = {"merge_from_layer": 6}
-
-    def _check_extra(self) -> None:
-        v = self.merge_from_layer
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"BlipNLVRConfig: merge_from_layer must be an int >= 0, got {v!r}")
+    FIELDS = BlipTaskConfig.FIELDS + ("merge_from_layer",)
+    DEFAULTS = {**BlipTaskConfig.DEFAULTS, "merge_from_layer": 6}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +218,7 @@ def _twin_copies(sd: dict) -> dict:
     return out
 
 
-class BlipNLVR(nn.Module):
+class BlipNLVR(TaskCheckpoints, nn.Module):
     """BLIP's NLVR2 model (see the module docstring)."""
 
     def __init__(self, config: Any = None):
@@ -278,13 +275,3 @@ class BlipNLVR(nn.Module):
         start = (r"text_encoder\.encoder\.layer\.\d+\.crossattention\.output\.merge_layer\.", r"cls_head\.")
         return load_task_checkpoint(self, sd, drop=PRETRAIN_EXTRAS + (r"text_decoder\.",),
                                     initialise=start if pretrain else (), rewrite=_twin_copies, what=what)
-
-    @classmethod
-    def from_lavis(cls, checkpoint, config: Any = None) -> "BlipNLVR":
-        model = cls(config)
-        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
-        return model
-
-    def to_lavis_state_dict(self) -> dict:
-        sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
-        return convert.hf_to_blip(sd, strict=True).state_dict

@@ -69,7 +69,7 @@ class BlipRetrievalConfig(BlipConfigBase):
               "vit_grad_ckpt", "vit_ckpt_layer")
     DEFAULTS = dict(embed_dim=256, queue_size=57600, momentum=0.995, alpha=0.4, enc_token_id=30523,
                     negative_all_rank=True, k_test=256, vit_grad_ckpt=True, vit_ckpt_layer=4)
-    VISION = {"image_size": 384}
+    IMAGE_SIZE = 384
 
 
 @dataclass
@@ -122,11 +122,7 @@ class BlipRetrieval(MomentumITC, nn.Module):
 
     def __init__(self, config: Any = None):
         super().__init__()
-        cfg = config if isinstance(config, BlipRetrievalConfig) else (
-            BlipRetrievalConfig(**config) if isinstance(config, dict) else BlipRetrievalConfig() if config is None
-            else None)
-        if cfg is None:
-            _err(f"config must be a BlipRetrievalConfig or a dict, got {type(config).__name__}", TypeError)
+        cfg = BlipRetrievalConfig.of(config, WHO)
         self.config = cfg
         tc, vc, e = cfg.text, cfg.vision, cfg.embed_dim
         self.vision_model = fuse_vision_model(BlipVisionModel(vc))
@@ -340,14 +336,15 @@ class BlipRetrieval(MomentumITC, nn.Module):
         sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
         return convert.hf_to_blip(sd, strict=True).state_dict
 
-    def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list:
+    def load_lavis_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                              what: str = f"{WHO}.load_lavis_state_dict") -> list:
         """Load a Salesforce BLIP checkpoint's state dict (retrieval, ITM or pre-training; LAVIS' and HF's names
         too) as BLIP's ``load_checkpoint`` does: ViT position embeddings interpolated to this ViT's grid, the text
         decoder's keys (a pre-training checkpoint's) unused, a pre-training ``queue_ptr`` not taken (BLIP_Retrieval
         names its pointer ``ptr_queue``: it starts at 0), absent momentum copies copied from the online modules,
         absent queues random (the index queue -100), an absent ``temp`` (HF's models have none) 0.07. Every other
         key must map (:func:`blipfast.convert.load_into`: a ValueError names the others). Returns notes: what was
-        interpolated, left unused or not taken."""
+        interpolated, left unused or not taken; ``what`` names the weights in errors."""
         sd = dict(state_dict)
         notes = fit_position_embeddings(sd, self)
         unused = sorted(k for k in sd if k.startswith("text_decoder."))
@@ -359,7 +356,7 @@ class BlipRetrieval(MomentumITC, nn.Module):
         if "temp" not in sd:
             notes.append("temp absent: 0.07")
         self._load_with_momentum({k: v for k, v in sd.items() if k not in unused}, ignore=[r"temp\Z"],
-                                 what=f"{WHO}.load_lavis_state_dict")
+                                 what=what)
         return notes
 
     @classmethod

@@ -34,8 +34,8 @@ from transformers.utils import ModelOutput
 from .. import convert
 from ._checks import check_text
 from .blip import BlipTextModel
-from .blip_finetune import (BlipTaskConfig, TaskLoad, check_pixels, enc_ids, load_task_checkpoint, task_vit,
-                            vision_tokens)
+from .blip_config import BlipTaskConfig
+from .blip_finetune import TaskLoad, check_pixels, enc_ids, load_task_checkpoint, task_vit, vision_tokens
 from .blip_vqa import PRETRAIN_EXTRAS
 from .layers import ImageKV
 
@@ -43,15 +43,16 @@ __all__ = ["BlipVisDial", "BlipVisDialConfig", "BlipVisDialOutput", "dialog_text
 
 
 class BlipVisDialConfig(BlipTaskConfig):
-    """:class:`~blipfast.models.blip_finetune.BlipTaskConfig` at 384 px; the vision width must equal the text width
+    """:class:`~blipfast.models.blip_config.BlipTaskConfig` at 384 px; the vision width must equal the text width
     (the caption's states join the image tokens)."""
 
     IMAGE_SIZE = 384
 
-    def _check_extra(self) -> None:
+    def _validate(self) -> None:
+        super()._validate()
         if self.vision.hidden_size != self.text.hidden_size:
-            raise ValueError(f"BlipVisDialConfig: the vision width ({self.vision.hidden_size}) must equal the text "
-                             f"width ({self.text.hidden_size}): the caption's states join the image tokens")
+            self._err(f"the vision width ({self.vision.hidden_size}) must equal the text width "
+                      f"({self.text.hidden_size}): the caption's states join the image tokens")
 
 
 def dialog_text(history: Sequence, question: str, answer: str, sep: str = "[SEP]") -> str:

@@ -42,7 +42,8 @@ from transformers.utils import ModelOutput
 from .. import convert
 from ._checks import check_text
 from .blip import BlipTextLMHeadModel, BlipTextModel
-from .blip_finetune import (BlipTaskConfig, TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint,
+from .blip_config import TEXT_FIELDS, VISION_FIELDS, BlipTaskConfig, config_fields
+from .blip_finetune import (TaskCheckpoints, TaskLoad, check_embeds, check_pixels, enc_ids, load_task_checkpoint,
                             task_vit, vision_tokens)
 
 __all__ = ["BlipVQA", "BlipVQAConfig", "BlipVQAOutput", "PRETRAIN_EXTRAS"]
@@ -54,7 +55,7 @@ IGNORE = -100
 
 
 class BlipVQAConfig(BlipTaskConfig):
-    """:class:`~blipfast.models.blip_finetune.BlipTaskConfig` at BLIP's VQA resolution (480 px, ``configs/vqa.yaml``)."""
+    """:class:`~blipfast.models.blip_config.BlipTaskConfig` at BLIP's VQA resolution (480 px, ``configs/vqa.yaml``)."""
 
     IMAGE_SIZE = 480
 
@@ -77,7 +78,7 @@ def _seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> 
     return ce.view(targets.shape).sum(1)
 
 
-class BlipVQA(nn.Module):
+class BlipVQA(TaskCheckpoints, nn.Module):
     """BLIP's VQA model (see the module docstring)."""
 
     def __init__(self, config: Any = None):
@@ -273,31 +274,15 @@ class BlipVQA(nn.Module):
         return load_task_checkpoint(self, state_dict, drop=PRETRAIN_EXTRAS, what=what)
 
     @classmethod
-    def from_lavis(cls, checkpoint, config: Any = None) -> "BlipVQA":
-        """A model from a Salesforce BLIP checkpoint (a ``.pth`` path read with ``weights_only=True``, a dict with
-        key ``"model"``, or a state dict)."""
-        model = cls(config)
-        model.load_lavis_state_dict(convert.load_state_dict(checkpoint))
-        return model
-
-    def to_lavis_state_dict(self) -> dict:
-        """The weights under Salesforce BLIP names (``visual_encoder.*``, ``text_encoder.*``, ``text_decoder.*``)."""
-        sd = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
-        return convert.hf_to_blip(sd, strict=True).state_dict
-
-    @classmethod
     def from_hf(cls, hf_model: nn.Module, **config) -> "BlipVQA":
         """A BlipVQA with the weights of an HF ``BlipForQuestionAnswering`` (its text and vision configs; [DEC] is the
         text config's ``bos_token_id`` and [ENC] the next id, as in BLIP's tokenizer; ``config``:
         :class:`BlipVQAConfig` fields over these, e.g. ``enc_token_id``)."""
-        from .blip_finetune import _fields
-        from .blip_pretrain import TEXT_FIELDS, VISION_FIELDS
-
         c = hf_model.config
-        text = {k: v for k, v in _fields(c.text_config, TEXT_FIELDS).items() if v is not None}
+        text = {k: v for k, v in config_fields(c.text_config, TEXT_FIELDS).items() if v is not None}
         bos = c.text_config.bos_token_id
         ids = {"bos_token_id": bos, "enc_token_id": bos + 1} if isinstance(bos, int) else {}
-        model = cls(BlipVQAConfig(text=text, vision=_fields(c.vision_config, VISION_FIELDS),
+        model = cls(BlipVQAConfig(text=text, vision=config_fields(c.vision_config, VISION_FIELDS),
                                   **{"drop_path_rate": 0.0, **ids, **config}))
         w = hf_model.text_encoder.embeddings.word_embeddings.weight
         model.to(device=w.device, dtype=w.dtype)

@@ -91,6 +91,12 @@ from ...data.shards import input_kind
 
 _REGISTRY: dict = {}
 
+# the tiny BLIP (v1) towers (the tests' and examples' size)
+_BLIP_TINY = {"text": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256, "num_hidden_layers": 2,
+                       "max_position_embeddings": 64},
+              "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "image_size": 32, "patch_size": 8}}
+
 # --preset NAME of each model family: fields over its config class's defaults
 PRESETS = {
     "blip2": {  # Blip2Stage1Config
@@ -101,19 +107,13 @@ PRESETS = {
     },
     "blip": {  # BlipPretrainConfig
         "base": {},  # ViT-B/16 at 224 px, BERT-base MED, queue 57600
-        "tiny": {"embed_dim": 64, "queue_size": 1024,
-                 "text": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
-                          "num_hidden_layers": 2, "max_position_embeddings": 64},
-                 "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
+        "tiny": {"embed_dim": 64, "queue_size": 1024, **_BLIP_TINY},
     },
-    "blip-task": {  # BlipVQAConfig, BlipNLVRConfig (blipfast.models.blip_finetune.BlipTaskConfig)
-        "base": {},  # ViT-B/16 at the task's size (VQA 480 px, NLVR2 384 px), BERT-base MED
-        "tiny": {"text": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256,
-                          "num_hidden_layers": 2, "max_position_embeddings": 64},
-                 "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "image_size": 32, "patch_size": 8}},
-    },
+    # the BLIP (v1) fine-tuning tasks (blipfast.train.tasks.blip_pretrain.BlipFinetuneTask); base: BLIP's recipe, the
+    # ViT-B/16 at the task's size (retrieval, captioning, NLVR2 384 px, VQA 480 px), BERT-base MED
+    "blip-retrieval": {"base": {}, "tiny": {"embed_dim": 64, "queue_size": 1024, **_BLIP_TINY}},  # BlipRetrievalConfig
+    "blip-caption": {"base": {}, "tiny": _BLIP_TINY},  # BlipCaptionConfig
+    "blip-task": {"base": {}, "tiny": _BLIP_TINY},  # BlipVQAConfig, BlipNLVRConfig (models.blip_config.BlipTaskConfig)
 }
 
 

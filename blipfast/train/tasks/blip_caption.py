@@ -3,7 +3,7 @@ BLIP's ``train_caption.py`` with ``configs/caption_coco.yaml``; docs/blip-finetu
 
 What the BLIP fine-tuning tasks share (tokenizer with [DEC] and [ENC], model configuration, BLIP's transform at the
 model's resolution, ``--init`` from any BLIP checkpoint, ``--eval-every``) is
-:class:`~blipfast.train.tasks.blip_retrieval.BlipFinetuneTask`'s. Captioning specifics:
+:class:`~blipfast.train.tasks.blip_pretrain.BlipFinetuneTask`'s. Captioning specifics:
 
 - ``--prompt`` (default BLIP's "a picture of ") is put before every processed caption (``coco_karpathy_train``:
   ``prompt + pre_caption(caption, 30)``), the text tokenised to ``--max-txt-len`` 40 tokens; the prompt's tokens
@@ -20,11 +20,8 @@ import os
 
 import torch
 
-from .base import PRESETS, _need, register
-from .blip_retrieval import BlipFinetuneTask
-
-PRESETS.setdefault("blip-caption", {name: {k: v for k, v in p.items() if k in ("text", "vision")}
-                                    for name, p in PRESETS["blip"].items()})
+from .base import _need, register
+from .blip_pretrain import BlipFinetuneTask
 
 
 @register
@@ -38,14 +35,14 @@ class BlipCaptionTask(BlipFinetuneTask):
     spelling = "--task blip-caption"
     # configs/caption_coco.yaml (ViT-B): AdamW lr 1e-5, weight decay 0.05, cosine to 0 over 5 epochs, batch 32 per
     # GPU, prompt 'a picture of '; BLIP_Decoder: tokens truncated at 40
-    defaults = {**BlipFinetuneTask.defaults, "batch_size": 32, "epochs": 5.0, "max_txt_len": 40, "image_ids": False,
-                "prompt": "a picture of "}
+    defaults = {**BlipFinetuneTask.defaults, "lr": 1e-5, "warmup_lr": 1e-5, "eval_every": 1, "batch_size": 32,
+                "epochs": 5.0, "max_txt_len": 40, "prompt": "a picture of "}
 
     @staticmethod
-    def config_class():
-        from ...models.blip_caption import BlipCaptionConfig
+    def model_classes() -> tuple:
+        from ...models.blip_caption import BlipCaptioner, BlipCaptionConfig
 
-        return BlipCaptionConfig
+        return BlipCaptioner, BlipCaptionConfig
 
     @classmethod
     def check_options(cls, cfg: dict) -> None:
@@ -58,20 +55,14 @@ class BlipCaptionTask(BlipFinetuneTask):
         """BLIP's ``len(tokenizer(prompt).input_ids) - 1``: [DEC] and the prompt's tokens."""
         return len(tok(prompt)["input_ids"]) - 1 if prompt else 0
 
-    def build(self, cfg: dict, tok, width, device, fresh: bool):
-        from ...models.blip_caption import BlipCaptioner
-
-        self.tok = tok
+    def fixed_fields(self, cfg: dict, tok) -> list:
+        """[DEC] and the prompt's length."""
         fixed = {"bos_token_id": tok.bos_token_id, "prompt_length": self.prompt_length(tok, cfg["prompt"])}
-        mcfg = self.model_config(cfg, tok, [(fixed, "the tokenizer and --prompt")])
-        return self.finish_build(BlipCaptioner(mcfg), mcfg, cfg, device, fresh)
+        return [(fixed, "the tokenizer and --prompt")]
 
     def tokenize(self, model, tok, captions: list, cfg: dict) -> dict:
         """``prompt + caption`` tokenised to ``--max-txt-len`` ([CLS] first: the model puts [DEC] there)."""
         return super().tokenize(model, tok, [cfg["prompt"] + c for c in captions], cfg)
-
-    def step_inputs(self, micro_step: int, steps_per_epoch: float) -> dict:
-        return {}
 
     def step_loss(self, model, pixel_values, inp: dict, seed):
         loss = model(pixel_values, inp["input_ids"], inp["attention_mask"]).loss

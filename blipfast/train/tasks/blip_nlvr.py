@@ -20,7 +20,7 @@ import torch
 
 from ...ops._philox import philox_u32
 from .base import register
-from .blip_vqa import BlipFinetuneTask
+from .blip_pretrain import BlipFinetuneTask
 
 
 @register
@@ -33,21 +33,16 @@ class BlipNLVRTask(BlipFinetuneTask):
     max_words = 40  # BLIP's nlvr_dataset: pre_caption(sentence, 40)
     # Salesforce BLIP configs/nlvr.yaml and train_nlvr.py (BLIP tokenises without truncation: 40 words fit 64 tokens;
     # train_nlvr.py evaluates the val and test splits after every epoch)
-    defaults = {"lr": 3e-5, "warmup_lr": 3e-5, "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.05,
-                "batch_size": 16, "epochs": 15.0, "max_txt_len": 64, "image_ids": False, "eval_every": 1}
+    defaults = {**BlipFinetuneTask.defaults, "lr": 3e-5, "warmup_lr": 3e-5, "batch_size": 16, "epochs": 15.0,
+                "max_txt_len": 64, "eval_every": 1}
+    streams = False  # image pairs with a sentence: annotation files, not image-caption streams
     synthetic_eval = "nlvr2_eval.json"  # make_synthetic_nlvr2's evaluation pairs
 
-    @property
-    def model_cls(self):
-        from ...models.blip_nlvr import BlipNLVR
+    @staticmethod
+    def model_classes() -> tuple:
+        from ...models.blip_nlvr import BlipNLVR, BlipNLVRConfig
 
-        return BlipNLVR
-
-    @property
-    def config_cls(self):
-        from ...models.blip_nlvr import BlipNLVRConfig
-
-        return BlipNLVRConfig
+        return BlipNLVR, BlipNLVRConfig
 
     def synthetic(self, folder: str, size: int, seed: int) -> dict:
         from ...data.nlvr2 import make_synthetic_nlvr2

@@ -16,9 +16,9 @@
   (or the synthetic set's ``vqa_eval.json``) and ``--answer-list`` (or the synthetic set's answer list), no
   evaluation by default (``train_vqa.py`` answers the test split once, after training).
 
-:class:`BlipFinetuneTask` is what BLIP's task recipes share here (NLVR2 uses it too): the ViT at the task's size,
-BLIP's tokenizer with [ENC], the model configuration from the ``blip-task`` presets, the weights of ``--vision`` and
-``--init`` through the task model's BLIP loader.
+:class:`~blipfast.train.tasks.blip_pretrain.BlipFinetuneTask` is what BLIP's fine-tuning tasks share: the ViT at the
+task's size, BLIP's tokenizer with [ENC], the model configuration from the ``blip-task`` presets, the weights of
+``--vision`` and ``--init`` through the task model's BLIP loader, the evaluation through :meth:`score_split`.
 """
 from __future__ import annotations
 
@@ -26,109 +26,8 @@ import os
 
 import torch
 
-from .base import PRESETS, Task, _need, merge, model_config, register
-
-
-class BlipFinetuneTask(Task):
-    """The parts BLIP's fine-tuning tasks share (see the module docstring); a task sets ``model_cls`` (a model
-    with ``config`` and ``load_lavis_state_dict``) and ``config_cls``."""
-
-    trains_vision = True
-    vision_kind = "blip"
-    streams = False  # VQA question lists and NLVR2 image pairs: annotation files, not image-caption streams
-    enc_token = True  # BLIP's tokenizer: BERT with [ENC]
-    recipe = "blip-finetune"  # train/schedules.py, train/param_groups.py: Salesforce BLIP's train_*.py recipes
-    model_cls = None
-    config_cls = None
-
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.vit = self.tok = None
-        self.ann = None
-
-    def image_size(self, cfg: dict) -> int:
-        user = merge(PRESETS["blip-task"][cfg["preset"]], cfg["model"] or {})
-        return user.get("vision", {}).get("image_size", self.config_cls.IMAGE_SIZE)
-
-    def image_processor(self, cfg: dict, dist):
-        """BLIP's evaluation transform at the task's size (its size, mean and std also set the ``--augment`` train
-        transform); ``--vision`` gives the ViT's starting weights (kept for :meth:`build`)."""
-        from ...data.vision import default_blip_processor, load_blip_vision
-
-        if cfg["vision"] is not None:
-            self.vit, _ = load_blip_vision(cfg["vision"])
-        processor = default_blip_processor(self.image_size(cfg))
-        if dist.main:
-            processor.save_pretrained(os.path.join(cfg["out"], "image_processor"))
-        return processor
-
-    def build(self, cfg: dict, tok, width, device, fresh: bool):
-        from ...models.blip_finetune import load_task_checkpoint
-        from ...models.blip_pretrain import TEXT_FIELDS, VISION_FIELDS
-
-        self.tok = tok
-        sep = tok.sep_token_id
-        derived = [({"bos_token_id": tok.bos_token_id, "enc_token_id": tok.convert_tokens_to_ids("[ENC]"),
-                     "text": {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
-                              "bos_token_id": tok.bos_token_id, "sep_token_id": sep, "eos_token_id": sep}},
-                    "the tokenizer")]
-        if self.vit is not None:  # --vision fixes the ViT but its size: the position embeddings are interpolated
-            derived.append(({"vision": {k: getattr(self.vit.config, k) for k in VISION_FIELDS if k != "image_size"}},
-                            "--vision"))
-        mcfg = model_config(self.config_cls, "blip-task", cfg, derived,
-                            nested={"text": ("BlipTextConfig", TEXT_FIELDS), "vision": ("BlipVisionConfig",
-                                                                                        VISION_FIELDS)})
-        if cfg["max_txt_len"] > mcfg.text.max_position_embeddings:
-            raise ValueError(f"--max-txt-len {cfg['max_txt_len']} exceeds the text model's max_position_embeddings "
-                             f"({mcfg.text.max_position_embeddings})")
-        model = self.model_cls(mcfg)
-        if self.vit is not None:
-            sd = {"vision_model." + k: v for k, v in self.vit.state_dict().items()}
-            load_task_checkpoint(model, sd, initialise=(r"(?!vision_model\.)",), what="--vision")
-            self.vit = None
-        model = model.to(device).train()
-        if cfg["init"] is not None and fresh:
-            self.init_weights(model, cfg["init"])
-        return model, mcfg.to_dict()
-
-    def init_weights(self, model, path: str) -> None:
-        """``--init``: a Salesforce BLIP checkpoint (pre-training or this task's) or a blipfast run, through the
-        model's BLIP loader (BLIP's ``load_checkpoint``: what the task has no place for is left out, what the
-        checkpoint lacks keeps its initialisation; both are printed)."""
-        from ... import convert
-
-        src = convert.resolve_source(path, what="--init")
-        rep = model.load_lavis_state_dict(convert.load_state_dict(src.weights), what="--init")
-        for label, keys in (("left out", rep.left_out), ("initialised (not in the checkpoint)", rep.initialised)):
-            if keys:
-                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                print(f"blipfast train: --init {path}: {label}: {shown}", flush=True)
-
-
-    def evaluate(self, model, cfg: dict, dist, epoch: int):
-        """The task's ``score_split`` of the evaluation file (:meth:`Task.eval_data`) under :meth:`Task.evaluating`,
-        flattened by :meth:`metrics` (rank 0; None on the others and without an evaluation file)."""
-        data = self.eval_data(cfg)
-        if data is None or not dist.main:
-            return None
-        with self.evaluating(cfg, model):
-            res = self.score_split(model, self.tok, data, cfg["images"], batch_size=cfg["batch_size"],
-                                   max_txt_len=cfg["max_txt_len"], **self.score_options(cfg))
-        return self.metrics(res)
-
-    def score_options(self, cfg: dict) -> dict:
-        """The task's own keyword arguments of ``score_split`` in :meth:`evaluate` (default: none)."""
-        return {}
-
-    def metrics(self, result: dict) -> dict:
-        """The numbers of a ``score_split`` result, one flat dict (nested tables joined by ``_``)."""
-        out = {}
-        for key, value in result.items():
-            if isinstance(value, dict):
-                out.update({f"{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
-            elif isinstance(value, (int, float)):
-                out[key] = value
-        return out
+from .base import _need, register
+from .blip_pretrain import BlipFinetuneTask
 
 
 @register
@@ -140,24 +39,19 @@ class BlipVQATask(BlipFinetuneTask):
     spelling = "--task blip-vqa"
     max_words = 50  # BLIP's pre_question(question, max_ques_words=50)
     # Salesforce BLIP configs/vqa.yaml and train_vqa.py
-    defaults = {"lr": 2e-5, "warmup_lr": 2e-5, "warmup_steps": 0, "min_lr": 0.0, "weight_decay": 0.05,
-                "batch_size": 16, "epochs": 10.0, "max_txt_len": 35, "image_ids": False}
+    defaults = {**BlipFinetuneTask.defaults, "lr": 2e-5, "warmup_lr": 2e-5, "batch_size": 16, "epochs": 10.0,
+                "max_txt_len": 35}
+    streams = False  # question lists with answers: annotation files, not image-caption streams
     k_test = 128
     synthetic_eval = "vqa_eval.json"  # make_synthetic_vqa's evaluation questions (and vqa_answer_list.json)
     takes_answer_list = True
     max_answer_tokens = 32  # an answer longer than this (never in VQAv2 / VG) is cut
 
-    @property
-    def model_cls(self):
-        from ...models.blip_vqa import BlipVQA
+    @staticmethod
+    def model_classes() -> tuple:
+        from ...models.blip_vqa import BlipVQA, BlipVQAConfig
 
-        return BlipVQA
-
-    @property
-    def config_cls(self):
-        from ...models.blip_vqa import BlipVQAConfig
-
-        return BlipVQAConfig
+        return BlipVQA, BlipVQAConfig
 
     def synthetic(self, folder: str, size: int, seed: int) -> dict:
         from ...data.vqa import make_synthetic_vqa
