@@ -19,8 +19,8 @@ from blipfast.train import Trainer
 from blipfast.train.config import read_config_file, resolve
 from tests.helpers.blip2_caption import write_lavis_stage1_no_vit
 from tests.helpers.stage2 import write_lavis_stage1, write_llm
-from tests.helpers.tolerance import assert_close, assert_grads_within_torch_error, assert_within_torch_error
-from tests.models.test_stage2_t5_activation import _assert_grads_equal_in_float64 as assert_grads_equal_in_float64
+from tests.helpers.tolerance import (assert_close, assert_grads_equal_in_float64, assert_grads_within_torch_error,
+                                     assert_within_torch_error)
 from tests.helpers.train import read_log, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical runs, a 2-core CI (tests/conftest.py)

@@ -221,32 +221,9 @@ class Blip2CaptionTask(Blip2Stage2Task):
 
     def evaluate(self, model, cfg: dict, dist, epoch: int):
         """LAVIS' COCO decoding of every image of the evaluation file, scored against its references (rank 0)."""
-        from ...data.vision import load_image, preprocess
-        from ...evaluation import ScorerUnavailableError, read_caption_references, score_captions
-        from .blip_caption import _image_paths
+        from .blip_caption import caption_and_score
 
-        data = self.eval_data(cfg)
-        if data is None or not dist.main:
-            return None
-        refs = read_caption_references(data)
-        paths = list(dict.fromkeys(_image_paths(data)))
-        keys = [refs.names.get(os.path.basename(p)) for p in paths]
-        if None in keys:
-            raise ValueError(f"--eval-data: cannot tell the image id of {paths[keys.index(None)]!r} (two images of one "
-                             f"file name?)")
-        preds, b = {}, cfg["batch_size"]
-        with self.evaluating(cfg, model):
-            for i in range(0, len(paths), b):
-                px = torch.stack([preprocess(self.processor, load_image(os.path.join(cfg["images"], p)))
-                                  for p in paths[i:i + b]])
-                preds.update(zip(keys[i:i + b], self.captions(model, px, cfg)))
-        with open(os.path.join(cfg["out"], f"captions-epoch{epoch}.jsonl"), "w") as fh:
-            fh.writelines(json.dumps({"image_id": k, "caption": c}) + "\n" for k, c in preds.items())
-        try:
-            scores = score_captions(preds, refs, spice=False)
-        except ScorerUnavailableError as exc:
-            return {"captions": len(preds), "scores": f"unavailable: {exc}"}
-        return {"captions": len(preds), **{k: round(v, 4) for k, v in scores.metrics.items()}}
+        return caption_and_score(self, model, cfg, dist, epoch, lambda px: self.captions(model, px, cfg))
 
     def captions(self, model, pixel_values: torch.Tensor, cfg: dict) -> list:
         """The captions of ``pixel_values`` with LAVIS' COCO decoding (``Blip2OPT`` / ``Blip2T5.generate``: its

@@ -70,31 +70,40 @@ class BlipCaptionTask(BlipFinetuneTask):
 
     def evaluate(self, model, cfg: dict, dist, epoch: int):
         """BLIP's decoding of every image of the evaluation file, scored against its references (rank 0)."""
-        from ...data.vision import load_image, preprocess
-        from ...evaluation import ScorerUnavailableError, read_caption_references, score_captions
+        return caption_and_score(self, model, cfg, dist, epoch,
+                                 lambda px: model.caption(px, self.tok, prompt=cfg["prompt"]))
 
-        data = self.eval_data(cfg)
-        if data is None or not dist.main:
-            return None
-        refs = read_caption_references(data)
-        paths = list(dict.fromkeys(_image_paths(data)))  # the evaluation images, each once, in the file's order
-        keys = [refs.names.get(os.path.basename(p)) for p in paths]
-        if None in keys:
-            raise ValueError(f"--eval-data: cannot tell the image id of {paths[keys.index(None)]!r} (two images of one "
-                             f"file name?)")
-        preds, b = {}, cfg["batch_size"]
-        with self.evaluating(cfg, model):
-            for i in range(0, len(paths), b):
-                px = torch.stack([preprocess(self.processor, load_image(os.path.join(cfg["images"], p)))
-                                  for p in paths[i:i + b]])
-                preds.update(zip(keys[i:i + b], model.caption(px, self.tok, prompt=cfg["prompt"])))
-        with open(os.path.join(cfg["out"], f"captions-epoch{epoch}.jsonl"), "w") as fh:
-            fh.writelines(json.dumps({"image_id": k, "caption": c}) + "\n" for k, c in preds.items())
-        try:
-            scores = score_captions(preds, refs, spice=False)
-        except ScorerUnavailableError as exc:
-            return {"captions": len(preds), "scores": f"unavailable: {exc}"}
-        return {"captions": len(preds), **{k: round(v, 4) for k, v in scores.metrics.items()}}
+
+def caption_and_score(task, model, cfg: dict, dist, epoch: int, captions) -> dict | None:
+    """A caption task's ``--eval-every`` (rank 0): every image of the evaluation file once, in the file's order,
+    through ``task.processor`` in batches of ``--batch-size`` and ``captions`` (pixel_values -> list of str), the
+    captions written to ``RUN/captions-epoch{epoch}.jsonl`` and scored against the file's references (the COCO
+    toolkit; "unavailable" with the reason when it cannot run)."""
+    from ...data.vision import load_image, preprocess
+    from ...evaluation import ScorerUnavailableError, read_caption_references, score_captions
+
+    data = task.eval_data(cfg)
+    if data is None or not dist.main:
+        return None
+    refs = read_caption_references(data)
+    paths = list(dict.fromkeys(_image_paths(data)))  # the evaluation images, each once, in the file's order
+    keys = [refs.names.get(os.path.basename(p)) for p in paths]
+    if None in keys:
+        raise ValueError(f"--eval-data: cannot tell the image id of {paths[keys.index(None)]!r} (two images of one "
+                         f"file name?)")
+    preds, b = {}, cfg["batch_size"]
+    with task.evaluating(cfg, model):
+        for i in range(0, len(paths), b):
+            px = torch.stack([preprocess(task.processor, load_image(os.path.join(cfg["images"], p)))
+                              for p in paths[i:i + b]])
+            preds.update(zip(keys[i:i + b], captions(px)))
+    with open(os.path.join(cfg["out"], f"captions-epoch{epoch}.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({"image_id": k, "caption": c}) + "\n" for k, c in preds.items())
+    try:
+        scores = score_captions(preds, refs, spice=False)
+    except ScorerUnavailableError as exc:
+        return {"captions": len(preds), "scores": f"unavailable: {exc}"}
+    return {"captions": len(preds), **{k: round(v, 4) for k, v in scores.metrics.items()}}
 
 
 def _image_paths(path: str) -> list:
