@@ -10,9 +10,9 @@ toolkit's fractions (CIDEr 1.05, not 105).
 
 What differs, and why:
 
-- METEOR runs on several Java processes (``meteor_workers``; :mod:`blipfast.evaluation.meteor`), started before
-  the tokenizer so that their start overlaps the other scorers; the per-image and corpus scores are
-  pycocoevalcap's, bit for bit.
+- METEOR runs on one or more Java processes (``meteor_workers``; :mod:`blipfast.evaluation.meteor`), started
+  before the tokenizer so that their start (seconds: the paraphrase table) overlaps the tokenizer and the other
+  scorers; the per-image and corpus scores are pycocoevalcap's, bit for bit.
 - captions are sanitised first: the line and record separators (``\\n \\r \\x0b \\x0c \\x1c-\\x1e \\x85 U+2028
   U+2029``) become spaces. The tokenizer reads one caption per line and Java splits lines at ``\\r``, ``\\x0b``,
   ``\\x0c`` and U+2028/9 (pycocoevalcap only replaces ``\\n``), so one such caption shifts every later caption
@@ -27,7 +27,6 @@ What differs, and why:
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import io
 import os
@@ -169,21 +168,20 @@ def score_captions(predictions: Mapping, references: Mapping, *, spice: Optional
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    # METEOR's processes start first (seconds each) and score in a thread while BLEU, ROUGE-L and CIDEr run here;
-    # leaving the block kills them first, so that a failure here does not wait for METEOR
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="meteor-score") as background, \
-            MeteorScorer(meteor_workers, images=len(ids), java=java) as meteor:
+    # METEOR's processes start first (seconds each: its paraphrase table) and load while the tokenizer, BLEU,
+    # ROUGE-L and CIDEr run here; METEOR scores last, with nothing else holding the interpreter (a thread feeding
+    # Java while Python code runs waits for the interpreter at every line). Leaving the block ends the processes.
+    with MeteorScorer(meteor_workers, images=len(ids), java=java) as meteor:
         # the scorers see positions 0..n-1 as image keys: one key type, SPICE's sorted order is the images' order
         gts = ptb_tokenize({n: list(references[i]) for n, i in enumerate(ids)})
         res = ptb_tokenize({n: [predictions[i]] for n, i in enumerate(ids)})
-        meteor_future = background.submit(meteor.compute_score, gts, res)
         found = {}
         bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
         for k in range(4):
             found[f"Bleu_{k + 1}"] = bleu[k], bleu_each[k]
         for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
             found[name] = scorer.compute_score(gts, res)
-        found["METEOR"] = meteor_future.result()
+        found["METEOR"] = meteor.compute_score(gts, res)
     metrics, per = {}, {}
     for name in METRICS:
         metrics[name], per[name] = found[name]
