@@ -104,12 +104,19 @@ class MeteorScorer:
         except OSError as e:
             self.close()
             raise RuntimeError(f"METEOR could not start ({' '.join(cmd)}): {e}") from None
+        except BaseException:  # an interrupt: no process left behind
+            self.close()
+            raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):  # a scorer dropped without close(): its processes end with it
+        if not getattr(self, "closed", True):
+            self.close()
 
     def _kill(self) -> None:
         for p in self.processes:
