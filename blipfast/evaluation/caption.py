@@ -10,6 +10,9 @@ toolkit's fractions (CIDEr 1.05, not 105).
 
 What differs, and why:
 
+- METEOR runs on one or more Java processes (``meteor_workers``; :mod:`blipfast.evaluation.meteor`), started
+  before the tokenizer so that their start (seconds: the paraphrase table) overlaps the tokenizer and the other
+  scorers; the per-image and corpus scores are pycocoevalcap's, bit for bit.
 - captions are sanitised first: the line and record separators (``\\n \\r \\x0b \\x0c \\x1c-\\x1e \\x85 U+2028
   U+2029``) become spaces. The tokenizer reads one caption per line and Java splits lines at ``\\r``, ``\\x0b``,
   ``\\x0c`` and U+2028/9 (pycocoevalcap only replaces ``\\n``), so one such caption shifts every later caption
@@ -27,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -35,9 +37,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .formats import select
+from .meteor import MeteorScorer, check_workers, sanitize_caption
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-_SEPARATORS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 JAVA_HELP = ("the COCO caption toolkit (pycocoevalcap: its PTB tokenizer and METEOR) needs a Java runtime, and "
              "{problem}. Install a headless JRE with the system package manager, e.g. `sudo apt-get install -y "
              "default-jre-headless` (Debian / Ubuntu), `sudo dnf install -y java-17-openjdk-headless` (Fedora / "
@@ -49,11 +51,6 @@ SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 class ScorerUnavailableError(RuntimeError):
     """The caption toolkit cannot run here (no Java runtime, or pycocoevalcap not installed); the message says
     how to fix it."""
-
-
-def sanitize_caption(text: str) -> str:
-    """``text`` with every line or record separator replaced by a space."""
-    return _SEPARATORS.sub(" ", text)
 
 
 def check_java() -> str:
@@ -80,10 +77,11 @@ def _toolkit_dir() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)))
 
 
-def check_toolkit() -> None:
-    """ScorerUnavailableError, saying how to fix it, when pycocoevalcap or the Java runtime is missing."""
+def check_toolkit() -> str:
+    """The ``java`` that will run, or ScorerUnavailableError, saying how to fix it, when pycocoevalcap or the Java
+    runtime is missing."""
     _toolkit_dir()
-    check_java()
+    return check_java()
 
 
 def ptb_tokenize(captions: Mapping) -> dict:
@@ -136,24 +134,6 @@ class CaptionScores:
     coverage: dict = field(default_factory=dict)
 
 
-def _meteor(gts: dict, res: dict):
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    meteor = Meteor()
-    try:
-        return meteor.compute_score(gts, res)
-    except (OSError, ValueError) as e:  # the Java process died (memory, a broken jar): its stderr says why
-        meteor.meteor_p.kill()
-        err = meteor.meteor_p.stderr.read().decode(errors="replace").strip()
-        raise RuntimeError(f"METEOR failed ({e}): {err[-2000:]}") from None
-    finally:
-        if meteor.meteor_p.poll() is None:
-            meteor.meteor_p.kill()
-        meteor.meteor_p.wait()
-        if meteor.lock.locked():  # released by compute_score unless it failed; its __del__ takes it again
-            meteor.lock.release()
-
-
 def _spice(gts: dict, res: dict):
     from pycocoevalcap.spice.spice import Spice
 
@@ -162,14 +142,17 @@ def _spice(gts: dict, res: dict):
 
 
 def score_captions(predictions: Mapping, references: Mapping, *, spice: Optional[bool] = None,
-                   allow_missing: bool = False) -> CaptionScores:
+                   allow_missing: bool = False, meteor_workers: Optional[int] = None) -> CaptionScores:
     """Score ``predictions`` (image id -> caption) against ``references`` (image id -> [captions]) the LAVIS way
     (see the module doc). Every reference image needs exactly one prediction and every prediction an image
     (ValueError), unless ``allow_missing``: then the predicted images are scored (CIDEr's document frequencies
     from their references only, as LAVIS scores a subset) and ``coverage`` tells how many.
 
     ``spice``: None runs it when it can, False skips it, True requires it (RuntimeError when it cannot run).
+    ``meteor_workers``: METEOR's Java processes (up to 2 GB of memory each), None:
+    :func:`blipfast.evaluation.meteor.default_workers`; the numbers do not depend on it.
     Raises :class:`ScorerUnavailableError` when Java or pycocoevalcap is missing."""
+    check_workers(meteor_workers)
     ids, coverage = select(predictions, references, allow_missing=allow_missing)
     for i in ids:
         if not isinstance(predictions[i], str):
@@ -177,7 +160,7 @@ def score_captions(predictions: Mapping, references: Mapping, *, spice: Optional
         refs = references[i]
         if isinstance(refs, str) or not refs or not all(isinstance(c, str) for c in refs):
             raise ValueError(f"the references of image {i!r} must be a non-empty list of strings")
-    check_toolkit()
+    java = check_toolkit()
     status = "off" if spice is False else (spice_unavailable_reason() or "ran")
     if spice and status != "ran":
         raise RuntimeError(f"SPICE cannot run: {status}")
@@ -185,16 +168,23 @@ def score_captions(predictions: Mapping, references: Mapping, *, spice: Optional
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    # the scorers see positions 0..n-1 as image keys: one key type, SPICE's sorted order is the images' order
-    gts = ptb_tokenize({n: list(references[i]) for n, i in enumerate(ids)})
-    res = ptb_tokenize({n: [predictions[i]] for n, i in enumerate(ids)})
+    # METEOR's processes start first (seconds each: its paraphrase table) and load while the tokenizer, BLEU,
+    # ROUGE-L and CIDEr run here; METEOR scores last, with nothing else holding the interpreter (a thread feeding
+    # Java while Python code runs waits for the interpreter at every line). Leaving the block ends the processes.
+    with MeteorScorer(meteor_workers, images=len(ids), java=java) as meteor:
+        # the scorers see positions 0..n-1 as image keys: one key type, SPICE's sorted order is the images' order
+        gts = ptb_tokenize({n: list(references[i]) for n, i in enumerate(ids)})
+        res = ptb_tokenize({n: [predictions[i]] for n, i in enumerate(ids)})
+        found = {}
+        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+        for k in range(4):
+            found[f"Bleu_{k + 1}"] = bleu[k], bleu_each[k]
+        for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+            found[name] = scorer.compute_score(gts, res)
+        found["METEOR"] = meteor.compute_score(gts, res)
     metrics, per = {}, {}
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
-    for k in range(4):
-        metrics[f"Bleu_{k + 1}"], per[f"Bleu_{k + 1}"] = bleu[k], bleu_each[k]
-    metrics["METEOR"], per["METEOR"] = _meteor(gts, res)
-    for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
-        metrics[name], per[name] = scorer.compute_score(gts, res)
+    for name in METRICS:
+        metrics[name], per[name] = found[name]
     if status == "ran":
         try:
             metrics["SPICE"], each = _spice(gts, res)

@@ -55,6 +55,9 @@ def add_arguments(p) -> None:
     c.add_argument("--per-image", help="also write {image_id: {metric: score}} to this JSON file")
     c.add_argument("--no-spice", action="store_true", help="skip SPICE (default: run it when Stanford CoreNLP "
                    "3.6.0 is installed for pycocoevalcap)")
+    c.add_argument("--meteor-workers", type=int, metavar="N", help="METEOR's Java processes, up to 2 GB of memory "
+                   "each (default: the CPU count, at most 8, and at least 2,500 images each); the scores do not "
+                   "depend on it")
     v = _task(sub, "vqa", "VQA accuracy (VQAv2, OK-VQA, VizWiz): the official tool's rule",
               predictions="VQA results JSON [{\"question_id\", \"answer\"}] or the JSON lines of `blipfast vqa` "
               "(with a question_id field)",
@@ -96,7 +99,8 @@ def _caption(args) -> tuple:
     if args.model is not None:
         args.predictions = write_predictions(args, refs, "caption")
     preds = read_caption_predictions(args.predictions, refs)
-    s = score_captions(preds, refs, spice=False if args.no_spice else None, allow_missing=args.allow_missing)
+    s = score_captions(preds, refs, spice=False if args.no_spice else None, allow_missing=args.allow_missing,
+                       meteor_workers=args.meteor_workers)
     if args.per_image:
         Path(args.per_image).write_text(json.dumps({str(k): v for k, v in s.per_image.items()}, indent=1))
     return dict(s.metrics), s.coverage, format_captions(s)

@@ -111,7 +111,7 @@ def test_eval_caption_equals_the_toolkit(tmp_path, toolkit, capsys, monkeypatch)
     monkeypatch.setattr(C, "spice_unavailable_reason", lambda: "no Stanford CoreNLP here (test)")
     rc = cli.main(["eval", "caption", "--predictions", str(tmp_path / "pred.jsonl"), "--references",
                    str(tmp_path / "test.json"), "--out", str(tmp_path / "m.json"),
-                   "--per-image", str(tmp_path / "per_image.json")])
+                   "--per-image", str(tmp_path / "per_image.json"), "--meteor-workers", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     # exactly the toolkit's numbers (same scorers on the same tokens), corpus and per image
