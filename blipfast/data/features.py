@@ -48,9 +48,9 @@ VIEW_RULE = "TrainTransform(augment, size, seed)(image, epoch=view, index=view_i
 def view_index(key: str) -> int:
     """The sample index an image's views are seeded with: a hash of its key (the same in every run over any
     annotation file that names the image)."""
-    import hashlib
+    from .shards import hash63
 
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+    return hash63(key)
 
 
 def view_of(views: int, seed: int, epoch: int, index: int) -> int:

@@ -145,12 +145,18 @@ def samples_per_epoch(urls: Sequence[str], given: Optional[int]) -> int:
     return n
 
 
+def hash63(text: str) -> int:
+    """63 bits of the BLAKE2b hash of ``text`` (UTF-8): a stable non-negative int64 of a string, the same in every
+    process and run (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
 def key_image_id(key: str) -> int:
     """A sample key as an int64 image id: the number itself for a decimal key below 2**63 (img2dataset's keys
-    are, e.g. ``000010023``), else 63 bits of its BLAKE2b hash."""
+    are, e.g. ``000010023``), else :func:`hash63` of it."""
     if key.isdigit() and key.isascii() and len(key) < 19:
         return int(key)
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+    return hash63(key)
 
 
 def input_kind(data: Optional[str], features: Optional[str] = None) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .randaugment import RandomAugment
+from .shards import hash63
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "RECIPES", "TRAINING_RECIPES", "Recipe", "TrainTransform", "EvalTransform",
            "StreamAugment", "crop_params", "view_seeds", "to_normalized_tensor", "train_transform"]
@@ -252,8 +253,7 @@ class StreamAugment:
     def index(key: str, draw) -> int:
         """The sample index the augmentation is seeded with: a hash of the reading's ``draw`` (of ``key`` when the
         stream gives no draw)."""
-        what = repr(tuple(draw)) if draw is not None else f"key:{key}"
-        return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "little") >> 1
+        return hash63(repr(tuple(draw)) if draw is not None else f"key:{key}")
 
     def __call__(self, image, *, key: str, epoch: int, draw=None) -> torch.Tensor:
         return self.transform(image, epoch, self.index(key, draw))
