@@ -280,12 +280,11 @@ def cache_features(data: str, images: str, vision: str, out: str, *, batch_size:
 
 def _view_recipe(views, augment: Optional[str], seed) -> str:
     """The transform recipe of ``--views`` / ``--augment`` ("none" for the processor's pixels), checked."""
-    from .transforms import RECIPES
+    from .transforms import RECIPES, _index
 
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
         raise ValueError(f"--views must be a positive int, got {views!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"--seed must be an int in [0, 2**63), got {seed!r}")
+    _index("--seed", seed)
     if augment is None:
         augment = "none" if views == 1 else "reference"
     recipe = "blip2_image_train" if augment == "reference" else augment
