@@ -26,8 +26,9 @@ from ..data.image_stream import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEY
 from ..data.shards import input_kind
 from ..data.transforms import TRAINING_RECIPES
 from ..options import DTYPES, EXIT_STOPPED
-from .optim import PARAM_GROUPS, SCHEDULES, reference_rule
-from .schedules import shape_for
+from .optim import PARAM_GROUPS, SCHEDULES
+from .param_groups import REFERENCE_RULE
+from .schedules import REFERENCE_SHAPE
 from .tasks import task_class, task_names
 
 DTYPE_NAMES = tuple(sorted(DTYPES))
@@ -353,27 +354,12 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict]:
     cfg.update(given)
     cfg["task"], cfg["stage"] = task.name, task.stage
     # the references' recipes are the defaults; a task whose recipe has none keeps the alternative unless asked
-    for key, fallback, has_reference in (("schedule", "cosine-per-step", _has_reference_schedule),
-                                         ("param_groups", "lavis", _has_reference_rule)):
-        if key not in chosen and cfg[key] == "reference" and not has_reference(task.recipe):
+    for key, fallback, references in (("schedule", "cosine-per-step", REFERENCE_SHAPE),
+                                      ("param_groups", "lavis", REFERENCE_RULE)):
+        if key not in chosen and cfg[key] == "reference" and task.recipe not in references:
             cfg[key] = fallback
     return cfg, {**from_file, **given}
 
-
-def _has_reference_schedule(recipe: str) -> bool:
-    try:
-        shape_for("reference", recipe)
-    except ValueError:
-        return False
-    return True
-
-
-def _has_reference_rule(recipe: str) -> bool:
-    try:
-        reference_rule(recipe)
-    except ValueError:
-        return False
-    return True
 
 
 def validate(cfg: dict) -> None:
@@ -409,10 +395,10 @@ def validate(cfg: dict) -> None:
     need(kind in STREAMS or (cfg["samples_per_epoch"] is None and not cfg["resampled"]),
          "--samples-per-epoch and --resampled are options of streamed data (WebDataset shards, feature shards)")
     task = task_class(task_of(cfg))
-    need(cfg["schedule"] != "reference" or _has_reference_schedule(task.recipe),
+    need(cfg["schedule"] != "reference" or task.recipe in REFERENCE_SHAPE,
          f"--schedule reference: {task.spelling or task.name} has no reference schedule (its recipe is "
          f"{task.recipe!r}); use --schedule cosine-per-step")
-    need(cfg["param_groups"] != "reference" or _has_reference_rule(task.recipe),
+    need(cfg["param_groups"] != "reference" or task.recipe in REFERENCE_RULE,
          f"--param-groups reference: {task.spelling or task.name} has no reference rule (its recipe is "
          f"{task.recipe!r}); use --param-groups lavis")
     need(not (cfg["augment"] == "reference" and cfg["features"] is not None),
