@@ -232,7 +232,10 @@ class Trainer:
             width = tower.width
         self.ann = ann
         augment = self._augment(cfg, feats, processor)
-        self.augment_note = f"; augmented ({augment.recipe})" if augment is not None else ""
+        views = cache.views if cache is not None else 1
+        self.augment_note = (f"; augmented ({augment.recipe})" if augment is not None else
+                             f"; {views} augmented views per image ({cache.index.get('augment')}), one per visit"
+                             if views > 1 else "")
         tok, cfg["tokenizer"] = task.tokenizer(cfg, ann, d)
         self.tokenizer = tok
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
@@ -250,10 +253,6 @@ class Trainer:
         if self.stream is None:
             ds = FeatureTextDataset(ann, cache, text, seed=cfg["seed"]) if feats else \
                 task.dataset(ann, cfg["images"], processor, text, report, augment=augment)
-            views = cache.views if cache is not None else 1
-            if views > 1:
-                self.augment_note = (f"; {views} augmented views per image ({cache.index.get('augment')}), "
-                                     f"one per visit")
             self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"],
                                               with_epoch=augment is not None or views > 1)
             self.micro_per_epoch = self.sampler.steps_per_epoch
