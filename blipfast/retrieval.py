@@ -36,7 +36,7 @@ from .data.annotations import read_gallery as read_annotations
 from .models.blip2_retrieval import Blip2Retrieval
 
 __all__ = ["Blip2Retrieval", "recall_at_k", "read_annotations", "pre_caption", "load_images", "load_features",
-           "load_videos", "video_score_matrices", "check_video", "tokenize", "evaluate", "format_metrics", "Gallery"]
+           "load_videos", "video_score_matrices", "tokenize", "evaluate", "format_metrics", "Gallery"]
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean",
                "agg_metrics")
@@ -187,22 +187,6 @@ def load_features(folder, paths: Sequence[str]) -> torch.Tensor:
     return torch.stack([cache.get(k) for k in keys])
 
 
-def check_video(path: Path, where: str) -> None:
-    """A video input: a folder of frames or a video file (PyAV needed for the latter); ValueError naming the row."""
-    from .data.video import VIDEO_EXTENSIONS, _av
-
-    if path.is_dir():
-        return
-    if not (path.is_file() and path.name.lower().endswith(VIDEO_EXTENSIONS)):
-        state = "is missing" if not path.exists() else "is neither a folder of frames nor a video file"
-        raise ValueError(f"--images: {path} {state} (the video of {where}; --video reads folders of frames or "
-                         f"{', '.join(VIDEO_EXTENSIONS)} files)")
-    try:
-        _av()  # PyAV missing: its install advice now, not after the model loaded
-    except ValueError as e:
-        raise ValueError(f"{e} (the video {path} of {where})") from None
-
-
 class _VideoFiles(_ImageFiles):
     def __init__(self, paths, processor, num_frames):
         super().__init__(paths, processor)
@@ -222,6 +206,7 @@ def load_videos(model, folder, paths: Sequence[str], *, num_frames: int = 8, bat
     videos ``folder / path`` (frame folders or video files: :func:`blipfast.data.video.read_frames`), ``num_frames``
     frames each through ``processor`` (default BLIP's eval transform at the ViT's size) and a BLIP (v1)
     ``model``'s ViT, ``batch_size`` videos at a time (see the module docstring)."""
+    from .data.video import check_video
     from .models.blip_finetune import video_tokens
 
     folder = Path(folder)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .vision import ImageReadError, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "STRATEGIES", "VIDEO_EXTENSIONS", "list_frames", "read_frames",
+__all__ = ["IMAGE_EXTENSIONS", "STRATEGIES", "VIDEO_EXTENSIONS", "check_video", "list_frames", "read_frames",
            "sample_frame_indices", "video_length"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -71,6 +72,22 @@ def _av():
         raise ImageReadError("reading video files needs PyAV: pip install 'blipfast[video]' (or give folders of "
                              "frames)") from None
     return av
+
+
+def check_video(path, where: str) -> None:
+    """A video input: a folder of frames or a video file (PyAV needed for the latter); ValueError naming ``where``
+    (the row or gallery item) before any model loads."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not (path.is_file() and path.name.lower().endswith(VIDEO_EXTENSIONS)):
+        state = "is missing" if not path.exists() else "is neither a folder of frames nor a video file"
+        raise ValueError(f"--images: {path} {state} (the video of {where}; --video reads folders of frames or "
+                         f"{', '.join(VIDEO_EXTENSIONS)} files)")
+    try:
+        _av()  # PyAV missing: its install advice now, not after the model loaded
+    except ValueError as e:
+        raise ValueError(f"{e} (the video {path} of {where})") from None
 
 
 def _decode(path: str, keep=None):

@@ -104,7 +104,7 @@ def _image_index(root: Path) -> dict:
 def _jobs(refs, root: Path, task: str, video: bool = False) -> list:
     """``[(id, image file, question)]`` in the references' order (``video``: the rows' videos, a folder of frames
     or a video file each); ValueError naming the row of a missing input."""
-    from ..retrieval import check_video
+    from ..data.video import check_video
     from .formats import canonical_id
 
     if not root.is_dir():
