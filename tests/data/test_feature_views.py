@@ -21,7 +21,7 @@ from tests.helpers.train import read_log, tiny_args, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-pytest.importorskip("torchvision")
+pytest.importorskip("torchvision", reason="the train transforms are torchvision's (a dependency: pip install -e .)")
 
 KW = dict(batch_size=3, shard_size=4, num_workers=0, progress=False, device="cpu", log=lambda m: None)
 

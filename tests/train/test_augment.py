@@ -21,7 +21,7 @@ from tests.helpers.train import TINY_BLIP, make_trainer, tiny_args, write_blip_v
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-pytest.importorskip("torchvision")
+pytest.importorskip("torchvision", reason="the train transforms are torchvision's (a dependency: pip install -e .)")
 
 
 @pytest.fixture(scope="module")
