@@ -42,6 +42,7 @@ OURS_CKPT = "blipfast, ViT checkpointed"
 SETTINGS = {BASELINE: (True, False), BASELINE_CKPT: (True, True), OURS: (False, None),
             "blipfast, every 2nd block ckpt": (False, 2), OURS_CKPT: (False, "all")}
 TARGETS = {"saved_bytes": 0.5, "flops": 1.0}
+BUDGETS = {"one_gpu": 40e9, "fsdp2": 24e9}  # bytes per GPU: LAVIS' A100-40GB; a 24 GB card under FSDP2 x 4
 GiB = 2 ** 30
 OPT_2_7B = dict(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
                 max_position_embeddings=2048, word_embed_proj_dim=2560, do_layer_norm_before=True, dropout=0.1,
@@ -162,7 +163,8 @@ def _units(stage2) -> tuple[int, int]:
 
 
 def memory_table(rows, stage2, batch: int, dtype=torch.bfloat16, shards: int = 4) -> tuple[str, dict]:
-    """Counted peak memory per GPU of each setting, on one GPU and with FSDP2 over ``shards`` GPUs (module doc)."""
+    """Counted peak memory per GPU of each setting, on one GPU and with FSDP2 over ``shards`` GPUs (module doc), and
+    the largest per-GPU batch within :data:`BUDGETS` (activations linear in the batch, the rest fixed)."""
     params = list(stage2.model.parameters())
     trained = sum(p.numel() for p in params if p.requires_grad)
     weights = sum(p.numel() * p.element_size() for p in params)
@@ -172,18 +174,23 @@ def memory_table(rows, stage2, batch: int, dtype=torch.bfloat16, shards: int = 4
     static = weights + grads + adam
     fsdp_static = static / shards + root + 3 * unit
     head = (f"{'setting':<34} {'weights':>8} {'grads':>7} {'AdamW':>7} {'activ.':>7} {'1 GPU':>7}   "
-            f"{'FSDP2 x' + str(shards) + ' /GPU':>14}   (GiB)")
+            f"{'FSDP2 x' + str(shards) + ' /GPU':>14}   (GiB)   {'max B 1 GPU':>11} {'max B FSDP2':>11}")
     lines, payload = [head, "-" * len(head)], {}
     for name, cost in rows:
         act = cost.saved_bytes + (block if SETTINGS[name][1] else 0)
         one, fsdp = static + act, fsdp_static + act
+        largest = {"one_gpu": max(0, int((BUDGETS["one_gpu"] - static) * batch // act)),
+                   f"fsdp2_{shards}": max(0, int((BUDGETS["fsdp2"] - fsdp_static) * batch // act))}
         payload[name] = {"weights": weights, "grads": grads, "adamw": adam, "activations": act, "one_gpu": one,
-                         f"fsdp2_{shards}": fsdp}
+                         f"fsdp2_{shards}": fsdp, "largest_batch": largest}
         lines.append(f"{name[:34]:<34} {weights / GiB:>8.1f} {grads / GiB:>7.1f} {adam / GiB:>7.1f} {act / GiB:>7.1f} "
-                     f"{one / GiB:>7.1f}   {fsdp / GiB:>14.1f}")
+                     f"{one / GiB:>7.1f}   {fsdp / GiB:>14.1f}         {largest['one_gpu']:>11} "
+                     f"{largest[f'fsdp2_{shards}']:>11}")
     frozen = (weights - 4 * trained) / GiB
     lines.append(f"trained parameters {trained / 1e9:.3f} B (fp32), frozen LLM {frozen:.1f} GiB; "
                  f"FSDP2: + root unit {root / GiB:.2f} GiB + 3 x largest unit {unit / GiB:.2f} GiB")
+    lines.append(f"max B: the largest per-GPU batch within {BUDGETS['one_gpu'] / 1e9:.0f} GB on one GPU / "
+                 f"{BUDGETS['fsdp2'] / 1e9:.0f} GB per GPU with FSDP2 x {shards} (activations scale with the batch)")
     return "\n".join(lines), payload
 
 
@@ -196,8 +203,8 @@ def counted_report(batch: int = 16, text_len: int = 32, config=None) -> tuple[st
     met = {k: ratio[k] <= v for k, v in TARGETS.items()}
     met["host_syncs"] = ours.host_syncs == 0
     mem, mem_payload = memory_table(rows, stage2, batch)
-    fits = {"one_gpu_40GB": mem_payload[OURS_CKPT]["one_gpu"] <= 40e9,
-            "fsdp2_4_24GB": mem_payload[OURS_CKPT]["fsdp2_4"] <= 24e9}
+    fits = {"one_gpu_40GB": mem_payload[OURS_CKPT]["one_gpu"] <= BUDGETS["one_gpu"],
+            "fsdp2_4_24GB": mem_payload[OURS_CKPT]["fsdp2_4"] <= BUDGETS["fsdp2"]}
     cfg = stage2.model.config
     size = cfg.vision_config.image_size
     head = (f"BLIP-2 caption fine-tuning step, ViT trained, counted (B = {batch}, {size} px, T = {text_len}, "

@@ -43,6 +43,12 @@ def test_counted_step_on_a_tiny_config():
     assert mem["one_gpu"] == mem["weights"] + mem["grads"] + mem["adamw"] + mem["activations"]
     assert mem["grads"] * 2 == mem["adamw"] and mem["fsdp2_4"] < mem["one_gpu"]
     assert "blipfast, ViT checkpointed" in table and "peak memory per GPU" in table
+    for name, m in payload["memory"].items():  # the largest batch fits its budget and one more does not
+        per_image = m["activations"] / 3
+        for key, static, budget in (("one_gpu", m["one_gpu"] - m["activations"], bf.BUDGETS["one_gpu"]),
+                                    ("fsdp2_4", m["fsdp2_4"] - m["activations"], bf.BUDGETS["fsdp2"])):
+            b = m["largest_batch"][key]
+            assert static + b * per_image <= budget < static + (b + 1) * per_image, (name, key, b)
     if not torch.cuda.is_available():
         assert bf.cases(torch.device("cpu")) == []
 
