@@ -430,13 +430,28 @@ def run_failed(exc: ValueError) -> int:
     return EXIT_USAGE
 
 
-def check_common(args) -> None:
-    """ValueError naming the flag for the options both modes share."""
-    for name in ("batch_size", "max_length"):
-        if getattr(args, name) < 1:
+# each mode's own flags, the model it needs and its defaults (a flag of the other mode is refused)
+MODE_FLAGS = {"blip": ("filter", "threshold"), "blip2": ("ranker", "num_captions", "keep")}
+MODE_MODEL = {"blip": ("filter", "the ITM filter model"), "blip2": ("ranker", "a local Hugging Face CLIPModel folder")}
+MODE_DEFAULTS = {"blip": {"threshold": 0.5, "max_text_len": 35}, "blip2": {"num_captions": 10, "keep": 2}}
+
+
+def check_common(args, mode: str) -> None:
+    """ValueError naming the flag for the options both modes share and for the other mode's flags; fills in the
+    mode's defaults."""
+    other = "blip2" if mode == "blip" else "blip"
+    for flag in MODE_FLAGS[other]:
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is an option of --mode {other}, not of --mode {mode}")
+    model, what = MODE_MODEL[mode]
+    if getattr(args, model, None) is None:
+        raise ValueError(f"--{model} is required with --mode {mode} ({what})")
+    for name, v in MODE_DEFAULTS[mode].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, v)
+    for name in ("batch_size", "max_length", "max_text_len", "num_captions", "keep"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_text_len is not None and args.max_text_len < 1:
-        raise ValueError(f"--max-text-len must be >= 1, got {args.max_text_len}")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_images is not None and args.max_images < 1:
@@ -444,15 +459,7 @@ def check_common(args) -> None:
 
 
 def _run(args) -> int:
-    check_common(args)
-    for flag in ("ranker", "num_captions", "keep"):
-        if getattr(args, flag, None) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} is an option of --mode blip2 (BLIP-2's bootstrapping); "
-                             f"--mode blip filters with --filter and --threshold")
-    if args.filter is None:
-        raise ValueError("--filter is required with --mode blip (the ITM filter model)")
-    args.threshold = 0.5 if args.threshold is None else args.threshold
-    args.max_text_len = 35 if args.max_text_len is None else args.max_text_len
+    check_common(args, "blip")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 

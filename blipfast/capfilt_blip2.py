@@ -140,18 +140,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from .options import resolve_device, resolve_dtype
 
-    capfilt.check_common(args)
-    for flag in ("filter", "threshold"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"--{flag} is an option of --mode blip (BLIP's ITM filter); --mode blip2 ranks with "
-                             f"--ranker and keeps the --keep best")
-    if args.ranker is None:
-        raise ValueError("--ranker is required with --mode blip2 (a local Hugging Face CLIPModel folder)")
-    args.num_captions = 10 if args.num_captions is None else args.num_captions
-    args.keep = 2 if args.keep is None else args.keep
-    for flag in ("num_captions", "keep"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    capfilt.check_common(args, "blip2")
     if args.keep > args.num_captions + 1:
         raise ValueError(f"--keep {args.keep} exceeds --num-captions + 1 ({args.num_captions + 1}: the samples and "
                          f"a web caption)")

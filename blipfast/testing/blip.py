@@ -1,7 +1,8 @@
 """Tiny random BLIP (v1) models for the CapFilt tests and the documentation's examples: a BERT-style WordPiece tokenizer
 (with BLIP's [DEC] and [ENC]), an HF ``BlipForConditionalGeneration`` captioner and ``BlipForImageTextRetrieval``
 filter saved as model folders (with the tokenizer and an image processor), their Salesforce-named ``.pth``
-twins, a tiny ``CLIPModel`` ranker folder (``capfilt --mode blip2``), and a small web set (PNG images, list captions, a repeated image, a missing and a corrupt image).
+twins, a tiny ``CLIPModel`` ranker folder (``capfilt --mode blip2``), and a small web set (PNG images, list
+captions, a repeated image, a missing and a corrupt image).
 
 Heads are 64 wide and the ViT's LayerNorm eps is timm's 1e-6, so that the sizes read back from a ``.pth`` give
 the same models. ``python -m blipfast.testing.blip OUT_DIR`` writes everything into OUT_DIR."""

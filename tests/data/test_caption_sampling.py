@@ -130,3 +130,12 @@ def test_train_two_captions_per_image_resumes_bit_identically(tmp_path, capsys):
     assert main(tiny_args(every, two, d["root"], d["vision"], steps=2, extra=("--augment", "none"))) == 0
     assert read_log(every)[1]["epoch"] == pytest.approx(0.5)  # 16 pairs: 4 steps per epoch
     assert read_config_file(os.path.join(full, "config.yaml"))["caption_sampling"] == "random"
+
+
+def test_streamed_shards_and_unknown_modes_are_refused(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "{00000..00001}.tar"), "--caption-sampling", "random", "--out",
+                 str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert "--caption-sampling random" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--caption-sampling", "first"])
+    assert "--caption-sampling" in capsys.readouterr().err
