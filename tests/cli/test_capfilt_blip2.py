@@ -137,3 +137,18 @@ def test_missing_or_misplaced_ranker(tiny, tmp_path, capsys):
     cap = load_blip(tiny["captioner"], "captioner", device="cpu")
     with pytest.raises(ValueError, match="--keep"):
         Bootstrap(cap, load_ranker(tiny["ranker"]), keep=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bootstrapping_on_cuda(tiny, full, tmp_path, dtype):
+    """On CUDA: every image processed, --keep texts kept per image, and in fp32 the CLIP cosines of the web texts
+    equal the CPU run's (the samples themselves come from CUDA's sampler)."""
+    gpu = tmp_path / "gpu.jsonl"
+    assert _run(tiny, gpu, "--device", "cuda", "--dtype", dtype) == EXIT_OK
+    log = _read(side_paths(str(gpu))[0])
+    assert len(log) == 7 and all(sum(t["keep"] for t in r["texts"]) == 2 for r in log)
+    if dtype == "fp32":
+        web = lambda lg: [t["clip"] for r in lg for t in r["texts"] if t["source"] == "web"]  # noqa: E731
+        torch.testing.assert_close(torch.tensor(web(log)), torch.tensor(web(_read(side_paths(str(full))[0]))),
+                                   rtol=0, atol=1e-4)
