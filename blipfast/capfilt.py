@@ -9,6 +9,9 @@ For every image of a web annotation file (rows ``{"image": path under --images, 
    p(match) = softmax(itm_head(h[ENC]))[1], the text starting with [ENC] as in BLIP (transformers' ITM uses [CLS]);
 3. every text with p(match) >= ``--threshold`` (0.5) is kept.
 
+(``--mode blip2``, BLIP-2's bootstrapping, is :mod:`blipfast.capfilt_blip2`, which reuses this module's loader,
+sampling and batched resumable loop, :func:`drive`.)
+
 Output: ``OUT`` holds one JSONL row per kept text, ``{"image", "caption", "source": "web"|"synthetic", "itm"}``
 (``image`` relative to ``--images``, so ``blipfast train --data OUT --images DIR`` reads it); ``<OUT stem>.scores
 .jsonl`` one row per processed image with every text, its score and the decision; ``<OUT stem>.summary.json`` the
@@ -55,19 +58,28 @@ def add_arguments(p) -> None:
     p.add_argument("--images", required=True, help="folder the image paths are relative to")
     p.add_argument("--captioner", required=True, help="captioning model: HF BLIP folder, blipfast run folder or "
                    "Salesforce BLIP .pth")
-    p.add_argument("--filter", required=True, help="ITM filter model: HF BLIP folder, blipfast run folder or "
+    p.add_argument("--filter", help="ITM filter model (--mode blip): HF BLIP folder, blipfast run folder or "
                    "Salesforce BLIP .pth")
+    p.add_argument("--mode", choices=("blip", "blip2"), default="blip", help="blip: BLIP's CapFilt (one synthetic "
+                   "caption, every text the ITM filter matches kept); blip2: BLIP-2's bootstrapping (--num-captions "
+                   "synthetic captions ranked with the web texts by the CLIP model of --ranker, the top --keep kept; "
+                   "docs/blip.md)")
+    p.add_argument("--ranker", help="--mode blip2: local Hugging Face CLIPModel folder (e.g. CLIP ViT-L/14) with its "
+                   "tokenizer and image processor")
+    p.add_argument("--num-captions", type=int, help="--mode blip2: synthetic captions per image (default 10)")
+    p.add_argument("--keep", type=int, help="--mode blip2: texts kept per image, the best ranked (default 2)")
     p.add_argument("--out", required=True, help="output JSONL of the kept texts (the scores log and the summary go "
                    "beside it)")
     p.add_argument("--tokenizer", help="local BERT tokenizer folder (needed for .pth checkpoints; default: the "
                    "model folder's or the run's)")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep a text when its p(match) >= this (default 0.5)")
+    p.add_argument("--threshold", type=float, help="--mode blip: keep a text when its p(match) >= this (default 0.5)")
     p.add_argument("--prompt", default="a picture of ", help="captioning prompt (default: 'a picture of ')")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="default 1.1, as BLIP's sampling")
     p.add_argument("--max-length", type=int, default=20, help="caption length in tokens with the prompt (default 20)")
     p.add_argument("--min-length", type=int, default=5, help="default 5")
-    p.add_argument("--max-text-len", type=int, default=35, help="tokens of a scored text (BLIP's ITM: 35)")
+    p.add_argument("--max-text-len", type=int, help="tokens of a scored text (default: BLIP's ITM 35; --mode blip2: "
+                   "the ranker's context, CLIP's 77)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (per batch; default 0)")
     p.add_argument("--max-images", type=int, help="stop after this many images in this invocation (whole batches; "
@@ -247,6 +259,36 @@ def load_blip(path: str, role: str, tokenizer: Optional[str] = None, device=None
 # the work
 
 
+def sampling(captioner: BlipPart, top_p: float, repetition_penalty: float, max_length: int, min_length: int) -> dict:
+    """The ``generate`` arguments of BLIP's nucleus sampling (``generate(sample=True)``), checked against the
+    captioner."""
+    limit = captioner.model.config.text_config.max_position_embeddings
+    if max_length > limit:
+        raise ValueError(f"--max-length {max_length} exceeds the captioner's max_position_embeddings ({limit})")
+    return dict(do_sample=True, top_p=top_p, repetition_penalty=repetition_penalty, max_length=max_length,
+                min_length=min_length, num_beams=1)
+
+
+@torch.no_grad()
+def sample_captions(captioner: BlipPart, image_embeds: torch.Tensor, prompt: str, gen: dict, num: int = 1) -> list:
+    """``num`` sampled captions per image, image i's at ``[i * num, (i + 1) * num)``: HF
+    ``BlipForConditionalGeneration.generate`` with a prompt (cut from the text) and ``num_return_sequences``, as
+    BLIP samples; ``gen`` from :func:`sampling`."""
+    tok, cfg = captioner.tokenizer, captioner.model.config.text_config
+    dev = image_embeds.device
+    b = image_embeds.shape[0]
+    ids = tok([prompt] * b, return_tensors="pt")["input_ids"].to(dev)
+    ids[:, 0] = cfg.bos_token_id
+    ids = ids[:, :-1]  # without [SEP]
+    out = captioner.model.text_decoder.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=cfg.sep_token_id,
+        pad_token_id=cfg.pad_token_id, encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long, device=dev),
+        num_return_sequences=num, **gen)
+    texts = tok.batch_decode(out, skip_special_tokens=True)
+    return [t[len(prompt):].strip() if t.startswith(prompt.strip()) else t.strip() for t in texts]
+
+
 class CapFilt:
     """Captioner + filter over batches of PIL images (see the module docstring)."""
 
@@ -254,13 +296,9 @@ class CapFilt:
                  repetition_penalty: float = 1.1, max_length: int = 20, min_length: int = 5, max_text_len: int = 35,
                  threshold: float = 0.5):
         self.cap, self.filt = captioner, filt
-        limit = captioner.model.config.text_config.max_position_embeddings
-        if max_length > limit:
-            raise ValueError(f"--max-length {max_length} exceeds the captioner's max_position_embeddings ({limit})")
+        self.gen = sampling(captioner, top_p, repetition_penalty, max_length, min_length)
         max_text_len = min(max_text_len, filt.model.config.text_config.max_position_embeddings)
         self.prompt, self.threshold, self.max_text_len = prompt, threshold, max_text_len
-        self.gen = dict(do_sample=True, top_p=top_p, repetition_penalty=repetition_penalty, max_length=max_length,
-                        min_length=min_length, num_beams=1)
         # the same checkpoint: one ViT for both (the filter's is the captioner's)
         self.shared_vit = captioner.source == filt.source
         if self.shared_vit:
@@ -285,20 +323,9 @@ class CapFilt:
             return cap, cap
         return cap, self.filt.model.vision_model(pixel_values=filt_pixels).last_hidden_state
 
-    @torch.no_grad()
     def caption(self, image_embeds: torch.Tensor) -> list:
         """One sampled caption per image (HF ``BlipForConditionalGeneration.generate`` with a prompt, as BLIP)."""
-        tok, cfg = self.cap.tokenizer, self.cap.model.config.text_config
-        b = image_embeds.shape[0]
-        ids = tok([self.prompt] * b, return_tensors="pt")["input_ids"].to(self.device)
-        ids[:, 0] = cfg.bos_token_id
-        ids = ids[:, :-1]  # without [SEP]
-        out = self.cap.model.text_decoder.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=cfg.sep_token_id,
-            pad_token_id=cfg.pad_token_id, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long, device=self.device), **self.gen)
-        texts = tok.batch_decode(out, skip_special_tokens=True)
-        return [t[len(self.prompt):].strip() if t.startswith(self.prompt.strip()) else t.strip() for t in texts]
+        return sample_captions(self.cap, image_embeds, self.prompt, self.gen)
 
     @torch.no_grad()
     def itm(self, image_embeds: torch.Tensor, texts: list, owner: torch.Tensor) -> torch.Tensor:
@@ -373,16 +400,18 @@ def _read_log(path: str) -> dict:
 
 
 def _out_rows(image: str, texts: list) -> list:
-    return [json.dumps({"image": image, "caption": t["caption"], "source": t["source"], "itm": t["itm"]}) + "\n"
+    """The ``OUT`` rows of an image's kept texts: every field of the text but the decision."""
+    return [json.dumps({"image": image, **{k: v for k, v in t.items() if k != "keep"}}) + "\n"
             for t in texts if t["keep"]]
 
 
-def summarize(done: dict, unreadable: list, threshold: float) -> dict:
+def summarize(done: dict, unreadable: list, **extra) -> dict:
+    """The counts of the summary: images, unreadable ones, kept / removed texts per source, then ``extra``."""
     counts = {s: {"kept": 0, "removed": 0} for s in ("web", "synthetic")}
     for texts in done.values():
         for t in texts:
             counts[t["source"]]["kept" if t["keep"] else "removed"] += 1
-    return {"images": len(done), "unreadable": sorted(unreadable), **counts, "threshold": threshold}
+    return {"images": len(done), "unreadable": sorted(unreadable), **counts, **extra}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,24 +421,70 @@ def run(args) -> int:
     try:
         return _run(args)
     except ValueError as exc:
-        print(f"blipfast capfilt: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        return run_failed(exc)
+
+
+def run_failed(exc: ValueError) -> int:
+    """Print a usage error (a ValueError naming its flag) and give its exit status."""
+    print(f"blipfast capfilt: {exc}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+# each mode's own flags, the model it needs and its defaults (a flag of the other mode is refused)
+MODE_FLAGS = {"blip": ("filter", "threshold"), "blip2": ("ranker", "num_captions", "keep")}
+MODE_MODEL = {"blip": ("filter", "the ITM filter model"), "blip2": ("ranker", "a local Hugging Face CLIPModel folder")}
+MODE_DEFAULTS = {"blip": {"threshold": 0.5, "max_text_len": 35}, "blip2": {"num_captions": 10, "keep": 2}}
+
+
+def check_common(args, mode: str) -> None:
+    """ValueError naming the flag for the options both modes share and for the other mode's flags; fills in the
+    mode's defaults."""
+    other = "blip2" if mode == "blip" else "blip"
+    for flag in MODE_FLAGS[other]:
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is an option of --mode {other}, not of --mode {mode}")
+    model, what = MODE_MODEL[mode]
+    if getattr(args, model, None) is None:
+        raise ValueError(f"--{model} is required with --mode {mode} ({what})")
+    for name, v in MODE_DEFAULTS[mode].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, v)
+    for name in ("batch_size", "max_length", "max_text_len", "num_captions", "keep"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
 
 
 def _run(args) -> int:
+    check_common(args, "blip")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    def build():
+        cap = load_blip(args.captioner, "captioner", args.tokenizer, device, dtype)
+        filt = load_blip(args.filter, "filter", args.tokenizer, device, dtype)
+        return CapFilt(cap, filt, prompt=args.prompt, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                       max_length=args.max_length, min_length=args.min_length, max_text_len=args.max_text_len,
+                       threshold=args.threshold)
+
+    return drive(args, settings(args, dtype), build, {"threshold": args.threshold},
+                 {"captioner": args.captioner, "filter": args.filter})
+
+
+def drive(args, sett: dict, build, summary_extra: dict, models: dict) -> int:
+    """The batched, resumable loop both modes share (see the module docstring): reads ``--data``, checks ``sett``
+    against the stored settings, calls ``build()`` for the pipeline (``process(images, web texts)`` -> per image
+    its texts ``{"caption", "source", <scores>, "keep"}``), appends each batch to the scores log then to ``OUT``,
+    writes the summary (:func:`summarize` with ``summary_extra``; ``models`` beside it) and prints the counts."""
     from tqdm.auto import tqdm
 
     from .data.annotations import read_annotations
     from .data.vision import ImageReadError, load_image
 
     t0 = time.perf_counter()
-    for name in ("batch_size", "max_length", "max_text_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_images is not None and args.max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     ann = read_annotations(args.data, args.images, check_images=True)
     for msg in ann.bad[:10]:
         print(f"blipfast capfilt: {msg}", file=sys.stderr)
@@ -418,8 +493,6 @@ def _run(args) -> int:
         web.setdefault(ann.images[ann.image_index[p]], []).append(raw)
     keys = list(web)
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     log_path, summary_path = side_paths(args.out)
     if args.restart:
         for p in (args.out, log_path, summary_path, settings_path(args.out)):
@@ -427,13 +500,9 @@ def _run(args) -> int:
                 os.remove(p)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     done = _read_log(log_path)
-    check_settings(settings_path(args.out), settings(args, dtype), output=f"--out {args.out}",
+    check_settings(settings_path(args.out), sett, output=f"--out {args.out}",
                    resumed=bool(done) or os.path.isfile(args.out))
-    cap = load_blip(args.captioner, "captioner", args.tokenizer, device, dtype)
-    filt = load_blip(args.filter, "filter", args.tokenizer, device, dtype)
-    pipe = CapFilt(cap, filt, prompt=args.prompt, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   max_length=args.max_length, min_length=args.min_length, max_text_len=args.max_text_len,
-                   threshold=args.threshold)
+    pipe = build()
 
     if done or not os.path.isfile(args.out):  # OUT follows the log (repairs a crash between the two writes)
         tmp = args.out + ".tmp"
@@ -471,10 +540,9 @@ def _run(args) -> int:
             n_new += len(chunk)
             bar.update(len(chunk))
     bar.close()
-    summary = summarize(done, unreadable, args.threshold)
+    summary = summarize(done, unreadable, **summary_extra)
     with open(summary_path, "w") as fh:
-        json.dump({**summary, "captioner": args.captioner, "filter": args.filter, "seed": args.seed,
-                   "settings": settings(args, dtype)}, fh, indent=1)
+        json.dump({**summary, **models, "seed": args.seed, "settings": sett}, fh, indent=1)
     rows = sum(t["keep"] for texts in done.values() for t in texts)
     left = len([k for k in keys if k not in done]) - len(unreadable)
     w, s = summary["web"], summary["synthetic"]

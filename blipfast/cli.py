@@ -27,7 +27,8 @@ COMMANDS = {
               "or cached features, or BLIP pre-training (--model blip: ITC with momentum queues + ITM + LM)"),
     "cache-features": ("blipfast.data.features", "run a frozen vision encoder once and store its tokens"),
     "retrieval": ("blipfast.retrieval_cli", "BLIP-2 image-text retrieval of a gallery: recall@1/5/10 (ITC + ITM)"),
-    "capfilt": ("blipfast.capfilt", "BLIP's CapFilt: caption every web image, keep the texts the ITM filter matches"),
+    "capfilt": ("blipfast.capfilt_blip2", "BLIP's CapFilt: caption every web image, keep the texts the ITM filter "
+                "matches (--mode blip2: BLIP-2's bootstrapping, the samples CLIP ranks best)"),
     "eval": ("blipfast.evaluation.cli", "score captions, VQA / GQA answers, NLVR2 labels or retrieval scores "
              "the way the papers' tables were scored"),
 }

@@ -11,9 +11,15 @@ takes rows ``[r * B, (r + 1) * B)`` of each global batch. The torch.distributed 
 negatives then see the global batch in the order one process holding it sees it (a ``DistributedSampler``
 interleaves ranks instead), and the position in the data is one number, the micro-batches consumed, so a run
 resumes mid-epoch exactly.
+
+:func:`caption_sampling` (``blipfast train --caption-sampling``): "all" (the default) trains every caption as its
+own pair; "random" wraps the dataset in :class:`OneCaptionPerImage`, whose items are the images: each visit of an
+image (epoch e, image i) reads one of its pairs, chosen by a hash of (seed, e, i), as BLIP-2 draws one of an
+image's bootstrapped captions per step (docs/training.md). An epoch is then one pass over the images.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from typing import Optional
 
@@ -115,6 +121,54 @@ class FeatureTextDataset(_Pairs):
         epoch, p = visit(item)
         view = view_of(self.cache.views, self.seed, epoch, p)
         return {"image_embeds": self.cache.get(self.ann.images[self.ann.image_index[p]], view), **self._text(p)}
+
+
+def caption_choice(n: int, seed: int, epoch: int, index: int) -> int:
+    """Which of ``n`` captions image ``index`` reads in ``epoch`` of a run seeded ``seed``: a hash of the three
+    (blake2b, its own key, unrelated to the augmentations' :func:`blipfast.data.transforms.view_seeds`)."""
+    for name, v in (("n", n), ("seed", seed), ("epoch", epoch), ("index", index)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "n" else 0):
+            raise ValueError(f"caption_choice: {name} must be an int >= {1 if name == 'n' else 0}, got {v!r}")
+    digest = hashlib.blake2b(b"blipfast.caption:%d:%d:%d" % (seed, epoch, index), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n
+
+
+class OneCaptionPerImage(Dataset):
+    """One item per image of ``ann`` (in order of first use), reading one of its pairs per visit: item ``(epoch,
+    i)`` (``GlobalBatchSampler(with_epoch=True)``) is ``pairs[(epoch, p)]`` with ``p`` the
+    :func:`caption_choice`-th pair of image i. The captions stay tokenised once, in ``pairs``' rows."""
+
+    def __init__(self, pairs: Dataset, ann: Annotations, seed: int):
+        if len(pairs) != len(ann):
+            raise ValueError(f"pairs has {len(pairs)} items, the annotations {len(ann)} pairs")
+        groups: dict = {}
+        for p, i in enumerate(ann.image_index):
+            groups.setdefault(i, []).append(p)
+        self.pairs, self.seed = pairs, int(seed)
+        self.groups = list(groups.values())
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def pair(self, epoch: int, i: int) -> int:
+        """The pair image ``i`` reads in ``epoch``."""
+        g = self.groups[i]
+        return g[caption_choice(len(g), self.seed, epoch, i)]
+
+    def __getitem__(self, item) -> dict:
+        epoch, i = visit(item)
+        return self.pairs[(epoch, self.pair(epoch, i))]
+
+
+CAPTION_SAMPLING = ("all", "random")  # --caption-sampling
+
+
+def caption_sampling(ds: Dataset, ann: Annotations, mode: str, seed: int) -> tuple:
+    """(the training dataset of ``--caption-sampling mode``, whether its items need the epoch): ``ds`` itself for
+    "all", :class:`OneCaptionPerImage` for "random"."""
+    if mode not in CAPTION_SAMPLING:
+        raise ValueError(f"--caption-sampling must be one of {', '.join(CAPTION_SAMPLING)}, got {mode!r}")
+    return (ds, False) if mode == "all" else (OneCaptionPerImage(ds, ann, seed), True)
 
 
 def collate(rows: list) -> dict:

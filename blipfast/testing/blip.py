@@ -1,7 +1,8 @@
 """Tiny random BLIP (v1) models for the CapFilt tests and the documentation's examples: a BERT-style WordPiece tokenizer
 (with BLIP's [DEC] and [ENC]), an HF ``BlipForConditionalGeneration`` captioner and ``BlipForImageTextRetrieval``
 filter saved as model folders (with the tokenizer and an image processor), their Salesforce-named ``.pth``
-twins, and a small web set (PNG images, list captions, a repeated image, a missing and a corrupt image).
+twins, a tiny ``CLIPModel`` ranker folder (``capfilt --mode blip2``), and a small web set (PNG images, list
+captions, a repeated image, a missing and a corrupt image).
 
 Heads are 64 wide and the ViT's LayerNorm eps is timm's 1e-6, so that the sizes read back from a ``.pth`` give
 the same models. ``python -m blipfast.testing.blip OUT_DIR`` writes everything into OUT_DIR."""
@@ -85,6 +86,26 @@ def save_folder(model, tok, path: str) -> str:
     return path
 
 
+def clip_ranker(tok, path: str, seed: int = 0) -> str:
+    """A tiny random transformers ``CLIPModel`` folder (the BLIP tokenizer as its tokenizer, [SEP] as the text's
+    end token, a CLIP image processor at the images' size): the ranker of ``capfilt --mode blip2``."""
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    text = dict(vocab_size=len(tok), hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48,
+                max_position_embeddings=40, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48,
+                  image_size=IMAGE_SIZE, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path
+
+
 def save_pth(model, path: str) -> str:
     from blipfast import convert
 
@@ -122,6 +143,7 @@ def write_demo(root: str) -> dict:
     paths = dict(web)
     paths["captioner"] = save_folder(cap, tok, os.path.join(root, "blip-captioner"))
     paths["filter"] = save_folder(filt, tok, os.path.join(root, "blip-itm"))
+    paths["ranker"] = clip_ranker(tok, os.path.join(root, "clip-ranker"))
     paths["tokenizer"] = os.path.join(root, "tokenizer")
     tok.save_pretrained(paths["tokenizer"])
     paths["captioner_pth"] = save_pth(cap, os.path.join(root, "blip_caption.pth"))

@@ -138,6 +138,9 @@ OPTIONS: dict = {
                 "a flip, with BLIP's RandomAugment for BLIP; docs/training.md#augmentation), none (the vision model's "
                 "evaluation processor) or auto (reference where images are decoded, none with --features: a "
                 "feature cache holds its views, augmented ones with cache-features --views N)"),
+    "caption_sampling": (str, "all", "an image's captions: all (each its own pair, every one trained every epoch) or "
+                         "random (one drawn per visit of the image, deterministic under --seed, an epoch one pass "
+                         "over the images: BLIP-2's use of `capfilt --mode blip2`'s two captions; docs/training.md)"),
     "betas": ("floats", [0.9, 0.999], "AdamW betas (LAVIS: 0.9 0.999; the paper: 0.9 0.98)"),
     "eps": (float, 1e-8, "AdamW epsilon"),
     "grad_clip": (float, 0.0, "clip the gradient norm to this (0: off, as LAVIS)"),
@@ -204,7 +207,7 @@ SYNTHETIC_DEFAULTS = {"batch_size": 16, "steps": 150, "warmup_steps": 10, "lr": 
 CHOICES = {"stage": (1, 2), "feature_dtype": DTYPE_NAMES, "vision_dtype": ("auto", *DTYPE_NAMES),
            "llm_dtype": ("auto", *DTYPE_NAMES), "preset": ("auto", "base", "tiny"),
            "precision": ("auto", *DTYPE_NAMES), "task": task_names(), "schedule": SCHEDULES,
-           "param_groups": PARAM_GROUPS, "augment": AUGMENTS}
+           "param_groups": PARAM_GROUPS, "augment": AUGMENTS, "caption_sampling": ("all", "random")}
 
 
 def _flag(name: str) -> str:
@@ -408,6 +411,9 @@ def validate(cfg: dict) -> None:
     need(cfg["augment"] != "reference" or task.recipe in TRAINING_RECIPES,
          f"--augment reference: {task.spelling or task.name} has no reference train transform (its recipe is "
          f"{task.recipe!r}); use --augment none")
+    need(cfg["caption_sampling"] == "all" or kind not in STREAMS, "--caption-sampling random draws among an "
+         "annotation file's captions of an image; streamed shards hold one sample per caption (use --caption-sampling "
+         "all)")
     need(cfg["answer_list"] is None or task.takes_answer_list,
          f"--answer-list is an option of --task blip-vqa (the candidates of VQA rank inference), not of "
          f"{task.spelling or '--task ' + task.name}")

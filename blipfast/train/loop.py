@@ -194,6 +194,7 @@ class Trainer:
     def _setup(self, cfg: dict, fresh: bool) -> None:
         from ..data import FeatureCache, FeatureTextDataset, GlobalBatchSampler, collate, load_vision_tower
         from ..data.annotations import keep_pairs
+        from ..data.datasets import caption_sampling
 
         d, dev, out, task = self.dist, self.dist.device, cfg["out"], self.task
         kind = input_kind(cfg["data"], cfg["features"])
@@ -253,8 +254,9 @@ class Trainer:
         if self.stream is None:
             ds = FeatureTextDataset(ann, cache, text, seed=cfg["seed"]) if feats else \
                 task.dataset(ann, cfg["images"], processor, text, report, augment=augment)
+            ds, per_visit = caption_sampling(ds, ann, cfg["caption_sampling"], cfg["seed"])
             self.sampler = GlobalBatchSampler(len(ds), cfg["batch_size"], d.world, d.rank, seed=cfg["seed"],
-                                              with_epoch=augment is not None or views > 1)
+                                              with_epoch=augment is not None or views > 1 or per_visit)
             self.micro_per_epoch = self.sampler.steps_per_epoch
             self.dataset, self._collate = ds, collate
         self.steps_per_epoch = self.micro_per_epoch / cfg["grad_accum"]
