@@ -176,6 +176,7 @@ class Blip2Stage2(nn.Module):
         model.vision_model = vm
         if instruct:
             qformer = _instruct_qformer(qcfg, sd)
+            config.qformer_config = qformer.config  # its vocabulary and positions: the checkpoint's
         else:
             qformer = Blip2QFormerModel(qcfg)
             convert.load_into(qformer, sd, prefix="qformer.", ignore=(_TEXT_FFN,), what="stage1",
