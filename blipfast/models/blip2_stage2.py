@@ -521,7 +521,7 @@ def read_stage1(stage1) -> tuple:
     if eps_hint is None:
         hf_named = _LN + "weight" in sd and not any(k.startswith(("Qformer.", "visual_encoder.")) for k in sd)
         eps_hint = 1e-6 if hf_named else 1e-5
-    sd = _blip2_names(convert.to_hf(sd)[0].state_dict)
+    sd = blip2_names(convert.to_hf(sd)[0].state_dict)
     missing = [k for k in ("query_tokens", _LN + "weight", _LN + "bias", "qformer.layernorm.weight") if k not in sd]
     if missing:
         raise ValueError(f"stage1: the checkpoint lacks {missing} (needs the Q-Former, query_tokens and ln_vision)")
@@ -533,7 +533,7 @@ _INSTRUCT_EMB = (("qformer.embeddings.layernorm.", "qformer.layernorm."),
                  ("qformer.embeddings.position_embeddings.", "embeddings.position_embeddings."))
 
 
-def _blip2_names(sd: dict) -> dict:
+def blip2_names(sd: dict) -> dict:
     """An HF InstructBLIP state dict's Q-Former embeddings under BLIP-2's HF names (``qformer.layernorm.*``,
     ``embeddings.*``, as a stage-1 checkpoint has them); other state dicts unchanged."""
     if _INSTRUCT_EMB[0][0] + "weight" not in sd:

@@ -150,10 +150,11 @@ def test_step_equals_hf_instructblip(parts, tmp_path, llm):
 
 def test_trains_checkpoints_resumes_bit_identically_and_evaluates(parts, tmp_path):
     """4 steps == 2 (--stop-after) + --resume, losses and every trained tensor; --eval-every 1 answers the evaluation
-    questions and scores them; a checkpoint is an --init of its own (its ViT and its qformer_tokenizer/)."""
+    questions and scores them; --save-lavis names the Q-Former's text half as LAVIS does; a checkpoint is an --init
+    of its own (its ViT and its qformer_tokenizer/)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     extra = ("--save-every", "2", "--eval-every", "1", "--eval-data", parts["eval"])
-    assert main(args(parts, full, extra=extra)) == 0
+    assert main(args(parts, full, extra=extra + ("--save-lavis",))) == 0
     assert main(args(parts, part, extra=extra + ("--stop-after", "2"))) == EXIT_STOPPED
     assert main(["train", "--resume", part, "--no-progress"]) == 0
     rf, rp = read_log(full), read_log(part)
@@ -163,6 +164,11 @@ def test_trains_checkpoints_resumes_bit_identically_and_evaluates(parts, tmp_pat
     wf, wp = weights(full), weights(part)
     assert wf.keys() == wp.keys() and all(torch.equal(wf[k], wp[k]) for k in wf)
     assert "qformer.embeddings.word_embeddings.weight" in wf and not any("language_model" in k for k in wf)
+    from blipfast.train.checkpoint import list_checkpoints
+
+    lavis = torch.load(os.path.join(list_checkpoints(full)[-1], "lavis.pth"), weights_only=True)["model"]
+    assert torch.equal(lavis["Qformer.bert.embeddings.word_embeddings.weight"],
+                       wf["qformer.embeddings.word_embeddings.weight"])  # LAVIS' names for the Q-Former's text half
     with open(os.path.join(full, "eval.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
     assert len(rows) == 1 and rows[0]["questions"] == 4 and 0 <= rows[0]["overall"] <= 100

@@ -26,8 +26,8 @@ trained and the LLM frozen (docs/blip2-finetune.md). LAVIS ships no configuratio
   (:func:`blipfast.vqa_nlvr.score_vqa`); the answers in ``RUN/answers-epoch<N>.jsonl``.
 
 Data: :mod:`blipfast.data.vqa`'s question lists with answers (VQAv2 / Visual Genome rows, as ``blip-vqa`` reads
-them). Checkpoints: ``blip2-caption``'s (every trained tensor, HF InstructBLIP names) with the Q-Former's
-tokenizer in ``qformer_tokenizer/``.
+them). Checkpoints: ``blip2-caption``'s (every trained tensor, HF InstructBLIP names; ``--save-lavis``: LAVIS'
+``Blip2T5Instruct`` names) with the Q-Former's tokenizer in ``qformer_tokenizer/``.
 """
 from __future__ import annotations
 
