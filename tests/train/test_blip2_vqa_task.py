@@ -119,8 +119,17 @@ def test_step_equals_hf_instructblip(parts, tmp_path, llm):
         assert model.is_instructblip
         batch = _batch(tr)
         text = {k: batch[k].long() for k in tr.task.keys}
-        # the target is each question's most weighted answer; the prompt's tokens carry no loss
-        assert (text["labels"] != -100).any(1).all()
+        # the target is each question's most weighted answer (first of the ties); the prompt's tokens carry no loss
+        ann, tok = tr.task.ann, tr.task.tok
+        for r in range(4):
+            p = int(batch["index"][r])
+            best = max(zip(ann.weights[p], range(len(ann.weights[p]))), key=lambda wi: (wi[0], -wi[1]))[1]
+            labels = [t for t in text["labels"][r].tolist() if t != -100]
+            ids = tok(ann.answers[p][best], add_special_tokens=False)["input_ids"]
+            assert labels == ids + [tok.eos_token_id], (labels, ann.answers[p])
+            qtok = tr.task.qtok
+            assert text["qformer_input_ids"][r][text["qformer_attention_mask"][r].bool()].tolist() \
+                == qtok(ann.captions[p])["input_ids"]  # the question
         names = {n.split(".")[0] for n, _ in model.trainable_parameters()}
         assert names == {"vision_model", "qformer", "query_tokens", "language_projection"}
         assert "qformer.embeddings.word_embeddings.weight" in dict(model.trainable_parameters())
@@ -203,3 +212,12 @@ def test_refusals_write_nothing(parts, tmp_path, capsys):
         assert main(argv) == 2, msg
         assert msg in capsys.readouterr().err, msg
         assert not os.path.exists(out) or not os.listdir(out), msg
+
+
+def test_a_checkpoint_without_the_qformer_text_half_is_refused(parts):
+    """The InstructBLIP Q-Former needs the stage-1 text embeddings and text FFN (a stage-2 checkpoint drops them)."""
+    from blipfast.models.blip2_stage2 import Blip2Stage2, read_stage1
+
+    sd = {k: v for k, v in read_stage1(parts["init"])[0].items() if not k.startswith("embeddings.")}
+    with pytest.raises(ValueError, match="needs the stage-1 text embeddings and text FFN"):
+        Blip2Stage2.from_pretrained_parts(sd, parts["t5"], instruct=True)
