@@ -38,7 +38,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .. import convert
 from .hf_swap import apply_blipfast_to_blip2
-from .instructblip import InstructBlipQFormer
+from .instructblip import InstructBlipQFormer, blip2_names, instruct_qformer
 from .llm import LAVIS_T5_ACTIVATION, DecodingSettings, configure_attention, decoding_settings, load_llm
 
 _LN = "vision_model.post_layernorm."
@@ -125,12 +125,11 @@ class Blip2Stage2(nn.Module):
         - ``dtype``: of the frozen LLM and ViT (the trained parts stay fp32); ``ln_vision_eps``: only without a ViT
           (default: a ``Blip2Stage1``'s own; 1e-5 (LAVIS') for LAVIS- and blipfast-named checkpoints, 1e-6 for
           HF-named ones, HF's default).
-        - ``instruct``: build the InstructBLIP variant (``InstructBlipForConditionalGeneration``: the Q-Former takes
-          an instruction beside the queries) with the Q-Former's word/position embeddings and text FFN from
-          ``stage1`` (a stage-1 or InstructBLIP checkpoint), as LAVIS' ``Blip2T5Instruct`` loads BLIP-2's stage-1
-          weights.
+        - ``instruct``: the InstructBLIP form (text beside the queries), the Q-Former's text half from ``stage1``
+          (:func:`blipfast.models.instructblip.instruct_qformer`).
         """
-        from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerModel
+        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerModel, InstructBlipConfig,
+                                  InstructBlipForConditionalGeneration)
 
         sd, qcfg_hint, eps_hint = read_stage1(stage1)
         qcfg = stage2_qformer_config(qformer_config if qformer_config is not None else qcfg_hint, sd)
@@ -154,18 +153,18 @@ class Blip2Stage2(nn.Module):
             vcfg = Blip2VisionConfig(hidden_size=width, layer_norm_eps=eps, num_hidden_layers=0,
                                      num_attention_heads=16 if width % 16 == 0 else 1)
         num_query = sd["query_tokens"].shape[1]
-        if instruct:
-            from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
-
+        if instruct:  # the Q-Former's text half from the checkpoint too
+            shell, qformer = InstructBlipForConditionalGeneration, instruct_qformer(qcfg, sd)
             config = InstructBlipConfig(vision_config={**vcfg.to_dict(), "model_type": "instructblip_vision_model"},
-                                        qformer_config=qcfg.to_dict(), text_config=lm.config.to_dict(),
-                                        num_query_tokens=num_query)
-            config.text_config = lm.config
+                                        qformer_config=qformer.config, text_config=lm.config, num_query_tokens=num_query)
         else:
+            shell, qformer = Blip2ForConditionalGeneration, Blip2QFormerModel(qcfg)
+            convert.load_into(qformer, sd, prefix="qformer.", ignore=(_TEXT_FFN,), what="stage1",
+                              into=f"qformer_config ({qcfg.hidden_size} wide, {qcfg.num_hidden_layers} layers)")
             config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=lm.config,
                                  num_query_tokens=num_query)
         with torch.device("meta"):  # only the shell: every part is replaced below, nothing is initialised twice
-            model = (InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration)(config)
+            model = shell(config)
         model.language_model = lm
         if vm is None:  # features only: keep ln_vision, drop the ViT body (pixel_values are refused)
             vm = model.vision_model
@@ -174,13 +173,6 @@ class Blip2Stage2(nn.Module):
         vm.post_layernorm = nn.LayerNorm(ln_w.shape[0], eps=vcfg.layer_norm_eps)
         vm.post_layernorm.load_state_dict({"weight": ln_w, "bias": sd[_LN + "bias"]})
         model.vision_model = vm
-        if instruct:
-            qformer = _instruct_qformer(qcfg, sd)
-            config.qformer_config = qformer.config  # its vocabulary and positions: the checkpoint's
-        else:
-            qformer = Blip2QFormerModel(qcfg)
-            convert.load_into(qformer, sd, prefix="qformer.", ignore=(_TEXT_FFN,), what="stage1",
-                              into=f"qformer_config ({qcfg.hidden_size} wide, {qcfg.num_hidden_layers} layers)")
         model.qformer = qformer
         model.query_tokens = nn.Parameter(sd["query_tokens"].detach().clone().float())
         model.language_projection = nn.Linear(qcfg.hidden_size, lm.get_input_embeddings().embedding_dim)
@@ -526,57 +518,6 @@ def read_stage1(stage1) -> tuple:
     if missing:
         raise ValueError(f"stage1: the checkpoint lacks {missing} (needs the Q-Former, query_tokens and ln_vision)")
     return sd, qcfg_hint, eps_hint
-
-
-_INSTRUCT_EMB = (("qformer.embeddings.layernorm.", "qformer.layernorm."),
-                 ("qformer.embeddings.word_embeddings.", "embeddings.word_embeddings."),
-                 ("qformer.embeddings.position_embeddings.", "embeddings.position_embeddings."))
-
-
-def blip2_names(sd: dict) -> dict:
-    """An HF InstructBLIP state dict's Q-Former embeddings under BLIP-2's HF names (``qformer.layernorm.*``,
-    ``embeddings.*``, as a stage-1 checkpoint has them); other state dicts unchanged."""
-    if _INSTRUCT_EMB[0][0] + "weight" not in sd:
-        return sd
-    out = {}
-    for k, v in sd.items():
-        for a, b in _INSTRUCT_EMB:
-            if k.startswith(a):
-                k = b + k[len(a):]
-                break
-        out[k] = v
-    return out
-
-
-def _instruct_qformer(qcfg, sd: Mapping) -> nn.Module:
-    """HF ``InstructBlipQFormerModel`` of the stage-2 Q-Former config ``qcfg`` with its text half (word/position
-    embeddings, the text FFN) from a stage-1 checkpoint ``sd`` (BLIP-2 HF names), as LAVIS' ``Blip2T5Instruct``
-    takes them from BLIP-2's stage-1 ``blip2_pretrained.pth``."""
-    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
-
-    need = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-            "qformer.encoder.layer.0.intermediate.dense.weight"]
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise ValueError(f"stage1: an InstructBLIP Q-Former needs the stage-1 text embeddings and text FFN, the "
-                         f"checkpoint lacks {missing} (a stage-2 checkpoint drops them: give a stage-1 checkpoint, "
-                         f"LAVIS' blip2_pretrained.pth, or an InstructBLIP one)")
-    spec = {k: v for k, v in qcfg.to_dict().items() if k not in ("model_type", "transformers_version",
-                                                                   "architectures", "use_qformer_text_input")}
-    spec.update(vocab_size=sd[need[0]].shape[0], max_position_embeddings=sd[need[1]].shape[0])
-    icfg = InstructBlipQFormerConfig(**spec)
-    qformer = InstructBlipQFormerModel(icfg)
-    qsd = {}
-    for k, v in sd.items():
-        if k.startswith("qformer.layernorm."):
-            qsd["embeddings.layernorm." + k[len("qformer.layernorm."):]] = v
-        elif k.startswith("qformer."):
-            qsd[k[len("qformer."):]] = v
-        elif k.startswith("embeddings.") and k.endswith("_embeddings.weight"):
-            qsd[k] = v
-    convert.load_into(qformer, qsd, what="stage1", into=f"an InstructBLIP Q-Former ({icfg.hidden_size} wide, "
-                      f"{icfg.num_hidden_layers} layers)")
-    return qformer
 
 
 def stage2_qformer_config(spec, sd: Mapping):

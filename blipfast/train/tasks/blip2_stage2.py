@@ -155,7 +155,7 @@ class Blip2Stage2Task(Task):
         from safetensors.torch import save_file
 
         from ... import convert
-        from ...models.blip2_stage2 import blip2_names  # (an InstructBLIP Q-Former's embeddings: LAVIS' names)
+        from ...models.instructblip import blip2_names  # (an InstructBLIP Q-Former's embeddings: LAVIS' names)
 
         sd = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
         save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"step": str(step), "format": "blipfast"})
