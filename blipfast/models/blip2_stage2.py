@@ -38,7 +38,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .. import convert
 from .hf_swap import apply_blipfast_to_blip2
-from .instructblip import InstructBlipQFormer
+from .instructblip import InstructBlipQFormer, blip2_names, instruct_qformer
 from .llm import LAVIS_T5_ACTIVATION, DecodingSettings, configure_attention, decoding_settings, load_llm
 
 _LN = "vision_model.post_layernorm."
@@ -104,7 +104,7 @@ class Blip2Stage2(nn.Module):
     def from_pretrained_parts(cls, stage1, llm, vision=None, *, qformer_config=None,
                               dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = "auto",
                               device=None, train_ln_vision: bool = True, ln_vision_eps: Optional[float] = None,
-                              t5_activation: Optional[str] = LAVIS_T5_ACTIVATION):
+                              t5_activation: Optional[str] = LAVIS_T5_ACTIVATION, instruct: bool = False):
         """Stage 2 from a stage-1 checkpoint and a local LLM.
 
         - ``stage1``: a LAVIS ``.pth`` (``{"model": state_dict}``), an HF/blipfast-named safetensors file or folder,
@@ -125,8 +125,11 @@ class Blip2Stage2(nn.Module):
         - ``dtype``: of the frozen LLM and ViT (the trained parts stay fp32); ``ln_vision_eps``: only without a ViT
           (default: a ``Blip2Stage1``'s own; 1e-5 (LAVIS') for LAVIS- and blipfast-named checkpoints, 1e-6 for
           HF-named ones, HF's default).
+        - ``instruct``: the InstructBLIP form (text beside the queries), the Q-Former's text half from ``stage1``
+          (:func:`blipfast.models.instructblip.instruct_qformer`).
         """
-        from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerModel
+        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerModel, InstructBlipConfig,
+                                  InstructBlipForConditionalGeneration)
 
         sd, qcfg_hint, eps_hint = read_stage1(stage1)
         qcfg = stage2_qformer_config(qformer_config if qformer_config is not None else qcfg_hint, sd)
@@ -150,9 +153,18 @@ class Blip2Stage2(nn.Module):
             vcfg = Blip2VisionConfig(hidden_size=width, layer_norm_eps=eps, num_hidden_layers=0,
                                      num_attention_heads=16 if width % 16 == 0 else 1)
         num_query = sd["query_tokens"].shape[1]
-        config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=lm.config, num_query_tokens=num_query)
+        if instruct:  # the Q-Former's text half from the checkpoint too
+            shell, qformer = InstructBlipForConditionalGeneration, instruct_qformer(qcfg, sd)
+            config = InstructBlipConfig(vision_config={**vcfg.to_dict(), "model_type": "instructblip_vision_model"},
+                                        qformer_config=qformer.config, text_config=lm.config, num_query_tokens=num_query)
+        else:
+            shell, qformer = Blip2ForConditionalGeneration, Blip2QFormerModel(qcfg)
+            convert.load_into(qformer, sd, prefix="qformer.", ignore=(_TEXT_FFN,), what="stage1",
+                              into=f"qformer_config ({qcfg.hidden_size} wide, {qcfg.num_hidden_layers} layers)")
+            config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=lm.config,
+                                 num_query_tokens=num_query)
         with torch.device("meta"):  # only the shell: every part is replaced below, nothing is initialised twice
-            model = Blip2ForConditionalGeneration(config)
+            model = shell(config)
         model.language_model = lm
         if vm is None:  # features only: keep ln_vision, drop the ViT body (pixel_values are refused)
             vm = model.vision_model
@@ -161,9 +173,6 @@ class Blip2Stage2(nn.Module):
         vm.post_layernorm = nn.LayerNorm(ln_w.shape[0], eps=vcfg.layer_norm_eps)
         vm.post_layernorm.load_state_dict({"weight": ln_w, "bias": sd[_LN + "bias"]})
         model.vision_model = vm
-        qformer = Blip2QFormerModel(qcfg)
-        convert.load_into(qformer, sd, prefix="qformer.", ignore=(_TEXT_FFN,), what="stage1",
-                          into=f"qformer_config ({qcfg.hidden_size} wide, {qcfg.num_hidden_layers} layers)")
         model.qformer = qformer
         model.query_tokens = nn.Parameter(sd["query_tokens"].detach().clone().float())
         model.language_projection = nn.Linear(qcfg.hidden_size, lm.get_input_embeddings().embedding_dim)
@@ -504,7 +513,7 @@ def read_stage1(stage1) -> tuple:
     if eps_hint is None:
         hf_named = _LN + "weight" in sd and not any(k.startswith(("Qformer.", "visual_encoder.")) for k in sd)
         eps_hint = 1e-6 if hf_named else 1e-5
-    sd = convert.to_hf(sd)[0].state_dict
+    sd = blip2_names(convert.to_hf(sd)[0].state_dict)
     missing = [k for k in ("query_tokens", _LN + "weight", _LN + "bias", "qformer.layernorm.weight") if k not in sd]
     if missing:
         raise ValueError(f"stage1: the checkpoint lacks {missing} (needs the Q-Former, query_tokens and ln_vision)")

@@ -13,11 +13,12 @@ strict=True)`` works and :func:`blipfast.apply_blipfast_to_blip2` can swap it in
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 
+from .. import convert
 from .qformer import QFormer, QFormerConfig, QFormerEmbeddings
 
 
@@ -89,3 +90,54 @@ class InstructBlipQFormer(nn.Module):
         return self._qformer(embeds, query_length=num_query, attention_mask=attention_mask,
                              encoder_hidden_states=encoder_hidden_states if num_query else None,
                              encoder_attention_mask=encoder_attention_mask if num_query else None, **kwargs)
+
+
+_INSTRUCT_EMB = (("qformer.embeddings.layernorm.", "qformer.layernorm."),
+                 ("qformer.embeddings.word_embeddings.", "embeddings.word_embeddings."),
+                 ("qformer.embeddings.position_embeddings.", "embeddings.position_embeddings."))
+
+
+def blip2_names(sd: dict) -> dict:
+    """An HF InstructBLIP state dict's Q-Former embeddings under BLIP-2's HF names (``qformer.layernorm.*``,
+    ``embeddings.*``, as a stage-1 checkpoint has them); other state dicts unchanged."""
+    if _INSTRUCT_EMB[0][0] + "weight" not in sd:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        for a, b in _INSTRUCT_EMB:
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        out[k] = v
+    return out
+
+
+def instruct_qformer(qcfg, sd: Mapping) -> nn.Module:
+    """HF ``InstructBlipQFormerModel`` of the stage-2 Q-Former config ``qcfg`` with its text half (word/position
+    embeddings, the text FFN) from a stage-1 checkpoint ``sd`` (BLIP-2 HF names), as LAVIS' ``Blip2T5Instruct``
+    takes them from BLIP-2's stage-1 ``blip2_pretrained.pth``."""
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    need = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+            "qformer.encoder.layer.0.intermediate.dense.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"stage1: an InstructBLIP Q-Former needs the stage-1 text embeddings and text FFN, the "
+                         f"checkpoint lacks {missing} (a stage-2 checkpoint drops them: give a stage-1 checkpoint, "
+                         f"LAVIS' blip2_pretrained.pth, or an InstructBLIP one)")
+    spec = {k: v for k, v in qcfg.to_dict().items() if k not in ("model_type", "transformers_version",
+                                                                   "architectures", "use_qformer_text_input")}
+    spec.update(vocab_size=sd[need[0]].shape[0], max_position_embeddings=sd[need[1]].shape[0])
+    icfg = InstructBlipQFormerConfig(**spec)
+    qformer = InstructBlipQFormerModel(icfg)
+    qsd = {}
+    for k, v in sd.items():
+        if k.startswith("qformer.layernorm."):
+            qsd["embeddings.layernorm." + k[len("qformer.layernorm."):]] = v
+        elif k.startswith("qformer."):
+            qsd[k[len("qformer."):]] = v
+        elif k.startswith("embeddings.") and k.endswith("_embeddings.weight"):
+            qsd[k] = v
+    convert.load_into(qformer, qsd, what="stage1", into=f"an InstructBLIP Q-Former ({icfg.hidden_size} wide, "
+                      f"{icfg.num_hidden_layers} layers)")
+    return qformer

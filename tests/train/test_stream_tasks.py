@@ -50,7 +50,7 @@ def test_tasks_of_other_data_formats_refuse_streams(tmp_path):
     """VQA question lists and NLVR2 image pairs are annotation files, and blip2-caption trains its ViT on an
     annotation file's images (its stream path is not wired yet): shards are refused with the reason."""
     refused = [n for n in task_names() if not task_class(n).streams]
-    assert set(refused) == {"blip-vqa", "blip-nlvr", "blip2-caption"}
+    assert set(refused) == {"blip-vqa", "blip-nlvr", "blip2-caption", "blip2-vqa"}
     spec = str(tmp_path / "{00000..00001}.tar")
     for name in refused:
         with pytest.raises(ValueError, match="not from WebDataset shards or feature shards"):

@@ -58,6 +58,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
     stage = 1  # (--stage 2 names blip2-stage2; the recorded stage only tells the older spellings apart)
     trains_vision = True
     streams = False
+    qformer_text_input = False  # LAVIS' flag: the Q-Former takes text beside the queries (InstructBLIP's)
     # caption_coco_ft.yaml: init_lr 1e-5, warmup_lr 1e-8 over 1000 steps, min_lr 0, weight decay 0.05, 5 epochs,
     # batch 16 per GPU, evaluation every epoch; Blip2OPT: max_txt_len 32, "\n" after the caption; the text processor's
     # prompt "a photo of "
@@ -74,15 +75,15 @@ class Blip2CaptionTask(Blip2Stage2Task):
     def check_options(cls, cfg: dict) -> None:
         cls.check_image_options(cfg)
         cls.check_stream_options(cfg)
-        _need(cfg["llm"] is not None, "--task blip2-caption needs --llm LLM_DIR (a local Hugging Face OPT or Flan-T5 "
+        _need(cfg["llm"] is not None, f"{cls.spelling} needs --llm LLM_DIR (a local Hugging Face OPT or Flan-T5 "
               "folder; frozen)")
         _need(os.path.isdir(cfg["llm"]), f"--llm: {cfg['llm']!r} is not a folder (a local Hugging Face LLM folder)")
-        _need(cfg["init"] is not None, "--task blip2-caption needs --init CKPT (a BLIP-2 stage-1/2 checkpoint: a "
+        _need(cfg["init"] is not None, f"{cls.spelling} needs --init CKPT (a BLIP-2 stage-1/2 checkpoint: a "
               "LAVIS .pth, a blipfast run or an HF BLIP-2 folder)")
         _need(not cfg["cuda_graph"], "--cuda-graph is for stage 1 (the HF LLM's mask checks synchronise with the "
               "host); use --compile")
         check_model_fields(cfg["model"] or {}, ("ln_vision_eps",) + _VIT_FIELDS, {"qformer": qformer_fields()},
-                           "blip2-caption")
+                           cls.name)
 
     # ------------------------------------------------------------------------------------------
     # the parts: --init's weights, the ViT's source and resolution
@@ -167,7 +168,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
                 vit = _vision_model(parts["vit"], parts["sd"], None)  # float32: it trains
                 model = Blip2Stage2.from_pretrained_parts(parts["sd"], cfg["llm"], None, dtype=dtype, device=device,
                                                           qformer_config=qcfg if qcfg is not None else parts["qhint"],
-                                                          ln_vision_eps=eps)
+                                                          ln_vision_eps=eps, instruct=self.qformer_text_input)
         except (ValueError, TypeError, KeyError, OSError) as exc:
             raise ValueError(f"{self.spelling}: cannot build the model from --init {cfg['init']!r}, --llm "
                              f"{cfg['llm']!r} and the ViT: {exc}") from None

@@ -155,6 +155,7 @@ class Blip2Stage2Task(Task):
         from safetensors.torch import save_file
 
         from ... import convert
+        from ...models.instructblip import blip2_names  # (an InstructBLIP Q-Former's embeddings: LAVIS' names)
 
         sd = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
         save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"step": str(step), "format": "blipfast"})
@@ -168,7 +169,8 @@ class Blip2Stage2Task(Task):
             json.dump(meta, fh, indent=1)
         if lavis:
             proj = "t5_proj" if model.is_encoder_decoder else "opt_proj"
-            torch.save({"model": convert.hf_to_lavis(sd, language_projection=proj).state_dict, "step": step},
+            torch.save({"model": convert.hf_to_lavis(blip2_names(sd), language_projection=proj).state_dict,
+                        "step": step},
                        os.path.join(folder, "lavis.pth"))
 
     def load(self, model, folder: str) -> None:
