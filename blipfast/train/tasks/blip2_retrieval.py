@@ -13,7 +13,12 @@ Weights: ``--init`` is a stage-1 checkpoint (a LAVIS ``.pth``, a blipfast ``blip
 run, an HF BLIP-2 folder), the ViT from ``--vision`` and / or ``--init``; the tokenizer: ``--tokenizer``, else the
 ``--init`` run's. The Q-Former's configuration: the ``--init`` run's, else the weights' shapes (heads of width 64),
 with ``--model`` over it (``Blip2Stage1Config`` fields, a nested ``qformer``, ``image_size``, ``vit_checkpoint``,
-``k_test``).
+``k_test``, ``lr_layer_decay``).
+
+Optimizer groups: LAVIS' ``Blip2Base.get_optimizer_params`` with the ViT's layer-wise groups, ``lr_scale = 0.95 **
+(L + 1 - layer id)`` (``retrieval_coco_ft.yaml``'s ``lr_layer_decay``; ``--model {"lr_layer_decay": s}``), as
+``--param-groups reference`` keeps them: LAVIS' schedulers never apply ``lr_scale``, so neither does the
+default; ``--param-groups layer-decay`` multiplies it into each group's learning rate (docs/blip2-finetune.md).
 
 ``--eval-every N``: recall@1/5/10 of ``--eval-data`` (or the synthetic set) as ``blipfast retrieval`` scores it
 (:meth:`blipfast.models.blip2_retrieval.Blip2Retrieval.score_matrices`: ITC top ``k_test``, default 128 as
@@ -31,11 +36,13 @@ import torch
 
 from ...models.blip2 import Blip2Stage1
 from ..logger import LOSSES
+from ..param_groups import ViTLayers
 from ._vit import VIT_FIELDS, TrainableViT
 from .base import _check_derived, _need, check_model_fields, merge, qformer_fields, register
 from .blip2_stage1 import Blip2Stage1Task
 
 K_TEST = 128  # retrieval_coco_ft.yaml
+LR_LAYER_DECAY = 0.95  # retrieval_coco_ft.yaml
 EVAL_TXT_LEN = 35  # LAVIS' compute_sim_matrix tokenises the gallery's captions to 35
 
 
@@ -44,13 +51,19 @@ class Blip2Stage1ViT(Blip2Stage1):
     ``post_layernorm`` is ``ln_vision``): ``forward(pixel_values, ...)`` is the stage-1 step on the ViT's tokens."""
 
     vision_model: torch.nn.Module
+    #: the ViT's layer ids (LAVIS' EVA rule on transformers' names) and the layer-wise lr decay of its optimizer
+    #: groups (blipfast.train.optim: LAVIS' Blip2Base.get_optimizer_params)
+    vit_layers: ViTLayers
+    lr_layer_decay: float
 
     @classmethod
-    def wrap(cls, stage1: Blip2Stage1, vision_model: torch.nn.Module) -> "Blip2Stage1ViT":
+    def wrap(cls, stage1: Blip2Stage1, vision_model: torch.nn.Module, lr_layer_decay: float) -> "Blip2Stage1ViT":
         """``stage1`` itself (its class switched, nothing copied) with ``vision_model``."""
         stage1.__class__ = cls
         stage1.vision_model = vision_model
         vision_model.post_layernorm = stage1.ln_vision
+        stage1.vit_layers = ViTLayers("hf", vision_model.config.num_hidden_layers, prefix="vision_model")
+        stage1.lr_layer_decay = lr_layer_decay
         return stage1
 
     def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -77,7 +90,7 @@ class Blip2RetrievalTask(TrainableViT, Blip2Stage1Task):
     # batch 14 per GPU, evaluation every epoch, image ids as positives; Blip2Qformer: max_txt_len 32
     defaults = {"batch_size": 14, "epochs": 5.0, "lr": 1e-5, "warmup_lr": 1e-8, "warmup_steps": 1000, "min_lr": 0.0,
                 "weight_decay": 0.05, "max_txt_len": 32, "eval_every": 1, "image_ids": True}
-    MODEL_FIELDS = VIT_FIELDS + ("k_test",)
+    MODEL_FIELDS = VIT_FIELDS + ("k_test", "lr_layer_decay")
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -99,6 +112,9 @@ class Blip2RetrievalTask(TrainableViT, Blip2Stage1Task):
         k = (cfg["model"] or {}).get("k_test", K_TEST)
         _need(not isinstance(k, bool) and isinstance(k, int) and k >= 1, f"--model: k_test must be an int >= 1, "
               f"got {k!r}")
+        s = (cfg["model"] or {}).get("lr_layer_decay", LR_LAYER_DECAY)
+        _need(not isinstance(s, bool) and isinstance(s, (int, float)) and 0 < s <= 1,
+              f"--model: lr_layer_decay must be a number in (0, 1], got {s!r}")
 
     def tokenizer(self, cfg: dict, ann, dist):
         """``--tokenizer``, else the tokenizer of the ``--init`` run (its vocabulary is the Q-Former's)."""
@@ -165,9 +181,10 @@ class Blip2RetrievalTask(TrainableViT, Blip2Stage1Task):
             raise ValueError(f"{self.spelling}: cannot build the model from --init {cfg['init']!r} and the ViT: "
                              f"{exc}") from None
         vit = self.vision_model(vit, stage1.ln_vision, parts)
-        model = Blip2Stage1ViT.wrap(stage1, vit).to(device).train()
+        decay = (cfg["model"] or {}).get("lr_layer_decay", LR_LAYER_DECAY)
+        model = Blip2Stage1ViT.wrap(stage1, vit, decay).to(device).train()
         record = {**mcfg.to_dict(), "image_size": parts["image_size"], "vit_checkpoint": parts["vit_checkpoint"],
-                  "k_test": self.k_test}
+                  "k_test": self.k_test, "lr_layer_decay": decay}
         self.parts = dict(parts, sd=None)  # the weights are in the model now
         return model, record
 
