@@ -155,7 +155,7 @@ def test_trains_evaluates_checkpoints_the_vit_and_resumes_bit_identically(parts,
     ViT moved and is in the checkpoint (HF names, 24 px from the 16-px ViT; --save-lavis: LAVIS names);
     ``blipfast retrieval --model RUN`` scores the gallery as the run's last evaluation did."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    extra = ("--save-every", "2", "--eval-every", "1")
+    extra = ("--save-every", "2", "--eval-every", "1", "--eval-data", parts["data"])
     assert main(args(parts, full, extra=extra + ("--save-lavis",))) == 0
     assert main(args(parts, part, extra=extra + ("--stop-after", "2"))) == EXIT_STOPPED
     assert main(["train", "--resume", part, "--no-progress"]) == 0
