@@ -18,7 +18,8 @@ from blipfast.testing.data import write_images, write_jsonl, write_vision
 from blipfast.train import Trainer
 from blipfast.train.config import read_config_file, resolve
 from tests.helpers.tolerance import assert_close, assert_grads_within_torch_error, assert_within_torch_error
-from tests.helpers.train import NO_DROPOUT, TINY_MODEL, read_log, tiny_args, weights
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, tiny_args
+from tests.helpers.trained_vit import assert_resumed_run_is_identical, assert_vit_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical runs, a 2-core CI (tests/conftest.py)
 
@@ -159,18 +160,9 @@ def test_trains_evaluates_checkpoints_the_vit_and_resumes_bit_identically(parts,
     assert main(args(parts, full, extra=extra + ("--save-lavis",))) == 0
     assert main(args(parts, part, extra=extra + ("--stop-after", "2"))) == EXIT_STOPPED
     assert main(["train", "--resume", part, "--no-progress"]) == 0
-    rf, rp = read_log(full), read_log(part)
-    assert [r["step"] for r in rf] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rf)
-    keys = ("step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr", "epoch")
-    assert [[r[k] for k in keys] for r in rp] == [[r[k] for k in keys] for r in rf]
-    wf, wp = weights(full), weights(part)
-    assert wf.keys() == wp.keys() and all(torch.equal(wf[k], wp[k]) for k in wf)
-    from transformers import Blip2VisionModel
-
-    vit0 = Blip2VisionModel.from_pretrained(parts["vision"]).state_dict()
-    name = "vision_model.encoder.layers.1.mlp.fc1.weight"
-    assert name in wf and not torch.equal(wf[name], vit0["encoder.layers.1.mlp.fc1.weight"])
-    assert wf["vision_model.embeddings.position_embedding"].shape == (1, 10, 24)  # 3 x 3 patches + CLS
+    wf = assert_resumed_run_is_identical(full, part, 4, ("step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr",
+                                                          "epoch"))
+    assert_vit_trained(wf, parts["vision"], 10)  # 24 px from the 16-px ViT: 3 x 3 patches + CLS
     assert "vision_model.post_layernorm.weight" in wf and "ln_vision.weight" not in wf  # HF names
     lavis = torch.load(os.path.join(full, "checkpoint-00000004", "lavis.pth"), weights_only=True)["model"]
     assert "visual_encoder.blocks.1.mlp.fc1.weight" in lavis and "ln_vision.weight" in lavis
