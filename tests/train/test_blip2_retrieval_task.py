@@ -210,3 +210,37 @@ def test_refusals_write_nothing(parts, tmp_path, capsys):
         assert main(argv) == 2, msg
         assert msg in capsys.readouterr().err, msg
         assert not os.path.exists(out), msg
+
+
+def test_init_from_a_lavis_stage1_checkpoint(parts, tmp_path):
+    """A LAVIS-named stage-1 .pth (Q-Former config from its shapes) with --vision and --tokenizer (a BERT vocabulary
+    of its Q-Former's size with [DEC]): the model holds its weights and a step trains; a tokenizer of another size
+    is refused, naming --tokenizer."""
+    from transformers import BertTokenizerFast
+
+    from blipfast import convert
+    from blipfast.testing import blip2 as T
+    from tests.helpers.blip2_caption import write_lavis_stage1_no_vit
+
+    init = write_lavis_stage1_no_vit(tmp_path / "stage1.pth")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + T.WORDS[:len(T.VOCAB) - 6]  # + [DEC]: len(T.VOCAB)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(tmp_path / "tok"))
+    argv = args(parts, str(tmp_path / "run"), steps=1, extra=("--tokenizer", str(tmp_path / "tok")))
+    argv[argv.index("--init") + 1] = init
+    tr = _trainer(argv)
+    try:
+        sd = convert.to_hf(convert.load_state_dict(init))[0].state_dict
+        got = tr.task.hf_state_dict(tr.core)
+        for k in ("query_tokens", "qformer.encoder.layer.1.output.dense.weight", "itm_head.weight",
+                  "vision_model.post_layernorm.weight"):
+            assert torch.equal(got[k], sd[k]), k
+        assert tr.core.config.qformer.hidden_size == 64 and len(tr.tokenizer) == len(T.VOCAB)
+        assert torch.isfinite(tr.train_step()).all()
+    finally:
+        tr.close()
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(specials + ["a", "b"])}).save_pretrained(str(tmp_path / "tok2"))
+    argv[argv.index("--tokenizer") + 1] = str(tmp_path / "tok2")
+    argv[argv.index("--out") + 1] = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match="--tokenizer: 8 tokens, but the Q-Former of --init"):
+        _trainer(argv)

@@ -10,7 +10,8 @@ plus 0.1 spread over the batch, and no hard negative showing the same image; ``-
 pixels first (its tokens before ``ln_vision``, which the ViT's ``post_layernorm`` is).
 
 Weights: ``--init`` is a stage-1 checkpoint (a LAVIS ``.pth``, a blipfast ``blip2-stage1`` or ``blip2-retrieval``
-run, an HF BLIP-2 folder), the ViT from ``--vision`` and / or ``--init``; the tokenizer: ``--tokenizer``, else the
+run, an HF BLIP-2 folder; one without the Q-Former's LM head and ``temp``, as HF's ``Blip2ForImageTextRetrieval``,
+starts them fresh), the ViT from ``--vision`` and / or ``--init``; the tokenizer: ``--tokenizer``, else the
 ``--init`` run's. The Q-Former's configuration: the ``--init`` run's, else the weights' shapes (heads of width 64),
 with ``--model`` over it (``Blip2Stage1Config`` fields, a nested ``qformer``, ``image_size``, ``vit_checkpoint``,
 ``k_test``, ``lr_layer_decay``).
@@ -172,9 +173,9 @@ class Blip2RetrievalTask(TrainableViT, Blip2Stage1Task):
         stage1 = Blip2Stage1(mcfg)
         keep = {k: v for k, v in parts["sd"].items() if not k.startswith("vision_model.")
                 or k.startswith("vision_model.post_layernorm.")}
-        hf = parts["src"].kind == "hf"  # Blip2ForImageTextRetrieval: no LM head transform, no temp
-        try:
-            convert.load_into(stage1, keep, ignore=(r"qformer_lm_head\.", r"temp$") if hf else (), what="--init")
+        try:  # (a checkpoint of HF's Blip2ForImageTextRetrieval has no LM head and no temp: they start fresh, as
+            # in Blip2Stage1.from_hf, the decoder tied to the word embeddings; LAVIS loads with strict=False)
+            convert.load_into(stage1, keep, ignore=(r"qformer_lm_head\.", r"temp$"), what="--init")
             with quiet_transformers():
                 vit = self.load_vision_model(parts)  # float32: it trains
         except (ValueError, TypeError, KeyError, OSError) as exc:
