@@ -12,8 +12,9 @@ Prints the recall table; writes ``OUT/scores.safetensors`` (``score_i2t`` [N_img
 
 ``--model``, BLIP-2: an HF ``Blip2ForImageTextRetrieval`` folder (``save_pretrained``; its vision model reads
 --images), a LAVIS checkpoint (``.pth``; ``--vision-config`` builds its EVA ViT for --images), a
-``blipfast.Blip2Stage1`` state dict (``.safetensors`` / ``.pt``), or a ``blipfast train`` stage-1 run or checkpoint
-folder (its config and tokenizer are the run's). ``--config``: the ``Blip2Stage1Config`` of the LAVIS / blipfast
+``blipfast.Blip2Stage1`` state dict (``.safetensors`` / ``.pt``), or a ``blipfast train`` stage-1 or
+``blip2-retrieval`` run or checkpoint folder (its config and tokenizer are the run's; a ``blip2-retrieval`` run's
+trained ViT reads --images). ``--config``: the ``Blip2Stage1Config`` of the LAVIS / blipfast
 checkpoints as JSON (``config.to_dict()``; default: the run's, else BLIP-2's).
 
 ``--model``, BLIP (v1), scored by :class:`blipfast.models.blip_retrieval.BlipRetrieval` (``k`` defaults to its
@@ -136,6 +137,9 @@ def load_model(path, config=None, vision_config=None, state_dict=None):
     from .models.blip2_retrieval import Blip2Retrieval
 
     src = convert.resolve_source(path, what="--model")
+    tuned = ((src.hf_config or {}).get("blipfast") or {}).get("task") == "blip2-retrieval"  # its ViT trained
+    if config is None and tuned:  # the stage-1 fields of its run (the run's model also records the ViT's)
+        config = src.hf_config["blipfast"]["stage1"]
     if config is None and src.run_config is not None:
         config = src.run_config.get("model")
     cfg = None if config is None else Blip2Stage1Config(**config)
@@ -152,11 +156,32 @@ def load_model(path, config=None, vision_config=None, state_dict=None):
         sd = state_dict if state_dict is not None else convert.load_state_dict(src.weights)
     except (OSError, TypeError, ValueError) as e:
         raise ValueError(f"--model: {e}") from None
+    if tuned:
+        return _tuned_model(sd, cfg, src.hf_config["vision_config"])
     if "ln_vision.weight" in sd and any(k.startswith("qformer.") for k in sd):  # blipfast's own key space
         stage1 = Blip2Stage1(cfg)
         convert.load_into(stage1, sd, ignore=(r"qformer_lm_head\.",), what="--model")  # retrieval needs no LM head
         return Blip2Retrieval.from_stage1(stage1.eval())
     return Blip2Retrieval.from_lavis(sd, cfg, vision_config).eval()
+
+
+def _tuned_model(sd, cfg, vision_config):
+    """A ``blipfast train --task blip2-retrieval`` checkpoint (HF names, the ViT's config in its config.json)."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    from . import convert
+    from .models.blip2 import Blip2Stage1
+    from .models.blip2_retrieval import Blip2Retrieval
+
+    ln = "vision_model.post_layernorm."
+    stage1 = Blip2Stage1(cfg)
+    convert.load_into(stage1, {k: v for k, v in sd.items() if not k.startswith("vision_model.") or k.startswith(ln)},
+                      ignore=(r"qformer_lm_head\.",), what="--model")
+    vm = Blip2VisionModel(Blip2VisionConfig(**vision_config))
+    convert.load_into(vm, {k: v for k, v in sd.items() if k.startswith("vision_model.") and not k.startswith(ln)},
+                      prefix="vision_model.", ignore=(r"post_layernorm\.",), what="--model")
+    vm.post_layernorm = stage1.ln_vision
+    return Blip2Retrieval.from_stage1(stage1.eval(), vm.eval())
 
 
 def _tokenizer_dir(args):

@@ -133,7 +133,8 @@ OPTIONS: dict = {
                  "then a cosine evaluated at every step)"),
     "param_groups": (str, "reference", "weight-decay groups: reference (the default: the task recipe's reference "
                      "rule, BLIP decays every parameter, BLIP-2 LAVIS' Blip2Base rule) or lavis (no decay on biases "
-                     "and parameters under 2 dimensions)"),
+                     "and parameters under 2 dimensions) or layer-decay (the reference groups with LAVIS' layer-wise lr_scale "
+                     "of a trained ViT multiplied into their learning rate, which LAVIS' schedulers do not)"),
     "augment": (str, "auto", "train-time image augmentation: reference (the task recipe's: a random resized crop and "
                 "a flip, with BLIP's RandomAugment for BLIP; docs/training.md#augmentation), none (the vision model's "
                 "evaluation processor) or auto (reference where images are decoded, none with --features: a "
@@ -401,8 +402,8 @@ def validate(cfg: dict) -> None:
     need(cfg["schedule"] != "reference" or task.recipe in REFERENCE_SHAPE,
          f"--schedule reference: {task.spelling or task.name} has no reference schedule (its recipe is "
          f"{task.recipe!r}); use --schedule cosine-per-step")
-    need(cfg["param_groups"] != "reference" or task.recipe in REFERENCE_RULE,
-         f"--param-groups reference: {task.spelling or task.name} has no reference rule (its recipe is "
+    need(cfg["param_groups"] not in ("reference", "layer-decay") or task.recipe in REFERENCE_RULE,
+         f"--param-groups {cfg['param_groups']}: {task.spelling or task.name} has no reference rule (its recipe is "
          f"{task.recipe!r}); use --param-groups lavis")
     need(not (cfg["augment"] == "reference" and cfg["features"] is not None),
          "--augment reference: a feature cache holds the views computed before training (augmented ones with "

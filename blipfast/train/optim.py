@@ -5,6 +5,10 @@ recipe's own rule from :mod:`blipfast.train.param_groups` (Salesforce BLIP: ever
 ``Blip2Base.get_optimizer_params``); ``lavis`` (this module's default for a ``cfg`` without the key, and the
 trainer's before the references' rules became its default) decays the weight matrices only (none on biases and
 parameters with fewer than 2 dimensions: LayerNorms, ``temp``; ``query_tokens`` [1, Q, d] decays, as in LAVIS).
+A model with a ``vit_layers`` attribute (a :class:`blipfast.train.param_groups.ViTLayers`; its ViT trains) and
+``lr_layer_decay`` gets LAVIS' per-layer ViT groups from the ``lavis-blip2`` rule, each with its ``lr_scale``, which
+LAVIS' schedulers ignore and ``reference`` keeps so; ``layer-decay`` takes the same groups and multiplies each
+group's ``lr_scale`` into its learning rate (the schedule's value times ``lr_mult``).
 
 The learning rate of ``--schedule``: ``cosine-per-step`` (:class:`WarmupCosine`) rises linearly from
 ``warmup_lr`` to ``lr`` over ``warmup_steps`` steps (LAVIS' ``warmup_lr_schedule``), then follows a cosine to
@@ -25,7 +29,7 @@ import torch
 from . import param_groups as groups
 from . import schedules
 
-PARAM_GROUPS = ("lavis", "reference")
+PARAM_GROUPS = ("lavis", "reference", "layer-decay")
 SCHEDULES = ("cosine-per-step", "reference")
 # Salesforce BLIP's configs/pretrain.yaml lr_decay_rate (LAVIS' pretrain_14m.yaml: the same), the only recipe whose
 # reference shape is the step decay
@@ -55,9 +59,18 @@ def optimizer_groups(model: torch.nn.Module, cfg: dict, recipe: str = "") -> lis
     how = cfg.get("param_groups", "lavis")
     if how == "lavis":
         return param_groups(model, cfg["weight_decay"])
-    if how != "reference":
+    if how not in ("reference", "layer-decay"):
         raise ValueError(f"--param-groups must be one of {', '.join(PARAM_GROUPS)}, got {how!r}")
-    return groups.RULES[reference_rule(recipe)](model.named_parameters(), cfg["weight_decay"])
+    rule = groups.RULES[reference_rule(recipe)]
+    vit = getattr(model, "vit_layers", None)  # a model whose ViT trains with LAVIS' layer-wise lr decay
+    if vit is not None and rule is groups.lavis_blip2_groups:
+        out = rule(model.named_parameters(), cfg["weight_decay"], model.lr_layer_decay, vit=vit)
+    else:
+        out = rule(model.named_parameters(), cfg["weight_decay"])
+    if how == "layer-decay":  # each group's lr_scale multiplied into its learning rate (LAVIS' schedulers do not)
+        for g in out:
+            g["lr_mult"] = g.get("lr_scale", 1)
+    return out
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict, device: torch.device, capturable: bool = False,
@@ -90,10 +103,11 @@ class _Schedule:
     def apply(self) -> float:
         v = self.value(self.step_count)
         for g in self.optimizer.param_groups:
+            lr = v * g["lr_mult"] if "lr_mult" in g else v  # --param-groups layer-decay
             if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(v)  # a CUDA-graph optimizer reads its lr from this tensor
+                g["lr"].fill_(lr)  # a CUDA-graph optimizer reads its lr from this tensor
             else:
-                g["lr"] = v
+                g["lr"] = lr
         return v
 
     def step(self) -> float:

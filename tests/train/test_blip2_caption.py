@@ -22,6 +22,7 @@ from tests.helpers.stage2 import write_lavis_stage1, write_llm
 from tests.helpers.tolerance import (assert_close, assert_grads_equal_in_float64, assert_grads_within_torch_error,
                                      assert_within_torch_error)
 from tests.helpers.train import read_log, weights
+from tests.helpers.trained_vit import assert_resumed_run_is_identical, assert_vit_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical runs, a 2-core CI (tests/conftest.py)
 
@@ -66,18 +67,8 @@ def test_trains_the_vit_checkpoint_holds_it_and_resume_is_bit_identical(parts, t
     assert main(args(parts, full, steps=6, extra=extra)) == 0
     assert main(args(parts, part, steps=6, extra=extra + ("--stop-after", "3"))) == EXIT_STOPPED
     assert main(["train", "--resume", part, "--no-progress"]) == 0
-    rf, rp = read_log(full), read_log(part)
-    assert [r["step"] for r in rf] == list(range(1, 7)) and all(torch.isfinite(torch.tensor(r["loss"])) for r in rf)
-    keys = ("step", "loss", "lr", "epoch")
-    assert [[r[k] for k in keys] for r in rp] == [[r[k] for k in keys] for r in rf]
-    wf, wp = weights(full), weights(part)
-    assert wf.keys() == wp.keys() and all(torch.equal(wf[k], wp[k]) for k in wf)
-    from transformers import Blip2VisionModel
-
-    vit0 = Blip2VisionModel.from_pretrained(parts["vision"]).state_dict()
-    name = "vision_model.encoder.layers.1.mlp.fc1.weight"
-    assert name in wf and not torch.equal(wf[name], vit0["encoder.layers.1.mlp.fc1.weight"])
-    assert wf["vision_model.embeddings.position_embedding"].shape == (1, 10, 24)  # 3 x 3 patches + CLS
+    wf = assert_resumed_run_is_identical(full, part, 6, ("step", "loss", "lr", "epoch"))
+    assert_vit_trained(wf, parts["vision"], 10)  # 3 x 3 patches + CLS
     assert not any("language_model" in k for k in wf)
     cfg = read_config_file(os.path.join(full, "config.yaml"))
     assert cfg["task"] == "blip2-caption" and cfg["model"]["image_size"] == 24

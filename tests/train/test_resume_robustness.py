@@ -169,9 +169,8 @@ def test_help_says_which_default_applies_when(capsys, monkeypatch):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert ("default: 0.0001; --task blip-caption: 1e-05; --task blip-nlvr: 3e-05; --task blip-pretrain: 0.0003; "
-            "--task blip-retrieval: 1e-05; --task blip-vqa: 2e-05; --task blip2-caption: 1e-05; --task blip2-vqa: 1e-05; "
-            "without --data (the "
-            "synthetic set): 0.002") in text
+            "--task blip-retrieval: 1e-05; --task blip-vqa: 2e-05; --task blip2-caption: 1e-05; --task "
+            "blip2-retrieval: 1e-05; --task blip2-vqa: 1e-05; without --data (the synthetic set): 0.002") in text
     assert "(default: 1000; without --data (the synthetic set): 0)" in text
     assert f"{EXIT_STOPPED} stopped early and resumable" in text and f"{EXIT_NOT_FINITE} the loss is not finite" in text
 

@@ -47,10 +47,11 @@ def test_bert_tokenizing_tasks_tokenize_a_batch_as_all_captions(name, tmp_path):
 
 
 def test_tasks_of_other_data_formats_refuse_streams(tmp_path):
-    """VQA question lists and NLVR2 image pairs are annotation files, and blip2-caption trains its ViT on an
-    annotation file's images (its stream path is not wired yet): shards are refused with the reason."""
+    """VQA question lists and NLVR2 image pairs are annotation files, and blip2-caption and blip2-retrieval train
+    their ViT on an annotation file's images (their stream path is not wired yet): shards are refused with the
+    reason."""
     refused = [n for n in task_names() if not task_class(n).streams]
-    assert set(refused) == {"blip-vqa", "blip-nlvr", "blip2-caption", "blip2-vqa"}
+    assert set(refused) == {"blip-vqa", "blip-nlvr", "blip2-caption", "blip2-retrieval", "blip2-vqa"}
     spec = str(tmp_path / "{00000..00001}.tar")
     for name in refused:
         with pytest.raises(ValueError, match="not from WebDataset shards or feature shards"):

@@ -25,7 +25,7 @@ def _parse(*argv):
 
 def test_registry_finds_each_task_by_its_file_name():
     assert task_names() == ("blip-caption", "blip-nlvr", "blip-pretrain", "blip-retrieval", "blip-vqa", "blip2-caption",
-                            "blip2-stage1", "blip2-stage2", "blip2-vqa")
+                            "blip2-retrieval", "blip2-stage1", "blip2-stage2", "blip2-vqa")  # (not _vit.py: shared pieces)
     for name in task_names():
         cls = task_class(name)
         assert issubclass(cls, Task) and cls.name == name and cls.__module__.endswith(name.replace("-", "_"))

@@ -2,7 +2,8 @@
 :mod:`blipfast.train.tasks.base`), found by name.
 
 :func:`task_names` lists the tasks from the file names of this package (``blip2_stage1.py`` is
-``blip2-stage1``) without importing them; :func:`task_class` imports the one asked for, whose module registers its
+``blip2-stage1``; ``base`` and modules whose name starts with "_", the pieces tasks share, are none) without
+importing them; :func:`task_class` imports the one asked for, whose module registers its
 class with :func:`register`.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ __all__ = ["PRESETS", "Task", "register", "task_class", "task_names"]
 
 def task_names() -> tuple:
     """The task names, from the modules of this package (no import)."""
-    return tuple(sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(__path__) if m.name != "base"))
+    return tuple(sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(__path__)
+                        if m.name != "base" and not m.name.startswith("_")))
 
 
 def task_class(name: str) -> type:

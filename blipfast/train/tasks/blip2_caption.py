@@ -34,21 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 
 import torch
 
+from ._vit import VIT_FIELDS as _VIT_FIELDS
+from ._vit import TrainableViT
 from .base import _need, check_model_fields, qformer_fields, register
 from .blip2_stage2 import Blip2Stage2Task
 
-LAVIS_SCALE = (364, 224)  # caption_coco_opt2.7b's image_size over the pre-trained EVA ViT-g's
-_VIT_FIELDS = ("image_size", "vit_checkpoint")
-_LN = "vision_model.post_layernorm."
-
 
 @register
-class Blip2CaptionTask(Blip2Stage2Task):
+class Blip2CaptionTask(TrainableViT, Blip2Stage2Task):
     """The stage-2 model with its ViT trained on captions (see the module docstring)."""
 
     name = "blip2-caption"
@@ -86,53 +83,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
                            cls.name)
 
     # ------------------------------------------------------------------------------------------
-    # the parts: --init's weights, the ViT's source and resolution
-
-    def _parts(self, cfg: dict) -> dict:
-        """--init read once (its weights in HF names), the ViT's source (a config whose weights --init holds, or the
-        --vision folder) and the training resolution."""
-        if self.parts is not None:
-            return self.parts
-        from transformers import Blip2VisionConfig
-
-        from ... import convert
-        from ...models.blip2_stage2 import read_stage1
-
-        src = convert.resolve_source(cfg["init"], what="--init")
-        sd, qhint, eps_hint = read_stage1(src.weights)
-        has_vit = any(k.startswith("vision_model.") and not k.startswith(_LN) for k in sd)
-        if cfg["vision"] is not None:  # LAVIS: the ViT's own weights, then the checkpoint's over them
-            vit = cfg["vision"]
-            vcfg = Blip2VisionConfig.from_pretrained(vit)
-        else:
-            _need(has_vit, f"--vision VIT_DIR is needed: --init {cfg['init']!r} holds no ViT weights")
-            vit = vcfg = _vision_config(src, sd)
-        user = cfg["model"] or {}
-        size = user.get("image_size")
-        grid = vcfg.image_size // vcfg.patch_size
-        if size is None and _fine_tuned(src, self.name):  # a blip2-caption run's ViT keeps its resolution
-            size = int(sd["vision_model.embeddings.patch_embedding.weight"].shape[-1]
-                       * math.isqrt(sd["vision_model.embeddings.position_embedding"].shape[1] - 1))
-        if size is None:
-            size = math.floor(grid * LAVIS_SCALE[0] / LAVIS_SCALE[1] + 0.5) * vcfg.patch_size
-        _need(not isinstance(size, bool) and isinstance(size, int) and size >= vcfg.patch_size
-              and size % vcfg.patch_size == 0, f"--model: image_size must be a multiple of the ViT's patch size "
-              f"{vcfg.patch_size}, got {size!r}")
-        ckpt = user.get("vit_checkpoint", "all")
-        _need(ckpt in ("all", True, False) or (isinstance(ckpt, int) and ckpt >= 0),
-              f"--model: vit_checkpoint must be \"all\", true, false or k >= 0 (every k-th block), got {ckpt!r}")
-        self.parts = {"src": src, "sd": sd, "qhint": qhint, "eps": eps_hint, "vit": vit, "has_vit": has_vit,
-                      "image_size": size, "vit_checkpoint": ckpt}
-        return self.parts
-
-    def image_processor(self, cfg: dict, dist):
-        """LAVIS' ``blip_image_eval`` at the training resolution; rank 0 saves it in the run folder."""
-        from ...data.vision import default_blip_processor
-
-        self.processor = default_blip_processor(self._parts(cfg)["image_size"])
-        if dist.main:
-            self.processor.save_pretrained(os.path.join(cfg["out"], "image_processor"))
-        return self.processor
+    # the parts (--init's weights, the ViT's source and resolution: TrainableViT._parts)
 
     def _qformer_config(self, cfg: dict, src):
         """The stage-2 rule, with a ``blip2-caption`` run as --init read like a stage-2 run."""
@@ -150,11 +101,8 @@ class Blip2CaptionTask(Blip2Stage2Task):
         return super()._qformer_config({**cfg, "model": user}, src)
 
     def build(self, cfg: dict, tok, width, device, fresh: bool):
-        from ... import convert
         from ...data.vision import quiet_transformers
-        from ...models.blip2_stage2 import Blip2Stage2, _vision_model
-        from ...models.blip2_vision import (fuse_blip2_vision_model, interpolate_pos_embed_state_dict,
-                                            resize_position_embedding)
+        from ...models.blip2_stage2 import Blip2Stage2
         from ...models.qformer import QFormerConfig
         from ...options import resolve_dtype
 
@@ -165,7 +113,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
         dtype = resolve_dtype(cfg["llm_dtype"], device, flag="--llm-dtype")
         try:
             with quiet_transformers():
-                vit = _vision_model(parts["vit"], parts["sd"], None)  # float32: it trains
+                vit = self.load_vision_model(parts)  # float32: it trains
                 model = Blip2Stage2.from_pretrained_parts(parts["sd"], cfg["llm"], None, dtype=dtype, device=device,
                                                           qformer_config=qcfg if qcfg is not None else parts["qhint"],
                                                           ln_vision_eps=eps, instruct=self.qformer_text_input)
@@ -173,17 +121,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
             raise ValueError(f"{self.spelling}: cannot build the model from --init {cfg['init']!r}, --llm "
                              f"{cfg['llm']!r} and the ViT: {exc}") from None
         ln = model.model.vision_model.post_layernorm
-        if vit.config.hidden_size != ln.normalized_shape[0]:
-            raise ValueError(f"--init: the checkpoint's ln_vision is {ln.normalized_shape[0]} wide, the ViT "
-                             f"{vit.config.hidden_size}")
-        vit.post_layernorm = ln  # ln_vision, with LAVIS' epsilon (the ViT's own norms keep theirs)
-        resize_position_embedding(vit, parts["image_size"])  # LAVIS' interpolate_pos_embed, once
-        if parts["has_vit"] and isinstance(parts["vit"], str):  # --init's ViT over --vision's, at this resolution
-            vsd = {k: v for k, v in parts["sd"].items() if k.startswith("vision_model.") and not k.startswith(_LN)}
-            vsd = interpolate_pos_embed_state_dict(vsd, parts["image_size"], vit.config.patch_size)
-            convert.load_into(vit, vsd, prefix="vision_model.", ignore=(r"post_layernorm\.",), what="--init",
-                              into="the ViT of --vision")
-        fuse_blip2_vision_model(vit, checkpoint=parts["vit_checkpoint"])
+        vit = self.vision_model(vit, ln, parts)  # ln_vision as its post_layernorm, 364 px, --init's ViT, fused
         model.model.vision_model = vit.to(device)
         model.model.config.vision_config = vit.config
         model.set_vision_trainable(True)
@@ -249,32 +187,3 @@ class Blip2CaptionTask(Blip2Stage2Task):
                              attention_mask=enc["attention_mask"].to(dev), settings=settings, **extra)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
-
-def _vision_config(src, sd: dict):
-    """The ``Blip2VisionConfig`` of the ViT weights an --init holds, at their own resolution: the ``config.json``
-    beside them (an HF BLIP-2 folder, a blipfast checkpoint), else LAVIS' EVA ViT-g (``eva_clip_g``) with the
-    sizes the weights' shapes give."""
-    from transformers import Blip2VisionConfig
-
-    meta = (src.hf_config or {}).get("vision_config") or {}
-    pos = sd["vision_model.embeddings.position_embedding"]
-    patch = sd["vision_model.embeddings.patch_embedding.weight"].shape[-1]
-    grid = math.isqrt(pos.shape[1] - 1)
-    if meta.get("num_hidden_layers"):
-        spec = {k: v for k, v in meta.items() if k not in ("model_type", "transformers_version", "architectures")}
-    else:  # LAVIS' eva_vit_g: 16 heads at width 1408
-        width = pos.shape[-1]
-        layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
-        if width != 1408 and width % 64:
-            raise ValueError(f"--init: a {width}-wide ViT without a config.json (its heads are unknown); give its "
-                             f"config with the weights")
-        spec = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=16 if width == 1408 else width // 64,
-                    intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                    patch_size=patch)
-    return Blip2VisionConfig(**{**spec, "image_size": grid * patch})
-
-
-def _fine_tuned(src, task: str) -> bool:
-    """Whether --init is a run or checkpoint of ``task`` (its ViT is already at the training resolution)."""
-    return (src.run_config or {}).get("task") == task or \
-        ((src.hf_config or {}).get("blipfast") or {}).get("task") == task
