@@ -28,6 +28,8 @@ COMMANDS = {
     "cache-features": ("blipfast.data.features", "run a frozen vision encoder once and store its tokens"),
     "retrieval": ("blipfast.retrieval_cli", "BLIP-2 image-text retrieval of a gallery: recall@1/5/10 (ITC + ITM)"),
     "capfilt": ("blipfast.capfilt", "BLIP's CapFilt: caption every web image, keep the texts the ITM filter matches"),
+    "export": ("blipfast.generate.export", "write a fine-tuned BLIP-2 run (blip2-caption) as a Hugging Face "
+               "Blip2ForConditionalGeneration folder"),
     "eval": ("blipfast.evaluation.cli", "score captions, VQA / GQA answers, NLVR2 labels or retrieval scores "
              "the way the papers' tables were scored"),
 }

@@ -69,6 +69,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
         super().__init__(cfg)
         self.parts = None
         self.processor = self.tok = None
+        self.ends = {"text_suffix": cfg["text_suffix"], "tokenizer": cfg["tokenizer"]}  # config.json: a whole model
 
     @classmethod
     def check_options(cls, cfg: dict) -> None:
@@ -210,7 +211,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
         with open(path) as fh:
             meta = json.load(fh)
         meta["vision_config"] = model.model.vision_model.config.to_dict()
-        meta["blipfast"].update(task=self.name, ln_vision_eps=model.model.vision_model.post_layernorm.eps,
+        meta["blipfast"].update(task=self.name, ln_vision_eps=model.model.vision_model.post_layernorm.eps, **self.ends,
                                 note="the trained parts of a BLIP-2 caption fine-tuning run (the ViT included); "
                                      "the LLM is not here")
         with open(path, "w") as fh:

@@ -1,0 +1,133 @@
+"""A ``blipfast train --task blip2-caption`` run as a whole model (docs/blip2-finetune.md): ``blipfast caption`` /
+``eval caption --model RUN`` load the run itself, ``blipfast export`` writes it as an HF
+``Blip2ForConditionalGeneration`` folder that transformers' own classes load, and each gives the captions the run's
+own evaluation wrote (tiny models, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from blipfast.cli import main
+from blipfast.convert import list_checkpoints
+from blipfast.testing.data import write_images, write_jsonl, write_vision
+from tests.helpers.blip2_caption import write_lavis_stage1_no_vit
+from tests.helpers.stage2 import write_llm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train(root, llm, data, vision, init, out) -> str:
+    assert main(["train", "--task", "blip2-caption", "--out", out, "--data", data, "--images", root, "--vision", vision,
+                 "--llm", llm, "--init", init, "--steps", "2", "--batch-size", "4", "--max-txt-len", "12",
+                 "--warmup-steps", "1", "--lr", "1e-2", "--no-progress", "--device", "cpu", "--seed", "7",
+                 "--eval-every", "1", "--eval-data", data]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step OPT run whose --eval-every wrote its captions; an LLM folder whose tokenizer has no <image>."""
+    root = tmp_path_factory.mktemp("b2export")
+    data = write_jsonl(str(root / "ann.jsonl"), write_images(str(root), 8, seed=3))
+    parts = {"root": str(root), "data": data, "vision": write_vision(str(root / "vit")),
+             "init": write_lavis_stage1_no_vit(root / "stage1.pth"),
+             "opt": write_llm(root / "llm-opt", "opt"), "opt_tight": write_llm(root / "llm-tight", "opt")}
+    for name in os.listdir(parts["opt_tight"]):  # its tokenizer without <image> (every embedding row in use)
+        path = os.path.join(parts["opt_tight"], name)
+        if name.startswith(("tokenizer", "special_tokens")):
+            with open(path) as fh:
+                text = fh.read().replace("<image>", "<picture>")
+            with open(path, "w") as fh:
+                fh.write(text)
+    parts["run"] = _train(parts["root"], parts["opt"], data, parts["vision"], parts["init"], str(root / "run"))
+    with open(os.path.join(parts["run"], "captions-epoch1.jsonl")) as fh:
+        parts["captions"] = {r["image_id"]: r["caption"] for r in map(json.loads, fh)}
+    return parts
+
+
+def _key(image: str) -> int:
+    return int(os.path.splitext(os.path.basename(image))[0])  # the image id the run's evaluation gives it
+
+
+def _caption(run, model, out) -> dict:
+    assert main(["caption", "--model", model, "--data", run["data"], "--image-root", run["root"], "--output", out,
+                 "--settings", "coco", "--batch-size", "4", "--no-progress", "--device", "cpu"]) == 0
+    with open(out) as fh:
+        return {_key(r["image"]): r["caption"] for r in map(json.loads, fh)}
+
+
+def test_the_run_itself_and_its_export_caption_as_the_run_did(run, tmp_path):
+    """`blipfast caption --model RUN` (the run rebuilt from its checkpoint and recorded LLM) and `--model EXPORT`
+    write the captions of the run's own --eval-every, image for image; the export keeps LAVIS' ln_vision epsilon."""
+    from blipfast.generate.engine import Generator
+
+    want = run["captions"]
+    assert len(want) == 8 and len(set(want.values())) > 1  # (not one caption for every image)
+    assert _caption(run, run["run"], str(tmp_path / "run.jsonl")) == want
+    export = str(tmp_path / "export")
+    assert main(["export", run["run"], "--out", export]) == 0
+    assert _caption(run, export, str(tmp_path / "export.jsonl")) == want
+    gen = Generator(export, device="cpu")
+    end = gen.tokenizer("\n", add_special_tokens=False)["input_ids"]  # (the tiny word-level tokenizer: none)
+    assert gen.model.model.vision_model.post_layernorm.eps == 1e-5 and gen.eos_token_id == (end[0] if end else None)
+    assert gen.model.model.vision_model.config.image_size == 24  # the run's 24 px (its 16-px ViT interpolated)
+
+
+def test_transformers_own_classes_load_the_export_and_caption_as_the_run_did(run, tmp_path):
+    """Blip2ForConditionalGeneration / Blip2Processor.from_pretrained of the export: the processor puts the image
+    tokens in front of the prompt, and transformers' generate with the run's decoding (LAVIS' COCO settings, "\\n" as
+    the end) gives the run's captions (transformers' ln_vision epsilon is the ViT's: set to LAVIS' first, as blipfast's
+    loader does)."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor
+
+    from blipfast.data.vision import load_image, load_image_processor
+    from blipfast.models.llm import decoding_settings
+
+    export = str(tmp_path / "export")
+    assert main(["export", list_checkpoints(run["run"])[-1], "--out", export]) == 0  # a checkpoint folder
+    model = Blip2ForConditionalGeneration.from_pretrained(export).eval()
+    tok = AutoTokenizer.from_pretrained(export)
+    meta = model.config.blipfast
+    assert meta["task"] == "blip2-caption" and meta["text_suffix"] == "\n"
+    assert model.config.image_token_index == tok.convert_tokens_to_ids("<image>") < model.config.text_config.vocab_size
+    model.vision_model.post_layernorm.eps = meta["ln_vision_eps"]
+    settings = decoding_settings("coco", is_encoder_decoder=False)
+    with open(run["data"]) as fh:
+        files = {_key(r["image"]): os.path.join(run["root"], r["image"]) for r in map(json.loads, fh)}
+    images = sorted(run["captions"])
+    pics = [load_image(files[k]) for k in images]
+    px = load_image_processor(export)(images=pics, return_tensors="pt")["pixel_values"]
+    proc = Blip2Processor.from_pretrained(export)
+    ids = proc(images=pics[:1], text=settings.prompt, return_tensors="pt")["input_ids"]
+    q = model.config.num_query_tokens
+    assert ids[0, :q].eq(model.config.image_token_index).all() and ids.shape[1] > q
+    ids = ids.expand(len(images), -1)
+    with torch.no_grad():
+        end = tok(meta["text_suffix"], add_special_tokens=False)["input_ids"]
+        out = model.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids),
+                             **({"eos_token_id": end[0]} if end else {}), **settings.generate_kwargs())
+    got = [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    assert dict(zip(images, got)) == run["captions"]
+
+
+def test_export_without_spare_rows_and_refusals(run, tmp_path, capsys):
+    """A tokenizer without <image> gets it, on a new embedding row where the LLM has no spare one (--llm replaces the
+    recorded LLM); what is not a fine-tuned run, a folder that is not empty and a missing LLM are refused."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    export = str(tmp_path / "tight")
+    assert main(["export", run["run"], "--out", export, "--llm", run["opt_tight"]]) == 0
+    model = Blip2ForConditionalGeneration.from_pretrained(export)
+    rows = model.language_model.get_input_embeddings().num_embeddings
+    tok = AutoTokenizer.from_pretrained(export)
+    assert model.config.image_token_index == tok.convert_tokens_to_ids("<image>") == rows - 1 == len(tok) - 1
+    assert model.config.text_config.vocab_size == rows
+    for argv, msg in ((["export", run["init"], "--out", str(tmp_path / "a")], "is not a fine-tuned BLIP-2 run"),
+                      (["export", run["run"], "--out", export], "is not an empty folder"),
+                      (["export", run["run"], "--out", str(tmp_path / "b"), "--llm", str(tmp_path / "none")],
+                       "which is not a folder here")):
+        assert main(argv) == 2, msg
+        assert msg in capsys.readouterr().err, msg
