@@ -131,3 +131,26 @@ def test_export_without_spare_rows_and_refusals(run, tmp_path, capsys):
                        "which is not a folder here")):
         assert main(argv) == 2, msg
         assert msg in capsys.readouterr().err, msg
+
+
+def test_a_caption_run_is_an_init_of_stage2(run, tmp_path):
+    """`--stage 2 --init CAPTION_RUN`: the stage-2 model starts from the run's ln_vision, Q-Former, queries and
+    projection (its config from the run's config.yaml; the ViT is --vision's frozen tower), every tensor equal."""
+    from blipfast.cli import build_parser
+    from blipfast.convert import load_state_dict
+    from blipfast.train import Trainer
+    from blipfast.train.config import resolve
+
+    saved = load_state_dict(os.path.join(list_checkpoints(run["run"])[-1], "model.safetensors"))
+    argv = ["train", "--stage", "2", "--out", str(tmp_path / "s2"), "--data", run["data"], "--images", run["root"],
+            "--vision", run["vision"], "--llm", run["opt"], "--init", run["run"], "--steps", "1", "--batch-size", "4",
+            "--max-txt-len", "12", "--no-progress", "--device", "cpu"]
+    cfg, given = resolve(build_parser().parse_args(argv))
+    tr = Trainer(cfg, given, log=lambda m: None)
+    try:
+        got = dict(tr.core.trainable_parameters())
+        assert {k.split(".")[0] for k in got} == {"vision_model", "qformer", "query_tokens", "language_projection"}
+        assert all(torch.equal(t.detach(), saved[k]) for k, t in got.items())
+        assert tr.core.model.vision_model.post_layernorm.eps == 1e-5  # the run's ln_vision epsilon
+    finally:
+        tr.close()
