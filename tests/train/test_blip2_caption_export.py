@@ -23,7 +23,7 @@ def _train(root, llm, data, vision, init, out) -> str:
     assert main(["train", "--task", "blip2-caption", "--out", out, "--data", data, "--images", root, "--vision", vision,
                  "--llm", llm, "--init", init, "--steps", "2", "--batch-size", "4", "--max-txt-len", "12",
                  "--warmup-steps", "1", "--lr", "1e-2", "--no-progress", "--device", "cpu", "--seed", "7",
-                 "--eval-every", "1", "--eval-data", data]) == 0
+                 "--eval-every", "1", "--eval-data", data, "--save-lavis"]) == 0
     return out
 
 
@@ -152,5 +152,47 @@ def test_a_caption_run_is_an_init_of_stage2(run, tmp_path):
         assert {k.split(".")[0] for k in got} == {"vision_model", "qformer", "query_tokens", "language_projection"}
         assert all(torch.equal(t.detach(), saved[k]) for k, t in got.items())
         assert tr.core.model.vision_model.post_layernorm.eps == 1e-5  # the run's ln_vision epsilon
+    finally:
+        tr.close()
+
+
+def test_lavis_checkpoint_has_lavis_names_for_every_trained_tensor_and_loads_back(run, tmp_path):
+    """--save-lavis: lavis.pth holds every trained tensor under Blip2OPT's names (the EVA ViT's visual_encoder.*,
+    ln_vision, Qformer.bert.*, query_tokens, opt_proj), nothing else; as --init (no --vision: the ViT from it, its
+    config.json beside it) it gives back the run's tensors, the key third of the ViT's qkv bias (which LAVIS does not
+    have, and which changes no output) aside."""
+    import re
+
+    from blipfast import convert
+
+    ckpt = list_checkpoints(run["run"])[-1]
+    hf = convert.load_state_dict(os.path.join(ckpt, "model.safetensors"))
+    lavis = torch.load(os.path.join(ckpt, "lavis.pth"), weights_only=True)["model"]
+    expect = convert.hf_to_lavis(hf, language_projection="opt_proj", strict=True).state_dict  # every key maps
+    assert lavis.keys() == expect.keys() and all(torch.equal(lavis[k], expect[k]) for k in lavis)
+    groups = {re.sub(r"\.\d+\..*|\.(weight|bias)$", "", k) for k in lavis}
+    assert groups == {"visual_encoder.cls_token", "visual_encoder.pos_embed", "visual_encoder.patch_embed.proj",
+                      "visual_encoder.blocks", "ln_vision", "Qformer.bert.embeddings.LayerNorm",
+                      "Qformer.bert.encoder.layer", "query_tokens", "opt_proj"}
+    assert {"visual_encoder.blocks.1.attn.q_bias", "visual_encoder.blocks.1.attn.v_bias",
+            "visual_encoder.blocks.1.mlp.fc2.weight"} <= lavis.keys()
+    from blipfast.cli import build_parser
+    from blipfast.train import Trainer
+    from blipfast.train.config import resolve
+
+    argv = ["train", "--task", "blip2-caption", "--out", str(tmp_path / "again"), "--data", run["data"], "--images",
+            run["root"], "--llm", run["opt"], "--init", os.path.join(ckpt, "lavis.pth"), "--steps", "1",
+            "--batch-size", "4", "--max-txt-len", "12", "--no-progress", "--device", "cpu"]
+    cfg, given = resolve(build_parser().parse_args(argv))
+    tr = Trainer(cfg, given, log=lambda m: None)
+    try:
+        got = {k: t.detach() for k, t in tr.core.trainable_parameters()}
+        assert got.keys() == hf.keys()
+        for k, t in got.items():
+            want = hf[k]
+            if k.endswith("self_attn.qkv.bias"):  # LAVIS' q | 0 | v
+                q, _, v = want.chunk(3)
+                want = torch.cat((q, torch.zeros_like(q), v))
+            assert torch.equal(t, want), k
     finally:
         tr.close()
