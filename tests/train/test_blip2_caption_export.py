@@ -196,3 +196,44 @@ def test_lavis_checkpoint_has_lavis_names_for_every_trained_tensor_and_loads_bac
             assert torch.equal(t, want), k
     finally:
         tr.close()
+
+
+def test_trains_from_webdataset_shards_as_from_the_annotation_file(run, tmp_path):
+    """The annotation file's 8 images and captions as two WebDataset shards (img2dataset's layout): one step over all
+    8 (no augmentation, no dropout) has the loss of the same step over the annotation file (the batch's order aside:
+    float rounding), with the LLM's tokenizer (no --tokenizer), and the ViT trains."""
+    pytest.importorskip("webdataset")
+    from PIL import Image
+
+    from blipfast.testing.shards import sample_files, write_tar
+
+    with open(run["data"]) as fh:
+        rows = [json.loads(line) for line in fh]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        files = []
+        for i, r in enumerate(rows[4 * s:4 * s + 4]):
+            path = os.path.join(run["root"], r["image"])
+            with open(path, "rb") as fh, Image.open(path) as im:
+                files += sample_files(f"{s:05d}{i:04d}", fh.read(), r["caption"], *im.size)
+        write_tar(str(shards / f"{s:05d}.tar"), files)
+    losses = {}
+    for name, data in (("ann", ["--data", run["data"], "--images", run["root"]]), ("wds", ["--data", str(shards), "--samples-per-epoch", "8"])):
+        out = str(tmp_path / name)
+        assert main(["train", "--task", "blip2-caption", "--out", out, *data, "--vision", run["vision"], "--llm",
+                     run["opt"], "--init", run["init"], "--steps", "1", "--batch-size", "8", "--max-txt-len", "12",
+                     "--augment", "none", "--model", '{"qformer": {"hidden_dropout_prob": 0.0, '
+                     '"attention_probs_dropout_prob": 0.0}}', "--no-progress", "--device", "cpu", "--seed", "7",
+                     "--save-every", "0"]) == 0
+        with open(os.path.join(out, "log.jsonl")) as fh:
+            logged = [json.loads(line) for line in fh if '"loss"' in line]
+        losses[name] = logged[0]["loss"]
+    assert losses["wds"] == pytest.approx(losses["ann"], rel=1e-5, abs=0)
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" in convert_weights(str(tmp_path / "wds"))
+
+
+def convert_weights(out: str) -> dict:
+    from blipfast.convert import load_state_dict
+
+    return load_state_dict(os.path.join(list_checkpoints(out)[-1], "model.safetensors"))

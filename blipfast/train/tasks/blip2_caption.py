@@ -57,7 +57,7 @@ class Blip2CaptionTask(Blip2Stage2Task):
     spelling = "--task blip2-caption"
     stage = 1  # (--stage 2 names blip2-stage2; the recorded stage only tells the older spellings apart)
     trains_vision = True
-    streams = False
+    streams = True  # WebDataset shards: their images through the task's processor / --augment, as image files
     # caption_coco_ft.yaml: init_lr 1e-5, warmup_lr 1e-8 over 1000 steps, min_lr 0, weight decay 0.05, 5 epochs,
     # batch 16 per GPU, evaluation every epoch; Blip2OPT: max_txt_len 32, "\n" after the caption; the text processor's
     # prompt "a photo of "
