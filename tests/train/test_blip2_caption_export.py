@@ -237,3 +237,23 @@ def convert_weights(out: str) -> dict:
     from blipfast.convert import load_state_dict
 
     return load_state_dict(os.path.join(list_checkpoints(out)[-1], "model.safetensors"))
+
+
+def test_a_flan_t5_run_exports_with_lavis_gelu(run, tmp_path):
+    """Flan-T5: the export keeps LAVIS' exact GELU in the T5's feed-forwards (its config says so), and captions as
+    the run does."""
+    from transformers import Blip2Config
+
+    t5 = write_llm(tmp_path / "llm-t5", "t5", seed=1)
+    with open(os.path.join(t5, "config.json")) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(t5, "config.json"), "w") as fh:  # Flan-T5's activation (not gated here: the weights')
+        json.dump({**meta, "feed_forward_proj": "gelu_new", "dense_act_fn": "gelu_new"}, fh)
+    out = str(tmp_path / "t5run")
+    assert main(["train", "--task", "blip2-caption", "--out", out, "--data", run["data"], "--images", run["root"],
+                 "--vision", run["vision"], "--llm", t5, "--init", run["init"], "--steps", "1", "--batch-size", "4",
+                 "--max-txt-len", "12", "--lr", "1e-2", "--no-progress", "--device", "cpu", "--seed", "7"]) == 0
+    export = str(tmp_path / "t5export")
+    assert main(["export", out, "--out", export]) == 0
+    assert Blip2Config.from_pretrained(export).text_config.dense_act_fn == "gelu"
+    assert _caption(run, export, str(tmp_path / "e.jsonl")) == _caption(run, out, str(tmp_path / "r.jsonl"))
