@@ -218,7 +218,8 @@ def add_common_arguments(p, *, settings: Sequence[str], questions: bool) -> None
     ``settings`` by default) for the model's LLM kind (:meth:`blipfast.Blip2Stage2.decoding_settings`); each flag
     given wins over them, ``--generate-kwargs`` over everything."""
     p.add_argument("--model", required=True, help="local folder of an HF Blip2ForConditionalGeneration or "
-                   "InstructBlipForConditionalGeneration (save_pretrained), with its tokenizer and image processor")
+                   "InstructBlipForConditionalGeneration (save_pretrained), with its tokenizer and image processor, "
+                   "or a blipfast train run (or checkpoint) of blip2-caption")
     src = p.add_mutually_exclusive_group(required=True)
     if not questions:
         src.add_argument("--images", help="a folder of images (every image file in it, sorted by name)")
