@@ -29,6 +29,8 @@ COMMANDS = {
     "retrieval": ("blipfast.retrieval_cli", "BLIP-2 image-text retrieval of a gallery: recall@1/5/10 (ITC + ITM)"),
     "capfilt": ("blipfast.capfilt_blip2", "BLIP's CapFilt: caption every web image, keep the texts the ITM filter "
                 "matches (--mode blip2: BLIP-2's bootstrapping, the samples CLIP ranks best)"),
+    "export": ("blipfast.generate.export", "write a fine-tuned BLIP-2 run (blip2-caption) as a Hugging Face "
+               "Blip2ForConditionalGeneration folder"),
     "eval": ("blipfast.evaluation.cli", "score captions, VQA / GQA answers, NLVR2 labels or retrieval scores "
              "the way the papers' tables were scored"),
 }

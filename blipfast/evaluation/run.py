@@ -20,7 +20,8 @@ there before the model loads; a missing one is an error naming the reference row
 The predictions are written as the prediction mode reads them (``[{"image_id", "caption", "image"}]`` /
 ``[{"question_id", "answer", "question", "image"}]``, one row a line) to ``--save-predictions`` (default:
 ``predictions.json`` beside ``--out``, or in the current folder without it), so they can be scored again with
-``--predictions``. Models: BLIP-2 / InstructBLIP HF folders (what ``blipfast caption`` loads), and BLIP (v1) VQA and
+``--predictions``. Models: BLIP-2 / InstructBLIP HF folders and ``blip2-caption`` runs (what ``blipfast caption``
+loads), and BLIP (v1) VQA and
 captioning models (``blipfast train`` runs of ``blip-vqa`` / ``blip-caption``, Salesforce BLIP ``.pth`` files with
 ``--tokenizer``), told apart by their files and run as BLIP's evaluation runs them (:mod:`blipfast.evaluation.blip`;
 ``eval vqa --video`` answers questions about videos with them).
@@ -42,7 +43,8 @@ def add_model_arguments(p, source, task: str) -> None:
     from ..generate.engine import add_decoding_arguments
 
     source.add_argument("--model", help="end to end: a BLIP-2 / InstructBLIP HF folder (save_pretrained, with its "
-                        "tokenizer and image processor), or a BLIP (v1) model: a blipfast train run or checkpoint of "
+                        "tokenizer and image processor), a blipfast train run or checkpoint of blip2-caption, or a "
+                        "BLIP (v1) model: a blipfast train run or checkpoint of "
                         f"blip-{task} or a Salesforce BLIP .pth (with --tokenizer); it makes the predictions of "
                         "--data's inputs")
     p.add_argument("--images", help="end to end: the folder the reference rows' image paths are under (with "

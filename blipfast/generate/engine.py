@@ -100,8 +100,13 @@ def check_images(items: list) -> tuple[list, list]:
 
 def check_model_folder(model_dir) -> None:
     """Refuse (ValueError naming ``--model`` and the file) a folder that is not a BLIP-2 / InstructBLIP generation
-    model with its weights, tokenizer and image processor, before anything loads."""
+    model with its weights, tokenizer and image processor, nor a fine-tuned BLIP-2 run whose LLM is there
+    (:func:`blipfast.models.blip2_finetuned.finetuned_run`), before anything loads."""
+    from ..models.blip2_finetuned import finetuned_run
+
     folder = Path(model_dir)
+    if folder.exists() and finetuned_run(folder) is not None:
+        return
     if not folder.is_dir():
         raise ValueError(f"--model: {folder} is not a folder (a save_pretrained folder of a "
                          f"{' or '.join(GENERATION_CLASSES)})")
@@ -134,27 +139,36 @@ def _load_image(path: Path):
 
 
 class Generator:
-    """A BLIP-2 / InstructBLIP folder ready to generate: ``Generator(model_dir)(images, prompts, **kwargs)``."""
+    """A BLIP-2 / InstructBLIP folder (or a fine-tuned BLIP-2 run: :mod:`blipfast.models.blip2_finetuned`) ready to
+    generate: ``Generator(model_dir)(images, prompts, **kwargs)``. ``eos_token_id``: where a caption ends when the
+    model was trained with an end of its own (a run's ``--text-suffix``, "\\n" for OPT as LAVIS' ``eos_token_id``;
+    an exported folder's ``blipfast.text_suffix``), else None (the LLM's own)."""
 
     def __init__(self, model_dir, *, device=None, dtype=None, attn_implementation: Optional[str] = "auto"):
         from transformers import AutoTokenizer
 
-        from ..data.vision import load_image_processor
+        from ..data.vision import default_blip_processor, load_image_processor
+        from ..models.blip2_finetuned import finetuned_run, load_finetuned
         from ..models.blip2_stage2 import Blip2Stage2
 
         model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.dtype = dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, self.device)
         check_model_folder(model_dir)
+        run = finetuned_run(model_dir)
         try:
-            self.model = Blip2Stage2.from_hf(model_dir, dtype=dtype, attn_implementation=attn_implementation,
-                                             device=self.device).eval()
+            if run is not None:
+                self.model = load_finetuned(run, dtype=dtype, device=self.device,
+                                            attn_implementation=attn_implementation)
+            else:
+                self.model = Blip2Stage2.from_hf(model_dir, dtype=dtype, attn_implementation=attn_implementation,
+                                                 device=self.device).eval()
         except ValueError:
             raise
         except Exception as e:  # transformers / safetensors raise many kinds for a damaged folder
             raise ValueError(f"--model: cannot load {model_dir} ({type(e).__name__}: {e}); is a file missing, "
                              f"empty or truncated?") from None
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(run.tokenizer if run is not None else model_dir)
         if not self.tokenizer("a photo of a dog", add_special_tokens=False)["input_ids"]:
             raise ValueError(f"--model: the tokenizer of {model_dir} is empty (it turns text into no tokens): its "
                              f"tokenizer files are missing or broken")
@@ -162,7 +176,14 @@ class Generator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # decoder-only prompts are left-padded ([queries | pad | prompt], as LAVIS); encoder prompts right-padded
         self.tokenizer.padding_side = "right" if self.model.is_encoder_decoder else "left"
-        self.image_processor = load_image_processor(model_dir)
+        if run is not None:  # the run's evaluation transform (LAVIS' blip_image_eval at its resolution)
+            self.image_processor = default_blip_processor(run.image_size)
+            suffix = run.text_suffix
+        else:
+            self.image_processor = load_image_processor(model_dir)
+            suffix = (getattr(self.model.model.config, "blipfast", None) or {}).get("text_suffix")
+        end = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        self.eos_token_id = end[0] if end and not self.model.is_encoder_decoder else None
         self.qformer_tokenizer = None
         if self.model.is_instructblip:
             sub = model_dir / "qformer_tokenizer"
@@ -197,7 +218,8 @@ def add_common_arguments(p, *, settings: Sequence[str], questions: bool) -> None
     ``settings`` by default) for the model's LLM kind (:meth:`blipfast.Blip2Stage2.decoding_settings`); each flag
     given wins over them, ``--generate-kwargs`` over everything."""
     p.add_argument("--model", required=True, help="local folder of an HF Blip2ForConditionalGeneration or "
-                   "InstructBlipForConditionalGeneration (save_pretrained), with its tokenizer and image processor")
+                   "InstructBlipForConditionalGeneration (save_pretrained), with its tokenizer and image processor, "
+                   "or a blipfast train run (or checkpoint) of blip2-caption")
     src = p.add_mutually_exclusive_group(required=True)
     if not questions:
         src.add_argument("--images", help="a folder of images (every image file in it, sorted by name)")
@@ -269,7 +291,10 @@ def decoding(gen: Generator, args) -> tuple:
     """(prompt, generate kwargs) of a run: LAVIS' ``--settings`` for the model's LLM, the flags given over them."""
     settings = gen.model.decoding_settings(args.settings)
     prompt = settings.prompt if args.prompt is None else args.prompt
-    return prompt, _generate_kwargs(args, settings.generate_kwargs())
+    base = settings.generate_kwargs()
+    if gen.eos_token_id is not None:  # a fine-tuned caption's end, as the run's own evaluation stops
+        base["eos_token_id"] = gen.eos_token_id
+    return prompt, _generate_kwargs(args, base)
 
 
 def _key(row: dict, text_key: str) -> str:

@@ -92,9 +92,13 @@ class Blip2Stage2(nn.Module):
         """From an HF BLIP-2 / InstructBLIP conditional-generation model, or a local folder holding one
         (``save_pretrained``); the LLM gets the attention :func:`blipfast.models.llm.select_attn_implementation`
         picks (FlashAttention-2 when usable). The model's configuration is kept as it is (transformers' converted
-        BLIP-2 Flan-T5 folders already say LAVIS' ``dense_act_fn = "gelu"``)."""
+        BLIP-2 Flan-T5 folders already say LAVIS' ``dense_act_fn = "gelu"``), but for the ``ln_vision`` epsilon a
+        ``blipfast export`` folder records in ``config.blipfast``."""
         if not isinstance(model, nn.Module):
             model = load_hf_generation_model(model, dtype=dtype)
+        eps = (getattr(model.config, "blipfast", None) or {}).get("ln_vision_eps")
+        if eps is not None:  # an exported blipfast run: LAVIS' ln_vision epsilon, which transformers cannot say
+            model.vision_model.post_layernorm.eps = float(eps)
         if device is not None:
             model.to(device)
         configure_attention(model.language_model, attn_implementation, device=device, dtype=dtype)
@@ -122,9 +126,9 @@ class Blip2Stage2(nn.Module):
           ``llm`` / ``vision`` are used, not copied: they get frozen, and the ViT gets the checkpoint's ln_vision.
         - ``qformer_config``: an HF ``Blip2QFormerConfig`` / ``Blip2Config`` / dict / ``QFormerConfig``; default: the
           ``config.json`` beside the checkpoint, else read from the weights' shapes with 64-wide heads (BERT's).
-        - ``dtype``: of the frozen LLM and ViT (the trained parts stay fp32); ``ln_vision_eps``: only without a ViT
-          (default: a ``Blip2Stage1``'s own; 1e-5 (LAVIS') for LAVIS- and blipfast-named checkpoints, 1e-6 for
-          HF-named ones, HF's default).
+        - ``dtype``: of the frozen LLM and ViT (the trained parts stay fp32); ``ln_vision_eps`` (default, with a ViT:
+          the ViT's ``layer_norm_eps``; without one: a ``Blip2Stage1``'s own; 1e-5 (LAVIS') for LAVIS- and
+          blipfast-named checkpoints, 1e-6 for HF-named ones, HF's default).
         - ``instruct``: the InstructBLIP form (text beside the queries), the Q-Former's text half from ``stage1``
           (:func:`blipfast.models.instructblip.instruct_qformer`).
         """
@@ -170,7 +174,8 @@ class Blip2Stage2(nn.Module):
             vm = model.vision_model
             vm.embeddings = None
             vm.encoder = None
-        vm.post_layernorm = nn.LayerNorm(ln_w.shape[0], eps=vcfg.layer_norm_eps)
+        eps = ln_vision_eps if ln_vision_eps is not None else vcfg.layer_norm_eps
+        vm.post_layernorm = nn.LayerNorm(ln_w.shape[0], eps=eps)
         vm.post_layernorm.load_state_dict({"weight": ln_w, "bias": sd[_LN + "bias"]})
         model.vision_model = vm
         model.qformer = qformer

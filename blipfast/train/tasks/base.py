@@ -224,12 +224,13 @@ class Task:
     @classmethod
     def check_stream_options(cls, cfg: dict) -> None:
         """Streamed data (WebDataset shards, feature shards): only for a task that ``streams`` image-caption pairs,
-        and with ``--tokenizer``."""
+        and with ``--tokenizer`` (or an LLM's, with ``--llm``)."""
         if input_kind(cfg["data"], cfg["features"]) not in ("shards", "feature-shards"):
             return
         _need(cls.streams, f"{cls.spelling or '--task ' + cls.name} trains from its own annotation files, not from "
               f"WebDataset shards or feature shards (streams of image-caption pairs)")
-        _need(cfg["tokenizer"] is not None, "--tokenizer DIR is needed with WebDataset shards and feature shards "
+        _need(cfg["tokenizer"] is not None or cfg.get("llm") is not None,  # (with --llm: the LLM's tokenizer)
+              "--tokenizer DIR is needed with WebDataset shards and feature shards "
               "(a local BERT-style tokenizer folder, e.g. bert-base-uncased's): a vocabulary is trained only from "
               "the captions of an annotation file, and a stream's captions are never all in one place")
 

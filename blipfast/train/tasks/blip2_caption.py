@@ -54,7 +54,7 @@ class Blip2CaptionTask(TrainableViT, Blip2Stage2Task):
     spelling = "--task blip2-caption"
     stage = 1  # (--stage 2 names blip2-stage2; the recorded stage only tells the older spellings apart)
     trains_vision = True
-    streams = False
+    streams = True  # WebDataset shards: their images through the task's processor / --augment, as image files
     qformer_text_input = False  # LAVIS' flag: the Q-Former takes text beside the queries (InstructBLIP's)
     # caption_coco_ft.yaml: init_lr 1e-5, warmup_lr 1e-8 over 1000 steps, min_lr 0, weight decay 0.05, 5 epochs,
     # batch 16 per GPU, evaluation every epoch; Blip2OPT: max_txt_len 32, "\n" after the caption; the text processor's
@@ -67,6 +67,7 @@ class Blip2CaptionTask(TrainableViT, Blip2Stage2Task):
         super().__init__(cfg)
         self.parts = None
         self.processor = self.tok = None
+        self.ends = {"text_suffix": cfg["text_suffix"], "tokenizer": cfg["tokenizer"]}  # config.json: a whole model
 
     @classmethod
     def check_options(cls, cfg: dict) -> None:
@@ -149,7 +150,7 @@ class Blip2CaptionTask(TrainableViT, Blip2Stage2Task):
         with open(path) as fh:
             meta = json.load(fh)
         meta["vision_config"] = model.model.vision_model.config.to_dict()
-        meta["blipfast"].update(task=self.name, ln_vision_eps=model.model.vision_model.post_layernorm.eps,
+        meta["blipfast"].update(task=self.name, ln_vision_eps=model.model.vision_model.post_layernorm.eps, **self.ends,
                                 note="the trained parts of a BLIP-2 caption fine-tuning run (the ViT included); "
                                      "the LLM is not here")
         with open(path, "w") as fh:

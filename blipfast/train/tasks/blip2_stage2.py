@@ -4,7 +4,8 @@ LLM of ``--llm``, on the LM loss of the captions (decoder-only: ``prompt + capti
 prompt's tokens and padding; seq2seq: the prompt in the encoder, the caption the decoder target). The ViT is the
 trainer's frozen tower (or the feature cache), so the model is built features-only.
 
-The Q-Former's configuration: the ``--init`` run's ``config.yaml`` (a blipfast run or checkpoint), else a
+The Q-Former's configuration: the ``--init`` run's ``config.yaml`` (a blipfast run or checkpoint: stage 1, stage 2,
+or a fine-tuning run of the stage-2 model such as ``blip2-caption``, whose ViT is not used here), else a
 ``config.json`` beside the weights when ``--model`` gives some Q-Former fields, else what
 :meth:`blipfast.Blip2Stage2.from_pretrained_parts` reads from the weights; ``--model`` (``{"qformer": {...},
 "ln_vision_eps": x}``) goes over it. Checkpoints hold only the trained tensors (HF names: ``qformer.*``,
@@ -79,8 +80,9 @@ class Blip2Stage2Task(Task):
         derived: dict = {}
         run, meta = src.run_config, src.hf_config or {}
         if run is not None and run.get("model"):
-            if run.get("stage", 1) == 2:
-                derived = dict(run["model"])
+            if run.get("stage", 1) == 2 or (meta.get("blipfast") or {}).get("stage") == 2:  # a stage-2 model's run
+                # (blip2-stage2, or a task of its family such as blip2-caption: its checkpoint says stage 2)
+                derived = {k: v for k, v in run["model"].items() if k in ("qformer", "ln_vision_eps")}
             else:
                 s1 = Blip2Stage1Config(**run["model"])
                 derived = {"qformer": s1.qformer.to_dict(), "ln_vision_eps": s1.ln_vision_eps}

@@ -49,6 +49,7 @@ class Blip2VQATask(Blip2CaptionTask):
     """The InstructBLIP-form stage-2 model fine-tuned on VQA with its ViT trained (see the module docstring)."""
 
     name = "blip2-vqa"
+    streams = False  # VQA question lists are annotation files (as blip-vqa's)
     title = "BLIP-2 VQA fine-tuning (ViT trained, the question in the Q-Former)"
     spelling = "--task blip2-vqa"
     qformer_text_input = True
