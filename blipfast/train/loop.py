@@ -47,6 +47,7 @@ import torch.distributed as dist
 from ..files import identity
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
+from . import fsdp
 from ..data.shards import input_kind
 from .config import RESUME_MUTABLE, STREAMS, is_run_config, read_run_config, task_of, validate, write_config
 from .streams import KeysLog, StreamInput
@@ -136,6 +137,10 @@ class Trainer:
         dev = d.device
         if cfg["cuda_graph"] and (dev.type != "cuda" or d.world > 1):
             raise ValueError("--cuda-graph needs one process on a CUDA device")
+        self.fsdp = bool(cfg.get("fsdp"))
+        if self.fsdp and d.world < 2:
+            raise ValueError("--fsdp shards the model over the processes of torchrun: start the run with torchrun "
+                             "--nproc-per-node N (N >= 2, over one or more nodes; docs/fsdp.md), or leave out --fsdp")
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
         cfg["task"] = task_of(cfg)
@@ -164,7 +169,7 @@ class Trainer:
             self._setup(cfg, fresh=ck is None)
             self.data_id = self._data_identity()
             if ck is not None:
-                state = ckpt.load_checkpoint(ck, lambda folder: self.task.load(self.core, folder))
+                state = ckpt.load_checkpoint(ck, self._read_weights)
                 self._check_data(state.get("data"))
                 self._restore(state)
         except BaseException:
@@ -270,12 +275,16 @@ class Trainer:
             if len(ann.bad) > 10:
                 self.log(f"  ... {len(ann.bad) - 10} more in {report}")
 
+        amp = None if cfg["precision"] == "fp32" else DTYPES[cfg["precision"]]
+        self.skeleton, replicated = None, None
+        if self.fsdp:  # sharded in place before the optimizer is built over the shards (blipfast.train.fsdp)
+            self.skeleton = fsdp.Skeleton(model)
+            replicated = fsdp.wrap(model, dev, amp)
         self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"], recipe=task.recipe)
         self.schedule = make_schedule(self.optimizer, cfg, task.recipe, self.micro_per_epoch)
-        amp = None if cfg["precision"] == "fp32" else DTYPES[cfg["precision"]]
         self.scaler = torch.amp.GradScaler(dev.type) if cfg["precision"] == "fp16" else None
         wrapped = model
-        if d.world > 1:
+        if d.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -289,7 +298,7 @@ class Trainer:
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
         self.stepper = cls(wrapped, self.optimizer, task.step_loss, device=dev, tower=tower, scaler=self.scaler,
                            amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
-                           feature_dtype=feature_dtype)
+                           feature_dtype=feature_dtype, replicated=replicated)
         self.step = 0
         self.micro_step = 0
         self._iter = None
@@ -331,8 +340,16 @@ class Trainer:
             self.log(f"blipfast train: --resume: {now['path']} changed since the run started (same rows and pairs: "
                      f"{now['pairs']}); training continues on its new contents")
 
+    def _read_weights(self, folder: str) -> None:
+        """``--resume``: the checkpoint's weights; with ``--fsdp`` its DCP shards, the optimizer state too."""
+        if self.fsdp:
+            fsdp.load_sharded(self.core, self.optimizer, folder)
+        else:
+            self.task.load(self.core, folder)
+
     def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # (--fsdp: read with the weights, from the DCP shards)
+            self.optimizer.load_state_dict(state["optimizer"])
         for g in self.optimizer.param_groups:  # a capturable optimizer's lr tensor lives on the device
             if isinstance(g["lr"], torch.Tensor):
                 g["lr"] = g["lr"].to(self.dist.device)
@@ -401,18 +418,27 @@ class Trainer:
             if d.world > 1:
                 streams = [None] * d.world
                 dist.all_gather_object(streams, self._stream_loader.state_dict())
-        path = None
+        path, write_weights = None, self._write_weights
+        if self.fsdp:  # every rank writes its DCP shards into the folder rank 0 opens; rank 0 the gathered weights
+            tmp = d.broadcast(ckpt.open_checkpoint(self.cfg["out"], self.step) if d.main else None)
+            d.barrier()
+            fsdp.save_sharded(self.core, self.optimizer, tmp)
+            full = fsdp.full_weights(self.core)
+            write_weights = (lambda folder: self._write_weights(folder, self.skeleton.filled(full))) if d.main \
+                else None
         if d.main:
-            state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            state = {"schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
                      "step": self.step, "micro_step": self.micro_step, "world_size": d.world, "data": self.data_id,
-                     **({"data_streams": streams} if streams is not None else {})}
-            path = ckpt.save_checkpoint(self.cfg["out"], self.step,
-                                        lambda folder: self.task.save(self.core, folder, self.step,
-                                                                      self.cfg["save_lavis"]),
-                                        state, self.cfg["keep"])
+                     **({"data_streams": streams} if streams is not None else {}),
+                     **({} if self.fsdp else {"optimizer": self.optimizer.state_dict()})}
+            path = ckpt.save_checkpoint(self.cfg["out"], self.step, write_weights, state, self.cfg["keep"],
+                                        opened=self.fsdp)
         d.barrier()
         return path
+
+    def _write_weights(self, folder: str, model=None) -> None:
+        self.task.save(self.core if model is None else model, folder, self.step, self.cfg["save_lavis"])
 
     def _evaluate_after(self, before: int) -> None:
         """``--eval-every N``: the task's ``evaluate`` when this step ended an N-th epoch; rank 0 appends the

@@ -1,0 +1,103 @@
+"""``blipfast train --fsdp`` (FSDP2, docs/fsdp.md) with ``torchrun --nproc-per-node 2`` on CPUs (gloo): the units it
+shards, a sharded run equal to one process holding the global batch (losses and weights, to float32 rounding), and
+a sharded run stopped and resumed from its DCP checkpoint equal to the uninterrupted one bit for bit."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blipfast.cli import main
+from blipfast.testing.data import write_images, write_jsonl, write_vision
+from blipfast.train.fsdp import fsdp_units
+from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+
+LOSSES = ("loss", "loss_itc", "loss_itm", "loss_lm")
+
+
+def test_fsdp_units_are_the_blocks_of_every_layer_stack():
+    from transformers import (Blip2VisionConfig, Blip2VisionModel, OPTConfig, OPTForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
+
+    small = dict(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=2, num_decoder_layers=3)
+    t5 = T5ForConditionalGeneration(T5Config(**small))
+    assert [n for n, _ in fsdp_units(t5)] == ["encoder.block.0", "encoder.block.1", "decoder.block.0",
+                                              "decoder.block.1", "decoder.block.2"]
+    opt = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                   num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16))
+    assert [n for n, _ in fsdp_units(opt)] == ["model.decoder.layers.0", "model.decoder.layers.1"]
+
+    class Both(torch.nn.Module):  # a stack nested in a block of another stack: the inner blocks come first
+        def __init__(self):
+            super().__init__()
+            self.vit = Blip2VisionModel(Blip2VisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                                          num_attention_heads=2, image_size=8, patch_size=4))
+            self.outer = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)]))])
+            self.mixed = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()])  # not a stack of one class
+
+    units = fsdp_units(Both())
+    names = [n for n, _ in units]
+    assert names == ["outer.0.0.0", "vit.encoder.layers.0", "vit.encoder.layers.1", "outer.0"]
+    with pytest.raises(TypeError, match="model"):
+        fsdp_units("not a module")
+
+
+def _torchrun(args: list, cwd: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "blipfast.cli"] + args
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+@pytest.mark.distributed
+def test_fsdp_two_gloo_processes_equal_one_process_and_resume_bit_identically(tmp_path):
+    rows = write_images(str(tmp_path), 20, seed=11)
+    data = write_jsonl(str(tmp_path / "ann.jsonl"), rows)
+    vit = write_vision(str(tmp_path / "vit"))
+    common = dict(data=data, images=str(tmp_path), vision=vit, steps=4, model=merge(TINY_MODEL, NO_DROPOUT))
+    extra = ("--max-txt-len", "6", "--num-workers", "0")  # no padding: each rank's LM loss averages as many tokens
+    single, full, part = (str(tmp_path / n) for n in ("single", "full", "part"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(tiny_args(single, **common, extra=extra) + ["--batch-size", "6"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    sharded = ["--batch-size", "3", "--fsdp", "--save-every", "2"]
+    out = _torchrun(tiny_args(full, **common, extra=extra) + sharded, str(tmp_path))
+    assert "2 process(es)" in out and "global batch 6" in out
+    rs, rf = read_log(single), read_log(full)
+    assert [r["step"] for r in rf] == [1, 2, 3, 4]
+    for a, b in zip(rs, rf):
+        for k in LOSSES:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
+    ws, wf = weights(single), weights(full)  # the consolidated model.safetensors of the sharded run
+    assert ws.keys() == wf.keys()
+    for k in ws:  # a fraction of one Adam step (lr 2e-3), as tests/train/test_distributed.py
+        torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
+    ck = os.path.join(full, "checkpoint-00000004")
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "model.safetensors", "state.pt"} <= set(os.listdir(ck))
+    assert "optimizer" not in torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+    # stopped after step 2, resumed from its DCP checkpoint: the same 4 steps bit for bit
+    # (under torchrun a stopped run exits 0: the agent reports any other code as a failed worker)
+    _torchrun(tiny_args(part, **common, extra=extra) + sharded + ["--stop-after", "2"], str(tmp_path))
+    _torchrun(["train", "--resume", part, "--no-progress"], str(tmp_path))
+    rp = read_log(part)
+    keys = ("step", "lr") + LOSSES
+    assert [[r[k] for k in keys] for r in rp] == [[r[k] for k in keys] for r in rf]
+    wp = weights(part)
+    assert wp.keys() == wf.keys() and all(torch.equal(wp[k], wf[k]) for k in wf)
+
+
+def test_fsdp_refusals():
+    from tests.helpers.train import make_trainer
+
+    for flags, msg in ((["--fsdp"], "torchrun"), (["--fsdp", "--precision", "fp16"], "fp16"),
+                       (["--fsdp", "--task", "blip-pretrain"], "cannot be sharded")):
+        with pytest.raises(ValueError, match=msg):
+            make_trainer(["train", "--device", "cpu", "--out", "/nonexistent/x", *flags])
