@@ -149,7 +149,8 @@ OPTIONS: dict = {
                    "AdamW, static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
     "fsdp": (bool, False, "shard the model over the torchrun processes with FSDP2 instead of DDP (the frozen LLM, "
              "the trained weights and their AdamW states; DCP sharded checkpoints; docs/fsdp.md): blip2-stage1, "
-             "blip2-stage2, blip2-caption; not with --cuda-graph, --precision fp16 or --eval-every"),
+             "blip2-stage2, blip2-caption; not with --cuda-graph, --precision fp16 or --eval-every (evaluate its "
+             "consolidated checkpoints with blipfast eval)"),
     "device": (str, "auto", "cpu, cuda or auto (cuda when available; cuda:LOCAL_RANK under torchrun)"),
     "seed": (int, 42, "random seed (weights, data order, dropout, negatives)"),
     # output
@@ -429,8 +430,6 @@ def validate(cfg: dict) -> None:
         need(not cfg["cuda_graph"], "--fsdp does not support --cuda-graph (its collectives run outside a capture)")
         need(cfg["precision"] != "fp16", "--fsdp does not support --precision fp16 (GradScaler over sharded "
              "gradients); use bf16 (FSDP2's mixed precision: bf16 gathers, fp32 gradient reduction) or fp32")
-        need(not cfg["eval_every"], "--fsdp does not support --eval-every (decoding runs outside the sharded "
-             "forward); evaluate the checkpoints with blipfast eval (their model.safetensors is consolidated)")
 
 
 def write_config(path: str, cfg: dict) -> None:

@@ -141,6 +141,14 @@ class Trainer:
         if self.fsdp and d.world < 2:
             raise ValueError("--fsdp shards the model over the processes of torchrun: start the run with torchrun "
                              "--nproc-per-node N (N >= 2, over one or more nodes; docs/fsdp.md), or leave out --fsdp")
+        if self.fsdp and cfg["eval_every"]:  # decoding runs outside the sharded forward
+            if "eval_every" in (given or {}):
+                raise ValueError("--fsdp does not support --eval-every: evaluate the checkpoints with blipfast eval "
+                                 "(their model.safetensors is consolidated; docs/fsdp.md)")
+            cfg["eval_every"] = 0  # the task's default: off, said in the start-up log
+            if d.main:
+                self.log("blipfast train: --fsdp: no evaluation during training (the task's --eval-every); evaluate "
+                         "the checkpoints with blipfast eval")
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
         cfg["task"] = task_of(cfg)

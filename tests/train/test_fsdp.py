@@ -3,6 +3,7 @@ shards, a sharded run equal to one process holding the global batch (losses and 
 a sharded run stopped and resumed from its DCP checkpoint equal to the uninterrupted one bit for bit."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,36 @@ def test_fsdp_refusals():
                        (["--fsdp", "--task", "blip-pretrain"], "cannot be sharded")):
         with pytest.raises(ValueError, match=msg):
             make_trainer(["train", "--device", "cpu", "--out", "/nonexistent/x", *flags])
+
+
+@pytest.mark.distributed
+def test_fsdp_blip2_caption_trains_the_vit_sharded_as_one_process_with_the_global_batch(tmp_path):
+    """The ViT (fused, checkpointed blocks) trained and the frozen OPT's layers sharded: the same losses and trained
+    weights as one process with the global batch; the consolidated checkpoint holds the trained parts only."""
+    from tests.helpers.blip2_caption import write_lavis_stage1_no_vit
+    from tests.helpers.stage2 import write_llm
+
+    rows = write_images(str(tmp_path), 8, seed=3)
+    data = write_jsonl(str(tmp_path / "ann.jsonl"), rows)
+    args = ["train", "--task", "blip2-caption", "--data", data, "--images", str(tmp_path), "--vision",
+            write_vision(str(tmp_path / "vit")), "--llm", write_llm(tmp_path / "llm", "opt"), "--init",
+            write_lavis_stage1_no_vit(tmp_path / "stage1.pth"), "--steps", "3", "--max-txt-len", "6",
+            "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--no-progress", "--device", "cpu", "--seed",
+            "7", "--save-every", "0", "--num-workers", "0", "--model", json.dumps(NO_DROPOUT)]
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
+    rs, rf = read_log(single), read_log(sharded)
+    assert [r["step"] for r in rf] == [1, 2, 3]
+    for a, b in zip(rs, rf):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    ws, wf = weights(single), weights(sharded)
+    assert ws.keys() == wf.keys() and "vision_model.encoder.layers.1.mlp.fc1.weight" in wf
+    assert not any("language_model" in k for k in wf)
+    for k in ws:
+        torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
