@@ -149,8 +149,7 @@ OPTIONS: dict = {
                    "AdamW, static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
     "fsdp": (bool, False, "shard the model over the torchrun processes with FSDP2 instead of DDP (the frozen LLM, "
              "the trained weights and their AdamW states; DCP sharded checkpoints; docs/fsdp.md): blip2-stage1, "
-             "blip2-stage2, blip2-caption; not with --cuda-graph, --precision fp16 or --eval-every (evaluate its "
-             "consolidated checkpoints with blipfast eval)"),
+             "blip2-stage2, blip2-caption; not with --cuda-graph, --precision fp16 or --eval-every"),
     "device": (str, "auto", "cpu, cuda or auto (cuda when available; cuda:LOCAL_RANK under torchrun)"),
     "seed": (int, 42, "random seed (weights, data order, dropout, negatives)"),
     # output

@@ -143,12 +143,13 @@ class Trainer:
                              "--nproc-per-node N (N >= 2, over one or more nodes; docs/fsdp.md), or leave out --fsdp")
         if self.fsdp and cfg["eval_every"]:  # decoding runs outside the sharded forward
             if "eval_every" in (given or {}):
-                raise ValueError("--fsdp does not support --eval-every: evaluate the checkpoints with blipfast eval "
-                                 "(their model.safetensors is consolidated; docs/fsdp.md)")
+                raise ValueError("--fsdp does not support --eval-every (decoding runs outside the sharded forward); "
+                                 "each checkpoint's model.safetensors is consolidated, an --init of its own "
+                                 "(docs/fsdp.md)")
             cfg["eval_every"] = 0  # the task's default: off, said in the start-up log
             if d.main:
-                self.log("blipfast train: --fsdp: no evaluation during training (the task's --eval-every); evaluate "
-                         "the checkpoints with blipfast eval")
+                self.log("blipfast train: --fsdp: no evaluation during training (the task's --eval-every); each "
+                         "checkpoint's model.safetensors is consolidated (docs/fsdp.md)")
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
         cfg["task"] = task_of(cfg)
