@@ -14,7 +14,7 @@ import torch
 from blipfast.cli import main
 from blipfast.testing.data import write_images, write_jsonl, write_vision
 from blipfast.train.fsdp import fsdp_units
-from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.train import NO_DROPOUT, global_batch_baseline, read_log, tiny_args, weights
 
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_lm")
 
@@ -57,18 +57,8 @@ def _torchrun(args: list, cwd: str) -> str:
 
 @pytest.mark.distributed
 def test_fsdp_two_gloo_processes_equal_one_process_and_resume_bit_identically(tmp_path):
-    rows = write_images(str(tmp_path), 20, seed=11)
-    data = write_jsonl(str(tmp_path / "ann.jsonl"), rows)
-    vit = write_vision(str(tmp_path / "vit"))
-    common = dict(data=data, images=str(tmp_path), vision=vit, steps=4, model=merge(TINY_MODEL, NO_DROPOUT))
-    extra = ("--max-txt-len", "6", "--num-workers", "0")  # no padding: each rank's LM loss averages as many tokens
-    single, full, part = (str(tmp_path / n) for n in ("single", "full", "part"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(tiny_args(single, **common, extra=extra) + ["--batch-size", "6"]) == 0
-    finally:
-        torch.set_num_threads(n)
+    common, extra, single = global_batch_baseline(tmp_path, steps=4)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
     sharded = ["--batch-size", "3", "--fsdp", "--save-every", "2"]
     out = _torchrun(tiny_args(full, **common, extra=extra) + sharded, str(tmp_path))
     assert "2 process(es)" in out and "global batch 6" in out
