@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["TASKS", "Skeleton", "clip_grad_norm", "fsdp_units", "full_weights", "load_sharded", "reduce_replicated",
+__all__ = ["TASKS", "Skeleton", "check_run", "clip_grad_norm", "fsdp_units", "full_weights", "load_sharded", "reduce_replicated",
            "save_sharded", "wrap"]
 
 #: the tasks ``--fsdp`` trains (BLIP v1's momentum encoders and queues are updated outside the forward)
@@ -67,6 +67,23 @@ def fsdp_units(model: nn.Module) -> list:
     names = [n for n, _ in units]
     nesting = {n: sum(n.startswith(o + ".") for o in names) for n in names}
     return sorted(units, key=lambda u: -nesting[u[0]])
+
+
+def check_run(cfg: dict, given: dict, world: int, log) -> None:
+    """What ``--fsdp`` needs of the run beyond :func:`blipfast.train.config.validate`'s checks: torchrun with 2 or
+    more processes (ValueError), and no evaluation during training (decoding runs outside the sharded forward): an
+    explicit ``--eval-every`` is refused, the task's default turned off (and ``log`` says so)."""
+    if world < 2:
+        raise ValueError("--fsdp shards the model over the processes of torchrun: start the run with torchrun "
+                         "--nproc-per-node N (N >= 2, over one or more nodes; docs/fsdp.md), or leave out --fsdp")
+    if not cfg["eval_every"]:
+        return
+    if "eval_every" in given:
+        raise ValueError("--fsdp does not support --eval-every (decoding runs outside the sharded forward); each "
+                         "checkpoint's model.safetensors is consolidated, an --init of its own (docs/fsdp.md)")
+    cfg["eval_every"] = 0
+    log("blipfast train: --fsdp: no evaluation during training (the task's --eval-every); each checkpoint's "
+        "model.safetensors is consolidated (docs/fsdp.md)")
 
 
 def _mesh(device: torch.device):

@@ -29,7 +29,9 @@ CPUs), builds the same model from the same seed, trains on its rows of each glob
 broadcast: every rank loads them from the same files); ``Blip2Stage1`` gathers the ITC features and exchanges
 the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
 rank's RNG states. Dropout draws from each rank's own RNG (seeded ``seed`` + rank); the hard-negative draws use
-a seed that depends only on ``seed`` and the micro-step, the same on every rank.
+a seed that depends only on ``seed`` and the micro-step, the same on every rank. With ``--fsdp`` the model is
+sharded with FSDP2 instead of DDP (:mod:`blipfast.train.fsdp`: the optimizer is built over the shards, checkpoints
+hold DCP shards beside the consolidated weights, ``--resume`` reads the shards back).
 """
 from __future__ import annotations
 
@@ -138,18 +140,8 @@ class Trainer:
         if cfg["cuda_graph"] and (dev.type != "cuda" or d.world > 1):
             raise ValueError("--cuda-graph needs one process on a CUDA device")
         self.fsdp = bool(cfg.get("fsdp"))
-        if self.fsdp and d.world < 2:
-            raise ValueError("--fsdp shards the model over the processes of torchrun: start the run with torchrun "
-                             "--nproc-per-node N (N >= 2, over one or more nodes; docs/fsdp.md), or leave out --fsdp")
-        if self.fsdp and cfg["eval_every"]:  # decoding runs outside the sharded forward
-            if "eval_every" in (given or {}):
-                raise ValueError("--fsdp does not support --eval-every (decoding runs outside the sharded forward); "
-                                 "each checkpoint's model.safetensors is consolidated, an --init of its own "
-                                 "(docs/fsdp.md)")
-            cfg["eval_every"] = 0  # the task's default: off, said in the start-up log
-            if d.main:
-                self.log("blipfast train: --fsdp: no evaluation during training (the task's --eval-every); each "
-                         "checkpoint's model.safetensors is consolidated (docs/fsdp.md)")
+        if self.fsdp:
+            fsdp.check_run(cfg, given or {}, d.world, self.log if d.main else lambda _: None)
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
         cfg["task"] = task_of(cfg)

@@ -92,6 +92,13 @@ def test_fsdp_refusals():
                        (["--fsdp", "--task", "blip-pretrain"], "cannot be sharded")):
         with pytest.raises(ValueError, match=msg):
             make_trainer(["train", "--device", "cpu", "--out", "/nonexistent/x", *flags])
+    from blipfast.train.fsdp import check_run
+
+    with pytest.raises(ValueError, match="--eval-every"):  # given: refused
+        check_run({"eval_every": 1}, {"eval_every": 1}, 2, print)
+    cfg, said = {"eval_every": 1}, []
+    check_run(cfg, {}, 2, said.append)  # the task's default: off, and said
+    assert cfg["eval_every"] == 0 and "no evaluation during training" in said[0]
 
 
 @pytest.mark.distributed
