@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["TASKS", "Skeleton", "check_run", "clip_grad_norm", "fsdp_units", "full_weights", "load_sharded", "reduce_replicated",
-           "save_sharded", "wrap"]
+__all__ = ["TASKS", "Skeleton", "check_run", "clip_grad_norm", "fsdp_units", "full_weights", "load_sharded",
+           "reduce_replicated", "save_sharded", "split_replicated", "wrap"]
 
 #: the tasks ``--fsdp`` trains (BLIP v1's momentum encoders and queues are updated outside the forward)
 TASKS = ("blip2-stage1", "blip2-stage2", "blip2-caption")
@@ -107,6 +107,20 @@ def wrap(model: nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
     return replicated
+
+
+def split_replicated(optimizer, replicated: list) -> None:
+    """Move the replicated parameters into param groups of their own (the same settings): a fused or foreach
+    AdamW (CUDA) steps a group's tensors in one call, which cannot mix sharded (DTensor) and plain tensors."""
+    ids = {id(p) for p in replicated}
+    extra = []
+    for g in optimizer.param_groups:
+        mine = [p for p in g["params"] if id(p) in ids]
+        if mine and len(mine) < len(g["params"]):
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+            extra.append({**g, "params": mine})
+    for g in extra:
+        optimizer.add_param_group(g)
 
 
 def reduce_replicated(params: list) -> None:

@@ -282,6 +282,8 @@ class Trainer:
             self.skeleton = fsdp.Skeleton(model)
             replicated = fsdp.wrap(model, dev, amp)
         self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"], recipe=task.recipe)
+        if replicated:
+            fsdp.split_replicated(self.optimizer, replicated)
         self.schedule = make_schedule(self.optimizer, cfg, task.recipe, self.micro_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type) if cfg["precision"] == "fp16" else None
         wrapped = model

@@ -46,6 +46,17 @@ def test_fsdp_units_are_the_blocks_of_every_layer_stack():
         fsdp_units("not a module")
 
 
+def test_split_replicated_gives_the_scalars_groups_of_their_own_with_the_same_settings():
+    from blipfast.train.fsdp import split_replicated
+
+    w, b, t, u = (torch.nn.Parameter(torch.randn(s)) for s in ((3, 2), (3,), (), ()))
+    opt = torch.optim.AdamW([{"params": [w, t], "weight_decay": 0.05, "lr_scale": 0.5},
+                             {"params": [b], "weight_decay": 0.0}, {"params": [u], "weight_decay": 0.0}], lr=1e-3)
+    split_replicated(opt, [t, u])
+    got = [([id(p) for p in g["params"]], g["weight_decay"], g.get("lr_scale")) for g in opt.param_groups]
+    assert got == [([id(w)], 0.05, 0.5), ([id(b)], 0.0, None), ([id(u)], 0.0, None), ([id(t)], 0.05, 0.5)]
+
+
 def _torchrun(args: list, cwd: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
