@@ -153,7 +153,9 @@ def _block_activations(stage2, batch: int, dtype) -> int:
 
 def _units(stage2) -> tuple[int, int]:
     """(bytes of the largest FSDP unit's parameters, bytes of the root unit's): units are the ViT blocks, the
-    Q-Former layers and the LLM's decoder layers; the root holds the rest (embeddings, heads, norms, queries)."""
+    Q-Former layers and the LLM's decoder layers; the root holds the rest (embeddings, heads, norms, queries).
+    (``blipfast train --fsdp`` keeps the Q-Former in the root: its ``image_kv`` reads every cross layer's weights
+    in one GEMM; blipfast.train.fsdp.fsdp_units.)"""
     m = stage2.model
     blocks = [*m.vision_model.encoder.layers, *m.qformer.encoder.layer, *m.language_model.model.decoder.layers]
     in_units = {id(p) for blk in blocks for p in blk.parameters()}

@@ -8,6 +8,9 @@ Each folder holds
 - ``state.pt``: optimizer, learning-rate schedule, GradScaler, every rank's RNG states (torch CPU and CUDA,
   Python, NumPy), the step and the data position (micro-batches consumed); plain tensors and containers, read
   with ``torch.load(weights_only=True)``;
+- with ``--fsdp``, the ``torch.distributed.checkpoint`` files of the sharded run (``.metadata``, one
+  ``__<rank>_0.distcp`` per rank: trained weights and optimizer state; ``state.pt`` then has no optimizer) beside a
+  consolidated ``model.safetensors`` (:mod:`blipfast.train.fsdp`, docs/fsdp.md);
 - ``lavis.pth`` with ``--save-lavis``: ``{"model": state dict in LAVIS names}``, loadable by LAVIS (stage 1 also
   by ``Blip2Stage1.from_lavis``).
 
@@ -32,8 +35,8 @@ from ..files import share, verify_manifest, write_manifest
 from ..sources import CHECKPOINT_DIR as _NAME
 from ..sources import list_checkpoints
 
-__all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint", "set_aside",
-           "set_rng_state", "verify_checkpoint"]
+__all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "open_checkpoint", "rng_state",
+           "save_checkpoint", "set_aside", "set_rng_state", "verify_checkpoint"]
 REQUIRED = ("model.safetensors", "state.pt")
 
 
@@ -61,13 +64,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, step: int, write_weights, state: dict, keep: int) -> str:
-    """Write ``checkpoint-<step>`` (see the module docstring): ``write_weights(folder)`` writes the weights, then
-    ``state`` goes to ``state.pt`` and the manifest is written; returns its path."""
-    final = os.path.join(run_dir, f"checkpoint-{step:08d}")
+def open_checkpoint(run_dir: str, step: int) -> str:
+    """The empty ``.checkpoint-<step>.tmp`` folder that :func:`save_checkpoint` completes (created here first when
+    other processes write into it too: ``--fsdp``'s DCP shards)."""
     tmp = os.path.join(run_dir, f".checkpoint-{step:08d}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    return tmp
+
+
+def save_checkpoint(run_dir: str, step: int, write_weights, state: dict, keep: int, opened: bool = False) -> str:
+    """Write ``checkpoint-<step>`` (see the module docstring): ``write_weights(folder)`` writes the weights, then
+    ``state`` goes to ``state.pt`` and the manifest is written (over every file of the folder); returns its path.
+    ``opened``: :func:`open_checkpoint` made the folder and others wrote into it already."""
+    final = os.path.join(run_dir, f"checkpoint-{step:08d}")
+    tmp = os.path.join(run_dir, f".checkpoint-{step:08d}.tmp") if opened else open_checkpoint(run_dir, step)
     write_weights(tmp)
     torch.save(state, os.path.join(tmp, "state.pt"))
     write_manifest(tmp, format="blipfast-checkpoint", step=step)

@@ -151,6 +151,9 @@ OPTIONS: dict = {
     "compile_backend": (str, "inductor", "torch.compile backend"),
     "cuda_graph": (bool, False, "stage 1: capture forward + backward + optimizer step in CUDA graphs (capturable "
                    "AdamW, static input buffers; CUDA, one process, bf16/fp32, no --grad-clip)"),
+    "fsdp": (bool, False, "shard the model over the torchrun processes with FSDP2 instead of DDP (the frozen LLM, "
+             "the trained weights and their AdamW states; DCP sharded checkpoints; docs/fsdp.md): blip2-stage1, "
+             "blip2-stage2, blip2-caption; not with --cuda-graph, --precision fp16 or --eval-every"),
     "device": (str, "auto", "cpu, cuda or auto (cuda when available; cuda:LOCAL_RANK under torchrun)"),
     "seed": (int, 42, "random seed (weights, data order, dropout, negatives)"),
     # output
@@ -424,6 +427,15 @@ def validate(cfg: dict) -> None:
     if cfg["cuda_graph"]:
         need(cfg["precision"] != "fp16", "--cuda-graph does not support --precision fp16 (GradScaler syncs); use bf16")
         need(cfg["grad_clip"] == 0, "--cuda-graph does not support --grad-clip")
+    if cfg.get("fsdp"):
+        from .fsdp import TASKS
+
+        need(task.name in TASKS, f"--fsdp: {task.spelling or '--task ' + task.name} cannot be sharded (BLIP's "
+             f"momentum encoders and queues are updated outside the step's forward); --fsdp trains "
+             f"{', '.join(TASKS)}; use DDP (leave out --fsdp)")
+        need(not cfg["cuda_graph"], "--fsdp does not support --cuda-graph (its collectives run outside a capture)")
+        need(cfg["precision"] != "fp16", "--fsdp does not support --precision fp16 (GradScaler over sharded "
+             "gradients); use bf16 (FSDP2's mixed precision: bf16 gathers, fp32 gradient reduction) or fp32")
 
 
 def write_config(path: str, cfg: dict) -> None:

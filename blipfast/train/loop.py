@@ -29,7 +29,9 @@ CPUs), builds the same model from the same seed, trains on its rows of each glob
 broadcast: every rank loads them from the same files); ``Blip2Stage1`` gathers the ITC features and exchanges
 the hard negatives over the group by itself. Rank 0 writes the run folder; checkpoints carry every
 rank's RNG states. Dropout draws from each rank's own RNG (seeded ``seed`` + rank); the hard-negative draws use
-a seed that depends only on ``seed`` and the micro-step, the same on every rank.
+a seed that depends only on ``seed`` and the micro-step, the same on every rank. With ``--fsdp`` the model is
+sharded with FSDP2 instead of DDP (:mod:`blipfast.train.fsdp`: the optimizer is built over the shards, checkpoints
+hold DCP shards beside the consolidated weights, ``--resume`` reads the shards back).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ import torch.distributed as dist
 from ..files import identity
 from ..options import DTYPES, resolve_device, resolve_dtype
 from . import checkpoint as ckpt
+from . import fsdp
 from ..data.shards import input_kind
 from .config import RESUME_MUTABLE, STREAMS, is_run_config, read_run_config, task_of, validate, write_config
 from .streams import KeysLog, StreamInput
@@ -136,6 +139,9 @@ class Trainer:
         dev = d.device
         if cfg["cuda_graph"] and (dev.type != "cuda" or d.world > 1):
             raise ValueError("--cuda-graph needs one process on a CUDA device")
+        self.fsdp = bool(cfg.get("fsdp"))
+        if self.fsdp:
+            fsdp.check_run(cfg, given or {}, d.world, self.log if d.main else lambda _: None)
         if cfg["precision"] == "auto":
             cfg["precision"] = "bf16" if dev.type == "cuda" else "fp32"
         cfg["task"] = task_of(cfg)
@@ -164,7 +170,7 @@ class Trainer:
             self._setup(cfg, fresh=ck is None)
             self.data_id = self._data_identity()
             if ck is not None:
-                state = ckpt.load_checkpoint(ck, lambda folder: self.task.load(self.core, folder))
+                state = ckpt.load_checkpoint(ck, self._read_weights)
                 self._check_data(state.get("data"))
                 self._restore(state)
         except BaseException:
@@ -272,12 +278,18 @@ class Trainer:
             if len(ann.bad) > 10:
                 self.log(f"  ... {len(ann.bad) - 10} more in {report}")
 
-        self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"], recipe=task.recipe)
-        self.schedule = make_schedule(self.optimizer, cfg, task.recipe, self.micro_per_epoch)
         amp = None if cfg["precision"] == "fp32" else DTYPES[cfg["precision"]]
+        self.skeleton, replicated = None, None
+        if self.fsdp:  # sharded in place before the optimizer is built over the shards (blipfast.train.fsdp)
+            self.skeleton = fsdp.Skeleton(model)
+            replicated = fsdp.wrap(model, dev, amp)
+        self.optimizer = make_optimizer(model, cfg, dev, capturable=cfg["cuda_graph"], recipe=task.recipe)
+        if replicated:
+            fsdp.split_replicated(self.optimizer, replicated)
+        self.schedule = make_schedule(self.optimizer, cfg, task.recipe, self.micro_per_epoch)
         self.scaler = torch.amp.GradScaler(dev.type) if cfg["precision"] == "fp16" else None
         wrapped = model
-        if d.world > 1:
+        if d.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -291,7 +303,7 @@ class Trainer:
         cls = GraphStepper if cfg["cuda_graph"] else Stepper
         self.stepper = cls(wrapped, self.optimizer, task.step_loss, device=dev, tower=tower, scaler=self.scaler,
                            amp_dtype=amp, grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
-                           feature_dtype=feature_dtype)
+                           feature_dtype=feature_dtype, replicated=replicated)
         self.step = 0
         self.micro_step = 0
         self._iter = None
@@ -333,8 +345,16 @@ class Trainer:
             self.log(f"blipfast train: --resume: {now['path']} changed since the run started (same rows and pairs: "
                      f"{now['pairs']}); training continues on its new contents")
 
+    def _read_weights(self, folder: str) -> None:
+        """``--resume``: the checkpoint's weights; with ``--fsdp`` its DCP shards, the optimizer state too."""
+        if self.fsdp:
+            fsdp.load_sharded(self.core, self.optimizer, folder)
+        else:
+            self.task.load(self.core, folder)
+
     def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # (--fsdp: read with the weights, from the DCP shards)
+            self.optimizer.load_state_dict(state["optimizer"])
         for g in self.optimizer.param_groups:  # a capturable optimizer's lr tensor lives on the device
             if isinstance(g["lr"], torch.Tensor):
                 g["lr"] = g["lr"].to(self.dist.device)
@@ -403,18 +423,27 @@ class Trainer:
             if d.world > 1:
                 streams = [None] * d.world
                 dist.all_gather_object(streams, self._stream_loader.state_dict())
-        path = None
+        path, write_weights = None, self._write_weights
+        if self.fsdp:  # every rank writes its DCP shards into the folder rank 0 opens; rank 0 the gathered weights
+            tmp = d.broadcast(ckpt.open_checkpoint(self.cfg["out"], self.step) if d.main else None)
+            d.barrier()
+            fsdp.save_sharded(self.core, self.optimizer, tmp)
+            full = fsdp.full_weights(self.core)
+            write_weights = (lambda folder: self._write_weights(folder, self.skeleton.filled(full))) if d.main \
+                else None
         if d.main:
-            state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            state = {"schedule": self.schedule.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rngs,
                      "step": self.step, "micro_step": self.micro_step, "world_size": d.world, "data": self.data_id,
-                     **({"data_streams": streams} if streams is not None else {})}
-            path = ckpt.save_checkpoint(self.cfg["out"], self.step,
-                                        lambda folder: self.task.save(self.core, folder, self.step,
-                                                                      self.cfg["save_lavis"]),
-                                        state, self.cfg["keep"])
+                     **({"data_streams": streams} if streams is not None else {}),
+                     **({} if self.fsdp else {"optimizer": self.optimizer.state_dict()})}
+            path = ckpt.save_checkpoint(self.cfg["out"], self.step, write_weights, state, self.cfg["keep"],
+                                        opened=self.fsdp)
         d.barrier()
         return path
+
+    def _write_weights(self, folder: str, model=None) -> None:
+        self.task.save(self.core if model is None else model, folder, self.step, self.cfg["save_lavis"])
 
     def _evaluate_after(self, before: int) -> None:
         """``--eval-every N``: the task's ``evaluate`` when this step ended an N-th epoch; rank 0 appends the

@@ -33,12 +33,15 @@ class Stepper:
     the batches hold ``pixel_values``."""
 
     def __init__(self, model, optimizer, step_loss, *, device, tower=None, scaler=None, amp_dtype=None,
-                 grad_accum: int = 1, grad_clip: float = 0.0, feature_dtype=torch.bfloat16, params=None):
+                 grad_accum: int = 1, grad_clip: float = 0.0, feature_dtype=torch.bfloat16, params=None,
+                 replicated=None):
         self.model, self.optimizer, self.step_loss, self.tower, self.scaler = model, optimizer, step_loss, tower, scaler
         self.device, self.amp_dtype, self.accum = device, amp_dtype, grad_accum
         self.grad_clip, self.feature_dtype = grad_clip, feature_dtype
         self.params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
         self.ddp = hasattr(model, "no_sync")
+        self.fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2 (--fsdp): no_sync's counterpart
+        self.replicated = replicated  # --fsdp: the parameters FSDP2 leaves whole (blipfast.train.fsdp.wrap)
         self.tower_dtype = next(tower.parameters()).dtype if tower is not None else None
         self.amp_cache = True
 
@@ -67,6 +70,8 @@ class Stepper:
         inp = self.to_device(batch)
         seed_t = torch.full((1,), seed, dtype=torch.int64, device=self.device)
         sync = contextlib.nullcontext() if (last or not self.ddp) else self.model.no_sync()
+        if self.fsdp and self.accum > 1:  # reduce-scatter the gradients only with the last micro-batch
+            self.model.set_requires_gradient_sync(last)
         with sync:
             metrics, loss = self.forward(inp, seed_t)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -75,7 +80,13 @@ class Stepper:
         return metrics
 
     def optimizer_step(self, set_to_none: bool = True) -> None:
-        if self.grad_clip > 0:
+        if self.replicated is not None:
+            from . import fsdp
+
+            fsdp.reduce_replicated(self.replicated)
+            if self.grad_clip > 0:
+                fsdp.clip_grad_norm(self.params, self.grad_clip)
+        elif self.grad_clip > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)

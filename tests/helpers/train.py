@@ -91,3 +91,25 @@ def make_trainer(args: list):
     add_arguments(p)
     cfg, given = resolve(p.parse_args(args[1:]))
     return Trainer(cfg, given, log=lambda *_: None)
+
+
+def global_batch_baseline(root, steps: int) -> tuple:
+    """The data of a tiny stage-1 run under ``root`` (20 images, the tiny ViT, no dropout, every caption truncated
+    to 6 tokens: each rank's LM loss averages as many tokens) and its one-process run with the global batch 6, in
+    one thread; returns (tiny_args keywords, extra flags, the one-process run folder) for the multi-process run
+    (batch 3 per process) to compare with."""
+    from blipfast.cli import main
+    from blipfast.testing.data import write_images, write_jsonl, write_vision
+
+    rows = write_images(str(root), 20, seed=11)
+    common = dict(data=write_jsonl(os.path.join(root, "ann.jsonl"), rows), images=str(root),
+                  vision=write_vision(os.path.join(root, "vit")), steps=steps, model=merge(TINY_MODEL, NO_DROPOUT))
+    extra = ("--max-txt-len", "6", "--num-workers", "0")
+    single = os.path.join(root, "single")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(tiny_args(single, **common, extra=extra) + ["--batch-size", "6"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return common, extra, single

@@ -15,27 +15,13 @@ import sys
 import pytest
 import torch
 
-from blipfast.cli import main
-from blipfast.testing.data import write_images, write_jsonl, write_vision
-from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.train import global_batch_baseline, read_log, tiny_args, weights
 
 
 @pytest.mark.distributed
 def test_torchrun_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
-    rows = write_images(str(tmp_path), 20, seed=11)
-    data = write_jsonl(str(tmp_path / "ann.jsonl"), rows)
-    vit = write_vision(str(tmp_path / "vit"))
-    model = merge(TINY_MODEL, NO_DROPOUT)
-    common = dict(data=data, images=str(tmp_path), vision=vit, steps=4, model=model)
-    # captions have 7 words + [CLS]/[SEP]: 6 tokens truncate every one of them (no padding anywhere)
-    extra = ("--max-txt-len", "6", "--num-workers", "0")
-    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(tiny_args(single, **common, extra=extra) + ["--batch-size", "6"]) == 0
-    finally:
-        torch.set_num_threads(n)
+    common, extra, single = global_batch_baseline(tmp_path, steps=4)
+    multi = str(tmp_path / "multi")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "blipfast.cli"] + tiny_args(multi, **common, extra=extra) + ["--batch-size", "3"]

@@ -15,12 +15,10 @@ from collections import Counter
 import pytest
 import torch
 
-from blipfast.cli import main
-from blipfast.testing.data import write_images, write_jsonl, write_vision
 from blipfast.testing.shards import write_demo
 from blipfast.train.streams import read_keys
 from tests.helpers.runtime import free_port
-from tests.helpers.train import NO_DROPOUT, TINY_MODEL, merge, read_log, tiny_args, weights
+from tests.helpers.train import global_batch_baseline, read_log, tiny_args, weights
 
 
 def two_nodes(args: list, cwd: str) -> str:
@@ -56,18 +54,8 @@ def test_two_nodes_split_the_shards_and_read_every_sample_once_per_epoch(tmp_pat
 
 @pytest.mark.distributed
 def test_two_nodes_equal_one_process_with_the_global_batch(tmp_path):
-    rows = write_images(str(tmp_path), 20, seed=11)
-    data = write_jsonl(str(tmp_path / "ann.jsonl"), rows)
-    vit = write_vision(str(tmp_path / "vit"))
-    common = dict(data=data, images=str(tmp_path), vision=vit, steps=3, model=merge(TINY_MODEL, NO_DROPOUT))
-    extra = ("--max-txt-len", "6", "--num-workers", "0")  # every caption truncated: the same LM tokens per rank
-    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(tiny_args(single, **common, extra=extra) + ["--batch-size", "6"]) == 0
-    finally:
-        torch.set_num_threads(n)
+    common, extra, single = global_batch_baseline(tmp_path, steps=3)
+    multi = str(tmp_path / "multi")
     assert "global batch 6" in two_nodes(tiny_args(multi, **common, extra=extra) + ["--batch-size", "3"],
                                          str(tmp_path))
     for a, b in zip(read_log(single), read_log(multi)):
