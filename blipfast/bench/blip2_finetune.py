@@ -152,12 +152,12 @@ def _block_activations(stage2, batch: int, dtype) -> int:
 
 
 def _units(stage2) -> tuple[int, int]:
-    """(bytes of the largest FSDP unit's parameters, bytes of the root unit's): units are the ViT blocks, the
-    Q-Former layers and the LLM's decoder layers; the root holds the rest (embeddings, heads, norms, queries).
-    (``blipfast train --fsdp`` keeps the Q-Former in the root: its ``image_kv`` reads every cross layer's weights
-    in one GEMM; blipfast.train.fsdp.fsdp_units.)"""
+    """(bytes of the largest FSDP unit's parameters, bytes of the root unit's), as ``blipfast train --fsdp`` shards
+    (:func:`blipfast.train.fsdp.fsdp_units`): units are the ViT blocks and the LLM's decoder layers; the root holds
+    the rest, the Q-Former whole (its ``image_kv`` reads every cross layer's weights in one GEMM), embeddings, heads,
+    norms and queries."""
     m = stage2.model
-    blocks = [*m.vision_model.encoder.layers, *m.qformer.encoder.layer, *m.language_model.model.decoder.layers]
+    blocks = [*m.vision_model.encoder.layers, *m.language_model.model.decoder.layers]
     in_units = {id(p) for blk in blocks for p in blk.parameters()}
     size = [sum(p.numel() * p.element_size() for p in blk.parameters()) for blk in blocks]
     root = sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in in_units)

@@ -35,7 +35,7 @@ __all__ = ["TASKS", "Skeleton", "check_run", "clip_grad_norm", "fsdp_units", "fu
            "reduce_replicated", "save_sharded", "split_replicated", "wrap"]
 
 #: the tasks ``--fsdp`` trains (BLIP v1's momentum encoders and queues are updated outside the forward)
-TASKS = ("blip2-stage1", "blip2-stage2", "blip2-caption")
+TASKS = ("blip2-stage1", "blip2-stage2", "blip2-caption", "blip2-retrieval", "blip2-vqa")
 
 
 def fsdp_units(model: nn.Module) -> list:
@@ -47,14 +47,14 @@ def fsdp_units(model: nn.Module) -> list:
     is not a module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fsdp_units: model must be a torch.nn.Module, got {type(model).__name__}")
+    from ..models.instructblip import InstructBlipQFormer
     from ..models.qformer import QFormer
 
-    whole = [n for n, m in model.named_modules() if isinstance(m, QFormer)]
+    # by identity: InstructBLIP's Q-Former lists its QFormer's layers under HF's names
+    whole = {id(m) for q in model.modules() if isinstance(q, (QFormer, InstructBlipQFormer)) for m in q.modules()}
     units, seen = [], set()
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if any(name == w or name.startswith(w + ".") or not w for w in whole):
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or any(id(m) in whole for m in (mod, *mod)):
             continue
         kinds = {type(m) for m in mod}
         if len(kinds) != 1 or not all(any(True for _ in m.parameters()) for m in mod):

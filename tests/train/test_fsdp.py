@@ -143,3 +143,80 @@ def test_fsdp_blip2_caption_trains_the_vit_sharded_as_one_process_with_the_globa
     assert not any("language_model" in k for k in wf)
     for k in ws:
         torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.distributed
+def test_fsdp_blip2_retrieval_trains_the_vit_sharded_as_one_process_with_the_global_batch(tmp_path):
+    """Stage 1's objectives with image ids (repeated images) and the ViT trained, its blocks sharded: the same
+    losses and trained weights as one process with the global batch."""
+    from tests.helpers.train import TINY_MODEL
+
+    rows = write_images(str(tmp_path), 6, seed=5)
+    rows = [rows[0], {"image": rows[0]["image"], "caption": "the same picture again"}] + rows[1:] + \
+        [{"image": rows[1]["image"], "caption": "one more view of it"}]
+    data = write_jsonl(str(tmp_path / "ann.jsonl"), rows)
+    vision = write_vision(str(tmp_path / "vit"))
+    init = str(tmp_path / "stage1")
+    assert main(tiny_args(init, data, str(tmp_path), vision, steps=1, model=TINY_MODEL,
+                          extra=("--save-every", "1"))) == 0
+    args = ["train", "--task", "blip2-retrieval", "--data", data, "--images", str(tmp_path), "--vision", vision,
+            "--init", init, "--steps", "3", "--max-txt-len", "8", "--warmup-steps", "2", "--lr", "1e-3",
+            "--log-every", "1", "--no-progress", "--device", "cpu", "--seed", "7", "--save-every", "0",
+            "--num-workers", "0", "--model", json.dumps(NO_DROPOUT)]
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
+    rs, rf = read_log(single), read_log(sharded)
+    assert [r["step"] for r in rf] == [1, 2, 3]
+    for a, b in zip(rs, rf):
+        for k in LOSSES:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
+    ws, wf = weights(single), weights(sharded)
+    assert ws.keys() == wf.keys() and "vision_model.encoder.layers.1.mlp.fc1.weight" in wf
+    for k in ws:
+        torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.distributed
+def test_fsdp_blip2_vqa_trains_sharded_as_one_process_with_the_global_batch(tmp_path):
+    """The InstructBLIP-form Q-Former (the question beside the queries) in the root unit, the ViT blocks and the
+    frozen T5's blocks sharded: the same losses and trained weights as one process with the global batch."""
+    from blipfast.data.vqa import make_synthetic_vqa
+    from blipfast.testing import blip2 as T
+    from tests.helpers.blip2_caption import write_lavis_stage1_no_vit
+    from tests.helpers.stage2 import write_llm
+
+    vqa = make_synthetic_vqa(str(tmp_path / "vqa"), 8, seed=1, image_size=16)
+    qtok = str(tmp_path / "qtok")
+    T.tokenizer("opt").save_pretrained(qtok)
+    model = {"qformer_tokenizer": qtok, "qformer": NO_DROPOUT["qformer"]}
+    args = ["train", "--task", "blip2-vqa", "--data", vqa["data"], "--images", vqa["images"], "--vision",
+            write_vision(str(tmp_path / "vit")), "--llm", write_llm(tmp_path / "llm", "t5", seed=1), "--init",
+            write_lavis_stage1_no_vit(tmp_path / "stage1.pth"), "--model", json.dumps(model), "--steps", "3",
+            "--max-txt-len", "12", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--no-progress",
+            "--device", "cpu", "--seed", "7", "--save-every", "0", "--num-workers", "0", "--eval-every", "0"]
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
+    rs, rf = read_log(single), read_log(sharded)
+    assert [r["step"] for r in rf] == [1, 2, 3]
+    for a, b in zip(rs, rf):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    ws, wf = weights(single), weights(sharded)
+    assert ws.keys() == wf.keys() and "qformer.embeddings.word_embeddings.weight" in wf
+    for k in ws:
+        if k.endswith("attention.key.bias"):  # its gradient is 0 in exact arithmetic (softmax ignores a shift):
+            # AdamW turns either run's rounding noise into steps of up to lr, so only that bound holds
+            assert (wf[k] - ws[k]).abs().max() <= 2 * 3 * 1e-3, k
+            continue
+        torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
