@@ -66,6 +66,25 @@ def _torchrun(args: list, cwd: str) -> str:
     return proc.stdout
 
 
+def _single_and_sharded(args: list, tmp_path, losses=("loss",)) -> tuple:
+    """``args`` run as one process with batch 4 and as 2 sharded processes with batch 2 each: the logged losses
+    equal (float32 rounding); returns both runs' consolidated weights."""
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
+    rs, rf = read_log(single), read_log(sharded)
+    assert [r["step"] for r in rf] == [1, 2, 3]
+    for a, b in zip(rs, rf):
+        for k in losses:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
+    return weights(single), weights(sharded)
+
+
 @pytest.mark.distributed
 def test_fsdp_two_gloo_processes_equal_one_process_and_resume_bit_identically(tmp_path):
     common, extra, single = global_batch_baseline(tmp_path, steps=4)
@@ -126,19 +145,7 @@ def test_fsdp_blip2_caption_trains_the_vit_sharded_as_one_process_with_the_globa
             write_lavis_stage1_no_vit(tmp_path / "stage1.pth"), "--steps", "3", "--max-txt-len", "6",
             "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--no-progress", "--device", "cpu", "--seed",
             "7", "--save-every", "0", "--num-workers", "0", "--model", json.dumps(NO_DROPOUT)]
-    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
-    finally:
-        torch.set_num_threads(n)
-    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
-    rs, rf = read_log(single), read_log(sharded)
-    assert [r["step"] for r in rf] == [1, 2, 3]
-    for a, b in zip(rs, rf):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
-    ws, wf = weights(single), weights(sharded)
+    ws, wf = _single_and_sharded(args, tmp_path)
     assert ws.keys() == wf.keys() and "vision_model.encoder.layers.1.mlp.fc1.weight" in wf
     assert not any("language_model" in k for k in wf)
     for k in ws:
@@ -163,20 +170,7 @@ def test_fsdp_blip2_retrieval_trains_the_vit_sharded_as_one_process_with_the_glo
             "--init", init, "--steps", "3", "--max-txt-len", "8", "--warmup-steps", "2", "--lr", "1e-3",
             "--log-every", "1", "--no-progress", "--device", "cpu", "--seed", "7", "--save-every", "0",
             "--num-workers", "0", "--model", json.dumps(NO_DROPOUT)]
-    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
-    finally:
-        torch.set_num_threads(n)
-    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
-    rs, rf = read_log(single), read_log(sharded)
-    assert [r["step"] for r in rf] == [1, 2, 3]
-    for a, b in zip(rs, rf):
-        for k in LOSSES:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
-    ws, wf = weights(single), weights(sharded)
+    ws, wf = _single_and_sharded(args, tmp_path, LOSSES)
     assert ws.keys() == wf.keys() and "vision_model.encoder.layers.1.mlp.fc1.weight" in wf
     for k in ws:
         torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
@@ -200,19 +194,7 @@ def test_fsdp_blip2_vqa_trains_sharded_as_one_process_with_the_global_batch(tmp_
             write_lavis_stage1_no_vit(tmp_path / "stage1.pth"), "--model", json.dumps(model), "--steps", "3",
             "--max-txt-len", "12", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--no-progress",
             "--device", "cpu", "--seed", "7", "--save-every", "0", "--num-workers", "0", "--eval-every", "0"]
-    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(args + ["--out", single, "--batch-size", "4"]) == 0
-    finally:
-        torch.set_num_threads(n)
-    _torchrun(args + ["--out", sharded, "--batch-size", "2", "--fsdp"], str(tmp_path))
-    rs, rf = read_log(single), read_log(sharded)
-    assert [r["step"] for r in rf] == [1, 2, 3]
-    for a, b in zip(rs, rf):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
-    ws, wf = weights(single), weights(sharded)
+    ws, wf = _single_and_sharded(args, tmp_path)
     assert ws.keys() == wf.keys() and "qformer.embeddings.word_embeddings.weight" in wf
     for k in ws:
         if k.endswith("attention.key.bias"):  # its gradient is 0 in exact arithmetic (softmax ignores a shift):
