@@ -224,9 +224,10 @@ def _generate(args, jobs: list, task: str) -> tuple:
         for i in range(0, len(jobs), args.batch_size):
             batch = jobs[i:i + args.batch_size]
             images = [load_image(str(path)) for _, path, _ in batch]
-            prompts = [prompt.format(pre_question(q)) if vqa else prompt for _, _, q in batch]
+            questions = [pre_question(q) for _, _, q in batch] if vqa else None
+            prompts = [prompt.format(q) for q in questions] if vqa else [prompt] * len(batch)
             try:
-                texts += gen(images, prompts, **kwargs)
+                texts += gen(images, prompts, questions=questions, **kwargs)
             except (ValueError, TypeError) as e:  # transformers' checks of the generate() arguments
                 raise ValueError(f"generate() refused the arguments (--generate-kwargs, --num-beams, ...): {e}") \
                     from None

@@ -184,16 +184,21 @@ class Generator:
             suffix = (getattr(self.model.model.config, "blipfast", None) or {}).get("text_suffix")
         end = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
         self.eos_token_id = end[0] if end and not self.model.is_encoder_decoder else None
-        self.qformer_tokenizer = None
+        self.run, self.qformer_tokenizer, self.qformer_max_length = run, None, None
         if self.model.is_instructblip:
-            sub = model_dir / "qformer_tokenizer"
+            sub = Path(run.qformer_tokenizer) if run is not None else model_dir / "qformer_tokenizer"
             if not sub.is_dir():
                 raise ValueError(f"--model: {model_dir} is an InstructBLIP model without its qformer_tokenizer/ folder")
             self.qformer_tokenizer = AutoTokenizer.from_pretrained(sub)
             self.qformer_tokenizer.padding_side = "right"
+            if run is not None:  # a blip2-vqa run: its question cut on the left at --max-txt-len, as it trained
+                self.qformer_tokenizer.truncation_side, self.qformer_max_length = "left", run.max_txt_len
 
-    def __call__(self, images: Sequence, prompts: Sequence[str], **generate_kwargs) -> list:
-        """One text per image (a list of texts per image with ``num_return_sequences`` > 1)."""
+    def __call__(self, images: Sequence, prompts: Sequence[str], questions: Optional[Sequence[str]] = None,
+                 **generate_kwargs) -> list:
+        """One text per image (a list of texts per image with ``num_return_sequences`` > 1). ``questions``: the
+        Q-Former's text of a ``blip2-vqa`` run (the question alone, as it trained; an HF InstructBLIP folder reads
+        the prompt, as its processor feeds it)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         px = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -203,7 +208,11 @@ class Generator:
             ids = mask = None
         extra = {}
         if self.qformer_tokenizer is not None:
-            q = self.qformer_tokenizer(list(prompts), padding=True, return_tensors="pt")
+            qtexts = list(questions) if self.run is not None and questions is not None else list(prompts)
+            if len(qtexts) != len(images):
+                raise ValueError(f"{len(images)} images for {len(qtexts)} questions")
+            q = self.qformer_tokenizer(qtexts, padding=True, truncation=self.qformer_max_length is not None,
+                                       max_length=self.qformer_max_length, return_tensors="pt")
             extra = {"qformer_input_ids": q["input_ids"].to(self.device),
                      "qformer_attention_mask": q["attention_mask"].to(self.device)}
         out = self.model.generate(pixel_values=px.to(self.device, self.dtype), input_ids=ids, attention_mask=mask,
@@ -289,7 +298,8 @@ def _generate_kwargs(args, base: dict) -> dict:
 
 def decoding(gen: Generator, args) -> tuple:
     """(prompt, generate kwargs) of a run: LAVIS' ``--settings`` for the model's LLM, the flags given over them."""
-    settings = gen.model.decoding_settings(args.settings)
+    settings = gen.model.decoding_settings(args.settings) if gen.run is None else \
+        gen.run.decoding_settings(gen.model, args.settings)
     prompt = settings.prompt if args.prompt is None else args.prompt
     base = settings.generate_kwargs()
     if gen.eos_token_id is not None:  # a fine-tuned caption's end, as the run's own evaluation stops
@@ -373,7 +383,8 @@ def run_task(args, *, task: str) -> int:
                 if batch:
                     prompts = [prompt.format(it.question) if vqa else prompt for it, _ in batch]
                     try:
-                        texts = gen(images, prompts, **kwargs)
+                        texts = gen(images, prompts, questions=[it.question for it, _ in batch] if vqa else None,
+                                    **kwargs)
                     except (ValueError, TypeError) as e:  # transformers' checks of the generate() arguments
                         raise ValueError(f"generate() refused the arguments (--generate-kwargs, --num-beams, ...): "
                                          f"{e}") from None

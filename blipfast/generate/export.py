@@ -53,6 +53,9 @@ def export_run(run_path, out, *, llm=None) -> Path:
     if run is None:
         raise ValueError(f"RUN: {run_path} is not a fine-tuned BLIP-2 run or checkpoint (a blipfast train run of "
                          f"--task blip2-caption, whose checkpoints hold the ViT)")
+    if run.instruct:
+        raise ValueError(f"RUN: {run_path} is a blip2-vqa run (the InstructBLIP form), which export does not write "
+                         f"yet; blipfast eval vqa --model takes the run itself")
     with quiet_transformers():
         model = load_finetuned(run, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(run.tokenizer)

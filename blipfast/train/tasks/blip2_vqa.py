@@ -64,6 +64,8 @@ class Blip2VQATask(Blip2CaptionTask):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
+        # config.json: how the run answers (blipfast.models.blip2_finetuned reads them back)
+        self.ends = {**self.ends, "prompt": cfg["prompt"], "max_txt_len": cfg["max_txt_len"]}
         self.qtok = None
         self.ann = None
 
