@@ -13,7 +13,7 @@ import pytest
 
 from blipfast.cli import main
 from blipfast.train.checkpoint import list_checkpoints
-from tests.train.test_blip2_vqa_task import args, parts  # noqa: F401  (the tiny models, data and run arguments)
+from tests.helpers.blip2_vqa import args, parts  # noqa: F401  (the tiny models, data and run arguments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,38 +15,15 @@ import torch
 from blipfast.cli import build_parser, main
 from blipfast.options import EXIT_STOPPED
 from blipfast.testing import blip2 as T
-from blipfast.testing.data import write_vision
 from blipfast.train import Trainer
 from blipfast.train.config import read_config_file, resolve
-from tests.helpers.blip2_caption import write_lavis_stage1_no_vit
-from tests.helpers.stage2 import write_llm
+from tests.helpers.blip2_vqa import args, parts  # noqa: F401  (the fixture and the run arguments)
 from tests.helpers.tolerance import assert_close, assert_grads_equal_in_float64, assert_within_torch_error
 from tests.helpers.train import read_log, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical runs, a 2-core CI (tests/conftest.py)
 
 NO_DROPOUT = {"qformer": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from blipfast.data.vqa import make_synthetic_vqa
-
-    root = tmp_path_factory.mktemp("b2vqa")
-    vqa = make_synthetic_vqa(str(root / "vqa"), 20, seed=1, image_size=16)
-    qtok = str(root / "qtok")
-    T.tokenizer("opt").save_pretrained(qtok)  # the Q-Former's vocabulary: blipfast.testing.blip2's words
-    return {"data": vqa["data"], "eval": vqa["eval"], "images": vqa["images"], "qtok": qtok,
-            "vision": write_vision(str(root / "vit")), "opt": write_llm(root / "llm-opt", "opt"),
-            "t5": write_llm(root / "llm-t5", "t5", seed=1), "init": write_lavis_stage1_no_vit(root / "stage1.pth")}
-
-
-def args(parts, out, llm="t5", steps=4, model=None, extra=()) -> list:
-    model = {"qformer_tokenizer": parts["qtok"], **(model or {})}
-    return ["train", "--task", "blip2-vqa", "--out", out, "--data", parts["data"], "--images", parts["images"],
-            "--vision", parts["vision"], "--llm", parts[llm], "--init", parts["init"], "--model", json.dumps(model),
-            "--steps", str(steps), "--batch-size", "4", "--max-txt-len", "12", "--warmup-steps", "2", "--lr", "1e-3",
-            "--log-every", "1", "--no-progress", "--device", "cpu", "--seed", "7", "--save-every", "0", *extra]
 
 
 def _trainer(argv) -> Trainer:
