@@ -134,18 +134,21 @@ def reduce_replicated(params: list) -> None:
 
 def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over sharded (DTensor) and replicated gradients together: the norm of
-    every gradient of the whole model, each shard counted once; returns it."""
+    every gradient of the whole model, each shard counted once (the shards' squared norms summed over the ranks in
+    one all-reduce); returns it."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    norms = []
-    for g in grads:
-        n = torch.linalg.vector_norm(g, dtype=torch.float32)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    zero = torch.zeros((), dtype=torch.float32, device=local[0].device if local else None)
+    sq = [torch.linalg.vector_norm(t, dtype=torch.float32) ** 2 for t in local]
+    sharded = sum((q for q, g in zip(sq, grads) if isinstance(g, DTensor)), zero)
+    torch.distributed.all_reduce(sharded)
+    whole = sum((q for q, g in zip(sq, grads) if not isinstance(g, DTensor)), zero)
+    total = (sharded + whole).sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
+    for t in local:
+        t.mul_(coef.to(t.dtype))
     return total
 
 

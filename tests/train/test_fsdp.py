@@ -202,3 +202,41 @@ def test_fsdp_blip2_vqa_trains_sharded_as_one_process_with_the_global_batch(tmp_
             assert (wf[k] - ws[k]).abs().max() <= 2 * 3 * 1e-3, k
             continue
         torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+_CLIP = """
+import torch, torch.distributed as dist, torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from blipfast.train.fsdp import clip_grad_norm
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+m = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+m.t = nn.Parameter(torch.tensor(2.0))  # a scalar: left whole, as wrap leaves BLIP-2's temp
+ref = [torch.randn_like(p) for p in m.parameters()]
+want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref]))
+mesh = init_device_mesh("cpu", (2,))
+fully_shard(m[0], mesh=mesh, ignored_params={m.t})
+fully_shard(m, mesh=mesh, ignored_params={m.t})
+for p, g in zip(m.parameters(), ref):
+    p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g.clone()
+total = clip_grad_norm(list(m.parameters()), 0.5)
+got = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in m.parameters()]
+assert torch.allclose(total, want), (float(total), float(want))
+for a, b in zip(got, ref):
+    assert torch.allclose(a, b * (0.5 / (want + 1e-6)))
+print("clip ok")
+"""
+
+
+@pytest.mark.distributed
+def test_clip_grad_norm_over_shards_and_whole_parameters_is_the_models_norm(tmp_path):
+    """--fsdp --grad-clip: the norm of every gradient (sharded and replicated) as one process computes it, and
+    every gradient scaled by max_norm / norm."""
+    script = tmp_path / "clip.py"
+    script.write_text(_CLIP)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("clip ok") == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
